@@ -1,0 +1,276 @@
+"""Artifacts on disk: JSONL files, atomic writes, resumable appends, manifests, fingerprints.
+
+Every stage writes through this module, so three promises hold everywhere:
+- a finished artifact is replaced only by a complete new one (write to a temporary file, rename);
+- an interrupted stage resumes after its last complete batch (``ResumableJsonl``);
+- each stage directory has a ``manifest.json`` that says what produced it.
+
+No heavy imports here: ``cai inspect`` and ``cai status`` use this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cai_cli.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def dumps(record: Any) -> str:
+    """One JSON line. Key order is kept and non-ASCII text stays readable."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def iter_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterator[dict]:
+    """Yield the records of a JSONL file; a malformed line is a UserError naming file:line.
+
+    With ``allow_torn_tail`` a last line that does not end in a newline and does not parse (what
+    a killed writer leaves) is dropped silently instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open("rb") as handle:
+        lines = handle.read().split(b"\n")
+    last_index = len(lines) - 1
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if allow_torn_tail and number - 1 == last_index:
+                return  # torn last line: no trailing newline, cut mid-record
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                            "fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        yield record
+
+
+def read_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> list[dict]:
+    return list(iter_jsonl(path, allow_torn_tail=allow_torn_tail))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> None:
+    """Write a whole file so readers see either the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with tmp.open("wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_jsonl_atomic(path: Path | str, records: Iterable[dict]) -> int:
+    lines = [dumps(record) + "\n" for record in records]
+    write_atomic(path, "".join(lines))
+    return len(lines)
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class ResumableJsonl:
+    """Append-only JSONL output that survives being killed and resumes after the last batch.
+
+    Records go to ``<final>.partial`` in batches; after each batch a small state file records the
+    byte length of the partial file and how many batches are done, both fsynced. On resume the
+    partial file is cut back to that length (dropping a torn line or a half-written batch), so
+    the output is the same as if the run had never stopped. ``finish`` renames the partial file
+    over the final one in one step.
+    """
+
+    def __init__(self, final_path: Path | str, fingerprint: str):
+        self.final_path = Path(final_path)
+        self.partial_path = self.final_path.with_name(self.final_path.name + ".partial")
+        self.state_path = self.final_path.with_name(self.final_path.name + ".progress.json")
+        self.fingerprint = fingerprint
+        self.batches_done = 0
+        self.extra: dict[str, Any] = {}
+
+    def open(self) -> int:
+        """Prepare for writing; return the number of batches already done (0 on a fresh start)."""
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        state = None
+        if self.state_path.is_file() and self.partial_path.is_file():
+            try:
+                state = json.loads(self.state_path.read_text())
+            except json.JSONDecodeError:
+                state = None
+        if state and state.get("fingerprint") == self.fingerprint:
+            with self.partial_path.open("r+b") as handle:
+                handle.truncate(int(state["bytes"]))
+            self.batches_done = int(state["batches"])
+            self.extra = state.get("extra", {})
+        else:
+            self.partial_path.write_bytes(b"")
+            self.batches_done = 0
+            self.extra = {}
+            self._save_state(0)
+        return self.batches_done
+
+    def records(self) -> list[dict]:
+        """The records written so far (after ``open``)."""
+        return read_jsonl(self.partial_path) if self.partial_path.stat().st_size else []
+
+    def append_batch(self, records: list[dict], **extra: Any) -> None:
+        """Append one batch of records; ``extra`` values are merged into the saved state."""
+        payload = "".join(dumps(record) + "\n" for record in records).encode("utf-8")
+        with self.partial_path.open("ab") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        self.batches_done += 1
+        self.extra.update(extra)
+        self._save_state(size)
+
+    def _save_state(self, size: int) -> None:
+        write_json_atomic(
+            self.state_path,
+            {"fingerprint": self.fingerprint, "batches": self.batches_done, "bytes": size,
+             "extra": self.extra},
+        )
+
+    def finish(self) -> Path:
+        os.replace(self.partial_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        self.state_path.unlink(missing_ok=True)
+        return self.final_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and manifests
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_hash(section: Any) -> str:
+    """Stable hash of a JSON-able config fragment."""
+    return sha256_bytes(json.dumps(section, sort_keys=True, default=str).encode())[:16]
+
+
+def file_fingerprint(path: Path | str) -> str:
+    """Content hash of a file, or of a directory's files (names, sizes and contents)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+        root = path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        root = path
+    else:
+        return "missing"
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A local model directory is fingerprinted by content; a hub id by its name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return file_fingerprint(path)
+    return f"hub:{name_or_path}"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("cai_cli", "torch", "transformers", "trl", "datasets", "peft", "accelerate"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass
+class Manifest:
+    """What produced a stage directory. ``status`` is ``running`` until the stage completes."""
+
+    stage: str
+    config_hash: str
+    config: dict
+    inputs: dict[str, str] = field(default_factory=dict)
+    status: str = "running"
+    counts: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "config_hash": self.config_hash,
+            "inputs": self.inputs,
+            "counts": self.counts,
+            "stats": self.stats,
+            "timings": self.timings,
+            "versions": self.versions,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "config": self.config,
+        }
+
+    def save(self, directory: Path | str) -> None:
+        write_json_atomic(Path(directory) / MANIFEST, self.to_dict())
+
+
+def load_manifest(directory: Path | str) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: manifest is not valid JSON; delete the stage directory "
+                        "or rerun the stage with --force") from None
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            changed += diff_keys(old.get(key), new.get(key), path)
+        return changed
+    return [] if old == new else [prefix or "(root)"]

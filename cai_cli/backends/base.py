@@ -1,0 +1,51 @@
+"""The protocol every inference engine implements, and the types it speaks.
+
+A prompt is either a chat conversation (a list of ``{"role", "content"}`` messages, rendered by
+the engine's chat template) or a plain string used as is (transcript format for base models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+Message = dict[str, str]
+PromptInput = Union[list[Message], str]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0  # reseeds the sampler at the start of each call, so calls are reproducible
+    stop: tuple[str, ...] = ()  # the text is cut before the first of these
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int  # new tokens generated
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """A prompt that does not fit the model's context with room for the new tokens."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+    max_context: int
+
+    def __str__(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens + {self.max_new_tokens} new tokens exceed "
+                f"the context of {self.max_context}")
+
+
+class Backend(Protocol):
+    max_context: int
+    has_chat_template: bool
+
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
+        """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit."""
+        ...

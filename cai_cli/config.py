@@ -1,0 +1,276 @@
+"""The config: pydantic models (every field documented where it is declared), YAML loading,
+``--set`` overrides typed by the schema, and error messages that name the dotted path.
+
+Precedence: schema default < YAML < ``--set``. Every model forbids unknown keys, and all
+validation errors are reported together, each with the closest valid name for a misspelt key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cai_cli.errors import UserError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class PromptSource(Section):
+    """Where prompts come from: a local file (``path``) or a dataset (``dataset``)."""
+
+    path: Optional[str] = None
+    """Local file with one prompt per record: .jsonl, .json, .csv or .parquet."""
+    dataset: Optional[str] = None
+    """Dataset id or local dataset directory, read with ``datasets.load_dataset``."""
+    split: str = "train"
+    """Split of ``dataset`` to read."""
+    data_dir: Optional[str] = None
+    """Optional ``data_dir`` passed to ``datasets.load_dataset`` (e.g. ``red-team-attempts``)."""
+    field: str = "prompt"
+    """Column holding the prompt. Strings that are Human:/Assistant: transcripts (Anthropic HH
+    style) are reduced to the first human turn; a list of chat messages to its first user turn."""
+    limit: Optional[int] = Field(None, ge=1)
+    """Keep at most this many prompts (after de-duplication and the seeded shuffle)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptSource":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' (a local file) or 'dataset' (a dataset id)")
+        return self
+
+
+class DataConfig(Section):
+    red_team: PromptSource
+    """Red-team prompts: answered, critiqued and revised by SL-CAI."""
+    helpful: Optional[PromptSource] = None
+    """Optional helpfulness data, mixed into later stages so the model does not learn to refuse
+    everything."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelConfig(Section):
+    name_or_path: str
+    """Hugging Face hub id or local directory (save_pretrained layout)."""
+    backend: Literal["hf"] = "hf"
+    """Inference engine. ``hf``: local transformers, batched."""
+    device: str = "auto"
+    """``auto`` (cuda, then mps, then cpu), or a torch device such as ``cpu`` or ``cuda:1``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. ``auto``: bfloat16 on a GPU that supports it, else float32."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass. Prompts are sorted by length before batching."""
+    max_context: Optional[int] = Field(None, ge=16)
+    """Longest prompt plus new tokens the model may see; default: the model's own limit.
+    A conversation that does not fit is skipped with a warning, never truncated silently."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run."""
+
+
+class ModelsConfig(Section):
+    policy: ModelConfig
+    """The helpful-only model that answers, critiques and revises."""
+    feedback: Optional[ModelConfig] = None
+    """The model that labels preferences; default: the same as ``policy``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+class SamplingConfig(Section):
+    max_new_tokens: int = Field(128, ge=1)
+    """New tokens per turn at most."""
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 turns this off."""
+
+
+class GenerateSLConfig(Section):
+    num_revisions: int = Field(2, ge=1, le=4)
+    """Critique/revision rounds per prompt (1-4); a fresh principle is drawn each round."""
+    few_shot: int = Field(2, ge=0)
+    """Worked critique/revision examples from the constitution shown as earlier turns."""
+    prompt_format: Literal["auto", "chat", "transcript"] = "auto"
+    """``chat`` uses the tokenizer's chat template; ``transcript`` writes plain Human:/Assistant:/
+    CritiqueRequest:/Critique:/RevisionRequest:/Revision: text for base models; ``auto`` picks
+    chat when the tokenizer has a chat template."""
+    system_prompt: Optional[str] = None
+    """Optional system message put before every conversation (chat format only)."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Sampling for answers, critiques and revisions."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Root
+
+
+class Config(Section):
+    run_dir: str = "runs/default"
+    """Every artifact goes under this directory."""
+    seed: int = 0
+    """Seed for shuffling, principle draws and sampling."""
+    constitution: Union[str, list[str]]
+    """Constitution file, or several files merged (e.g. Anthropic's instructions + few-shot
+    files). Formats: our YAML, Anthropic's paper JSON, Hugging Face's llm-swarm JSON."""
+    data: DataConfig
+    """Prompt and helpfulness data."""
+    models: ModelsConfig
+    """Models and the engines that run them."""
+    generate_sl: GenerateSLConfig = GenerateSLConfig()
+    """SL-CAI data generation: answer, critique, revise."""
+
+    @property
+    def feedback_model(self) -> ModelConfig:
+        return self.models.feedback or self.models.policy
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate; UserError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: YAML syntax error: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: YAML syntax error: {exc}") from None
+    if data is None:
+        raise UserError(f"{path}: the config is empty; it needs at least constitution, data and models")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys (run_dir, data, models, "
+                        f"...), not a {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override)
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise UserError(f"{source}: {count}:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for item in loc:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def _describe(error: dict) -> str:
+    # pydantic adds the branch of a Union to the location ("str", "list[str]"); drop those.
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+    where = _dotted(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(model.model_fields)}"
+        return f"{where}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{where}: required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if error["type"] not in ("value_error", "model_type") and not isinstance(given, (dict, list)):
+        message += f" (got {given!r})"
+    return f"{where}: {message}"
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional/Union annotations."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by walking field names from the root."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = next((t for t in _unwrap(field.annotation)
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return model
+
+
+def _apply_override(data: dict, override: str) -> None:
+    """Apply ``key.sub=value`` to the raw config dict, parsing value by the field's type."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {override!r}: expected key.sub=value")
+    parts = key.strip().split(".")
+    model: type[BaseModel] | None = Config
+    annotation: Any = None
+    for depth, part in enumerate(parts):
+        if model is None:
+            raise UserError(f"--set {key}: '{'.'.join(parts[:depth])}' has no sub-keys")
+        if part not in model.model_fields:
+            close = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close else ""
+            raise UserError(f"--set {key}: unknown key '{part}'{hint}")
+        annotation = model.model_fields[part].annotation
+        model = next((t for t in _unwrap(annotation)
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    kinds = _unwrap(annotation)
+    if raw in ("null", "~") and type(None) in kinds:
+        value: Any = None
+    elif str in kinds and not (list in kinds or any(typing.get_origin(k) is list for k in kinds)
+                               and raw.lstrip().startswith("[")):
+        value = raw  # a string field keeps "007" or "true" as text
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,134 @@
+"""Prompt loading: local JSONL / JSON / CSV / Parquet files or a dataset id, reduced to text.
+
+Every source ends up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with the seed and
+capped by ``limit``. Ids are content hashes, so the same prompt keeps its id across runs, limits
+and orderings (resume and the per-prompt principle draws rely on that).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from cai_cli.artifacts import iter_jsonl
+from cai_cli.config import PromptSource
+from cai_cli.errors import UserError
+
+FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_HH_TURN = re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def first_human_turn(text: str) -> str:
+    """Reduce an Anthropic HH style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") to its
+    first human turn; any other text is returned stripped."""
+    if "Human:" in text and ("\n\nHuman:" in text or text.lstrip().startswith("Human:")):
+        match = _HH_TURN.search(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
+        if match:
+            return match.group(1).strip()
+    return text.strip()
+
+
+def to_prompt_text(value: Any) -> str | None:
+    """A prompt from a cell: a string (maybe a transcript) or a list of chat messages."""
+    if isinstance(value, str):
+        return first_human_turn(value)
+    if isinstance(value, list):
+        for message in value:
+            if isinstance(message, dict) and message.get("role") == "user":
+                return str(message.get("content", "")).strip()
+    return None
+
+
+def read_records(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]:
+    """Yield ``(where, record)`` pairs from a prompt source; ``where`` names file and line."""
+    if source.path is not None:
+        path = Path(source.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{what}.path: file not found: {path}")
+        kind = FILE_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise UserError(f"{what}.path: {path}: unknown file type '{path.suffix}'; use one of "
+                            f"{', '.join(FILE_FORMATS)}, or a dataset id under {what}.dataset")
+        yield from _read_file(path, kind)
+    else:
+        yield from _read_dataset(source, what)
+
+
+def _read_file(path: Path, kind: str) -> Iterable[tuple[str, dict]]:
+    if kind == "jsonl":
+        for number, record in enumerate(iter_jsonl(path), start=1):
+            yield f"{path}:{number}", record
+    elif kind == "json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: the one list inside
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else data
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records (or an object holding one list)")
+        for number, record in enumerate(data):
+            yield f"{path}[{number}]", record if isinstance(record, dict) else {"prompt": record}
+    elif kind == "csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            for number, record in enumerate(csv.DictReader(handle), start=2):
+                yield f"{path}:{number}", record
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise UserError(f"{path}: cannot read Parquet file ({exc})") from None
+        for number, record in enumerate(table.to_pylist()):
+            yield f"{path} row {number}", record
+
+
+def _read_dataset(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.dataset, split=source.split, data_dir=source.data_dir)
+    except Exception as exc:  # hub, network and layout errors all mean: cannot read this source
+        raise UserError(f"{what}.dataset: cannot load '{source.dataset}' (split '{source.split}'): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    for number, record in enumerate(dataset):
+        yield f"{source.dataset}[{source.split}] row {number}", record
+
+
+def load_prompts(source: PromptSource, seed: int, what: str = "data.red_team") -> list[Prompt]:
+    """Read, reduce to text, de-duplicate, shuffle with ``seed`` and apply ``limit``."""
+    seen: dict[str, Prompt] = {}
+    for where, record in read_records(source, what):
+        if source.field not in record:
+            fields = ", ".join(map(str, record)) or "none"
+            raise UserError(f"{where}: no field '{source.field}' (fields: {fields}); "
+                            f"set {what}.field to the column that holds the prompt")
+        text = to_prompt_text(record[source.field])
+        if text is None:
+            raise UserError(f"{where}: field '{source.field}' is neither text nor a list of chat messages")
+        if text and text not in seen:
+            seen[text] = Prompt(prompt_id(text), text)
+    if not seen:
+        origin = source.path or source.dataset
+        raise UserError(f"{what}: no prompts in {origin} (every '{source.field}' value was empty)")
+    prompts = sorted(seen.values(), key=lambda p: p.id)  # independent of file order before shuffle
+    random.Random(seed).shuffle(prompts)
+    return prompts[: source.limit] if source.limit else prompts

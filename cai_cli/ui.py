@@ -1,0 +1,37 @@
+"""Terminal output for stages: one stderr console, warnings, and the progress bar.
+
+Stages print progress and messages to stderr, so stdout stays clean for data (``config show``).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+console = Console(stderr=True, highlight=False)
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def progress(*extra_columns: TextColumn) -> Progress:
+    """A progress bar: description, bar, done/total, extra columns, elapsed and ETA.
+
+    On a terminal it redraws in place; in a log (not a terminal) rich prints it once at the end.
+    """
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
