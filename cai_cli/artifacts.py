@@ -104,29 +104,40 @@ class ResumableJsonl:
     byte length of the partial file and how many batches are done, both fsynced. On resume the
     partial file is cut back to that length (dropping a torn line or a half-written batch), so
     the output is the same as if the run had never stopped. ``finish`` renames the partial file
-    over the final one in one step.
+    over the final one in one step; the state file then says "finished" until the stage has
+    written its manifest and calls ``cleanup``, so a run killed in between does not start over.
     """
 
     def __init__(self, final_path: Path | str, fingerprint: str):
         self.final_path = Path(final_path)
         self.partial_path = self.final_path.with_name(self.final_path.name + ".partial")
-        self.state_path = self.final_path.with_name(self.final_path.name + ".progress.json")
+        self.state_path = self.final_path.with_name(f".{self.final_path.name}.progress.json")
         self.fingerprint = fingerprint
         self.batches_done = 0
+        self.finished = False
         self.extra: dict[str, Any] = {}
 
     def open(self) -> int:
-        """Prepare for writing; return the number of batches already done (0 on a fresh start)."""
+        """Prepare for writing; return the number of batches already done (0 on a fresh start).
+        When a previous run with the same fingerprint got as far as ``finish``, ``finished`` is
+        set and the final file holds its output."""
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         state = None
-        if self.state_path.is_file() and self.partial_path.is_file():
+        if self.state_path.is_file():
             try:
                 state = json.loads(self.state_path.read_text())
             except json.JSONDecodeError:
                 state = None
-        if state and state.get("fingerprint") == self.fingerprint:
+        if state and state.get("fingerprint") != self.fingerprint:
+            state = None
+        if state and state.get("finished") and self.final_path.is_file():
+            self.finished = True
+        elif state and self.partial_path.is_file():
             with self.partial_path.open("r+b") as handle:
                 handle.truncate(int(state["bytes"]))
+        else:
+            state = None
+        if state:
             self.batches_done = int(state["batches"])
             self.extra = state.get("extra", {})
         else:
@@ -138,7 +149,8 @@ class ResumableJsonl:
 
     def records(self) -> list[dict]:
         """The records written so far (after ``open``)."""
-        return read_jsonl(self.partial_path) if self.partial_path.stat().st_size else []
+        path = self.final_path if self.finished else self.partial_path
+        return read_jsonl(path) if path.stat().st_size else []
 
     def append_batch(self, records: list[dict], **extra: Any) -> None:
         """Append one batch of records; ``extra`` values are merged into the saved state."""
@@ -152,18 +164,28 @@ class ResumableJsonl:
         self.extra.update(extra)
         self._save_state(size)
 
-    def _save_state(self, size: int) -> None:
+    def _save_state(self, size: int, finished: bool = False) -> None:
         write_json_atomic(
             self.state_path,
             {"fingerprint": self.fingerprint, "batches": self.batches_done, "bytes": size,
-             "extra": self.extra},
+             "finished": finished, "extra": self.extra},
         )
 
     def finish(self) -> Path:
-        os.replace(self.partial_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
-        self.state_path.unlink(missing_ok=True)
+        """Move the complete output into place (one rename)."""
+        if not self.finished:
+            size = self.partial_path.stat().st_size
+            # Rename first: killed before the state says "finished", a rerun starts over rather
+            # than mistaking an older final file for this run's output.
+            os.replace(self.partial_path, self.final_path)
+            _fsync_dir(self.final_path.parent)
+            self._save_state(size, finished=True)
+            self.finished = True
         return self.final_path
+
+    def cleanup(self) -> None:
+        """Forget the progress state once the stage has recorded completion."""
+        self.state_path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,20 +201,31 @@ def config_hash(section: Any) -> str:
     return sha256_bytes(json.dumps(section, sort_keys=True, default=str).encode())[:16]
 
 
+# Files above this size are fingerprinted by size and modification time instead of content:
+# hashing a 14 GB checkpoint on every `cai status` would take minutes.
+CONTENT_HASH_LIMIT = 64 << 20
+
+
 def file_fingerprint(path: Path | str) -> str:
-    """Content hash of a file, or of a directory's files (names, sizes and contents)."""
+    """Hash of a file, or of a directory's files (names and contents; large files by size and
+    modification time). Hidden files (our temporary and progress files) are left out."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
         files = [path]
         root = path.parent
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         root = path
     else:
         return "missing"
     for file in files:
         digest.update(str(file.relative_to(root)).encode())
+        stat = file.stat()
+        if stat.st_size > CONTENT_HASH_LIMIT:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            continue
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)

@@ -87,7 +87,9 @@ def _read_file(path: Path, kind: str) -> Iterable[tuple[str, dict]]:
         for number, record in enumerate(data):
             yield f"{path}[{number}]", record if isinstance(record, dict) else {"prompt": record}
     elif kind == "csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise
+        # become part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             for number, record in enumerate(csv.DictReader(handle), start=2):
                 yield f"{path}:{number}", record
     else:
@@ -104,6 +106,10 @@ def _read_file(path: Path, kind: str) -> Iterable[tuple[str, dict]]:
 def _read_dataset(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]:
     import datasets
 
+    if Path(source.dataset).expanduser().is_file():
+        # load_dataset would take a file name for a hub id and fail with a network error.
+        raise UserError(f"{what}.dataset: '{source.dataset}' is a file, not a dataset; give it as "
+                        f"{what}.path instead (and remove {what}.dataset)")
     try:
         dataset = datasets.load_dataset(source.dataset, split=source.split, data_dir=source.data_dir)
     except Exception as exc:  # hub, network and layout errors all mean: cannot read this source
@@ -121,7 +127,10 @@ def load_prompts(source: PromptSource, seed: int, what: str = "data.red_team") -
             fields = ", ".join(map(str, record)) or "none"
             raise UserError(f"{where}: no field '{source.field}' (fields: {fields}); "
                             f"set {what}.field to the column that holds the prompt")
-        text = to_prompt_text(record[source.field])
+        value = record[source.field]
+        if value is None:  # a missing cell (null in JSON, empty in Parquet) counts as empty
+            continue
+        text = to_prompt_text(value)
         if text is None:
             raise UserError(f"{where}: field '{source.field}' is neither text nor a list of chat messages")
         if text and text not in seen:

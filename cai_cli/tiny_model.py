@@ -69,6 +69,10 @@ def build_tiny_model(out_dir: Path | str, *, seed: int = 0, hidden_size: int = 2
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from cai_cli.backends.hf import quiet_transformers
+
+    quiet_transformers()  # no "Writing model shards" bar: our one summary line says it all
+
     out_dir = Path(out_dir)
     if hidden_size % 64:
         raise UserError(f"--hidden-size must be a multiple of 64, got {hidden_size}")
@@ -98,11 +102,19 @@ def build_tiny_model(out_dir: Path | str, *, seed: int = 0, hidden_size: int = 2
     )
 
     # Build beside the target, then swap in: a half-written model directory is never left behind.
-    staging = out_dir.with_name(f".{out_dir.name}.building")
+    staging = out_dir.resolve().with_name(f".{out_dir.resolve().name}.building")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if out_dir.exists():
+        # Replace an earlier tiny model, never a directory holding anything else (`cai tiny-model
+        # ~/models` must not wipe the user's models).
+        foreign = sorted({p.name for p in out_dir.iterdir()} - {p.name for p in staging.iterdir()})
+        if foreign:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"{out_dir} already holds files that are not a tiny model "
+                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                            "give an empty or new directory")
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
 

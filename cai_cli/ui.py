@@ -13,11 +13,11 @@ console = Console(stderr=True, highlight=False)
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, soft_wrap=True, markup=False)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print("warning:", message, style="yellow", soft_wrap=True, markup=False)
 
 
 def progress(*extra_columns: TextColumn) -> Progress:

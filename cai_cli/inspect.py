@@ -1,0 +1,489 @@
+"""``cai inspect``: read critique/revision chains and preference pairs in the terminal.
+
+The user runs this to judge whether the constitution does what they meant, so the views favour
+reading over counting: a summary with the numbers that reveal a broken stage (revisions that
+change nothing, labels near 0.5, judges that flip with answer order), a one-line list of records,
+and a full view of one record as a conversation (chains) or side by side (pairs).
+
+Output goes to stdout through rich. When stdout is not a terminal rich drops colour and styles,
+so nothing here relies on colour alone: tables use a plain box, the word diff switches to
+``[-removed-]{+added+}`` markers, and long texts wrap instead of being cut.
+
+This module must start fast: it imports no torch/transformers/datasets/trl, not even through
+``cai_cli.backends`` or ``cai_cli.stages``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from rich import box
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from cai_cli.artifacts import read_jsonl
+from cai_cli.errors import UserError
+
+CHAINS, PAIRS = "chains", "pairs"
+
+# Where a run directory keeps each artifact, and the command that makes it.
+RUN_DIR_FILES = {CHAINS: "sl/chains.jsonl", PAIRS: "prefs/pairs.jsonl"}
+MAKER = {CHAINS: "cai generate-sl --config ...", PAIRS: "cai label-prefs --config ..."}
+
+# Keys each record must have, the key of its list of steps, and the keys of each step. Checked up
+# front so a wrong file is one clear error, not a KeyError halfway through a table.
+REQUIRED = {
+    CHAINS: (("id", "prompt", "initial", "rounds", "final"), "rounds",
+             ("principle", "critique_request", "critique", "revision_request", "revision")),
+    PAIRS: (("id", "prompt", "chosen", "rejected", "p_chosen", "judgments"), "judgments",
+            ("principle", "order", "p_first")),
+}
+
+DEFAULT_LIMIT = 20
+
+
+@dataclass
+class Artifact:
+    """One JSONL file of chains or pairs, read whole (they are small next to a model)."""
+
+    path: Path
+    kind: str  # CHAINS or PAIRS; "" for an empty file, whose kind cannot be told
+    records: list[dict]
+    unfinished: bool = False  # a .partial file left by an interrupted stage
+
+
+def run_inspect(path: Path, *, record_id: str | None = None, index: int | None = None,
+                principle: str | None = None, grep: str | None = None,
+                limit: int | None = None) -> None:
+    if record_id is not None and index is not None:
+        raise UserError("give --id or --index, not both")
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be 0 or more, got {limit}")
+    console = Console(highlight=False)
+    artifacts = load_artifacts(Path(path))
+    if record_id is not None or index is not None:
+        show_records(console, artifacts, record_id, index, principle, grep)
+        return
+    for number, artifact in enumerate(artifacts):
+        if number:
+            console.print()
+        show_summary(console, artifact, principle, grep, DEFAULT_LIMIT if limit is None else limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_artifacts(path: Path) -> list[Artifact]:
+    """A JSONL file, or every chains/pairs file in a run directory (chains first)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory; pass a run directory (run_dir in "
+                        "the config) or a chains.jsonl / pairs.jsonl file")
+    if path.is_file():
+        return [read_artifact(path, unfinished=path.name.endswith(".partial"))]
+    found = []
+    for rel in RUN_DIR_FILES.values():
+        final = path / rel
+        partial = final.with_name(final.name + ".partial")
+        if final.is_file():
+            found.append(read_artifact(final))
+        elif partial.is_file():  # the stage was interrupted: show what it wrote so far
+            found.append(read_artifact(partial, unfinished=True))
+    if not found:
+        raise UserError(
+            f"{path}: no {RUN_DIR_FILES[CHAINS]} or {RUN_DIR_FILES[PAIRS]} here; chains are made "
+            f"by `{MAKER[CHAINS]}`, pairs by `{MAKER[PAIRS]}` (or pass a JSONL file directly)")
+    return found
+
+
+def read_artifact(path: Path, unfinished: bool = False) -> Artifact:
+    # A .partial file may end in a line cut short by the kill; that line is not an error.
+    records = read_jsonl(path, allow_torn_tail=unfinished)
+    return Artifact(path, record_kind(path, records), records, unfinished)
+
+
+def record_kind(path: Path, records: list[dict]) -> str:
+    """Tell chains from pairs by their keys (files get renamed), and check every record."""
+    if not records:
+        return ""
+    first = records[0]
+    if "rounds" in first:
+        kind = CHAINS
+    elif "chosen" in first and "rejected" in first:
+        kind = PAIRS
+    else:
+        raise UserError(f"{path}: record 1 is neither a chain (has \"rounds\") nor a preference "
+                        "pair (has \"chosen\"/\"rejected\"); cai inspect reads "
+                        f"{RUN_DIR_FILES[CHAINS]} and {RUN_DIR_FILES[PAIRS]}")
+    keys, steps_key, step_keys = REQUIRED[kind]
+    for number, record in enumerate(records, start=1):
+        missing = [key for key in keys if key not in record]
+        steps = record.get(steps_key)
+        if not missing and not (isinstance(steps, list) and all(isinstance(s, dict) for s in steps)):
+            missing = [f"{steps_key} as a list of objects"]
+        for step in [] if missing else steps:
+            missing += [f"{steps_key}[].{key}" for key in step_keys if key not in step]
+        if missing:
+            raise UserError(f"{path}: record {number} looks like one of {kind} but lacks "
+                            f"{', '.join(dict.fromkeys(missing))}")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Record helpers
+
+
+def as_text(value) -> str:
+    """A chain's prompt is a string; a pair's prompt and answers are lists of messages."""
+    if isinstance(value, list):
+        return "\n\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m)
+                           for m in value)
+    return "" if value is None else str(value)
+
+
+def words(value) -> int:
+    return len(as_text(value).split())
+
+
+def same_text(a, b) -> bool:
+    # Whitespace-only edits (a trailing newline, re-wrapped lines) are not a real revision.
+    return as_text(a).split() == as_text(b).split()
+
+
+def principles_of(record: dict, kind: str) -> list[str]:
+    """Principle ids in the order used, each once."""
+    steps = record["rounds"] if kind == CHAINS else record["judgments"]
+    return list(dict.fromkeys(str(step["principle"]) for step in steps))
+
+
+def texts_of(record: dict, kind: str) -> list[str]:
+    """Every text a user might search for (not ids, roles or numbers)."""
+    if kind == CHAINS:
+        texts = [record["prompt"], record["initial"], record["final"]]
+        for r in record["rounds"]:
+            texts += [r["critique_request"], r["critique"], r["revision_request"], r["revision"]]
+    else:
+        texts = [record["prompt"], record["chosen"], record["rejected"]]
+        texts += [j.get("reasoning", "") for j in record["judgments"]]
+    return [as_text(text) for text in texts]
+
+
+def filter_records(artifact: Artifact, principle: str | None, grep: str | None) -> list[dict]:
+    records = artifact.records
+    if principle is not None:
+        records = [r for r in records if principle in principles_of(r, artifact.kind)]
+    if grep is not None:
+        needle = grep.casefold()
+        records = [r for r in records
+                   if any(needle in text.casefold() for text in texts_of(r, artifact.kind))]
+    return records
+
+
+def describe_filters(principle: str | None, grep: str | None) -> str:
+    parts = ([f"--principle {principle}"] if principle is not None else []) + \
+            ([f"--grep {grep!r}"] if grep is not None else [])
+    return " and ".join(parts)
+
+
+def disagreeing_principles(record: dict) -> list[str] | None:
+    """Principles whose two answer orders put the preference on opposite sides of 0.5.
+
+    p_first is the probability of whichever answer was shown first, so the AB score and one minus
+    the BA score both speak for the same answer. None when no principle was judged in both orders.
+    Several judgments of one principle and order (e.g. samples) are averaged first.
+    """
+    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for j in record["judgments"]:
+        scores[str(j["principle"]), str(j["order"]).upper()].append(float(j["p_first"]))
+    both = [p for p in dict.fromkeys(p for p, _ in scores) if (p, "AB") in scores and (p, "BA") in scores]
+    if not both:
+        return None
+    return [p for p in both
+            if (mean(scores[p, "AB"]) - 0.5) * ((1 - mean(scores[p, "BA"])) - 0.5) < 0]
+
+
+def orders_disagree(record: dict) -> bool | None:
+    flag = record.get("order_disagreement")
+    if isinstance(flag, bool):
+        return flag
+    if isinstance(flag, (int, float)):
+        # Read as the share of principles whose orders disagree: any at all makes the pair count.
+        return flag > 0
+    found = disagreeing_principles(record)
+    return None if found is None else bool(found)
+
+
+def share(count: int, total: int) -> str:
+    return f"{count} of {total} ({count / total:.0%})" if total else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary view
+
+
+def show_summary(console: Console, artifact: Artifact, principle: str | None, grep: str | None,
+                 limit: int) -> None:
+    noun = artifact.kind or "records"
+    console.print(Text.assemble((str(artifact.path), "bold"), f" — {len(artifact.records)} {noun}"))
+    if artifact.unfinished:
+        console.print(Text(f"unfinished: the stage was interrupted, these are the {noun} written "
+                           f"so far; rerun `{MAKER.get(artifact.kind, 'the stage')}` to finish",
+                           style="yellow"))
+    if not artifact.records:
+        console.print("no records yet")
+        return
+    records = filter_records(artifact, principle, grep)
+    filters = describe_filters(principle, grep)
+    if filters:
+        if not records:
+            print_no_match(console, artifact, principle, filters)
+            return
+        console.print(f"{filters}: {len(records)} of {len(artifact.records)} {noun} match")
+    console.print()
+    if artifact.kind == CHAINS:
+        chain_summary(console, records)
+    else:
+        pair_summary(console, records)
+    record_list(console, artifact.kind, records, limit)
+
+
+def print_no_match(console: Console, artifact: Artifact, principle: str | None,
+                   filters: str) -> None:
+    console.print(f"no {artifact.kind} match {filters} ({len(artifact.records)} in the file)")
+    used = Counter(p for r in artifact.records for p in principles_of(r, artifact.kind))
+    if principle is not None and principle not in used:
+        console.print(f"principles used there: {', '.join(sorted(used))}")
+
+
+def stats_table() -> Table:
+    table = Table(box=None, show_header=False, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    return table
+
+
+def principle_table(counts: Counter, what: str) -> Table:
+    table = Table(box=box.SIMPLE, padding=(0, 2))
+    table.add_column("principle")
+    table.add_column(what, justify="right")
+    table.add_column("share", justify="right")
+    total = sum(counts.values())
+    # Most used first; ties alphabetical so the order is stable between runs.
+    for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        table.add_row(Text(name), str(count), f"{count / total:.0%}")
+    return table
+
+
+def chain_summary(console: Console, records: list[dict]) -> None:
+    rounds = sum(len(r["rounds"]) for r in records)
+    changed = 0
+    for record in records:
+        previous = record["initial"]  # round 0 revises the initial answer, later rounds the last revision
+        for step in record["rounds"]:
+            changed += not same_text(step["revision"], previous)
+            previous = step["revision"]
+    final_changed = sum(not same_text(r["final"], r["initial"]) for r in records)
+
+    table = stats_table()
+    table.add_row("chains", str(len(records)))
+    table.add_row("critique/revision rounds", f"{rounds} ({rounds / len(records):.1f} per chain)")
+    table.add_row("mean length in words", "prompt {:.0f} · initial {:.0f} · final {:.0f}".format(
+        *(mean(words(r[key]) for r in records) for key in ("prompt", "initial", "final"))))
+    table.add_row("revisions that changed the text", share(changed, rounds))
+    table.add_row("finals that differ from initial", share(final_changed, len(records)))
+    console.print(table)
+    counts = Counter(str(step["principle"]) for r in records for step in r["rounds"])
+    if counts:
+        console.print(principle_table(counts, "rounds"))
+
+
+def pair_summary(console: Console, records: list[dict]) -> None:
+    judgments = sum(len(r["judgments"]) for r in records)
+    verdicts = [orders_disagree(r) for r in records]
+    both_orders = [v for v in verdicts if v is not None]
+
+    table = stats_table()
+    table.add_row("pairs", str(len(records)))
+    table.add_row("judgments", f"{judgments} ({judgments / len(records):.1f} per pair)")
+    table.add_row("mean confidence |p_chosen - 0.5|",
+                  f"{mean(abs(float(r['p_chosen']) - 0.5) for r in records):.2f}")
+    table.add_row("order disagreement",
+                  f"{share(sum(both_orders), len(both_orders))} of pairs judged in both orders"
+                  if both_orders else "n/a (no pair was judged in both orders)")
+    console.print(table)
+    counts = Counter(str(j["principle"]) for r in records for j in r["judgments"])
+    if counts:
+        console.print(principle_table(counts, "judgments"))
+
+
+def record_list(console: Console, kind: str, records: list[dict], limit: int) -> None:
+    if limit == 0:
+        return
+    # The prompt column is the only one that gives way: one line each, the rest elided (the full
+    # text is one --index away). Everything else keeps its width so ids are never cut.
+    table = Table(box=box.SIMPLE, padding=(0, 1))
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("id", no_wrap=True)
+    if kind == PAIRS:
+        table.add_column("p_chosen", justify="right", no_wrap=True)
+    table.add_column("principles", max_width=30)
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", ratio=1)
+    for position, record in enumerate(records[:limit]):
+        prompt = " ".join(as_text(record["prompt"]).split())
+        row = [str(position), Text(str(record["id"]))]
+        if kind == PAIRS:
+            row.append(f"{float(record['p_chosen']):.2f}")
+        row += [Text(", ".join(principles_of(record, kind))), Text(prompt)]
+        table.add_row(*row)
+    console.print(table)
+    more = f"showing {limit} of {len(records)}; --limit N shows more. " \
+        if len(records) > limit else ""
+    console.print(f"{more}Open one with --index N (the # column) or --id ID.")
+
+
+# ---------------------------------------------------------------------------------------------
+# One record
+
+
+def show_records(console: Console, artifacts: list[Artifact], record_id: str | None,
+                 index: int | None, principle: str | None, grep: str | None) -> None:
+    """Show the record(s) asked for; in a run dir the same id may be both a chain and a pair."""
+    filters = describe_filters(principle, grep)
+    shown, searched = 0, []
+    for artifact in artifacts:
+        records = filter_records(artifact, principle, grep) if artifact.kind else []
+        if filters and artifact.records and not records:
+            print_no_match(console, artifact, principle, filters)
+            continue
+        if record_id is not None:
+            matches = [r for r in records if str(r["id"]) == record_id]
+        else:
+            matches = records[index:index + 1] if index >= 0 else []
+        for record in matches:
+            if shown:
+                console.print()
+            where = f"{artifact.path}, #{records.index(record)} of {len(records)}"
+            if artifact.unfinished:
+                where += ", unfinished"
+            (show_chain if artifact.kind == CHAINS else show_pair)(console, record, where)
+            shown += 1
+        searched.append((artifact, records))
+    if shown or not searched:
+        return  # found, or every file was already reported as not matching the filters
+
+    def what_exists(artifact: Artifact, records: list[dict]) -> str:
+        count = f"{len(records)} of {len(artifact.records)} records match {filters}" if filters \
+            else f"{len(records)} records"
+        return f"{artifact.path} ({count})"
+
+    where = " or ".join(what_exists(a, r) for a, r in searched)
+    if record_id is not None:
+        ids = [str(r["id"]) for _, records in searched for r in records]
+        sample = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        raise UserError(f"no record with id {record_id!r} in {where}"
+                        + (f"; ids there: {sample}" if ids else ""))
+    raise UserError(f"no record at --index {index} in {where}; the index counts from 0 "
+                    "(the # column of the summary list)")
+
+
+def block(console: Console, label: str, value) -> None:
+    """A labelled text, indented under its label. Text objects, so [brackets] stay literal."""
+    console.print(Text(label, style="bold"))
+    console.print(Padding(Text(as_text(value).strip() or "(empty)"), (0, 0, 1, 2)))
+
+
+def show_chain(console: Console, record: dict, where: str) -> None:
+    console.rule(Text(f"chain {record['id']}  ({where})"), align="left")
+    block(console, "User prompt", record["prompt"])
+    block(console, "Initial answer", record["initial"])
+    previous = record["initial"]
+    for k, step in enumerate(record["rounds"], start=1):
+        console.rule(Text(f"Round {k} — principle {step['principle']}"), align="left")
+        block(console, "Critique request", step["critique_request"])
+        block(console, "Critique", step["critique"])
+        block(console, "Revision request", step["revision_request"])
+        unchanged = " (unchanged: same as the text it revised)" \
+            if same_text(step["revision"], previous) else ""
+        block(console, f"Revision{unchanged}", step["revision"])
+        previous = step["revision"]
+
+    console.rule(Text("Final answer"), align="left")
+    if record["rounds"] and as_text(record["final"]) == as_text(previous):
+        console.print("the last revision above\n")
+    else:
+        block(console, "Final answer", record["final"])
+    if same_text(record["initial"], record["final"]):
+        console.print("the final answer is the same as the initial answer")
+        return
+    # No colour when piped (or NO_COLOR): mark the edits in the text itself.
+    plain = console.color_system is None
+    diff, removed, added = word_diff(as_text(record["initial"]), as_text(record["final"]), plain)
+    legend = "[-removed-] {+added+}" if plain else "red struck out = removed, green = added"
+    block(console, f"Initial → final: {removed} words removed, {added} added ({legend})", "")
+    console.print(Padding(diff, (0, 0, 0, 2)))
+
+
+def word_diff(old: str, new: str, plain: bool) -> tuple[Text, int, int]:
+    """Word-level diff of two texts, as styled text or with [-...-]{+...+} markers."""
+    a, b = old.split(), new.split()
+    out, removed, added = Text(), 0, 0
+    # autojunk off: with it, common words in texts over 200 words are ignored and the diff jumps.
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.append(" ".join(a[i1:i2]) + " ")
+            continue
+        if i2 > i1:
+            gone = " ".join(a[i1:i2])
+            out.append(f"[-{gone}-]" if plain else gone, style="" if plain else "red strike")
+            out.append(" ")
+            removed += i2 - i1
+        if j2 > j1:
+            new_words = " ".join(b[j1:j2])
+            out.append(f"{{+{new_words}+}}" if plain else new_words, style="" if plain else "green")
+            out.append(" ")
+            added += j2 - j1
+    out.rstrip()
+    return out, removed, added
+
+
+def show_pair(console: Console, record: dict, where: str) -> None:
+    console.rule(Text(f"pair {record['id']}  ({where})"), align="left")
+    prompt = record["prompt"]
+    for message in prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]:
+        role = message.get("role", "user") if isinstance(message, dict) else "user"
+        block(console, f"{str(role).capitalize()} prompt" if role == "user" else str(role).capitalize(),
+              message.get("content", "") if isinstance(message, dict) else message)
+
+    p_chosen = float(record["p_chosen"])
+    answers = Table(box=box.SIMPLE, expand=True, padding=(0, 1))
+    answers.add_column(f"chosen (p={p_chosen:.2f})", ratio=1)
+    answers.add_column(f"rejected (p={1 - p_chosen:.2f})", ratio=1)
+    answers.add_row(Text(as_text(record["chosen"]).strip()), Text(as_text(record["rejected"]).strip()))
+    console.print(answers)
+
+    judgments = record["judgments"]
+    with_reasoning = any(j.get("reasoning") for j in judgments)
+    table = Table(box=box.SIMPLE, padding=(0, 1), title="judgments", title_justify="left")
+    table.add_column("principle")
+    table.add_column("order", no_wrap=True)
+    table.add_column("p_first", justify="right", no_wrap=True)
+    if with_reasoning:
+        table.add_column("reasoning", ratio=1)
+    for j in judgments:
+        row = [Text(str(j["principle"])), str(j["order"]), f"{float(j['p_first']):.2f}"]
+        if with_reasoning:
+            row.append(Text(as_text(j.get("reasoning", "")).strip()))
+        table.add_row(*row)
+    console.print(table)
+    console.print("p_first is the probability of the answer shown first (order AB: A first).")
+    flipped = disagreeing_principles(record)
+    if flipped:
+        console.print(f"orders disagree (position bias) for: {', '.join(flipped)}")
+    elif flipped is not None:
+        console.print("both orders agree for every principle judged in both")

@@ -1,0 +1,86 @@
+"""What every stage shares: whether to run at all, refusing outputs of another config, manifests.
+
+A stage is described by a ``StageSpec``: its directory, the config settings that decide its
+output and fingerprints of its inputs. Their hash is the stage's fingerprint. It is stored in the
+stage's manifest, so a rerun can tell "already done", "interrupted, resume" and "made from
+something else" apart without loading a model. ``cai status`` and ``cai run`` use the same specs.
+
+No heavy imports here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai_cli import ui
+from cai_cli.artifacts import (Manifest, config_hash, diff_keys, library_versions, load_manifest,
+                               write_atomic)
+from cai_cli.config import Config, dump_config
+from cai_cli.errors import UserError
+
+
+@dataclass
+class StageSpec:
+    command: str  # the command that makes this stage's output, e.g. "generate-sl"
+    directory: Path
+    settings: dict[str, Any]  # config values that decide the output (JSON-able)
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        return config_hash({"settings": self.settings, "inputs": self.inputs})
+
+    def manifest(self) -> dict | None:
+        return load_manifest(self.directory)
+
+    def state(self) -> str:
+        """``missing``, ``partial`` (started, not finished), ``done`` or ``stale`` (made from
+        other settings or inputs than the current config gives)."""
+        manifest = self.manifest()
+        if manifest is None:
+            return "missing"
+        if manifest.get("config_hash") != self.fingerprint:
+            return "stale"
+        return "done" if manifest.get("status") == "complete" else "partial"
+
+    def changes(self) -> list[str]:
+        """What differs between the stored manifest and the current config, as dotted paths."""
+        manifest = self.manifest() or {}
+        old = {"settings": manifest.get("config", {}), "inputs": manifest.get("inputs", {})}
+        new = {"settings": self.settings, "inputs": self.inputs}
+        return [key.removeprefix("settings.") for key in diff_keys(old, new)]
+
+
+def begin(spec: StageSpec, config: Config, *, force: bool) -> Manifest | None:
+    """Decide whether the stage runs. Returns ``None`` when its output is already complete for
+    this config, raises ``UserError`` when the directory holds output of another config (unless
+    ``force``), and otherwise records the start and returns the manifest to fill in."""
+    state = spec.state()
+    if state == "stale" and not force:
+        changed = ", ".join(spec.changes()[:6]) or "unknown"
+        raise UserError(
+            f"{spec.directory} holds output made from a different config (changed: {changed}). "
+            f"Rerun with --force to replace it, or set run_dir to a new directory to keep it.")
+    if state == "done" and not force:
+        ui.info(f"{spec.command}: {spec.directory} is complete for this config; nothing to do "
+                "(--force redoes it)")
+        return None
+    if state == "partial":
+        ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(config.run_dir) / "config.yaml", dump_config(config))
+    manifest = Manifest(stage=spec.command, config_hash=spec.fingerprint, config=spec.settings,
+                        inputs=spec.inputs, versions=library_versions())
+    manifest.save(spec.directory)
+    return manifest
+
+
+def complete(spec: StageSpec, manifest: Manifest) -> None:
+    """Mark the stage done: its outputs are all in place."""
+    manifest.status = "complete"
+    manifest.finished_at = time.time()
+    manifest.timings.setdefault("seconds", round(manifest.finished_at - manifest.started_at, 2))
+    manifest.save(spec.directory)

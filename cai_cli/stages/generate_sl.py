@@ -1,0 +1,212 @@
+"""``cai generate-sl``: SL-CAI data. Answer each red-team prompt, then critique and revise the
+answer against principles drawn from the constitution, ``num_revisions`` rounds.
+
+Prompts are processed in checkpointed batches: every step (answers, then each round's critiques,
+then its revisions) is one batched call to the backend for the whole batch, and the batch's
+chains are appended to ``sl/chains.jsonl.partial`` when it is done. Principle and example draws
+come from a generator seeded by (seed, prompt id), and each backend call is seeded by (seed,
+batch, step), so the output does not depend on whether the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from pathlib import Path
+
+from rich.progress import TextColumn
+
+from cai_cli import ui
+from cai_cli.artifacts import (ResumableJsonl, file_fingerprint, model_fingerprint,
+                               write_jsonl_atomic)
+from cai_cli.backends.base import Completion, Overflow, SamplingParams
+from cai_cli.config import Config
+from cai_cli.constitution import Constitution, FewShotExample, Principle, load_constitution
+from cai_cli.data import Prompt, load_prompts
+from cai_cli.errors import UserError
+from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
+                               revision_prompt)
+from cai_cli.stages.common import StageSpec, begin, complete
+
+
+def constitution_paths(config: Config) -> list[str]:
+    return [config.constitution] if isinstance(config.constitution, str) else list(config.constitution)
+
+
+def source_fingerprint(source) -> str:
+    return file_fingerprint(Path(source.path).expanduser()) if source.path else f"dataset:{source.dataset}"
+
+
+def spec(config: Config) -> StageSpec:
+    """What decides this stage's output: cheap to compute, no model loaded."""
+    settings = {
+        "seed": config.seed,
+        "constitution": config.constitution,
+        "data.red_team": config.data.red_team.model_dump(mode="json"),
+        "models.policy": config.models.policy.model_dump(mode="json"),
+        "generate_sl": config.generate_sl.model_dump(mode="json"),
+    }
+    inputs = {
+        "constitution": "+".join(file_fingerprint(p) for p in constitution_paths(config)),
+        "prompts": source_fingerprint(config.data.red_team),
+        "policy": model_fingerprint(config.models.policy.name_or_path),
+    }
+    return StageSpec("generate-sl", Path(config.run_dir) / "sl", settings, inputs)
+
+
+def call_seed(seed: int, batch: int, step: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{batch}:{step}".encode()).hexdigest()[:8], 16)
+
+
+def draw(rng: random.Random, items: tuple, count: int) -> list:
+    """``count`` items, all different while the pool lasts, then drawn again from the full pool."""
+    out: list = []
+    while len(out) < count and items:
+        out += rng.sample(items, min(count - len(out), len(items)))
+    return out
+
+
+class Plan:
+    """The per-prompt random draws: principles for each round and the few-shot examples."""
+
+    def __init__(self, config: Config, constitution: Constitution, prompt: Prompt):
+        rng = random.Random(f"{config.seed}:{prompt.id}")
+        self.principles: list[Principle] = draw(rng, constitution.principles,
+                                                config.generate_sl.num_revisions)
+        self.examples: list[FewShotExample] = draw(
+            rng, constitution.few_shot, min(config.generate_sl.few_shot, len(constitution.few_shot)))
+
+
+def run(config: Config, *, force: bool = False) -> Path | None:
+    stage = spec(config)
+    settings = config.generate_sl
+    constitution = load_constitution(constitution_paths(config))
+    prompts = load_prompts(config.data.red_team, config.seed)
+    if settings.few_shot and not constitution.few_shot:
+        ui.warn(f"constitution '{constitution.name}' has no worked examples; "
+                "generate_sl.few_shot is ignored")
+
+    from cai_cli.backends import load_backend
+    from cai_cli.backends.hf import check_model_source
+
+    check_model_source(config.models.policy, "models.policy")
+    manifest = begin(stage, config, force=force)
+    if manifest is None:
+        return stage.directory / "chains.jsonl"
+
+    writer = ResumableJsonl(stage.directory / "chains.jsonl", stage.fingerprint)
+    done_batches = writer.open()
+    batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
+    if not writer.finished:
+        backend = load_backend(config.models.policy, "models.policy")
+        fmt = settings.prompt_format
+        if fmt == "auto":
+            fmt = "chat" if backend.has_chat_template else "transcript"
+        elif fmt == "chat" and not backend.has_chat_template:
+            raise UserError(f"generate_sl.prompt_format: chat, but '{config.models.policy.name_or_path}' "
+                            "has no chat template; use transcript (or auto) for base models")
+        generator = ChainGenerator(config, constitution, backend, fmt)
+        started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
+        skipped = writer.extra.get("skipped", 0)
+        with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
+            task = bar.add_task("generate-sl", total=len(prompts), rate="",
+                                completed=sum(len(b) for b in batches[:done_batches]))
+            for index in range(done_batches, len(batches)):
+                chains, batch_tokens, batch_skipped = generator.batch(batches[index], index)
+                tokens += batch_tokens
+                skipped += batch_skipped
+                writer.append_batch(chains, tokens=tokens, skipped=skipped)
+                rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=len(batches[index]), rate=f"{rate:,.0f} tok/s")
+        manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
+        writer.finish()
+
+    chains = writer.records()
+    sft = [{"id": chain["id"], "messages": [{"role": "user", "content": chain["prompt"]},
+                                            {"role": "assistant", "content": chain["final"]}]}
+           for chain in chains]
+    write_jsonl_atomic(stage.directory / "sft.jsonl", sft)
+
+    rounds = [r for chain in chains for r in chain["rounds"]]
+    manifest.counts = {"prompts": len(prompts), "chains": len(chains),
+                       "skipped": writer.extra.get("skipped", 0), "rounds": len(rounds),
+                       "generated_tokens": writer.extra.get("tokens", 0)}
+    manifest.stats = {
+        "constitution": constitution.name,
+        "prompt_format": chains[0]["format"] if chains else None,
+        "revisions_changed": round(sum(r["changed"] for r in rounds) / max(len(rounds), 1), 4),
+        "final_differs": round(sum(c["final"] != c["initial"] for c in chains) / max(len(chains), 1), 4),
+    }
+    complete(stage, manifest)
+    writer.cleanup()
+    ui.info(f"generate-sl: {len(chains)} chains ({manifest.counts['skipped']} skipped) -> "
+            f"{writer.final_path}\n  look at them with: cai inspect {config.run_dir}")
+    return writer.final_path
+
+
+class ChainGenerator:
+    """Runs one batch of prompts through answer -> (critique -> revision) x rounds."""
+
+    def __init__(self, config: Config, constitution: Constitution, backend, fmt: str):
+        self.config, self.constitution, self.backend, self.fmt = config, constitution, backend, fmt
+        self.system = config.generate_sl.system_prompt
+        self.tokens = 0  # generated in this process, for the tokens/s column
+
+    def _call(self, prompts: list, batch: int, step: str) -> list[Completion | Overflow]:
+        sampling = self.config.generate_sl.sampling
+        params = SamplingParams(
+            max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k, seed=call_seed(self.config.seed, batch, step),
+            stop=TRANSCRIPT_STOPS if self.fmt == "transcript" else ())
+        results = self.backend.generate(prompts, params)
+        self.tokens += sum(r.tokens for r in results if isinstance(r, Completion))
+        return results
+
+    def batch(self, prompts: list[Prompt], batch: int) -> tuple[list[dict], int, int]:
+        """The chain records of one batch, the tokens generated and the prompts skipped."""
+        before, fmt, system = self.tokens, self.fmt, self.system
+        # (prompt, plan) of the chains still alive: a chain that outgrows the context is dropped.
+        live = [(p, Plan(self.config, self.constitution, p)) for p in prompts]
+        answered = self._fitting(live, self._call(
+            [answer_prompt(p.text, fmt, system) for p, _ in live], batch, "answer"), "the answer")
+        chains = {p.id: {"id": p.id, "prompt": p.text, "initial": answer, "rounds": [],
+                         "final": answer, "format": fmt} for (p, _), answer in answered}
+        live = [item for item, _ in answered]
+
+        for k in range(self.config.generate_sl.num_revisions):
+            critiqued = self._fitting(live, self._call(
+                [critique_prompt(p.text, chains[p.id]["final"], plan.principles[k], plan.examples,
+                                 fmt, system) for p, plan in live],
+                batch, f"critique{k}"), f"critique round {k + 1}")
+            revised = self._fitting([item for item, _ in critiqued], self._call(
+                [revision_prompt(p.text, chains[p.id]["final"], plan.principles[k], critique,
+                                 plan.examples, fmt, system) for (p, plan), critique in critiqued],
+                batch, f"revision{k}"), f"revision round {k + 1}")
+            critique_of = {prompt.id: critique for (prompt, _), critique in critiqued}
+            for (prompt, plan), revision in revised:
+                chain, principle = chains[prompt.id], plan.principles[k]
+                chain["rounds"].append({
+                    "principle": principle.id,
+                    "critique_request": principle.critique_request,
+                    "critique": critique_of[prompt.id],
+                    "revision_request": principle.revision_request,
+                    "revision": revision,
+                    "changed": revision != chain["final"],
+                })
+                chain["final"] = revision
+            live = [item for item, _ in revised]
+
+        records = [chains[prompt.id] for prompt, _ in live]
+        return records, self.tokens - before, len(prompts) - len(records)
+
+    def _fitting(self, items: list, results: list, step: str) -> list[tuple[tuple, str]]:
+        """``(item, text)`` for each result that fit the context; a warning for each that did not."""
+        kept = []
+        for item, result in zip(items, results):
+            if isinstance(result, Overflow):
+                ui.warn(f"prompt {item[0].id} skipped at {step}: {result}; raise "
+                        "models.policy.max_context or lower generate_sl.sampling.max_new_tokens")
+            else:
+                kept.append((item, result.text))
+        return kept
