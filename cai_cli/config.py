@@ -274,3 +274,25 @@ def _apply_override(data: dict, override: str) -> None:
             node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def field_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, description)`` for every field, sections first-to-last; the README's
+    config reference is checked against this list."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = next((t for t in _unwrap(info.annotation)
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        doc = " ".join((info.description or "").split())
+        if nested is not None:
+            rows.append((key, "", doc))
+            rows += field_reference(nested, key + ".")
+        else:
+            default = "required" if info.is_required() else json_default(info.default)
+            rows.append((key, default, doc))
+    return rows
+
+
+def json_default(value: Any) -> str:
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -180,7 +180,7 @@ class HFBackend:
             temperature=params.temperature if sampling else None,
             top_p=params.top_p if sampling else None,
             top_k=params.top_k if sampling else None,
-            eos_token_id=self.stop_token_ids,
+            eos_token_id=self.stop_token_ids or None,
             pad_token_id=self.pad_token_id,
         )
         if params.stop:

@@ -1,0 +1,210 @@
+"""``cai generate-sl`` end to end on the tiny model: records, resume after SIGKILL, reruns,
+overflowing prompts, prompt formats and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_cli.config import load_config
+from cai_cli.constitution import load_constitution
+from cai_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
+CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
+
+
+def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **sections) -> Path:
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "constitution": str(CONSTITUTION),
+        "data": {"red_team": {"path": str(PROMPTS), "limit": 6}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
+        "generate_sl": {"num_revisions": 2, "few_shot": 1, "batch_size": 3,
+                        "sampling": {"max_new_tokens": 12, "temperature": 0.8}},
+    }
+    for key, value in sections.items():
+        node = config
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cai(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def run_stage(path: Path, *overrides: str, force: bool = False):
+    from cai_cli.stages import generate_sl
+
+    return generate_sl.run(load_config(path, list(overrides)), force=force)
+
+
+def test_records_follow_the_contract(tmp_path, tiny_model_dir):
+    config_path = write_config(tmp_path, tiny_model_dir)
+    run_stage(config_path)
+    sl = tmp_path / "run" / "sl"
+    chains = [json.loads(line) for line in (sl / "chains.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (sl / "sft.jsonl").read_text().splitlines()]
+    constitution = load_constitution(CONSTITUTION)
+    by_id = {p.id: p for p in constitution.principles}
+
+    assert len(chains) == 6 and len(sft) == 6
+    prompts = {json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()}
+    for chain, example in zip(chains, sft):
+        assert {"id", "prompt", "initial", "rounds", "final"} <= set(chain)
+        assert chain["prompt"] in prompts
+        assert len(chain["rounds"]) == 2
+        # a fresh principle each round
+        assert chain["rounds"][0]["principle"] != chain["rounds"][1]["principle"]
+        for round_ in chain["rounds"]:
+            principle = by_id[round_["principle"]]
+            assert round_["critique_request"] == principle.critique_request
+            assert round_["revision_request"] == principle.revision_request
+            assert isinstance(round_["critique"], str) and isinstance(round_["revision"], str)
+        assert chain["final"] == chain["rounds"][-1]["revision"]
+        assert example == {"id": chain["id"], "messages": [
+            {"role": "user", "content": chain["prompt"]},
+            {"role": "assistant", "content": chain["final"]}]}
+
+    manifest = json.loads((sl / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["chains"] == 6 and manifest["counts"]["rounds"] == 12
+    assert manifest["counts"]["generated_tokens"] > 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["generate_sl"]["num_revisions"] == 2
+    assert not list(sl.glob("*.partial")) and not list(sl.glob(".*progress*"))
+
+
+def test_rerun_is_a_noop_and_a_foreign_config_is_refused(tmp_path, tiny_model_dir):
+    config_path = write_config(tmp_path, tiny_model_dir)
+    run_stage(config_path)
+    chains = tmp_path / "run" / "sl" / "chains.jsonl"
+    before, mtime = chains.read_bytes(), chains.stat().st_mtime_ns
+
+    run_stage(config_path)  # same config: nothing to do
+    assert chains.stat().st_mtime_ns == mtime
+
+    with pytest.raises(UserError, match=r"different config \(changed: generate_sl.num_revisions\).*--force"):
+        run_stage(config_path, "generate_sl.num_revisions=1")
+    assert chains.read_bytes() == before
+
+    run_stage(config_path, "generate_sl.num_revisions=1", force=True)
+    assert all(len(json.loads(line)["rounds"]) == 1 for line in chains.read_text().splitlines())
+
+
+def test_principle_draws_do_not_depend_on_batching(tmp_path, tiny_model_dir):
+    small = write_config(tmp_path, tiny_model_dir, "a.yaml", run_dir=str(tmp_path / "a"))
+    large = write_config(tmp_path, tiny_model_dir, "b.yaml", run_dir=str(tmp_path / "b"),
+                         generate_sl__batch_size=6)
+    run_stage(small)
+    run_stage(large)
+
+    def principles(run: str) -> dict:
+        lines = (tmp_path / run / "sl" / "chains.jsonl").read_text().splitlines()
+        return {c["id"]: [r["principle"] for r in c["rounds"]] for c in map(json.loads, lines)}
+
+    assert principles("a") == principles("b")
+
+
+def test_transcript_format_for_base_models(tmp_path, tiny_model_dir):
+    config_path = write_config(tmp_path, tiny_model_dir, generate_sl__prompt_format="transcript")
+    run_stage(config_path)
+    chains = [json.loads(line) for line in (tmp_path / "run" / "sl" / "chains.jsonl").read_text().splitlines()]
+    assert len(chains) == 6 and all(c["format"] == "transcript" for c in chains)
+    # stop strings cut the model's text before it starts the next labelled turn
+    for chain in chains:
+        for round_ in chain["rounds"]:
+            assert "\n\nRevisionRequest:" not in round_["critique"]
+
+
+def test_conversation_too_long_is_skipped_with_a_warning(tmp_path, tiny_model_dir, capsys):
+    # The critique prompt (worked example + answer + request) is far longer than the first
+    # question, so with this limit every chain fits its answer but not its first critique.
+    config_path = write_config(tmp_path, tiny_model_dir, models__policy__max_context=120,
+                               generate_sl__few_shot=2)
+    run_stage(config_path)
+    manifest = json.loads((tmp_path / "run" / "sl" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["skipped"] == 6 and manifest["counts"]["chains"] == 0
+    err = capsys.readouterr().err
+    assert "skipped at critique round 1" in err and "exceed the context of 120" in err
+
+
+def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):
+    settings = dict(data__red_team__limit=12, generate_sl__batch_size=2)
+    reference = write_config(tmp_path, tiny_model_dir, "ref.yaml", run_dir=str(tmp_path / "ref"), **settings)
+    interrupted = write_config(tmp_path, tiny_model_dir, "int.yaml", run_dir=str(tmp_path / "int"), **settings)
+    assert cai("generate-sl", "--config", reference).returncode == 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "cai_cli", "generate-sl", "--config", str(interrupted)],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "int" / "sl" / ".chains.jsonl.progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text() or "{}").get("batches", 0) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = tmp_path / "int" / "sl" / "chains.jsonl.partial"
+    assert partial.is_file() and not (tmp_path / "int" / "sl" / "chains.jsonl").exists()
+    done_before = len(partial.read_text().splitlines())
+    assert 4 <= done_before < 12
+    # a torn line, as a writer killed mid-write leaves it, is dropped on resume
+    with partial.open("a") as handle:
+        handle.write('{"id": "torn", "prom')
+
+    result = cai("generate-sl", "--config", interrupted)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    for name in ("chains.jsonl", "sft.jsonl"):
+        assert (tmp_path / "int" / "sl" / name).read_bytes() == (tmp_path / "ref" / "sl" / name).read_bytes()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data__red_team__path": "missing.jsonl"}, "data.red_team.path: file not found"),
+    ({"models__policy__name_or_path": "no/such/dir/model"}, "models.policy.name_or_path: model directory not found"),
+    ({"constitution": "nope.yaml"}, "nope.yaml: constitution file not found"),
+])
+def test_bad_input_exits_2_and_keeps_existing_output(tmp_path, tiny_model_dir, change, message):
+    config_path = write_config(tmp_path, tiny_model_dir)
+    run_stage(config_path)
+    chains = tmp_path / "run" / "sl" / "chains.jsonl"
+    before = chains.read_bytes()
+    bad = write_config(tmp_path, tiny_model_dir, "bad.yaml", **change)
+    result = cai("generate-sl", "--config", bad)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert chains.read_bytes() == before
+
+
+def test_empty_prompt_set_and_malformed_line(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": ""}\n')
+    result = cai("generate-sl", "--config", write_config(tmp_path, tiny_model_dir, "e.yaml",
+                                                          data__red_team__path=str(empty)))
+    assert result.returncode == 2 and "no prompts" in result.stderr
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    result = cai("generate-sl", "--config", write_config(tmp_path, tiny_model_dir, "m.yaml",
+                                                          data__red_team__path=str(broken)))
+    assert result.returncode == 2 and f"{broken}:2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
