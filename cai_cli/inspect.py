@@ -125,7 +125,8 @@ def record_kind(path: Path, records: list[dict]) -> str:
     for number, record in enumerate(records, start=1):
         missing = [key for key in keys if key not in record]
         steps = record.get(steps_key)
-        if not missing and not (isinstance(steps, list) and all(isinstance(s, dict) for s in steps)):
+        if not missing and not (isinstance(steps, list)
+                                and all(isinstance(step, dict) for step in steps)):
             missing = [f"{steps_key} as a list of objects"]
         for step in [] if missing else steps:
             missing += [f"{steps_key}[].{key}" for key in step_keys if key not in step]
@@ -142,8 +143,9 @@ def record_kind(path: Path, records: list[dict]) -> str:
 def as_text(value) -> str:
     """A chain's prompt is a string; a pair's prompt and answers are lists of messages."""
     if isinstance(value, list):
-        return "\n\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m)
-                           for m in value)
+        return "\n\n".join(as_text(message) for message in value)
+    if isinstance(value, dict):
+        return as_text(value.get("content", ""))
     return "" if value is None else str(value)
 
 
@@ -201,7 +203,8 @@ def disagreeing_principles(record: dict) -> list[str] | None:
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     for j in record["judgments"]:
         scores[str(j["principle"]), str(j["order"]).upper()].append(float(j["p_first"]))
-    both = [p for p in dict.fromkeys(p for p, _ in scores) if (p, "AB") in scores and (p, "BA") in scores]
+    principles = dict.fromkeys(principle for principle, _ in scores)
+    both = [p for p in principles if (p, "AB") in scores and (p, "BA") in scores]
     if not both:
         return None
     return [p for p in both
@@ -230,11 +233,12 @@ def share(count: int, total: int) -> str:
 def show_summary(console: Console, artifact: Artifact, principle: str | None, grep: str | None,
                  limit: int) -> None:
     noun = artifact.kind or "records"
-    console.print(Text.assemble((str(artifact.path), "bold"), f" — {len(artifact.records)} {noun}"))
+    # soft_wrap: a long path is left for the terminal to wrap, never broken by rich.
+    title = Text.assemble((str(artifact.path), "bold"), f" — {len(artifact.records)} {noun}")
+    console.print(title, soft_wrap=True)
     if artifact.unfinished:
-        console.print(Text(f"unfinished: the stage was interrupted, these are the {noun} written "
-                           f"so far; rerun `{MAKER.get(artifact.kind, 'the stage')}` to finish",
-                           style="yellow"))
+        console.print(Text(f"unfinished: the stage was interrupted; rerun "
+                           f"`{MAKER.get(artifact.kind, 'the stage')}` to finish", style="yellow"))
     if not artifact.records:
         console.print("no records yet")
         return
@@ -269,7 +273,7 @@ def stats_table() -> Table:
 
 
 def principle_table(counts: Counter, what: str) -> Table:
-    table = Table(box=box.SIMPLE, padding=(0, 2))
+    table = Table(box=box.SIMPLE, show_edge=False, padding=(0, 2))
     table.add_column("principle")
     table.add_column(what, justify="right")
     table.add_column("share", justify="right")
@@ -284,7 +288,8 @@ def chain_summary(console: Console, records: list[dict]) -> None:
     rounds = sum(len(r["rounds"]) for r in records)
     changed = 0
     for record in records:
-        previous = record["initial"]  # round 0 revises the initial answer, later rounds the last revision
+        # Round 0 revises the initial answer, each later round the revision before it.
+        previous = record["initial"]
         for step in record["rounds"]:
             changed += not same_text(step["revision"], previous)
             previous = step["revision"]
@@ -297,10 +302,10 @@ def chain_summary(console: Console, records: list[dict]) -> None:
         *(mean(words(r[key]) for r in records) for key in ("prompt", "initial", "final"))))
     table.add_row("revisions that changed the text", share(changed, rounds))
     table.add_row("finals that differ from initial", share(final_changed, len(records)))
-    console.print(table)
+    console.print(table, "")
     counts = Counter(str(step["principle"]) for r in records for step in r["rounds"])
     if counts:
-        console.print(principle_table(counts, "rounds"))
+        console.print(principle_table(counts, "rounds"), "")
 
 
 def pair_summary(console: Console, records: list[dict]) -> None:
@@ -311,35 +316,38 @@ def pair_summary(console: Console, records: list[dict]) -> None:
     table = stats_table()
     table.add_row("pairs", str(len(records)))
     table.add_row("judgments", f"{judgments} ({judgments / len(records):.1f} per pair)")
-    table.add_row("mean confidence |p_chosen - 0.5|",
+    table.add_row("mean confidence |p_chosen-0.5|",
                   f"{mean(abs(float(r['p_chosen']) - 0.5) for r in records):.2f}")
-    table.add_row("order disagreement",
-                  f"{share(sum(both_orders), len(both_orders))} of pairs judged in both orders"
+    # Only pairs judged in both orders can show position bias, so they are the denominator.
+    table.add_row("orders disagree", f"{sum(both_orders)} of {len(both_orders)} pairs judged in "
+                  f"both orders ({sum(both_orders) / len(both_orders):.0%})"
                   if both_orders else "n/a (no pair was judged in both orders)")
-    console.print(table)
+    console.print(table, "")
     counts = Counter(str(j["principle"]) for r in records for j in r["judgments"])
     if counts:
-        console.print(principle_table(counts, "judgments"))
+        console.print(principle_table(counts, "judgments"), "")
 
 
 def record_list(console: Console, kind: str, records: list[dict], limit: int) -> None:
     if limit == 0:
         return
-    # The prompt column is the only one that gives way: one line each, the rest elided (the full
-    # text is one --index away). Everything else keeps its width so ids are never cut.
-    table = Table(box=box.SIMPLE, padding=(0, 1))
+    # Only the prompt (and a long principle list) give way when the line is full: rich narrows
+    # wrappable columns first, and the prompt cell itself is one line with the rest elided (the
+    # full text is one --index away). So ids and numbers are never cut.
+    table = Table(box=box.SIMPLE, show_edge=False, padding=(0, 1))
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("id", no_wrap=True)
     if kind == PAIRS:
         table.add_column("p_chosen", justify="right", no_wrap=True)
     table.add_column("principles", max_width=30)
-    table.add_column("prompt", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("prompt")
     for position, record in enumerate(records[:limit]):
         prompt = " ".join(as_text(record["prompt"]).split())
         row = [str(position), Text(str(record["id"]))]
         if kind == PAIRS:
             row.append(f"{float(record['p_chosen']):.2f}")
-        row += [Text(", ".join(principles_of(record, kind))), Text(prompt)]
+        row += [Text(", ".join(principles_of(record, kind))),
+                Text(prompt, no_wrap=True, overflow="ellipsis")]
         table.add_row(*row)
     console.print(table)
     more = f"showing {limit} of {len(records)}; --limit N shows more. " \
@@ -362,13 +370,15 @@ def show_records(console: Console, artifacts: list[Artifact], record_id: str | N
             print_no_match(console, artifact, principle, filters)
             continue
         if record_id is not None:
-            matches = [r for r in records if str(r["id"]) == record_id]
+            matches = [(i, r) for i, r in enumerate(records) if str(r["id"]) == record_id]
         else:
-            matches = records[index:index + 1] if index >= 0 else []
-        for record in matches:
+            matches = [(index, records[index])] if 0 <= index < len(records) else []
+        for position, record in matches:
             if shown:
                 console.print()
-            where = f"{artifact.path}, #{records.index(record)} of {len(records)}"
+            where = f"{artifact.path}, #{position} of {len(records)}"
+            if filters:
+                where += f" matching {filters}"
             if artifact.unfinished:
                 where += ", unfinished"
             (show_chain if artifact.kind == CHAINS else show_pair)(console, record, where)
@@ -392,14 +402,20 @@ def show_records(console: Console, artifacts: list[Artifact], record_id: str | N
                     "(the # column of the summary list)")
 
 
+def heading(console: Console, title: str, where: str) -> None:
+    console.rule(Text(title, style="bold"), align="left")
+    console.print(Text(where, style="dim"), soft_wrap=True)  # a rule would cut a long path
+    console.print()
+
+
 def block(console: Console, label: str, value) -> None:
     """A labelled text, indented under its label. Text objects, so [brackets] stay literal."""
     console.print(Text(label, style="bold"))
-    console.print(Padding(Text(as_text(value).strip() or "(empty)"), (0, 0, 1, 2)))
+    console.print(Padding(Text(as_text(value).strip() or "(empty)"), (0, 0, 1, 2), expand=False))
 
 
 def show_chain(console: Console, record: dict, where: str) -> None:
-    console.rule(Text(f"chain {record['id']}  ({where})"), align="left")
+    heading(console, f"chain {record['id']}", where)
     block(console, "User prompt", record["prompt"])
     block(console, "Initial answer", record["initial"])
     previous = record["initial"]
@@ -425,51 +441,72 @@ def show_chain(console: Console, record: dict, where: str) -> None:
     plain = console.color_system is None
     diff, removed, added = word_diff(as_text(record["initial"]), as_text(record["final"]), plain)
     legend = "[-removed-] {+added+}" if plain else "red struck out = removed, green = added"
-    block(console, f"Initial → final: {removed} words removed, {added} added ({legend})", "")
-    console.print(Padding(diff, (0, 0, 0, 2)))
+    console.print(Text(f"Initial → final: {removed} words removed, {added} added ({legend})",
+                       style="bold"))
+    console.print(Padding(diff, (0, 0, 0, 2), expand=False))
 
 
 def word_diff(old: str, new: str, plain: bool) -> tuple[Text, int, int]:
     """Word-level diff of two texts, as styled text or with [-...-]{+...+} markers."""
     a, b = old.split(), new.split()
-    out, removed, added = Text(), 0, 0
-    # autojunk off: with it, common words in texts over 200 words are ignored and the diff jumps.
+    # Segments [old words, new words, equal?], alternating equal and edited. autojunk off: with
+    # it, frequent words in texts over 200 words are ignored and the diff jumps about.
+    segments: list[list] = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if op == "equal":
-            out.append(" ".join(a[i1:i2]) + " ")
+        gone, came, equal = a[i1:i2], b[j1:j2], op == "equal"
+        # A rewrite shares stray words ("a", "the") with the old text, and a diff that keeps them
+        # reads as confetti: fold an equal run shorter than the edits on both sides into them.
+        if not equal and len(segments) >= 2 and segments[-1][2]:
+            kept, before = segments[-1][0], segments[-2]
+            if len(kept) < min(max(len(gone), len(came)), max(len(before[0]), len(before[1]))):
+                segments.pop()
+                before[0] += kept
+                before[1] += kept
+        if not equal and segments and not segments[-1][2]:
+            segments[-1][0] += gone
+            segments[-1][1] += came
+        else:
+            segments.append([gone, came, equal])
+
+    out, removed, added = Text(), 0, 0
+    for gone, came, equal in segments:
+        if equal:
+            out.append(" ".join(gone) + " ")
             continue
-        if i2 > i1:
-            gone = " ".join(a[i1:i2])
-            out.append(f"[-{gone}-]" if plain else gone, style="" if plain else "red strike")
+        if gone:
+            text = " ".join(gone)
+            out.append(f"[-{text}-]" if plain else text, style="" if plain else "red strike")
             out.append(" ")
-            removed += i2 - i1
-        if j2 > j1:
-            new_words = " ".join(b[j1:j2])
-            out.append(f"{{+{new_words}+}}" if plain else new_words, style="" if plain else "green")
+            removed += len(gone)
+        if came:
+            text = " ".join(came)
+            out.append(f"{{+{text}+}}" if plain else text, style="" if plain else "green")
             out.append(" ")
-            added += j2 - j1
+            added += len(came)
     out.rstrip()
     return out, removed, added
 
 
 def show_pair(console: Console, record: dict, where: str) -> None:
-    console.rule(Text(f"pair {record['id']}  ({where})"), align="left")
+    heading(console, f"pair {record['id']}", where)
     prompt = record["prompt"]
-    for message in prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]:
-        role = message.get("role", "user") if isinstance(message, dict) else "user"
-        block(console, f"{str(role).capitalize()} prompt" if role == "user" else str(role).capitalize(),
-              message.get("content", "") if isinstance(message, dict) else message)
+    # Usually one user turn; a multi-turn prompt shows its earlier assistant turns too.
+    for message in prompt if isinstance(prompt, list) else [prompt]:
+        role = str(message.get("role", "user")) if isinstance(message, dict) else "user"
+        block(console, role.capitalize(), message)
 
     p_chosen = float(record["p_chosen"])
-    answers = Table(box=box.SIMPLE, expand=True, padding=(0, 1))
+    answers = Table(box=box.SIMPLE, show_edge=False, expand=True, padding=(0, 1))
     answers.add_column(f"chosen (p={p_chosen:.2f})", ratio=1)
     answers.add_column(f"rejected (p={1 - p_chosen:.2f})", ratio=1)
-    answers.add_row(Text(as_text(record["chosen"]).strip()), Text(as_text(record["rejected"]).strip()))
-    console.print(answers)
+    answers.add_row(Text(as_text(record["chosen"]).strip()),
+                    Text(as_text(record["rejected"]).strip()))
+    console.print(answers, "")
 
     judgments = record["judgments"]
     with_reasoning = any(j.get("reasoning") for j in judgments)
-    table = Table(box=box.SIMPLE, padding=(0, 1), title="judgments", title_justify="left")
+    table = Table(box=box.SIMPLE, show_edge=False, padding=(0, 1), title="Judgments",
+                  title_justify="left", title_style="bold")
     table.add_column("principle")
     table.add_column("order", no_wrap=True)
     table.add_column("p_first", justify="right", no_wrap=True)
@@ -480,8 +517,8 @@ def show_pair(console: Console, record: dict, where: str) -> None:
         if with_reasoning:
             row.append(Text(as_text(j.get("reasoning", "")).strip()))
         table.add_row(*row)
-    console.print(table)
-    console.print("p_first is the probability of the answer shown first (order AB: A first).")
+    console.print(table, "")
+    console.print("p_first: the probability the judge gave the answer shown first")
     flipped = disagreeing_principles(record)
     if flipped:
         console.print(f"orders disagree (position bias) for: {', '.join(flipped)}")
