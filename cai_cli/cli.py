@@ -53,6 +53,22 @@ def generate_sl(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: b
     stage.run(_load(config, set_), force=force)
 
 
+@app.command("finetune")
+def finetune(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
+    """Supervised fine-tuning on the SL-CAI revisions (TRL SFTTrainer, full or LoRA)."""
+    from cai_cli.stages import finetune as stage
+
+    stage.run(_load(config, set_), force=force)
+
+
+@app.command("label-prefs")
+def label_prefs(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
+    """RLAIF labels: sample answer pairs, score them with the feedback model's option probabilities."""
+    from cai_cli.stages import label_prefs as stage
+
+    stage.run(_load(config, set_), force=force)
+
+
 @app.command("inspect")
 def inspect(
     path: Path = typer.Argument(..., help="A run directory, or a chains.jsonl / pairs.jsonl file."),

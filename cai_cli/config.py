@@ -124,6 +124,102 @@ class GenerateSLConfig(Section):
     """Sampling for answers, critiques and revisions."""
 
 
+class TrainingConfig(Section):
+    """The training settings we type and check; anything else goes through ``trl_args``."""
+
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when ``max_steps`` is set)."""
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Stop after this many optimiser steps; overrides ``epochs``."""
+    learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per device per forward pass."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Forward passes per optimiser step."""
+    max_length: int = Field(1024, ge=16)
+    """Longest tokenised example; longer ones are truncated by the trainer."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision. ``auto``: bf16 on a GPU that supports it, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    logging_steps: int = Field(10, ge=1)
+    """Log loss every this many steps."""
+    save_steps: int = Field(100, ge=1)
+    """Write a resumable checkpoint every this many steps."""
+    report_to: list[str] = ["none"]
+    """Experiment trackers, e.g. ``[wandb]`` or ``[tensorboard]``; ``[none]`` for none."""
+    trl_args: dict[str, Any] = {}
+    """More arguments passed as is to TRL's trainer config (e.g. ``warmup_ratio``,
+    ``lr_scheduler_type``, ``weight_decay``); names are checked against TRL's fields."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters through peft instead of all weights."""
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scaling (lora_alpha)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear``."""
+    merge: bool = True
+    """Save merged full weights (loads like any model); false saves the adapter alone."""
+
+
+class FinetuneConfig(Section):
+    model: Optional[str] = None
+    """Model to fine-tune; default: ``models.policy.name_or_path``."""
+    helpful_ratio: float = Field(0.0, ge=0.0)
+    """Helpful examples from ``data.helpful`` per SL-CAI example (e.g. 1.0 mixes them 1:1),
+    so the model does not learn to refuse everything. Needs ``data.helpful`` when above 0."""
+    assistant_only_loss: bool = True
+    """Compute the loss on assistant tokens only (needs a chat template that marks them)."""
+    training: TrainingConfig = TrainingConfig()
+    """Optimisation settings."""
+    lora: LoraConfig = LoraConfig()
+    """Parameter-efficient fine-tuning."""
+
+
+class LabelPrefsConfig(Section):
+    policy: Optional[str] = None
+    """Model that samples the answers to compare; default: ``<run_dir>/sft`` (made by
+    ``cai finetune``)."""
+    held_out: bool = False
+    """Use red-team prompts that SL-CAI did not see (those after ``data.red_team.limit`` in the
+    seeded order) instead of the same prompts."""
+    limit: Optional[int] = Field(None, ge=1)
+    """Label at most this many prompts."""
+    responses_per_prompt: int = Field(2, ge=2)
+    """Answers sampled per prompt (at least 2); pairs are formed from them."""
+    pairs_per_prompt: Optional[int] = Field(None, ge=1)
+    """Pairs per prompt; default: every pair of its answers."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+    """Sampling for the policy's answers."""
+    principles_per_pair: int = Field(4, ge=1)
+    """Comparison principles drawn per pair (the ensemble); each is scored in both orders."""
+    few_shot: int = Field(0, ge=0)
+    """Labelled comparison examples from the constitution shown before each question."""
+    chain_of_thought: bool = False
+    """Let the feedback model reason ("Let's think step by step") before the probabilities
+    of the options are read; the probabilities are then clamped to ``cot_clamp``."""
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
+    """Range chain-of-thought probabilities are clamped to (CoT labels are over-confident)."""
+    cot_max_new_tokens: int = Field(128, ge=1)
+    """Longest reasoning the feedback model may write."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch."""
+
+    @model_validator(mode="after")
+    def _clamp_range(self) -> "LabelPrefsConfig":
+        low, high = self.cot_clamp
+        if not 0.0 <= low <= 0.5 <= high <= 1.0:
+            raise ValueError("cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------
 # Root
 
@@ -142,6 +238,10 @@ class Config(Section):
     """Models and the engines that run them."""
     generate_sl: GenerateSLConfig = GenerateSLConfig()
     """SL-CAI data generation: answer, critique, revise."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Supervised fine-tuning on the SL-CAI revisions (TRL's SFTTrainer)."""
+    label_prefs: LabelPrefsConfig = LabelPrefsConfig()
+    """AI-feedback preference labels from the feedback model's option probabilities."""
 
     @property
     def feedback_model(self) -> ModelConfig:
