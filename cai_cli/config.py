@@ -138,20 +138,24 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Forward passes per optimiser step."""
     max_length: int = Field(1024, ge=16)
-    """Longest tokenised example; longer ones are truncated by the trainer."""
+    """Longest tokenised example; longer ones are cut at the end (an example left with no
+    assistant tokens is dropped)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Training precision. ``auto``: bf16 on a GPU that supports it, else fp32."""
+    """Training precision (bf16 and fp16 are mixed precision). ``auto``: bf16 on a GPU that
+    supports it, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     logging_steps: int = Field(10, ge=1)
-    """Log loss every this many steps."""
+    """Report the loss (progress bar, trackers) every this many steps."""
     save_steps: int = Field(100, ge=1)
-    """Write a resumable checkpoint every this many steps."""
+    """Write a resumable checkpoint every this many steps (in a hidden ``.checkpoints``
+    directory, deleted when training completes); a rerun resumes from the last one."""
     report_to: list[str] = ["none"]
     """Experiment trackers, e.g. ``[wandb]`` or ``[tensorboard]``; ``[none]`` for none."""
     trl_args: dict[str, Any] = {}
     """More arguments passed as is to TRL's trainer config (e.g. ``warmup_ratio``,
-    ``lr_scheduler_type``, ``weight_decay``); names are checked against TRL's fields."""
+    ``lr_scheduler_type``, ``weight_decay``). Names are checked against TRL's fields; the
+    settings above (and the seed, output directory, precision) must be set by their own keys."""
 
 
 class LoraConfig(Section):
@@ -164,19 +168,26 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the adapter input."""
     target_modules: Union[list[str], Literal["all-linear"]] = "all-linear"
-    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear``."""
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` (every linear layer
+    but the output head). Checked against the model's modules before training starts."""
     merge: bool = True
-    """Save merged full weights (loads like any model); false saves the adapter alone."""
+    """Save merged full weights (loads like any model); false saves the adapter alone (with
+    the tokenizer), which loads through peft on top of the base model."""
 
 
 class FinetuneConfig(Section):
     model: Optional[str] = None
-    """Model to fine-tune; default: ``models.policy.name_or_path``."""
+    """Model to fine-tune (hub id or local directory); default: ``models.policy.name_or_path``.
+    Revision and trust_remote_code come from ``models.policy``."""
     helpful_ratio: float = Field(0.0, ge=0.0)
     """Helpful examples from ``data.helpful`` per SL-CAI example (e.g. 1.0 mixes them 1:1),
-    so the model does not learn to refuse everything. Needs ``data.helpful`` when above 0."""
+    drawn with ``seed``, so the model does not learn to refuse everything. Needs
+    ``data.helpful`` when above 0: its ``field`` holds a list of chat messages, a
+    Human:/Assistant: transcript, or a prompt whose answer is in a ``response`` or
+    ``completion`` column."""
     assistant_only_loss: bool = True
-    """Compute the loss on assistant tokens only (needs a chat template that marks them)."""
+    """Compute the loss on assistant tokens only (needs a chat template that marks them with
+    ``{% generation %}``, or one TRL knows how to mark); false trains on whole conversations."""
     training: TrainingConfig = TrainingConfig()
     """Optimisation settings."""
     lora: LoraConfig = LoraConfig()
@@ -202,6 +213,9 @@ class LabelPrefsConfig(Section):
     """Comparison principles drawn per pair (the ensemble); each is scored in both orders."""
     few_shot: int = Field(0, ge=0)
     """Labelled comparison examples from the constitution shown before each question."""
+    prompt_format: Literal["auto", "chat", "transcript"] = "auto"
+    """How the feedback model is asked: ``chat`` (its chat template), ``transcript`` (plain
+    Human:/Assistant: text for base models) or ``auto`` (chat when it has a template)."""
     chain_of_thought: bool = False
     """Let the feedback model reason ("Let's think step by step") before the probabilities
     of the options are read; the probabilities are then clamped to ``cot_clamp``."""

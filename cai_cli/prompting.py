@@ -13,6 +13,12 @@ revision) in a conversation of its own, after ``k`` worked examples::
     ... / RevisionRequest: ... / Revision: <model>
 
 so the context stays the same size however many rounds are run.
+
+AI feedback: a comparison is a multiple-choice question after the conversation, and the
+feedback model's answer turn is begun for it ("The answer is:"), so the next tokens are the
+option label whose probability is read. With chain of thought the turn is begun with "Let's
+think step by step:", the model writes its reasoning, and the label is read after "So the answer
+is:".
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 from cai_cli.backends.base import PromptInput
-from cai_cli.constitution import FewShotExample, Principle
+from cai_cli.constitution import ComparisonExample, FewShotExample, Principle
+from cai_cli.errors import UserError
 
 Format = Literal["chat", "transcript"]
 Turn = tuple[str, str]
@@ -39,15 +46,28 @@ TRANSCRIPT_STOPS = tuple(f"\n\n{label}:" for label in LABELS.values()) + ("\nHum
 
 
 def render(turns: Sequence[Turn], next_kind: str, fmt: Format,
-           system: str | None = None) -> PromptInput:
-    """The prompt for the model to write a turn of ``next_kind`` after ``turns``."""
+           system: str | None = None, begun: str | None = None) -> PromptInput:
+    """The prompt for the model to write a turn of ``next_kind`` after ``turns``; with ``begun``
+    that turn already starts with this text and the model continues it."""
     if fmt == "chat":
         messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": "user" if kind in USER_KINDS else "assistant", "content": text}
                      for kind, text in turns]
+        if begun is not None:
+            messages.append({"role": "assistant", "content": begun})
         return messages
     body = "".join(f"{LABELS[kind]}: {text}\n\n" for kind, text in turns)
-    return f"{body}{LABELS[next_kind]}:"
+    return f"{body}{LABELS[next_kind]}:" + (f" {begun}" if begun is not None else "")
+
+
+def resolve_format(fmt: str, backend, what: str) -> Format:
+    """``auto`` -> chat when the model has a chat template, else transcript."""
+    if fmt == "auto":
+        return "chat" if backend.has_chat_template else "transcript"
+    if fmt == "chat" and not backend.has_chat_template:
+        raise UserError(f"{what}: chat, but '{backend.config.name_or_path}' has no chat template; "
+                        "use transcript (or auto) for base models")
+    return fmt  # type: ignore[return-value]
 
 
 def example_turns(examples: Sequence[FewShotExample]) -> list[Turn]:
@@ -82,3 +102,47 @@ def revision_prompt(prompt: str, answer: str, principle: Principle, critique: st
     turns = critique_turns(prompt, answer, principle, examples)
     turns += [("critique", critique), ("revision_request", principle.revision_request)]
     return render(turns, "revision", fmt, system)
+
+
+# ---------------------------------------------------------------------------------------------
+# AI feedback
+
+OPTIONS = (" (A)", " (B)")  # read right after the answer prefix; the space is part of the label
+ANSWER_PREFIX = "The answer is:"
+COT_PREFIX = "Let's think step by step:"
+COT_ANSWER = "So the answer is:"
+
+
+def comparison_question(prompt: str, question: str, first: str, second: str) -> str:
+    return ("Consider the following conversation between a human and an assistant:\n\n"
+            f"Human: {prompt}\n\n{question}\nOptions:\n(A) {first}\n(B) {second}")
+
+
+def cot_answer(reasoning: str) -> str:
+    """The begun answer turn once the reasoning is written: the label comes next."""
+    return f"{COT_PREFIX} {reasoning.strip()}\n{COT_ANSWER}"
+
+
+def comparison_prompt(prompt: str, question: str, first: str, second: str,
+                      examples: Sequence[ComparisonExample], fmt: Format, *,
+                      chain_of_thought: bool = False, reasoning: str | None = None) -> PromptInput:
+    """The feedback model's multiple-choice question, its answer turn begun.
+
+    Without chain of thought the turn is begun with "The answer is:". With it, and no
+    ``reasoning`` yet, with "Let's think step by step:" for the model to reason; given the
+    reasoning, with that reasoning and "So the answer is:". Worked examples come first, as
+    earlier turns, each answered with its label (after its reasoning in chain-of-thought mode).
+    """
+    turns: list[Turn] = []
+    for ex in examples:
+        label = f"({ex.answer})"
+        answer = (f"{cot_answer(ex.reasoning)} {label}" if chain_of_thought and ex.reasoning
+                  else f"{ANSWER_PREFIX} {label}")
+        turns += [("human", comparison_question(ex.prompt, ex.question, ex.option_a, ex.option_b)),
+                  ("assistant", answer)]
+    turns.append(("human", comparison_question(prompt, question, first, second)))
+    if not chain_of_thought:
+        begun = ANSWER_PREFIX
+    else:
+        begun = COT_PREFIX if reasoning is None else cot_answer(reasoning)
+    return render(turns, "assistant", fmt, begun=begun)

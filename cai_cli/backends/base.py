@@ -2,6 +2,8 @@
 
 A prompt is either a chat conversation (a list of ``{"role", "content"}`` messages, rendered by
 the engine's chat template) or a plain string used as is (transcript format for base models).
+A conversation that ends with an assistant message is a turn the model has begun: it is
+continued from that text rather than answered with a new turn.
 """
 
 from __future__ import annotations
@@ -48,4 +50,10 @@ class Backend(Protocol):
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
         """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit."""
+        ...
+
+    def score_options(self, prompts: Sequence[PromptInput],
+                      options: Sequence[str]) -> list[list[float] | Overflow]:
+        """For each prompt, the log-probability of each option text as its continuation (the
+        sum over the option's tokens), without generating; ``Overflow`` where it does not fit."""
         ...

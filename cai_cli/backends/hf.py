@@ -136,15 +136,25 @@ class HFBackend:
         ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
         return sorted(ids)
 
-    def encode(self, prompt: PromptInput) -> list[int]:
-        """Token ids of a prompt: a conversation through the chat template, ready for the
-        assistant's turn, or a plain string as is."""
+    def render(self, prompt: PromptInput) -> tuple[str, bool]:
+        """The text of a prompt and whether the tokenizer should add its special tokens (a chat
+        template writes its own). A conversation ending in an assistant message is continued."""
         if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
+            return prompt, True
         if not self.has_chat_template:
             raise UserError(f"model '{self.config.name_or_path}' has no chat template; use "
-                            "generate_sl.prompt_format: transcript for base models")
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+                            "prompt_format: transcript for base models")
+        begun = prompt[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=not begun, continue_final_message=begun)
+        return text, False
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def encode(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a prompt, ready for the model's next token."""
+        return self.tokenize(*self.render(prompt))
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
         torch = self._torch
@@ -197,6 +207,97 @@ class HFBackend:
             completions.append(Completion(cut_at_stop(text, params.stop).strip(),
                                           len(new_tokens) + (end is not None)))
         return completions
+
+
+    def score_options(self, prompts: Sequence[PromptInput],
+                      options: Sequence[str]) -> list[list[float] | Overflow]:
+        """Log-probability of each option as the continuation of each prompt.
+
+        The option tokens come from tokenising the prompt text *with* the option appended and
+        taking what follows the common prefix, so a label like " (A)" is split the way the
+        model would see it (a space may merge into the label's first token, or the prompt's last
+        token into the label). When every option is one token right after the prompt, one
+        forward pass over the prompt reads them all; otherwise each prompt+option sequence is
+        scored and the option's token log-probabilities are summed.
+        """
+        results: list[list[float] | Overflow | None] = [None] * len(prompts)
+        single: list[tuple[int, list[int], list[int]]] = []  # (prompt, ids, one id per option)
+        multi: list[tuple[int, int, list[int], int]] = []  # (prompt, option, ids, option start)
+        for index, prompt in enumerate(prompts):
+            text, special = self.render(prompt)
+            prompt_ids = self.tokenize(text, special)
+            fulls = [self.tokenize(text + option, special) for option in options]
+            starts = [_common_prefix(prompt_ids, full) for full in fulls]
+            self._check_options(options, [full[start:] for full, start in zip(fulls, starts)])
+            longest = max(len(full) for full in fulls)
+            if longest > self.max_context:
+                results[index] = Overflow(len(prompt_ids), longest - len(prompt_ids), self.max_context)
+            elif all(start == len(prompt_ids) and len(full) == start + 1
+                     for full, start in zip(fulls, starts)):
+                single.append((index, prompt_ids, [full[-1] for full in fulls]))
+            else:
+                multi += [(index, k, full, start) for k, (full, start) in enumerate(zip(fulls, starts))]
+
+        for (index, _, option_ids), logprobs in zip(single, self._last_logprobs(
+                [ids for _, ids, _ in single], [1] * len(single))):
+            results[index] = [float(logprobs[-1, token]) for token in option_ids]
+        scores: dict[int, list[float]] = {}
+        # For the option tokens ids[start:] we need the distributions at positions start-1 .. -2.
+        keeps = [len(ids) - start + 1 for _, _, ids, start in multi]
+        for (index, k, ids, start), logprobs in zip(multi, self._last_logprobs(
+                [ids for _, _, ids, _ in multi], keeps)):
+            total = sum(float(logprobs[row, token]) for row, token in enumerate(ids[start:]))
+            scores.setdefault(index, [0.0] * len(options))[k] = total
+        for index, values in scores.items():
+            results[index] = values
+        return results  # type: ignore[return-value]
+
+    def _check_options(self, options: Sequence[str], tails: list[list[int]]) -> None:
+        """Each option must come out as its own, different tokens that decode back to it."""
+        decoded = [self.tokenizer.decode(tail).strip() for tail in tails]
+        if any(not tail for tail in tails) or len(set(map(tuple, tails))) < len(tails) or \
+                any(d != o.strip() for d, o in zip(decoded, options)):
+            raise UserError(
+                f"the tokenizer of '{self.config.name_or_path}' cannot represent the option labels "
+                f"{', '.join(map(repr, options))} (they tokenise to {tails}, which decode to "
+                f"{decoded}); use a feedback model whose tokenizer covers plain ASCII text")
+
+    def _last_logprobs(self, sequences: list[list[int]], keeps: list[int]) -> list:
+        """Log-softmax over the vocabulary at the last ``keeps[i]`` positions of each sequence,
+        in input order. Left padding with explicit position ids (so padding changes nothing)
+        lets the model compute logits for those last positions only, not the whole sequence."""
+        torch = self._torch
+        out: list = [None] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        size = self.config.batch_size
+        for begin in range(0, len(order), size):
+            batch = order[begin:begin + size]
+            width = max(len(sequences[i]) for i in batch)
+            keep = max(keeps[i] for i in batch)
+            input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
+                attention[row, width - len(sequences[i]):] = 1
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention.to(self.device),
+                                    position_ids=positions.to(self.device),
+                                    logits_to_keep=keep).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(batch):
+                out[i] = logprobs[row, keep - keeps[i]:]
+        return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

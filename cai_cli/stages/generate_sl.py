@@ -24,9 +24,8 @@ from cai_cli.backends.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution, FewShotExample, Principle, load_constitution
 from cai_cli.data import Prompt, load_prompts
-from cai_cli.errors import UserError
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
-                               revision_prompt)
+                               resolve_format, revision_prompt)
 from cai_cli.stages.common import StageSpec, begin, complete
 
 
@@ -100,12 +99,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not writer.finished:
         backend = load_backend(config.models.policy, "models.policy")
-        fmt = settings.prompt_format
-        if fmt == "auto":
-            fmt = "chat" if backend.has_chat_template else "transcript"
-        elif fmt == "chat" and not backend.has_chat_template:
-            raise UserError(f"generate_sl.prompt_format: chat, but '{config.models.policy.name_or_path}' "
-                            "has no chat template; use transcript (or auto) for base models")
+        fmt = resolve_format(settings.prompt_format, backend, "generate_sl.prompt_format")
         generator = ChainGenerator(config, constitution, backend, fmt)
         started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
         skipped = writer.extra.get("skipped", 0)
