@@ -8,6 +8,7 @@ validation errors are reported together, each with the closest valid name for a 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -360,11 +361,15 @@ def _apply_override(data: dict, override: str) -> None:
     model: type[BaseModel] | None = Config
     annotation: Any = None
     for depth, part in enumerate(parts):
+        if model is None and typing.get_origin(annotation) is dict:
+            annotation = Any  # a free mapping (e.g. trl_args): its keys are checked downstream
+            break
         if model is None:
             raise UserError(f"--set {key}: '{'.'.join(parts[:depth])}' has no sub-keys")
         if part not in model.model_fields:
             close = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close else ""
+            hint = (f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close
+                    else f"; valid keys: {', '.join(model.model_fields)}")
             raise UserError(f"--set {key}: unknown key '{part}'{hint}")
         annotation = model.model_fields[part].annotation
         model = next((t for t in _unwrap(annotation)
@@ -372,6 +377,8 @@ def _apply_override(data: dict, override: str) -> None:
     kinds = _unwrap(annotation)
     if raw in ("null", "~") and type(None) in kinds:
         value: Any = None
+    elif int in kinds and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        value = int(raw)  # YAML would read 010 as octal
     elif str in kinds and not (list in kinds or any(typing.get_origin(k) is list for k in kinds)
                                and raw.lstrip().startswith("[")):
         value = raw  # a string field keeps "007" or "true" as text
