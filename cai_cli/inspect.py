@@ -518,7 +518,8 @@ def show_pair(console: Console, record: dict, where: str) -> None:
             row.append(Text(as_text(j.get("reasoning", "")).strip()))
         table.add_row(*row)
     console.print(table, "")
-    console.print("p_first: the probability the judge gave the answer shown first")
+    console.print("order AB: the chosen answer was shown first as (A); BA: the rejected one was. "
+                  "p_first: the probability the judge gave the answer shown first")
     flipped = disagreeing_principles(record)
     if flipped:
         console.print(f"orders disagree (position bias) for: {', '.join(flipped)}")

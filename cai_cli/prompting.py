@@ -15,10 +15,10 @@ revision) in a conversation of its own, after ``k`` worked examples::
 so the context stays the same size however many rounds are run.
 
 AI feedback: a comparison is a multiple-choice question after the conversation, and the
-feedback model's answer turn is begun for it ("The answer is:"), so the next tokens are the
-option label whose probability is read. With chain of thought the turn is begun with "Let's
-think step by step:", the model writes its reasoning, and the label is read after "So the answer
-is:".
+feedback model's answer turn is begun for it ("The answer is: ("), so the next token is the
+option letter whose probability is read. With chain of thought the turn is begun with "Let's
+think step by step:", the model writes its reasoning, and the letter is read after "So the
+answer is: (".
 """
 
 from __future__ import annotations
@@ -107,10 +107,12 @@ def revision_prompt(prompt: str, answer: str, principle: Principle, critique: st
 # ---------------------------------------------------------------------------------------------
 # AI feedback
 
-OPTIONS = (" (A)", " (B)")  # read right after the answer prefix; the space is part of the label
-ANSWER_PREFIX = "The answer is:"
+# The answer turn is begun up to the opening parenthesis, so the option labels are the letters
+# alone: one token each in most vocabularies, read from one forward pass over the prompt.
+OPTIONS = ("A", "B")
+ANSWER_PREFIX = "The answer is: ("
 COT_PREFIX = "Let's think step by step:"
-COT_ANSWER = "So the answer is:"
+COT_ANSWER = "So the answer is: ("
 
 
 def comparison_question(prompt: str, question: str, first: str, second: str) -> str:
@@ -128,16 +130,15 @@ def comparison_prompt(prompt: str, question: str, first: str, second: str,
                       chain_of_thought: bool = False, reasoning: str | None = None) -> PromptInput:
     """The feedback model's multiple-choice question, its answer turn begun.
 
-    Without chain of thought the turn is begun with "The answer is:". With it, and no
+    Without chain of thought the turn is begun with "The answer is: (". With it, and no
     ``reasoning`` yet, with "Let's think step by step:" for the model to reason; given the
-    reasoning, with that reasoning and "So the answer is:". Worked examples come first, as
+    reasoning, with that reasoning and "So the answer is: (". Worked examples come first, as
     earlier turns, each answered with its label (after its reasoning in chain-of-thought mode).
     """
     turns: list[Turn] = []
     for ex in examples:
-        label = f"({ex.answer})"
-        answer = (f"{cot_answer(ex.reasoning)} {label}" if chain_of_thought and ex.reasoning
-                  else f"{ANSWER_PREFIX} {label}")
+        answer = (f"{cot_answer(ex.reasoning)}{ex.answer})" if chain_of_thought and ex.reasoning
+                  else f"{ANSWER_PREFIX}{ex.answer})")
         turns += [("human", comparison_question(ex.prompt, ex.question, ex.option_a, ex.option_b)),
                   ("assistant", answer)]
     turns.append(("human", comparison_question(prompt, question, first, second)))

@@ -272,8 +272,10 @@ class Judge:
             combos = sorted(random.Random(f"{self.config.seed}:{record['id']}").sample(combos, limit))
         return [(f"{record['id']}-{i}-{j}", answers[i], answers[j]) for i, j in combos]
 
-    def batch(self, records: list[dict], batch: int) -> list[dict]:
-        settings, cot = self.settings, self.settings.chain_of_thought
+    def plan(self, records: list[dict]) -> tuple[list[tuple], list[Comparison]]:
+        """The pairs of these sampled prompts, and every question to ask about them: each pair
+        under its drawn principles (seeded by the pair), in both orders."""
+        settings = self.settings
         pairs, jobs = [], []
         for record in records:
             for pair_id, a, b in self.pairs_of(record):
@@ -287,13 +289,20 @@ class Judge:
                                     second, principle.comparison, examples)
                          for principle in principles
                          for order, first, second in (("ab", a, b), ("ba", b, a))]
+        return pairs, jobs
 
+    def comparisons_of(self, records: list[dict]) -> list[Comparison]:
+        return self.plan(records)[1]
+
+    def batch(self, records: list[dict], batch: int) -> list[dict]:
+        settings, cot = self.settings, self.settings.chain_of_thought
+        pairs, jobs = self.plan(records)
         reasoning: list = [None] * len(jobs)
         if cot:
             params = SamplingParams(
                 max_new_tokens=settings.cot_max_new_tokens, temperature=0.0,
                 seed=generate_sl.call_seed(self.config.seed, batch, "reason"),
-                stop=(COT_ANSWER, "\nSo the answer") + TRANSCRIPT_STOPS)
+                stop=("So the answer is", "\nSo the answer") + TRANSCRIPT_STOPS)
             reasoning = [r.text if isinstance(r, Completion) else r for r in self.backend.generate(
                 [job.prompt_input(self.fmt, True) for job in jobs], params)]
         scores = self.backend.score_options(
