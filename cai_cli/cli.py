@@ -69,6 +69,52 @@ def label_prefs(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: b
     stage.run(_load(config, set_), force=force)
 
 
+@app.command("train-rm")
+def train_rm(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
+    """Train the reward model on the AI-labelled pairs (TRL RewardTrainer, soft labels)."""
+    from cai_cli.stages import train_rm as stage
+
+    stage.run(_load(config, set_), force=force)
+
+
+@app.command("optimize")
+def optimize(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
+    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model."""
+    from cai_cli.stages import optimize as stage
+
+    stage.run(_load(config, set_), force=force)
+
+
+@app.command("evaluate")
+def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
+    """Compare models head to head with the feedback model and the reward model."""
+    from cai_cli.stages import evaluate as stage
+
+    stage.run(_load(config, set_), force=force)
+
+
+@app.command("run")
+def run(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    first: Optional[str] = typer.Option(None, "--from", help="First stage to run (e.g. finetune)."),
+    last: Optional[str] = typer.Option(None, "--to", help="Last stage to run (e.g. label-prefs)."),
+    force: bool = typer.Option(False, "--force", help="Rerun the selected stages even if fresh."),
+):
+    """Run the stages in order, skipping those whose output is fresh for this config."""
+    from cai_cli.pipeline import run_pipeline
+
+    run_pipeline(_load(config, set_), first=first, last=last, force=force)
+
+
+@app.command("status")
+def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
+    """Table of stages: done / partial / stale / missing, counts, time taken, artifact path."""
+    from cai_cli.pipeline import print_status
+
+    print_status(_load(config, set_))
+
+
 @app.command("inspect")
 def inspect(
     path: Path = typer.Argument(..., help="A run directory, or a chains.jsonl / pairs.jsonl file."),

@@ -154,9 +154,10 @@ class TrainingConfig(Section):
     report_to: list[str] = ["none"]
     """Experiment trackers, e.g. ``[wandb]`` or ``[tensorboard]``; ``[none]`` for none."""
     trl_args: dict[str, Any] = {}
-    """More arguments passed as is to TRL's trainer config (e.g. ``warmup_ratio``,
-    ``lr_scheduler_type``, ``weight_decay``). Names are checked against TRL's fields; the
-    settings above (and the seed, output directory, precision) must be set by their own keys."""
+    """More arguments passed as is to TRL's trainer config (e.g. ``warmup_steps``, where a
+    value below 1 is a share of all steps, ``lr_scheduler_type``, ``weight_decay``). Names are
+    checked against TRL's fields; the settings above (and the seed, output directory,
+    precision) must be set by their own keys."""
 
 
 class LoraConfig(Section):
@@ -235,6 +236,75 @@ class LabelPrefsConfig(Section):
         return self
 
 
+class TrainRMConfig(Section):
+    model: Optional[str] = None
+    """Model under the reward head (hub id or local directory); default:
+    ``models.policy.name_or_path``, the base the policy started from."""
+    soft_labels: bool = True
+    """Train on each pair's ``p_chosen`` as the target (binary cross-entropy on the reward
+    difference); false: the usual hard loss, chosen always better."""
+    min_confidence: float = Field(0.0, ge=0.0, le=0.5)
+    """Drop pairs whose |p_chosen - 0.5| is below this (near-ties)."""
+    mix: Optional[PromptSource] = None
+    """Other preference data to mix in (e.g. helpfulness comparisons), any source the prompt
+    loader reads, in TRL's preference format (prompt/chosen/rejected, conversational or
+    plain, or chosen/rejected transcripts); its ``field`` is not used. Labels count as 1.0."""
+    mix_ratio: float = Field(1.0, gt=0.0)
+    """Mixed-in pairs per AI-labelled pair, at most (drawn with ``seed``)."""
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the AI-labelled pairs held out to measure accuracy and calibration."""
+    training: TrainingConfig = TrainingConfig(learning_rate=1e-5)
+    """Optimisation settings."""
+    lora: LoraConfig = LoraConfig()
+    """Parameter-efficient training (the reward head is always trained in full)."""
+
+
+class OptimizeConfig(Section):
+    method: Literal["dpo", "grpo", "rloo"] = "dpo"
+    """``dpo``: TRL's DPOTrainer straight from the pairs. ``grpo`` / ``rloo``: online RL with
+    TRL's GRPOTrainer / RLOOTrainer against the reward model in ``<run_dir>/rm``."""
+    model: Optional[str] = None
+    """Policy to optimise; default: ``<run_dir>/sft`` (made by ``cai finetune``)."""
+    beta: float = Field(0.1, ge=0.0)
+    """Strength of the KL penalty towards the reference model (the starting policy)."""
+    min_confidence: float = Field(0.0, ge=0.0, le=0.5)
+    """dpo: drop pairs whose |p_chosen - 0.5| is below this."""
+    soft_labels: bool = False
+    """dpo: use each pair's ``p_chosen`` as its label (conservative DPO with a per-pair label
+    smoothing of 1 - p_chosen); false: standard DPO."""
+    num_generations: int = Field(4, ge=2)
+    """grpo/rloo: completions sampled per prompt."""
+    max_completion_length: int = Field(64, ge=1)
+    """grpo/rloo: longest completion sampled."""
+    include_helpful: bool = False
+    """grpo/rloo: also train on the prompts of ``data.helpful``."""
+    training: TrainingConfig = TrainingConfig(learning_rate=5e-7)
+    """Optimisation settings."""
+    lora: LoraConfig = LoraConfig()
+    """Parameter-efficient training; under LoRA the reference is the model with adapters off."""
+
+
+class EvaluateConfig(Section):
+    models: list[str] = ["base", "sft", "policy"]
+    """Models to compare (two or more): ``base`` (``models.policy``), ``sft`` and ``policy``
+    (this run's checkpoints), or any hub id or local directory."""
+    held_out: bool = True
+    """Use red-team prompts SL-CAI and label-prefs did not see (after ``data.red_team.limit``
+    in the seeded order); false: the first prompts."""
+    limit: int = Field(32, ge=1)
+    """Red-team prompts to evaluate on."""
+    helpful_limit: int = Field(0, ge=0)
+    """Also evaluate on this many prompts of ``data.helpful``."""
+    principles_per_pair: int = Field(4, ge=1)
+    """Comparison principles per pair of answers, each judged in both orders."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0)
+    """Sampling for the evaluated answers (greedy by default)."""
+    reward_model: bool = True
+    """Also score every answer with the reward model in ``<run_dir>/rm`` when it exists."""
+    bootstrap: int = Field(1000, ge=100)
+    """Bootstrap resamples for the 95% intervals of the win rates."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Root
 
@@ -257,6 +327,12 @@ class Config(Section):
     """Supervised fine-tuning on the SL-CAI revisions (TRL's SFTTrainer)."""
     label_prefs: LabelPrefsConfig = LabelPrefsConfig()
     """AI-feedback preference labels from the feedback model's option probabilities."""
+    train_rm: TrainRMConfig = TrainRMConfig()
+    """Reward (preference) model on the AI labels (TRL's RewardTrainer)."""
+    optimize: OptimizeConfig = OptimizeConfig()
+    """Policy optimisation: DPO from the pairs, or GRPO / RLOO against the reward model."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Head-to-head comparison of models by the feedback model and the reward model."""
 
     @property
     def feedback_model(self) -> ModelConfig:

@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 console = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)  # for reports the user may pipe: status tables
 
 
 def info(message: str) -> None:

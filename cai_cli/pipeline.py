@@ -1,0 +1,125 @@
+"""``cai run`` and ``cai status``: the stages in order, which are fresh, which must run.
+
+A stage is fresh ("done") when its manifest says complete and was made from the settings and
+input fingerprints the current config gives (``StageSpec.state``). Inputs include the outputs of
+earlier stages, so a stage rerun with new output makes the stages after it stale in turn; before
+anything runs, every stage after one that will run is reported as stale too.
+
+No heavy imports: ``cai status`` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from cai_cli import ui
+from cai_cli.config import Config
+from cai_cli.errors import UserError
+from cai_cli.stages.common import StageSpec
+
+# Command name -> module in cai_cli.stages, in pipeline order.
+STAGES = {
+    "generate-sl": "generate_sl",
+    "finetune": "finetune",
+    "label-prefs": "label_prefs",
+}
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"cai_cli.stages.{STAGES[name]}")
+
+
+@dataclass
+class StageStatus:
+    name: str
+    spec: StageSpec
+    state: str  # missing / partial / done / stale
+    reason: str  # why it is not done, for the plan
+
+
+def statuses(config: Config) -> list[StageStatus]:
+    """Every stage's state; a stage after one that is not done is stale at best."""
+    out, upstream = [], None
+    for name in STAGES:
+        spec = stage_module(name).spec(config)
+        state = spec.state()
+        reason = ""
+        if state == "stale":
+            reason = "changed: " + ", ".join(spec.changes()[:4])
+        elif state == "partial":
+            reason = "interrupted: resumes where it stopped"
+        elif state == "missing":
+            reason = "not run yet"
+        if upstream is not None and state == "done":
+            state, reason = "stale", f"after {upstream}, which will run"
+        if state != "done" and upstream is None:
+            upstream = name
+        out.append(StageStatus(name, spec, state, reason))
+    return out
+
+
+def select(first: str | None, last: str | None) -> list[str]:
+    names = list(STAGES)
+    for value, flag in ((first, "--from"), (last, "--to")):
+        if value is not None and value not in STAGES:
+            raise UserError(f"{flag} {value}: unknown stage; stages in order: {', '.join(names)}")
+    start = names.index(first) if first else 0
+    stop = names.index(last) + 1 if last else len(names)
+    if start >= stop:
+        raise UserError(f"--from {first} comes after --to {last}; stages in order: {', '.join(names)}")
+    return names[start:stop]
+
+
+def run_pipeline(config: Config, *, first: str | None = None, last: str | None = None,
+                 force: bool = False) -> None:
+    """Run the selected stages in order, skipping those that are fresh (all, with ``force``)."""
+    selected = select(first, last)
+    plan = {s.name: s for s in statuses(config)}
+    for name in selected:
+        status = plan[name]
+        if force:
+            ui.info(f"{name:12} will run (--force)")
+        elif status.state == "done":
+            ui.info(f"{name:12} up to date, skipped")
+        else:
+            ui.info(f"{name:12} will run ({status.state}: {status.reason})")
+    ui.info("")
+
+    for name in selected:
+        module = stage_module(name)
+        spec = module.spec(config)  # recomputed: an earlier stage may just have rewritten inputs
+        state = spec.state()
+        if state == "done" and not force:
+            continue
+        ui.info(f"── {name} " + "─" * max(0, 60 - len(name)))
+        # A stale stage is the point of `cai run`: replace it. A partial one resumes.
+        module.run(config, force=force or state == "stale")
+
+
+def print_status(config: Config) -> None:
+    from rich import box
+    from rich.table import Table
+
+    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
+    table = Table(box=box.SIMPLE, title=f"{config.run_dir}", title_justify="left")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("time", no_wrap=True, justify="right")
+    table.add_column("artifact", no_wrap=True)
+    table.add_column("details", overflow="fold")
+    for status in statuses(config):
+        manifest = status.spec.manifest() or {}
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
+        seconds = (manifest.get("timings") or {}).get("seconds")
+        took = "" if seconds is None or status.state == "missing" else _duration(seconds)
+        details = "; ".join(part for part in (status.reason, counts) if part)
+        table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
+                      str(status.spec.directory), details)
+    ui.stdout.print(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

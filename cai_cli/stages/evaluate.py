@@ -1,0 +1,323 @@
+"""``cai evaluate``: what the pipeline did to the model, head to head.
+
+Each model in ``evaluate.models`` (by default the base, the SL-CAI model and the optimised
+policy) answers the same held-out red-team prompts (and helpful prompts when configured), greedy
+by default. Every pair of models is then compared on every prompt by the feedback model exactly
+as ``label-prefs`` labels pairs (principles drawn per pair, both orders, soft probabilities), and
+every answer is scored by the reward model when there is one.
+
+A model's win rate over another is the mean, over prompts, of the probability that the judge
+prefers its answer (identical answers count 0.5); its 95% interval comes from a bootstrap over
+prompts. ``eval/report.json`` holds the win rates, a per-principle breakdown, the mean reward
+per model and example prompt ids; ``eval/answers.jsonl`` every answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from pathlib import Path
+
+from cai_cli import ui
+from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, read_jsonl,
+                               write_json_atomic)
+from cai_cli.backends.base import Completion, SamplingParams
+from cai_cli.config import Config, ModelConfig
+from cai_cli.constitution import load_constitution
+from cai_cli.data import Prompt, load_prompts
+from cai_cli.errors import UserError
+from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.stages import generate_sl
+from cai_cli.stages.common import StageSpec, begin, complete
+
+# Names that stand for this run's checkpoints, and the command that makes each.
+RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
+
+
+def model_paths(config: Config) -> dict[str, str]:
+    """Name -> model path or hub id for every evaluated model, in the configured order."""
+    names = config.evaluate.models
+    if len(set(names)) < 2:
+        raise UserError("evaluate.models: give two or more different models to compare, e.g. "
+                        "[base, sft, policy]")
+    paths = {}
+    for name in names:
+        if name == "base":
+            paths[name] = config.models.policy.name_or_path
+        elif name in RUN_MODELS:
+            paths[name] = str(Path(config.run_dir) / name)
+        else:
+            paths[name] = name
+    return paths
+
+
+def spec(config: Config) -> StageSpec:
+    sl = generate_sl.spec(config)
+    paths = model_paths(config)
+    settings = {
+        "seed": config.seed,
+        "constitution": sl.settings["constitution"],
+        "data.red_team": sl.settings["data.red_team"],
+        "data.helpful": config.data.helpful.model_dump(mode="json") if config.data.helpful else None,
+        "label_prefs": config.label_prefs.model_dump(mode="json"),  # held-out prompts, judging
+        "models.policy": config.models.policy.model_dump(mode="json"),
+        "models.feedback": config.feedback_model.model_dump(mode="json"),
+        "evaluate": config.evaluate.model_dump(mode="json"),
+        "model_paths": paths,
+    }
+    inputs = {f"model:{name}": model_fingerprint(path) for name, path in paths.items()}
+    inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
+    inputs["constitution"] = sl.inputs["constitution"]
+    inputs["prompts"] = sl.inputs["prompts"]
+    if config.evaluate.reward_model:
+        inputs["reward_model"] = model_fingerprint(str(Path(config.run_dir) / "rm"))
+    return StageSpec("evaluate", Path(config.run_dir) / "eval", settings, inputs)
+
+
+def select_prompts(config: Config) -> list[Prompt]:
+    """Held out: the red-team prompts after those SL-CAI and label-prefs used."""
+    settings = config.evaluate
+    source = config.data.red_team
+    everything = load_prompts(source.model_copy(update={"limit": None}), config.seed)
+    skip = 0
+    if settings.held_out:
+        skip = source.limit or len(everything)
+        if config.label_prefs.held_out:
+            skip += config.label_prefs.limit or len(everything)
+    prompts = everything[skip:skip + settings.limit]
+    if not prompts:
+        raise UserError(f"evaluate.held_out: all {len(everything)} red-team prompts are used by "
+                        "earlier stages; lower data.red_team.limit (or label_prefs.limit), add "
+                        "prompts, or set evaluate.held_out: false")
+    if settings.helpful_limit:
+        if config.data.helpful is None:
+            raise UserError("evaluate.helpful_limit needs data.helpful")
+        helpful = config.data.helpful.model_copy(update={"limit": settings.helpful_limit})
+        prompts += load_prompts(helpful, config.seed, "data.helpful")
+    return prompts
+
+
+def check_inputs(config: Config) -> None:
+    from cai_cli.backends.hf import check_model_source
+
+    for name, path in model_paths(config).items():
+        if name in RUN_MODELS:
+            manifest = load_manifest(path)
+            if manifest is None or manifest.get("status") != "complete":
+                raise UserError(f"evaluate.models: {path} is missing or unfinished: run "
+                                f"`cai {RUN_MODELS[name]} --config ...` first, or leave '{name}' "
+                                "out of evaluate.models")
+        check_model_source(config.models.policy.model_copy(update={"name_or_path": path}),
+                           f"evaluate.models ({name})")
+
+
+def run(config: Config, *, force: bool = False) -> Path | None:
+    stage = spec(config)
+    paths = model_paths(config)
+    prompts = select_prompts(config)
+    constitution = load_constitution(generate_sl.constitution_paths(config))
+    check_inputs(config)
+    manifest = begin(stage, config, force=force)
+    if manifest is None:
+        return stage.directory / "report.json"
+    started = time.perf_counter()
+
+    # Answers: one checkpointed batch per model, so an interruption loses one model's work.
+    answers_file = ResumableJsonl(stage.directory / "answers.jsonl", stage.fingerprint)
+    done = answers_file.open()
+    if not answers_file.finished:
+        from cai_cli.backends import load_backend
+        from cai_cli.stages.label_prefs import release_memory
+
+        for index, (name, path) in enumerate(list(paths.items())[done:], start=done):
+            ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
+            backend = load_backend(config.models.policy.model_copy(update={"name_or_path": path}),
+                                   f"evaluate.models ({name})")
+            answers_file.append_batch(answer_all(config, backend, prompts, index))
+            del backend
+            release_memory()
+        answers_file.finish()
+    answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
+
+    comparisons = judge_all(config, constitution, prompts, list(paths), answers)
+    rewards = reward_scores(config, prompts, list(paths), answers) if config.evaluate.reward_model else None
+    report = build_report(config, prompts, paths, comparisons, rewards)
+    write_json_atomic(stage.directory / "report.json", report)
+
+    manifest.counts = {"models": len(paths), "prompts": len(prompts),
+                       "comparisons": sum(len(v) for v in comparisons.values())}
+    manifest.stats = {"win_rates": {f"{w['model']} > {w['over']}": w["win_rate"]
+                                    for w in report["win_rates"]}}
+    manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    complete(stage, manifest)
+    answers_file.cleanup()
+    print_report(report)
+    ui.info(f"evaluate: report in {stage.directory / 'report.json'}")
+    return stage.directory / "report.json"
+
+
+def answer_all(config: Config, backend, prompts: list[Prompt], index: int) -> list[dict]:
+    fmt = resolve_format(config.generate_sl.prompt_format, backend, "generate_sl.prompt_format")
+    sampling = config.evaluate.sampling
+    params = SamplingParams(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+        top_p=sampling.top_p, top_k=sampling.top_k,
+        seed=generate_sl.call_seed(config.seed, index, "evaluate"),
+        stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
+    results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
+                                for p in prompts], params)
+    name = config.evaluate.models[index]
+    # A prompt too long for this model gets an empty answer: it loses to any real one.
+    return [{"model": name, "id": p.id, "answer": r.text if isinstance(r, Completion) else ""}
+            for p, r in zip(prompts, results)]
+
+
+def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[str],
+              answers: dict) -> dict[tuple[str, str], list[dict]]:
+    """For each pair of models (a, b): per prompt, p(a's answer preferred) and per-principle
+    probabilities, judged as label-prefs judges."""
+    from cai_cli.backends import load_backend
+    from cai_cli.stages.label_prefs import Judge
+
+    # The judge takes its settings from label_prefs; evaluate sets how many principles.
+    judging = config.model_copy(update={"label_prefs": config.label_prefs.model_copy(update={
+        "principles_per_pair": config.evaluate.principles_per_pair, "pairs_per_prompt": None})})
+    judge = Judge(judging, constitution, load_backend(config.feedback_model, "models.feedback"))
+    out: dict[tuple[str, str], list[dict]] = {}
+    pairs = list(itertools.combinations(names, 2))
+    with ui.progress() as bar:
+        task = bar.add_task("judging", total=len(pairs) * len(prompts))
+        for a, b in pairs:
+            records = [{"id": p.id, "prompt": p.text,
+                        "responses": [answers[a, p.id], answers[b, p.id]]} for p in prompts]
+            judged = {r["prompt_id"]: r for r in judge.batch(records, 0)}
+            rows = []
+            for p in prompts:
+                record = judged.get(p.id)
+                if record is None:  # identical answers (or too long to judge): a tie
+                    rows.append({"id": p.id, "p": 0.5, "principles": {}})
+                    continue
+                a_chosen = record["chosen"][0]["content"] == answers[a, p.id]
+                p_a = record["p_chosen"] if a_chosen else 1.0 - record["p_chosen"]
+                rows.append({"id": p.id, "p": p_a,
+                             "principles": per_principle(record["judgments"], a_chosen)})
+            out[a, b] = rows
+            bar.update(task, advance=len(prompts))
+    return out
+
+
+def per_principle(judgments: list[dict], a_chosen: bool) -> dict[str, float]:
+    """p(a preferred) under each principle, averaged over its two orders."""
+    values: dict[str, list[float]] = {}
+    for j in judgments:
+        p_chosen = j["p_first"] if j["order"] == "AB" else 1.0 - j["p_first"]
+        values.setdefault(j["principle"], []).append(p_chosen if a_chosen else 1.0 - p_chosen)
+    return {name: statistics.fmean(v) for name, v in values.items()}
+
+
+def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
+                  answers: dict) -> dict[str, list[float]] | None:
+    """The reward model's score of every answer, per model; None without a reward model."""
+    rm = Path(config.run_dir) / "rm"
+    manifest = load_manifest(rm)
+    if manifest is None or manifest.get("status") != "complete":
+        ui.warn(f"no finished reward model in {rm}: answers are not scored "
+                "(run `cai train-rm`, or set evaluate.reward_model: false)")
+        return None
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_cli.backends.hf import resolve_device
+
+    device = resolve_device(config.models.policy.device)
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    model = AutoModelForSequenceClassification.from_pretrained(rm).to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    scores: dict[str, list[float]] = {}
+    size = config.models.policy.batch_size
+    for name in names:
+        texts = [tokenizer.apply_chat_template(
+            [{"role": "user", "content": p.text}, {"role": "assistant", "content": answers[name, p.id]}],
+            tokenize=False) for p in prompts]
+        values = []
+        for start in range(0, len(texts), size):
+            batch = tokenizer(texts[start:start + size], return_tensors="pt", padding=True,
+                              truncation=True, add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                values += model(**batch).logits[:, 0].float().tolist()
+        scores[name] = values
+    return scores
+
+
+def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling the values with replacement."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * (resamples - 1))], means[int(round(0.975 * (resamples - 1)))]
+
+
+def build_report(config: Config, prompts: list[Prompt], paths: dict[str, str],
+                 comparisons: dict, rewards: dict | None) -> dict:
+    win_rates, principles = [], {}
+    for (a, b), rows in comparisons.items():
+        p_a = [row["p"] for row in rows]
+        for model, over, values in ((a, b, p_a), (b, a, [1.0 - p for p in p_a])):
+            low, high = bootstrap_interval(values, config.evaluate.bootstrap, config.seed)
+            ranked = sorted(rows, key=lambda row: row["p"], reverse=model == a)
+            win_rates.append({
+                "model": model, "over": over, "win_rate": round(statistics.fmean(values), 4),
+                "ci95": [round(low, 4), round(high, 4)], "prompts": len(values),
+                "examples": {"most_preferred": [row["id"] for row in ranked[:3]],
+                             "least_preferred": [row["id"] for row in ranked[-3:]]},
+            })
+        by_principle: dict[str, list[float]] = {}
+        for row in rows:
+            for name, value in row["principles"].items():
+                by_principle.setdefault(name, []).append(value)
+        principles[f"{a} vs {b}"] = {name: {"win_rate_first": round(statistics.fmean(v), 4),
+                                            "judged": len(v)}
+                                     for name, v in sorted(by_principle.items())}
+    report = {
+        "models": paths,
+        "prompts": len(prompts),
+        "prompt_ids": [p.id for p in prompts],
+        "win_rates": win_rates,
+        "per_principle": principles,
+        "reward_model": None,
+    }
+    if rewards is not None:
+        report["reward_model"] = {
+            "path": str(Path(config.run_dir) / "rm"),
+            "mean_score": {name: round(statistics.fmean(v), 4) for name, v in rewards.items()},
+        }
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    names = list(report["models"])
+    table = Table(box=box.SIMPLE, title=f"win rate of row over column ({report['prompts']} "
+                  "prompts, feedback model, 95% bootstrap interval)", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    if report["reward_model"]:
+        table.add_column("mean reward", justify="right")
+    cells = {(w["model"], w["over"]): w for w in report["win_rates"]}
+    for row in names:
+        values = []
+        for column in names:
+            w = cells.get((row, column))
+            values.append("-" if w is None else
+                          f"{w['win_rate']:.2f} [{w['ci95'][0]:.2f}, {w['ci95'][1]:.2f}]")
+        if report["reward_model"]:
+            values.append(f"{report['reward_model']['mean_score'][row]:.3f}")
+        table.add_row(row, *values)
+    ui.stdout.print(table)
