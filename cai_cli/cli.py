@@ -171,3 +171,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+        raise

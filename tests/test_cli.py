@@ -14,7 +14,8 @@ from cai_cli.cli import app
 from cai_cli.config import field_reference, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [["generate-sl"], ["inspect"], ["tiny-model"], ["config", "validate"], ["config", "show"]]
+COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["optimize"], ["evaluate"],
+            ["run"], ["status"], ["inspect"], ["tiny-model"], ["config", "validate"], ["config", "show"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -30,7 +31,8 @@ def test_top_level_help_lists_the_commands_and_imports_no_torch():
             "except SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    for name in ("generate-sl", "inspect", "tiny-model", "config"):
+    for name in ("generate-sl", "finetune", "label-prefs", "train-rm", "optimize", "evaluate", "run",
+                 "status", "inspect", "tiny-model", "config"):
         assert name in result.stdout
     assert "HEAVY []" in result.stdout
 

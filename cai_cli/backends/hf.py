@@ -52,7 +52,7 @@ def check_model_source(model: ModelConfig, what: str) -> None:
     if not path.exists():
         raise UserError(f"{what}.name_or_path: model directory not found: {path} "
                         f"(build a test model with `cai tiny-model {model.name_or_path}`, or give a hub id)")
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise UserError(f"{what}.name_or_path: {path} has no config.json; expected a directory "
                         "written by save_pretrained")
 

@@ -68,7 +68,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> Manifest | None:
         ui.info(f"{spec.command}: {spec.directory} is complete for this config; nothing to do "
                 "(--force redoes it)")
         return None
-    if state == "partial":
+    if state == "partial" and not force:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
     spec.directory.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(config.run_dir) / "config.yaml", dump_config(config))

@@ -1,0 +1,306 @@
+"""What the trainer stages share (``finetune`` now; reward model and DPO later): a TRL config
+built from our ``TrainingConfig`` plus checked ``trl_args``, LoRA through peft, resumable
+checkpoints in a hidden directory, a rich progress bar instead of the libraries' output, and
+putting a finished checkpoint in place.
+
+Heavy libraries are imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.progress import TextColumn
+
+from cai_cli import ui
+from cai_cli.artifacts import MANIFEST
+from cai_cli.config import LoraConfig, ModelConfig, TrainingConfig
+from cai_cli.errors import UserError
+
+CHECKPOINTS = ".checkpoints"  # hidden: file fingerprints of the stage directory skip it
+STAGING = ".final"  # the finished checkpoint is written here, then moved into place
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# TRL fields that cai sets without a config key of its own; trl_args may not touch them.
+_MANAGED = {
+    "output_dir": "checkpoints go to the stage's hidden .checkpoints directory",
+    "resume_from_checkpoint": "a rerun of the same command resumes by itself",
+    "disable_tqdm": "cai shows its own progress bar",
+    "save_strategy": "set save_steps instead",
+    "logging_strategy": "set logging_steps instead",
+    "save_only_model": "checkpoints must keep the optimizer state to resume",
+}
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and messages replace the libraries' tqdm bars and log lines."""
+    import logging
+    import warnings
+
+    import datasets
+
+    from cai_cli.backends.hf import quiet_transformers
+
+    quiet_transformers()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    for name in ("trl", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Deprecation notices between the libraries (peft calling a renamed transformers method)
+    # are for their developers, not for someone running `cai`.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(transformers|trl|peft|accelerate|datasets)\.")
+
+
+def use_cpu(model: ModelConfig) -> bool:
+    """Train where the model runs: ``cpu`` forces the CPU even when a GPU is there."""
+    return model.device == "cpu"
+
+
+def precision(training: TrainingConfig, cpu: bool) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: ``auto`` is bf16 on a GPU that supports it."""
+    if training.precision != "auto":
+        return training.precision
+    import torch
+
+    gpu = not cpu and torch.cuda.is_available()
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: int,
+               output_dir: Path, cpu: bool, stage_args: dict[str, tuple[Any, str]],
+               device_key: str = "models.policy.device"):
+    """A TRL trainer config (``SFTConfig``, ``RewardConfig``, ``DPOConfig``) from our settings.
+
+    ``key`` is where ``training`` sits in the config (``finetune.training``); ``stage_args``
+    maps more TRL fields the stage sets to ``(value, the config key that sets it)``; ``cpu``
+    comes from the model's device, named by ``device_key`` in messages. A name in
+    ``trl_args`` that TRL does not know, or that one of our keys already sets, is a UserError
+    naming the closest field or our key; all such problems are reported together.
+    """
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    mode = precision(training, cpu)
+    # Transformers 5.x renamed gradient_checkpointing; the old name warns on every run.
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in fields
+                     else "gradient_checkpointing")
+    ours: dict[str, tuple[Any, str]] = {
+        "num_train_epochs": (training.epochs, f"{key}.epochs"),
+        "max_steps": (training.max_steps or -1, f"{key}.max_steps"),
+        "learning_rate": (training.learning_rate, f"{key}.learning_rate"),
+        "per_device_train_batch_size": (training.batch_size, f"{key}.batch_size"),
+        "gradient_accumulation_steps": (training.gradient_accumulation_steps,
+                                        f"{key}.gradient_accumulation_steps"),
+        "max_length": (training.max_length, f"{key}.max_length"),
+        checkpointing: (training.gradient_checkpointing, f"{key}.gradient_checkpointing"),
+        "logging_steps": (training.logging_steps, f"{key}.logging_steps"),
+        "save_steps": (training.save_steps, f"{key}.save_steps"),
+        "report_to": (training.report_to, f"{key}.report_to"),
+        # TRL turns bf16 on unless told otherwise: say fp32 explicitly.
+        "bf16": (mode == "bf16", f"{key}.precision"),
+        "fp16": (mode == "fp16", f"{key}.precision"),
+        "use_cpu": (cpu, device_key),
+        "seed": (seed, "seed"),
+        "data_seed": (seed, "seed"),
+        **stage_args,
+    }
+    aliases = {"gradient_checkpointing": checkpointing, "activation_checkpointing": checkpointing}
+    problems = []
+    for name in training.trl_args:
+        where = f"{key}.trl_args.{name}"
+        if name in _MANAGED:
+            problems.append(f"{where}: set by cai itself ({_MANAGED[name]}); remove it")
+        elif aliases.get(name, name) in ours:
+            problems.append(f"{where}: set it with {ours[aliases.get(name, name)][1]} instead")
+        elif name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else "see its documentation"
+            problems.append(f"{where}: not an argument of TRL's {config_cls.__name__}; {hint}")
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise UserError(f"{key}.trl_args: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    arguments = {name: value for name, (value, _) in ours.items() if name in fields}
+    arguments.update(
+        output_dir=str(output_dir / CHECKPOINTS),
+        disable_tqdm=True,
+        save_strategy="steps",
+        logging_strategy="steps",
+        save_total_limit=1,  # the newest complete checkpoint is all a resume needs
+    )
+    arguments.update(training.trl_args)
+    try:
+        return config_cls(**arguments)
+    except (ValueError, TypeError) as exc:  # TRL's own checks on values and combinations
+        raise UserError(f"{key}: TRL's {config_cls.__name__} rejects these settings: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the model's linear layers (what LoRA can adapt), e.g. ``q_proj``."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+
+
+def check_lora_targets(lora: LoraConfig, model, key: str) -> None:
+    """Every target module must exist in ``model`` (a meta-device copy is enough) and not be
+    the output head, whose weight TRL reads directly (an adapter there would never train)."""
+    if lora.target_modules == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    head = {name for name, module in model.named_modules()
+            if module is model.get_output_embeddings()}
+    valid = [n for n in linear_module_names(model)
+             if not any(h == n or h.endswith("." + n) for h in head)]
+    for target in lora.target_modules:
+        matches = [n for n in names if n == target or n.endswith("." + target)]
+        if not matches:
+            raise UserError(f"{key}.target_modules: the model has no module '{target}'; its linear "
+                            f"layers are {', '.join(valid[:8])} (or use all-linear)")
+        if head & set(matches):
+            raise UserError(f"{key}.target_modules: '{target}' is the output head, which TRL "
+                            f"cannot train through an adapter; use {', '.join(valid[:8])}")
+
+
+def peft_config(lora: LoraConfig, task_type: str):
+    import peft
+
+    return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=lora.target_modules, task_type=task_type)
+
+
+def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None) -> None:
+    """``check_lora_targets`` on an empty (meta-device) copy of ``model``: no weights are read.
+    ``auto_class`` defaults to ``AutoModelForCausalLM``."""
+    if not lora.enabled:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision,
+            trust_remote_code=model.trust_remote_code), trust_remote_code=model.trust_remote_code)
+    check_lora_targets(lora, skeleton, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving models
+
+
+def local_or_hub(name_or_path: str) -> str:
+    """An absolute path for a local model, so a saved LoRA adapter finds its base from anywhere."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def load_model(model: ModelConfig, key: str, lora: LoraConfig, args, auto_class=None):
+    """The model to train (``auto_class`` defaults to ``AutoModelForCausalLM``). Full training
+    keeps fp32 master weights (bf16/fp16 is autocast); under LoRA the base weights are frozen, so
+    they sit in the training precision and take half the memory. ``key`` names the config key
+    in the message when the model cannot be loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    dtype = torch.float32
+    if lora.enabled and (args.bf16 or args.fp16):
+        dtype = torch.bfloat16 if args.bf16 else torch.float16
+    try:
+        return auto_class.from_pretrained(
+            local_or_hub(model.name_or_path), dtype=dtype, revision=model.revision,
+            trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: cannot load a model from '{model.name_or_path}': "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
+    """The trained model (merged full weights, or the peft adapter alone when ``lora.merge`` is
+    false) with its tokenizer and chat template, written to ``out``."""
+    shutil.rmtree(out, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora.enabled and lora.merge:
+        model = model.merge_and_unload()
+    # The Trainer switches the KV cache off in the model config while training; generating
+    # from the saved model wants it back.
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under ``<directory>/.checkpoints``. The trainer writes
+    ``trainer_state.json`` last, so a checkpoint without it was cut off mid-write; those are
+    deleted so the trainer cannot pick one up either."""
+    folder = directory / CHECKPOINTS
+    found = sorted((int(m.group(1)), path) for path in folder.glob("checkpoint-*")
+                   if (m := _CHECKPOINT.match(path.name)) and path.is_dir())
+    complete = None
+    for _, path in found:
+        if (path / "trainer_state.json").is_file():
+            complete = path
+        else:
+            shutil.rmtree(path)
+    return complete
+
+
+def put_in_place(directory: Path) -> None:
+    """Replace the stage directory's checkpoint files with those in ``<directory>/.final``. The
+    old files stay until the new checkpoint is complete; the checkpoints are deleted last."""
+    staging = directory / STAGING
+    for old in directory.iterdir():
+        if old.name.startswith(".") or old.name == MANIFEST:
+            continue
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for new in staging.iterdir():
+        new.rename(directory / new.name)
+    staging.rmdir()
+    shutil.rmtree(directory / CHECKPOINTS, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+def progress_bar():
+    """``ui.progress`` with a loss column; use as ``with progress_bar() as bar:``."""
+    return ui.progress(TextColumn("{task.fields[loss]}"))
+
+
+def progress_callback(bar, description: str):
+    """A TrainerCallback that moves ``bar`` with the optimiser steps and shows the last loss."""
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.task = bar.add_task(description, total=None, loss="")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # On resume the state is already the checkpoint's: the bar starts where it stopped.
+            bar.update(self.task, total=state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                bar.update(self.task, loss=f"loss {logs['loss']:.4f}")
+
+    return RichProgress()

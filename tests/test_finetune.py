@@ -1,0 +1,383 @@
+"""``cai finetune`` on the tiny model: the checkpoint it leaves, assistant-only labels, helpful
+mixing, LoRA saved both ways, resume after an interruption, reruns and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_cli import training
+from cai_cli.config import load_config
+from cai_cli.errors import UserError
+from cai_cli.stages import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
+HELPFUL = ROOT / "cai_cli" / "resources" / "helpful.jsonl"
+CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
+HH_SAMPLE = ROOT / "tests" / "data" / "hh_sample.jsonl"
+
+
+def write_config(tmp_path: Path, model: Path, name: str = "config.yaml") -> Path:
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "constitution": str(CONSTITUTION),
+        "data": {"red_team": {"path": str(PROMPTS), "limit": 4},
+                 "helpful": {"path": str(HELPFUL), "field": "messages"}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
+        "generate_sl": {"num_revisions": 1, "few_shot": 1, "batch_size": 4,
+                        "sampling": {"max_new_tokens": 8}},
+        "finetune": {"training": {"max_steps": 4, "batch_size": 4, "max_length": 256,
+                                  "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100}},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sl_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished ``sl/`` from the real generate-sl stage (4 prompts, one round), made once."""
+    from cai_cli.stages import generate_sl
+
+    tmp = tmp_path_factory.mktemp("sl")
+    generate_sl.run(load_config(write_config(tmp, tiny_model_dir)))
+    return tmp / "run" / "sl"
+
+
+@pytest.fixture
+def config_path(tmp_path, tiny_model_dir, sl_dir) -> Path:
+    """A config whose run directory holds a copy of the finished ``sl/``."""
+    shutil.copytree(sl_dir, tmp_path / "run" / "sl")
+    return write_config(tmp_path, tiny_model_dir)
+
+
+def run_stage(path: Path, *overrides: str, force: bool = False):
+    return finetune.run(load_config(path, list(overrides)), force=force)
+
+
+def cai(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], check=False,
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def snapshot(directory: Path) -> dict | None:
+    """Names, sizes and modification times of everything under a directory."""
+    if not directory.exists():
+        return None
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+class Captured(Exception):
+    """Stops the stage where training would start, with the trainer TRL built."""
+
+
+@pytest.fixture
+def capture_trainer(monkeypatch):
+    from trl import SFTTrainer
+
+    def train(self, **kwargs):
+        raise Captured(self)
+
+    monkeypatch.setattr(SFTTrainer, "train", train)
+
+    def prepare(path: Path, *overrides: str):
+        with pytest.raises(Captured) as info:  # force: an earlier capture left a started stage
+            run_stage(path, *overrides, force=True)
+        return info.value.args[0]
+
+    return prepare
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+def test_finetune_end_to_end(config_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = cai("finetune", "--config", config_path)
+    assert result.returncode == 0, result.stderr
+    sft = config_path.parent / "run" / "sft"
+    # one progress line and one summary line: no tqdm bars, log dicts or library warnings
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, result.stderr
+    assert "4/4" in lines[0] and "loss" in lines[0] and "eta" in lines[0]
+    assert lines[1].endswith(f"-> model in {sft}")
+
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    base = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template == base.chat_template
+    assert "{% generation %}" in tokenizer.chat_template
+    assert model.config.use_cache is True
+    before, after = weights(tiny_model_dir), weights(sft)
+    assert before.keys() == after.keys()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) == len(before)  # every tensor trained, embeddings included
+
+    manifest = json.loads((sft / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert set(manifest["inputs"]) == {"sl", "model"}  # no helpful data at ratio 0
+    assert manifest["counts"] == {"sl_examples": 4, "helpful_examples": 0, "train_examples": 4,
+                                  "steps": 4}
+    assert manifest["config"]["finetune"]["training"]["max_steps"] == 4
+    assert not (sft / training.CHECKPOINTS).exists() and not (sft / training.STAGING).exists()
+
+    # Rerun: nothing to do. Changed settings: refused, the checkpoint kept.
+    files = snapshot(sft)
+    again = cai("finetune", "--config", config_path)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    with pytest.raises(UserError, match=r"changed: finetune\.training\.learning_rate\).*--force"):
+        run_stage(config_path, "finetune.training.learning_rate=0.01")
+    assert snapshot(sft) == files
+
+
+# ---------------------------------------------------------------------------------------------
+# What the trainer is fed
+
+
+def test_loss_is_on_assistant_tokens_only(config_path, capture_trainer):
+    trainer = capture_trainer(config_path)
+    tokenizer = trainer.processing_class
+    sft = [json.loads(line) for line in
+           (config_path.parent / "run" / "sl" / "sft.jsonl").read_text().splitlines()]
+    answers = {record["messages"][1]["content"] for record in sft}
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert len(examples) == 4
+    for example in examples:
+        ids, labels = example["input_ids"], example["labels"]
+        trained = [token for token, label in zip(ids, labels) if label != -100]
+        assert trained == [label for label in labels if label != -100]  # labels are the ids
+        # exactly the answer and its end-of-turn token; the user turn and role headers are not
+        assert tokenizer.decode(trained).removesuffix("<|im_end|>") in answers
+        masked = tokenizer.decode([token for token, label in zip(ids, labels) if label == -100])
+        assert masked.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in masked
+
+    # The collator the trainer uses pads the labels with -100 and keeps the masking.
+    batch = trainer.data_collator(examples[:2])
+    for row, example in enumerate(examples[:2]):
+        labels = batch["labels"][row].tolist()
+        assert labels[:len(example["labels"])] == example["labels"]
+        assert all(label == -100 for label in labels[len(example["labels"]):])
+        assert any(label == -100 for label in example["labels"])
+
+    whole = capture_trainer(config_path, "finetune.assistant_only_loss=false")
+    example = whole.train_dataset[0]
+    assert example["labels"] == example["input_ids"]
+
+
+def test_helpful_examples_are_mixed_at_the_ratio(config_path, capture_trainer):
+    trainer = capture_trainer(config_path, "finetune.helpful_ratio=1.5")
+    helpful = {json.dumps(json.loads(line)["messages"])
+               for line in HELPFUL.read_text().splitlines()}
+    conversations = [json.dumps(example["messages"]) for example in trainer.train_dataset]
+    assert len(conversations) == 4 + 6
+    drawn = [c for c in conversations if c in helpful]
+    assert len(drawn) == 6 and len(set(drawn)) == 6  # distinct while the pool lasts
+
+    # the draw follows the seed
+    config = load_config(config_path, ["finetune.helpful_ratio=1.5"])
+    sl = finetune.sl_conversations(config)
+    assert finetune.mix(config, sl) == finetune.mix(config, sl)
+    other = load_config(config_path, ["finetune.helpful_ratio=1.5", "seed=1"])
+    assert finetune.mix(other, sl)[0][4:] != finetune.mix(config, sl)[0][4:]
+
+
+def test_helpful_sources_in_other_layouts(tmp_path, config_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Name a colour.", "response": "Blue."}) + "\n")
+    config = load_config(config_path, [f"data.helpful.path={pairs}", "data.helpful.field=prompt"])
+    assert finetune.helpful_conversations(config) == [
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
+
+    config = load_config(config_path, [f"data.helpful.path={HH_SAMPLE}",
+                                       "data.helpful.field=chosen"])
+    conversations = finetune.helpful_conversations(config)
+    assert len(conversations) == 6
+    first = next(c for c in conversations if "neighbor" in c[0]["content"])
+    assert [m["role"] for m in first] == ["user", "assistant", "user", "assistant"]
+    assert first[1]["content"].startswith("It's frustrating")
+
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "Name a colour."}) + "\n")
+    config = load_config(config_path, [f"data.helpful.path={bare}", "data.helpful.field=prompt"])
+    with pytest.raises(UserError, match="no response or completion column"):
+        finetune.helpful_conversations(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_saved_merged_and_as_an_adapter(tmp_path, config_path, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft = config_path.parent / "run" / "sft"
+    run_stage(config_path, "finetune.lora.enabled=true",
+              "finetune.lora.target_modules=[q_proj,v_proj]", "finetune.training.max_steps=2")
+    merged = AutoModelForCausalLM.from_pretrained(sft)
+    assert not hasattr(merged, "peft_config") and not (sft / "adapter_config.json").exists()
+    before, after = weights(tiny_model_dir), weights(sft)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+
+    run_stage(config_path, "finetune.lora.enabled=true", "finetune.lora.merge=false",
+              "finetune.training.max_steps=2", force=True)
+    assert (sft / "adapter_config.json").is_file() and not (sft / "model.safetensors").exists()
+    assert AutoTokenizer.from_pretrained(sft).chat_template
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft)
+    assert any("lora_B" in name and param.abs().sum() > 0
+               for name, param in adapted.named_parameters())
+    assert json.loads((sft / "manifest.json").read_text())["stats"]["lora"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted and repeated runs
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path, monkeypatch,
+                                                          capsys, tiny_model_dir, sl_dir):
+    settings = ("finetune.training.max_steps=6", "finetune.training.save_steps=2")
+    original = training.progress_callback
+
+    def interrupting(bar, description):  # Ctrl-C right after the step-4 checkpoint is written
+        callback = original(bar, description)
+
+        def on_save(args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+        callback.on_save = on_save
+        return callback
+
+    monkeypatch.setattr(training, "progress_callback", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(config_path, *settings)
+    monkeypatch.undo()
+    sft = config_path.parent / "run" / "sft"
+    checkpoints = sft / training.CHECKPOINTS
+    assert json.loads((sft / "manifest.json").read_text())["status"] == "running"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert not (sft / "model.safetensors").exists()
+    (checkpoints / "checkpoint-6").mkdir()  # torn: a kill while it was written leaves this
+
+    capsys.readouterr()
+    run_stage(config_path, *settings)
+    assert "continuing from checkpoint-4" in capsys.readouterr().err
+    manifest = json.loads((sft / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["stats"]["resumed_from_step"] == 4 and manifest["counts"]["steps"] == 6
+    assert not checkpoints.exists()
+
+    # the same weights as a run that was never interrupted
+    import torch
+
+    reference = tmp_path / "reference"
+    shutil.copytree(sl_dir, reference / "run" / "sl")
+    run_stage(write_config(reference, tiny_model_dir), *settings)
+    expected, resumed = weights(reference / "run" / "sft"), weights(sft)
+    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, a message that says what to do, nothing written to sft/
+
+
+def test_missing_sl_exits_2_via_the_cli(tmp_path, tiny_model_dir):
+    result = cai("finetune", "--config", write_config(tmp_path, tiny_model_dir))
+    assert result.returncode == 2
+    assert "run/sl is missing: run `cai generate-sl --config" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_unknown_and_colliding_trainer_arguments_exit_2(config_path):
+    result = cai("finetune", "--config", config_path,
+                 "--set", "finetune.training.trl_args.lr_schedular_type=cosine",
+                 "--set", "finetune.training.trl_args.num_train_epochs=3",
+                 "--set", "finetune.training.trl_args.output_dir=elsewhere")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "3 problems" in result.stderr
+    assert ("trl_args.lr_schedular_type: not an argument of TRL's SFTConfig; did you mean "
+            "'lr_scheduler_type'?") in result.stderr
+    assert ("trl_args.num_train_epochs: set it with finetune.training.epochs instead"
+            in result.stderr)
+    assert "trl_args.output_dir: set by cai itself" in result.stderr
+    assert not (config_path.parent / "run" / "sft").exists()
+
+
+def test_unfinished_sl_is_refused(config_path):
+    manifest = config_path.parent / "run" / "sl" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "running"}))
+    with pytest.raises(UserError, match=r"sl is unfinished: run `cai generate-sl"):
+        run_stage(config_path)
+    assert not (config_path.parent / "run" / "sft").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.lora.enabled=true", "finetune.lora.target_modules=[q_proj,query]"],
+     ("finetune.lora.target_modules: the model has no module 'query'; its linear layers are "
+      "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
+    (["finetune.model=no/such/dir/model"], "finetune.model: no/such/dir/model does not exist"),
+    (["finetune.helpful_ratio=1", "data.helpful=null"],
+     "finetune.helpful_ratio is 1.0 but data.helpful is not set"),
+    (["finetune.training.trl_args.lr_scheduler_type=sometimes"],
+     "finetune.training: TRL's SFTConfig rejects these settings: sometimes is not a valid"),
+])
+def test_bad_input_leaves_a_finished_checkpoint_alone(config_path, overrides, message):
+    sft = config_path.parent / "run" / "sft"
+    sft.mkdir()
+    (sft / "model.safetensors").write_text("an earlier model")
+    before = snapshot(sft)
+    with pytest.raises(UserError) as info:
+        run_stage(config_path, *overrides)
+    assert message in str(info.value)
+    assert snapshot(sft) == before
+
+
+def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_model_dir,
+                                                capture_trainer):
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(tiny_model_dir, unmarked)
+    template = unmarked / "chat_template.jinja"
+    template.write_text(template.read_text().replace("{% generation %}", "")
+                        .replace("{% endgeneration %}", ""))
+    with pytest.raises(UserError, match=r"does not mark the assistant's tokens.*"
+                                        r"finetune.assistant_only_loss: false"):
+        run_stage(config_path, f"finetune.model={unmarked}")
+    assert not (config_path.parent / "run" / "sft").exists()
+    # whole-conversation loss needs no marks
+    trainer = capture_trainer(config_path, f"finetune.model={unmarked}",
+                              "finetune.assistant_only_loss=false")
+    assert trainer.train_dataset[0]["labels"] == trainer.train_dataset[0]["input_ids"]
+
+
+def test_spec_imports_no_heavy_library(config_path):
+    code = ("import sys\nfrom cai_cli.config import load_config\n"
+            "from cai_cli.stages import finetune\n"
+            f"stage = finetune.spec(load_config({str(config_path)!r}))\n"
+            "print(stage.state(), sorted(m for m in ('torch', 'transformers', 'trl', 'datasets',"
+            " 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.stdout.strip() == "missing []", result.stderr
