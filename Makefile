@@ -21,11 +21,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cai tiny-model runs/tiny-model
-	$(BIN)/cai generate-sl --config configs/demo.yaml
+	$(BIN)/cai run --config configs/demo.yaml
 	@echo
-	@echo "Done. Read the critiques and revisions with:"
-	@echo "  $(BIN)/cai inspect runs/demo"
-	@echo "  $(BIN)/cai inspect runs/demo --index 0"
+	@echo "Done. Where to look:"
+	@echo "  $(BIN)/cai status --config configs/demo.yaml     # every stage, counts, timings"
+	@echo "  $(BIN)/cai inspect runs/demo                     # critiques, revisions, preference pairs"
+	@echo "  $(BIN)/cai inspect runs/demo --index 0           # one chain and one pair in full"
+	@echo "  runs/demo/eval/report.json                       # the win-rate table printed above"
 
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -34,7 +36,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check cai_cli tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/generation.py
+	$(BIN)/cai tiny-model runs/tiny-model
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

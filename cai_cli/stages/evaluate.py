@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, read_jsonl,
-                               write_json_atomic)
+from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, write_json_atomic)
 from cai_cli.backends.base import Completion, SamplingParams
-from cai_cli.config import Config, ModelConfig
+from cai_cli.config import Config
 from cai_cli.constitution import load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError

@@ -37,7 +37,7 @@ from cai_cli.config import Config, ModelConfig
 from cai_cli.constitution import Constitution, load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
-from cai_cli.prompting import (COT_ANSWER, OPTIONS, TRANSCRIPT_STOPS, answer_prompt,
+from cai_cli.prompting import (OPTIONS, TRANSCRIPT_STOPS, answer_prompt,
                                comparison_prompt, resolve_format)
 from cai_cli.stages import generate_sl
 from cai_cli.stages.common import StageSpec, begin, complete
