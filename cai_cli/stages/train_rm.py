@@ -1,0 +1,530 @@
+"""``cai train-rm``: a reward (preference) model on the AI-labelled pairs, with TRL's RewardTrainer.
+
+The training set is ``prefs/pairs.jsonl`` (made by ``cai label-prefs``), optionally mixed with
+other preference data (``train_rm.mix``, at most ``mix_ratio`` pairs per AI pair, label 1.0). The
+model is ``train_rm.model`` (default: the base policy) under a one-output sequence classification
+head; a pair's reward difference d = r(chosen) - r(rejected) is trained with
+
+    soft labels:  loss = -(p * logsigmoid(d) + (1 - p) * logsigmoid(-d)),  p = p_chosen
+    hard labels:  loss = -logsigmoid(d)  (the same formula with p = 1)
+
+so with soft labels sigmoid(d) learns the feedback model's confidence, not just its choice.
+
+Before training, ``eval_fraction`` of the AI pairs is held out, whole prompts at a time (pairs of
+one prompt share answers, so splitting them would leak), drawn with the seed and before
+``min_confidence`` filters the training pairs: the held-out set stays the same whatever the
+filter, so runs with different filters compare. After training, on the held-out pairs:
+
+    accuracy  share of pairs with r(chosen) > r(rejected), chosen as the AI labelled it
+    ECE       expected calibration error of q = sigmoid(d) against the AI label p_chosen (in both
+              label modes): 10 equal-width bins of q over [0, 1],
+              ECE = sum over bins |bin| / N * |mean q - mean p_chosen|
+
+and the accuracy on the training pairs (AI and mixed). ``<run_dir>/rm`` is a ``save_pretrained``
+checkpoint that loads with ``AutoModelForSequenceClassification`` (pad token set, so batched
+scoring works), with its tokenizer. Resume, reruns and refusing another config's output work as
+for ``cai finetune`` (shared helpers in ``cai_cli.training``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+from cai_cli import ui
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, load_manifest, model_fingerprint
+from cai_cli.config import Config, ModelConfig
+from cai_cli.data import read_records
+from cai_cli.errors import UserError
+from cai_cli.stages import generate_sl, label_prefs
+from cai_cli.stages.common import StageSpec, begin, complete
+
+TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
+ECE_BINS = 10
+
+Conversation = list[dict[str, str]]
+
+
+def base_model(config: Config) -> ModelConfig:
+    """The model under the reward head, with the policy's loading settings."""
+    if config.train_rm.model is None:
+        return config.models.policy
+    return config.models.policy.model_copy(update={"name_or_path": config.train_rm.model})
+
+
+def model_key(config: Config) -> str:
+    return "train_rm.model" if config.train_rm.model else "models.policy.name_or_path"
+
+
+def spec(config: Config) -> StageSpec:
+    """What decides this stage's output: cheap to compute, no model loaded."""
+    model = base_model(config)
+    settings = {
+        "seed": config.seed,
+        "model": model.model_dump(mode="json", include={"name_or_path", "revision",
+                                                        "trust_remote_code"}),
+        "train_rm": config.train_rm.model_dump(mode="json"),
+    }
+    inputs = {"prefs": file_fingerprint(Path(config.run_dir) / "prefs" / "pairs.jsonl"),
+              "model": model_fingerprint(model.name_or_path)}
+    if config.train_rm.mix is not None:
+        inputs["mix"] = generate_sl.source_fingerprint(config.train_rm.mix)
+    return StageSpec("train-rm", Path(config.run_dir) / "rm", settings, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def messages(value, where: str, role: str | None = None) -> Conversation:
+    """Chat messages reduced to role and content; a string becomes one message of ``role``."""
+    if isinstance(value, str) and role is not None:
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{where}: expected a non-empty list of chat messages "
+                        "({'role', 'content'})")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def ai_pairs(config: Config) -> list[dict]:
+    """The pairs of a finished ``cai label-prefs``: prompt, chosen, rejected, p_chosen, group."""
+    prefs = Path(config.run_dir) / "prefs"
+    manifest = load_manifest(prefs)
+    if manifest is None or manifest.get("status") != "complete":
+        what = "is missing" if manifest is None else "is unfinished"
+        raise UserError(f"{prefs} {what}: run `cai label-prefs --config ...` first")
+    made = label_prefs.spec(config)
+    if made.state() == "stale":  # e.g. a labelling setting changed: the pairs still serve
+        ui.warn(f"{prefs} was made from a different config (changed: "
+                f"{', '.join(made.changes()[:4])}); training on it as is")
+    path = prefs / "pairs.jsonl"
+    pairs = []
+    for number, record in enumerate(iter_jsonl(path), start=1):
+        where = f"{path}:{number}"
+        p = record.get("p_chosen")
+        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise UserError(f"{where}: p_chosen must be a probability, got {p!r}")
+        pairs.append({"prompt": messages(record.get("prompt"), f"{where}: prompt"),
+                      "chosen": messages(record.get("chosen"), f"{where}: chosen"),
+                      "rejected": messages(record.get("rejected"), f"{where}: rejected"),
+                      TARGET: float(p),
+                      "group": str(record.get("prompt_id") or record.get("id") or number)})
+    if not pairs:
+        raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
+                        f"{config.run_dir}` and rerun `cai label-prefs`")
+    return pairs
+
+
+def split(config: Config, pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: about ``eval_fraction`` of the pairs held out, whole prompts at a
+    time, drawn with the seed; at least one prompt always stays for training."""
+    fraction = config.train_rm.eval_fraction
+    groups: dict[str, list[dict]] = {}
+    for pair in pairs:
+        groups.setdefault(pair["group"], []).append(pair)
+    if fraction == 0:
+        return pairs, []
+    if len(groups) < 2:
+        ui.warn("train_rm.eval_fraction: all pairs come from one prompt, so none can be held "
+                "out; accuracy and calibration are not measured")
+        return pairs, []
+    keys = sorted(groups)
+    random.Random(f"{config.seed}:eval").shuffle(keys)
+    wanted = max(1, round(fraction * len(pairs)))
+    held: set[str] = set()
+    count = 0
+    for key in keys[:-1]:
+        if count >= wanted:
+            break
+        held.add(key)
+        count += len(groups[key])
+    return ([p for p in pairs if p["group"] not in held],
+            [p for p in pairs if p["group"] in held])
+
+
+def confident(config: Config, pairs: list[dict]) -> list[dict]:
+    """The pairs whose label is at least ``min_confidence`` away from a tie."""
+    threshold = config.train_rm.min_confidence
+    kept = [p for p in pairs if abs(p[TARGET] - 0.5) >= threshold]
+    if not kept:
+        top = max(abs(p[TARGET] - 0.5) for p in pairs)
+        raise UserError(f"train_rm.min_confidence: no pairs left: all {len(pairs)} training pairs "
+                        f"have |p_chosen - 0.5| below {threshold} (the most confident: "
+                        f"{top:.3f}); lower train_rm.min_confidence")
+    return kept
+
+
+def mix_pair(record: dict, where: str) -> dict | None:
+    """A preference record in TRL's layouts as a conversational pair; ``None`` when the two
+    conversations do not differ."""
+    from cai_cli.stages.finetune import transcript_messages
+
+    if "chosen" not in record or "rejected" not in record:
+        raise UserError(f"{where}: expected 'chosen' and 'rejected' fields (TRL's preference "
+                        f"format); the record has {', '.join(map(str, record)) or 'none'}")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if record.get("prompt") is not None:
+        prompt = record["prompt"]
+        return {"prompt": messages(prompt, f"{where}: prompt", role="user"),
+                "chosen": messages(chosen, f"{where}: chosen", role="assistant"),
+                "rejected": messages(rejected, f"{where}: rejected", role="assistant"),
+                TARGET: 1.0}
+    # Implicit prompt: whole conversations (or Human:/Assistant: transcripts); what they share
+    # at the start is the prompt.
+    sides = []
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        conversation = transcript_messages(value) if isinstance(value, str) else value
+        if conversation is None:
+            raise UserError(f"{where}: '{name}' is plain text without a prompt field; give a "
+                            "'prompt' column or Human:/Assistant: transcripts")
+        sides.append(messages(conversation, f"{where}: {name}"))
+    shared = 0
+    while shared < min(map(len, sides)) and sides[0][shared] == sides[1][shared]:
+        shared += 1
+    if shared == 0:
+        raise UserError(f"{where}: 'chosen' and 'rejected' start differently, so there is no "
+                        "shared prompt; give a 'prompt' column")
+    if shared == len(sides[0]) or shared == len(sides[1]):
+        return None
+    return {"prompt": sides[0][:shared], "chosen": sides[0][shared:],
+            "rejected": sides[1][shared:], TARGET: 1.0}
+
+
+def mixed_pairs(config: Config, count: int) -> list[dict]:
+    """At most ``count`` pairs from ``train_rm.mix``, drawn with the seed (capped by its limit)."""
+    source, key = config.train_rm.mix, "train_rm.mix"
+    if source is None or count == 0:
+        return []
+    pool = [pair for where, record in read_records(source, key)
+            if (pair := mix_pair(record, where)) is not None]
+    if not pool:
+        raise UserError(f"{key}: no preference pairs in {source.path or source.dataset}")
+    random.Random(f"{config.seed}:mix").shuffle(pool)
+    return pool[: min(count, source.limit or len(pool))]
+
+
+def transcript(pair: dict) -> dict:
+    """A pair as plain Human:/Assistant: text, for a model without a chat template (the layout
+    the paper's preference models read); TRL appends the end-of-sequence token."""
+    from cai_cli.prompting import LABELS, render
+
+    def kind(message: dict) -> str:
+        return "assistant" if message["role"] == "assistant" else "human"
+
+    def answer(conversation: Conversation) -> str:  # continues the prompt's "Assistant:"
+        first, *rest = conversation
+        return f" {first['content']}" + "".join(f"\n\n{LABELS[kind(m)]}: {m['content']}"
+                                                for m in rest)
+
+    return {"prompt": render([(kind(m), m["content"]) for m in pair["prompt"]], "assistant",
+                             "transcript"),
+            "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"]),
+            TARGET: pair[TARGET]}
+
+
+def rows(pairs: list[dict], fmt: str, soft: bool) -> list[dict]:
+    """The trainer's columns: prompt, chosen, rejected and the target (1.0 for hard labels)."""
+    out = []
+    for pair in pairs:
+        row = {name: pair[name] for name in ("prompt", "chosen", "rejected")}
+        row[TARGET] = pair[TARGET] if soft else 1.0
+        out.append(transcript(row) if fmt == "transcript" else row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, collator and metrics
+
+
+def preference_loss(chosen, rejected, target):
+    """Mean binary cross-entropy of sigmoid(r_chosen - r_rejected) against the target
+    probability that chosen is better: -(p logsigmoid(d) + (1 - p) logsigmoid(-d))."""
+    import torch.nn.functional as F
+
+    return F.binary_cross_entropy_with_logits(chosen - rejected, target.to(chosen.dtype))
+
+
+class PreferenceCollator:
+    """TRL's preference collator (chosen rows, then rejected rows, right-padded) plus the
+    target column; module-level so data loader workers can pickle it."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        from trl.trainer.reward_trainer import DataCollatorForPreference
+
+        self.base = DataCollatorForPreference(pad_token_id=pad_token_id,
+                                              pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.base(examples)
+        if TARGET in examples[0]:
+            batch[TARGET] = torch.tensor([e[TARGET] for e in examples], dtype=torch.float32)
+        return batch
+
+
+@functools.cache
+def trainer_class():
+    """TRL's RewardTrainer with the soft-label loss; everything else (data preparation,
+    metrics, checkpoints) is TRL's own."""
+    from trl import RewardTrainer
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self):
+            # With remove_unused_columns (the default) the data loader keeps only these columns.
+            super()._set_signature_columns_if_needed()
+            if TARGET not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, TARGET]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            target = inputs.pop(TARGET)
+            # TRL's pass gives the rewards and logs its metrics (accuracy, margin); its hard
+            # loss is replaced by ours.
+            _, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                              num_items_in_batch=num_items_in_batch)
+            chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
+            loss = preference_loss(chosen, rejected, target)
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer
+
+
+def pair_rewards(trainer, dataset, batch_size: int) -> list[tuple[float, float]]:
+    """``(r_chosen, r_rejected)`` for each pair of a prepared (tokenised) dataset."""
+    import torch
+
+    model = trainer.model
+    model.eval()
+    columns = dataset.select_columns(["chosen_ids", "rejected_ids"])
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(columns), batch_size):
+        chunk = columns[start:start + batch_size]
+        examples = [{"chosen_ids": c, "rejected_ids": r}
+                    for c, r in zip(chunk["chosen_ids"], chunk["rejected_ids"])]
+        batch = {k: v.to(trainer.args.device) for k, v in trainer.data_collator(examples).items()}
+        with torch.no_grad(), trainer.autocast_smart_context_manager():
+            logits = model(**batch, use_cache=False).logits.squeeze(-1).float()
+        chosen, rejected = logits.chunk(2)
+        out += zip(chosen.tolist(), rejected.tolist())
+    return out
+
+
+def accuracy(rewards: list[tuple[float, float]]) -> float:
+    """Share of pairs whose chosen answer gets the higher reward (a tie counts as wrong)."""
+    return sum(c > r for c, r in rewards) / len(rewards)
+
+
+def expected_calibration_error(predicted: list[float], target: list[float],
+                               bins: int = ECE_BINS) -> float:
+    """ECE over ``bins`` equal-width bins of the predicted probability in [0, 1]:
+    sum over bins |bin| / N * |mean predicted - mean target|."""
+    filled: dict[int, list[tuple[float, float]]] = {}
+    for q, p in zip(predicted, target):
+        filled.setdefault(min(int(q * bins), bins - 1), []).append((q, p))
+    return sum(len(items) / len(predicted) * abs(sum(q for q, _ in items) / len(items)
+                                                 - sum(p for _, p in items) / len(items))
+               for items in filled.values())
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need the libraries (still before anything is written)
+
+
+def check_model(config: Config, model: ModelConfig) -> None:
+    from cai_cli.backends.hf import check_model_source, is_local_model
+
+    if config.train_rm.model is None:
+        check_model_source(model, "models.policy")
+    elif is_local_model(model.name_or_path):
+        path = Path(model.name_or_path).expanduser()
+        if not (path / "config.json").is_file():
+            state = "has no config.json" if path.exists() else "does not exist"
+            raise UserError(f"train_rm.model: {path} {state}; expected a directory written by "
+                            "save_pretrained, or a hub id")
+
+
+def check_lora(config: Config, model: ModelConfig) -> None:
+    """LoRA target modules, checked on an empty (meta-device) copy of the model: no weights."""
+    lora = config.train_rm.lora
+    if not lora.enabled:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from cai_cli.training import check_lora_targets
+
+    if lora.target_modules != "all-linear" and "score" in lora.target_modules:
+        raise UserError("train_rm.lora.target_modules: 'score' is the reward head, which is "
+                        "always trained in full; remove it")
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
+            model.name_or_path, num_labels=1, revision=model.revision,
+            trust_remote_code=model.trust_remote_code), trust_remote_code=model.trust_remote_code)
+    check_lora_targets(lora, skeleton, "train_rm.lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(config: Config, *, force: bool = False) -> Path | None:
+    stage = spec(config)
+    settings = config.train_rm
+    # The pairs first, as they are the likeliest thing to be missing; then, still before the
+    # heavy imports, whether there is anything to do at all.
+    pairs = ai_pairs(config)
+    state = stage.state()
+    if state in ("done", "stale") and not force:
+        begin(stage, config, force=force)  # "nothing to do", or refuses another config's output
+        return stage.directory
+    # Everything else a user can get wrong is checked before rm/ is touched.
+    train, held_out = split(config, pairs)
+    kept = confident(config, train)
+    mixed = mixed_pairs(config, math.floor(settings.mix_ratio * len(kept)))
+    model = base_model(config)
+    check_model(config, model)
+
+    from trl import RewardConfig
+
+    from cai_cli import training
+    from cai_cli.backends.hf import load_tokenizer
+
+    training.quiet_libraries()
+    args = training.trl_config(RewardConfig, settings.training, "train_rm.training",
+                               seed=config.seed, output_dir=stage.directory,
+                               cpu=training.use_cpu(model), stage_args={})
+    tokenizer = load_tokenizer(model, model_key(config).removesuffix(".name_or_path"))
+    fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
+           else "transcript")
+    check_lora(config, model)
+    started = time.perf_counter()
+    # TRL tokenises when the trainer is built and drops pairs longer than max_length.
+    trainer = build_trainer(config, model, tokenizer, args,
+                            rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
+                            rows(held_out, fmt, True))
+    if len(trainer.train_dataset) == 0:
+        for made in (stage.directory / training.CHECKPOINTS, stage.directory):
+            if made.is_dir() and not any(made.iterdir()):  # made empty by the Trainer
+                made.rmdir()
+        raise UserError(f"train_rm.training.max_length: every training pair is longer than "
+                        f"{settings.training.max_length} tokens; raise it")
+
+    manifest = begin(stage, config, force=force)
+    checkpoint = (training.last_checkpoint(stage.directory)
+                  if state == "partial" and not force else None)
+    if checkpoint is None:  # a fresh start: nothing from another run may be resumed
+        shutil.rmtree(stage.directory / training.CHECKPOINTS, ignore_errors=True)
+    else:
+        ui.info(f"train-rm: continuing from {checkpoint.name}")
+    with training.progress_bar() as bar:
+        trainer.add_callback(training.progress_callback(bar, "train-rm"))
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
+    stats = measure(trainer, settings.training.batch_size)
+    save(trainer, tokenizer, config, stage.directory / training.STAGING)
+    training.put_in_place(stage.directory)
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    too_long = len(kept) + len(mixed) + len(held_out) - len(trainer.train_dataset) - held
+    manifest.counts = {"ai_pairs": len(pairs), "train_pairs": len(kept), "held_out_pairs": held,
+                       "mixed_pairs": len(mixed), "steps": result.global_step}
+    manifest.stats = {
+        **stats,
+        "dropped_low_confidence": len(train) - len(kept),
+        "dropped_too_long": too_long,
+        "final_loss": round(losses[-1] if losses else result.training_loss, 4),
+        "soft_labels": settings.soft_labels,
+        "format": fmt,
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "lora": settings.lora.enabled,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
+                                    if p.requires_grad),
+    }
+    complete(stage, manifest)
+    if too_long:
+        ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
+                f"({settings.training.max_length} tokens) were left out")
+    measured = (f"held-out accuracy {stats['eval_accuracy']:.3f}, ECE {stats['eval_ece']:.3f} "
+                f"({held} pairs)" if held else "no held-out pairs")
+    what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "reward model"
+    ui.info(f"train-rm: {len(kept)} AI + {len(mixed)} mixed pairs, {result.global_step} steps, "
+            f"loss {manifest.stats['final_loss']:.4f}; {measured}; train accuracy "
+            f"{stats['train_accuracy']:.3f} -> {what} in {stage.directory}")
+    return stage.directory
+
+
+def measure(trainer, batch_size: int) -> dict:
+    """Accuracy on the training pairs; accuracy and ECE on the held-out pairs (None without).
+    Batches of the training batch size: what fits with gradients fits without."""
+    stats = {"train_accuracy": round(accuracy(pair_rewards(trainer, trainer.train_dataset,
+                                                           batch_size)), 4),
+             "eval_accuracy": None, "eval_ece": None, "ece_bins": ECE_BINS}
+    held_out = trainer.eval_dataset
+    if held_out is not None and len(held_out):
+        rewards = pair_rewards(trainer, held_out, batch_size)
+        stats["eval_accuracy"] = round(accuracy(rewards), 4)
+        stats["eval_ece"] = round(expected_calibration_error(
+            [sigmoid(c - r) for c, r in rewards], held_out[TARGET]), 4)
+    return stats
+
+
+def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, train, held_out):
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from cai_cli import training
+    from cai_cli.stages.finetune import local_or_hub
+
+    settings = config.train_rm
+    set_seed(config.seed)  # before loading: the new head and LoRA start from the global RNG
+    dtype = torch.float32  # as in finetune: frozen LoRA base weights may sit in bf16/fp16
+    if settings.lora.enabled and (args.bf16 or args.fp16):
+        dtype = torch.bfloat16 if args.bf16 else torch.float16
+    try:
+        with suppress_seqcls_warning():  # the new head and the unused LM head are expected
+            model = AutoModelForSequenceClassification.from_pretrained(
+                local_or_hub(model_config.name_or_path), num_labels=1, dtype=dtype,
+                revision=model_config.revision, trust_remote_code=model_config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_key(config)}: cannot load '{model_config.name_or_path}' with a "
+                        f"sequence classification head: {str(exc).splitlines()[0]}") from None
+    # SEQ_CLS makes peft train the reward head in full beside the adapters.
+    peft_config = (training.peft_config(settings.lora, "SEQ_CLS")
+                   if settings.lora.enabled else None)
+    trainer = trainer_class()(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+        eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
+        processing_class=tokenizer, peft_config=peft_config,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
+    return trainer
+
+
+def save(trainer, tokenizer, config: Config, out: Path) -> None:
+    """The finished reward model (merged, or a peft adapter) with its tokenizer."""
+    shutil.rmtree(out, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = config.train_rm.lora
+    if lora.enabled and lora.merge:
+        model = model.merge_and_unload()
+    # Batched scoring finds each sequence's last token by the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
