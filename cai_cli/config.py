@@ -262,18 +262,22 @@ class TrainRMConfig(Section):
 class OptimizeConfig(Section):
     method: Literal["dpo", "grpo", "rloo"] = "dpo"
     """``dpo``: TRL's DPOTrainer straight from the pairs. ``grpo`` / ``rloo``: online RL with
-    TRL's GRPOTrainer / RLOOTrainer against the reward model in ``<run_dir>/rm``."""
+    TRL's GRPOTrainer / RLOOTrainer against the reward model in ``<run_dir>/rm`` (the paper used
+    PPO; TRL 1.x has no PPO with a value head, and these are its PPO-style trainers, with a
+    per-prompt group baseline instead of a critic)."""
     model: Optional[str] = None
     """Policy to optimise; default: ``<run_dir>/sft`` (made by ``cai finetune``)."""
     beta: float = Field(0.1, ge=0.0)
-    """Strength of the KL penalty towards the reference model (the starting policy)."""
+    """Strength of the pull towards the reference model (the starting policy): DPO's beta for
+    ``dpo`` (must be above 0), the KL penalty coefficient for ``grpo`` / ``rloo`` (0: none)."""
     min_confidence: float = Field(0.0, ge=0.0, le=0.5)
     """dpo: drop pairs whose |p_chosen - 0.5| is below this."""
     soft_labels: bool = False
     """dpo: use each pair's ``p_chosen`` as its label (conservative DPO with a per-pair label
     smoothing of 1 - p_chosen); false: standard DPO."""
     num_generations: int = Field(4, ge=2)
-    """grpo/rloo: completions sampled per prompt."""
+    """grpo/rloo: completions sampled per prompt. ``training.batch_size`` counts completions, so
+    ``batch_size`` x ``gradient_accumulation_steps`` must be a multiple of this."""
     max_completion_length: int = Field(64, ge=1)
     """grpo/rloo: longest completion sampled."""
     include_helpful: bool = False

@@ -23,6 +23,9 @@ STAGES = {
     "generate-sl": "generate_sl",
     "finetune": "finetune",
     "label-prefs": "label_prefs",
+    "train-rm": "train_rm",
+    "optimize": "optimize",
+    "evaluate": "evaluate",
 }
 
 
@@ -102,12 +105,13 @@ def print_status(config: Config) -> None:
     from rich.table import Table
 
     colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
-    table = Table(box=box.SIMPLE, title=f"{config.run_dir}", title_justify="left")
-    table.add_column("stage", no_wrap=True)
-    table.add_column("state", no_wrap=True)
+    table = Table(box=box.SIMPLE, title=f"run directory: {config.run_dir}", title_justify="left")
+    # Stage names and states never shrink; long paths and details wrap instead.
+    table.add_column("stage", no_wrap=True, min_width=11)
+    table.add_column("state", no_wrap=True, min_width=7)
     table.add_column("time", no_wrap=True, justify="right")
-    table.add_column("artifact", no_wrap=True)
-    table.add_column("details", overflow="fold")
+    table.add_column("artifact", no_wrap=True)  # relative to the run directory
+    table.add_column("details", overflow="fold", ratio=1)
     for status in statuses(config):
         manifest = status.spec.manifest() or {}
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
@@ -115,7 +119,7 @@ def print_status(config: Config) -> None:
         took = "" if seconds is None or status.state == "missing" else _duration(seconds)
         details = "; ".join(part for part in (status.reason, counts) if part)
         table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
-                      str(status.spec.directory), details)
+                      f"{status.spec.directory.name}/", details)
     ui.stdout.print(table)
 
 

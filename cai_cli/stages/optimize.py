@@ -1,0 +1,471 @@
+"""``cai optimize``: optimise the policy against the AI feedback, the last training stage of RLAIF.
+
+Three methods (``optimize.method``), all starting from the SL-CAI model in ``<run_dir>/sft`` (or
+``optimize.model``), which is also the reference the policy is kept close to:
+
+- ``dpo`` (default): TRL's DPOTrainer straight from the labelled pairs in ``prefs/pairs.jsonl``.
+  Pairs closer to a tie than ``min_confidence`` are dropped. With ``soft_labels`` each pair's
+  ``p_chosen`` is its target (conservative DPO with a per-pair label, see
+  ``soft_label_dpo_trainer``) instead of "chosen is always better".
+- ``grpo`` / ``rloo``: online RL. The policy samples ``num_generations`` completions per red-team
+  prompt (and helpful prompt, with ``include_helpful``), the reward model in ``<run_dir>/rm``
+  scores them, and TRL's GRPOTrainer / RLOOTrainer update the policy with a KL penalty ``beta``
+  towards the reference. The paper used PPO with a value head; TRL 1.x has no such trainer any
+  more, and GRPO and RLOO are its PPO-family trainers: the same clipped policy-gradient update,
+  with the other completions of the same prompt as the baseline instead of a learned critic.
+
+Under LoRA the reference is the same model with its adapters switched off, so no second copy is
+held in memory. The result in ``<run_dir>/policy`` loads like ``sft/`` (merged weights, or with
+``lora.merge: false`` the adapter alone, with the tokenizer and chat template either way).
+Trainer checkpoints go to the hidden ``policy/.checkpoints``; an interrupted run resumes from the
+newest one when the same command is run again. Everything a user can get wrong is checked before
+anything is written to ``policy/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from pathlib import Path
+
+from cai_cli import ui
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, load_manifest, model_fingerprint
+from cai_cli.config import Config, ModelConfig
+from cai_cli.data import load_prompts
+from cai_cli.errors import UserError
+from cai_cli.stages import generate_sl, label_prefs
+from cai_cli.stages.common import StageSpec, begin, complete
+
+# Keys of the optimize section that only DPO or only the online methods read. Each method's
+# fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
+DPO_ONLY = {"min_confidence", "soft_labels"}
+ONLINE_ONLY = {"num_generations", "max_completion_length", "include_helpful"}
+# DPOConfig fields that change the loss soft labels replace: they cannot be combined.
+SOFT_LOSS_FIELDS = ("loss_type", "loss_weights", "label_smoothing", "ld_alpha",
+                    "f_divergence_type", "use_weighting")
+
+
+def policy_path(config: Config) -> str:
+    return config.optimize.model or str(Path(config.run_dir) / "sft")
+
+
+def policy_model(config: Config) -> ModelConfig:
+    """The starting policy, with the policy's loading settings (revision, remote code)."""
+    return config.models.policy.model_copy(update={"name_or_path": policy_path(config)})
+
+
+def spec(config: Config) -> StageSpec:
+    """What decides this stage's output: cheap to compute, no model loaded."""
+    settings = config.optimize
+    run_dir = Path(config.run_dir)
+    online = settings.method != "dpo"
+    model = policy_model(config)
+    decides = {
+        "seed": config.seed,
+        "policy": model.model_dump(mode="json", include={"name_or_path", "revision",
+                                                         "trust_remote_code"}),
+        "optimize": settings.model_dump(mode="json", exclude=DPO_ONLY if online else ONLINE_ONLY),
+    }
+    inputs = {"policy": model_fingerprint(model.name_or_path)}
+    if not online:
+        inputs["pairs"] = file_fingerprint(run_dir / "prefs" / "pairs.jsonl")
+    else:
+        decides["data.red_team"] = config.data.red_team.model_dump(mode="json")
+        inputs["prompts"] = generate_sl.source_fingerprint(config.data.red_team)
+        inputs["reward_model"] = model_fingerprint(str(run_dir / "rm"))
+        if settings.include_helpful and config.data.helpful is not None:
+            decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
+            inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
+    return StageSpec("optimize", run_dir / "policy", decides, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (no heavy imports: these run before anything is loaded)
+
+
+def require_complete(directory: Path, command: str, why: str) -> None:
+    """An upstream stage's output must be there and finished."""
+    manifest = load_manifest(directory)
+    if manifest is None or manifest.get("status") != "complete":
+        state = "is missing" if manifest is None else "is unfinished"
+        raise UserError(f"{directory} {state}: run `cai {command} --config ...` first ({why})")
+
+
+def check_policy(config: Config) -> None:
+    """The starting policy: a finished ``sft/``, or the directory or hub id in optimize.model."""
+    from cai_cli.backends.hf import is_local_model
+
+    if config.optimize.model is None:
+        require_complete(Path(config.run_dir) / "sft", "finetune",
+                         "or set optimize.model to the policy to optimise")
+    name = policy_path(config)
+    path = Path(name).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # TRL would build the full-weights reference from the adapter's base model, not from
+        # the adapted model: the KL term would pull towards the wrong policy.
+        raise UserError(f"optimize.model: {path} holds a LoRA adapter without merged weights; "
+                        "rerun `cai finetune` with finetune.lora.merge: true (the default), or "
+                        "point optimize.model at merged weights")
+    if is_local_model(name) and not (path / "config.json").is_file():
+        state = "has no config.json" if path.exists() else "does not exist"
+        raise UserError(f"optimize.model: {path} {state}; expected a directory written by "
+                        "save_pretrained, or a hub id")
+
+
+def messages(value, where: str) -> list[dict[str, str]]:
+    """Chat messages reduced to role and content."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{where}: expected a list of chat messages ({{'role', 'content'}}); "
+                        "rerun `cai label-prefs --force`")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def preference_pairs(config: Config) -> tuple[list[dict], int]:
+    """The pairs DPO trains on, in TRL's conversational preference format (with ``p_chosen``
+    when soft labels use it), and the number of near-ties ``min_confidence`` dropped."""
+    settings = config.optimize
+    prefs = Path(config.run_dir) / "prefs"
+    require_complete(prefs, "label-prefs", "optimize.method dpo learns from its labelled pairs")
+    made = label_prefs.spec(config)
+    if made.state() == "stale":  # e.g. only a label setting changed: the pairs still serve
+        ui.warn(f"{prefs} was made from a different config (changed: "
+                f"{', '.join(made.changes()[:4])}); optimising on its pairs as they are")
+    path = prefs / "pairs.jsonl"
+    needs_label = settings.soft_labels or settings.min_confidence > 0
+    pairs, total, dropped = [], 0, 0
+    for number, record in enumerate(iter_jsonl(path), start=1):
+        where = f"{path}:{number}"
+        total += 1
+        p_chosen = record.get("p_chosen")
+        if needs_label:
+            if isinstance(p_chosen, bool) or not isinstance(p_chosen, (int, float)) \
+                    or not 0.0 <= p_chosen <= 1.0:
+                raise UserError(f"{where}: p_chosen must be a probability from 0 to 1 (got "
+                                f"{p_chosen!r}); optimize.soft_labels and min_confidence need it")
+            if abs(p_chosen - 0.5) < settings.min_confidence:
+                dropped += 1
+                continue
+        pair = {key: messages(record.get(key), f"{where}: {key}")
+                for key in ("prompt", "chosen", "rejected")}
+        if settings.soft_labels:
+            pair["p_chosen"] = float(p_chosen)
+        pairs.append(pair)
+    if total == 0:
+        raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
+                        f"{config.run_dir}` and rerun `cai label-prefs --force`")
+    if not pairs:
+        raise UserError(f"optimize.min_confidence: all {total} pairs in {path} have "
+                        f"|p_chosen - 0.5| below {settings.min_confidence}; lower it (the mean "
+                        f"confidence is in {prefs / 'manifest.json'})")
+    return pairs, dropped
+
+
+def online_prompts(config: Config) -> tuple[list[dict], int]:
+    """Conversational prompts for GRPO / RLOO: the red-team prompts, then the helpful ones with
+    ``include_helpful``; and how many are helpful."""
+    red_team = load_prompts(config.data.red_team, config.seed)
+    helpful = []
+    if config.optimize.include_helpful:
+        if config.data.helpful is None:
+            raise UserError("optimize.include_helpful is true but data.helpful is not set; add "
+                            "data.helpful (e.g. {path: cai_cli/resources/helpful.jsonl, field: "
+                            "messages}) or set optimize.include_helpful: false")
+        helpful = load_prompts(config.data.helpful, config.seed, "data.helpful")
+    rows = [{"prompt": [{"role": "user", "content": p.text}]} for p in red_team + helpful]
+    return rows, len(helpful)
+
+
+def reward_model_dir(config: Config) -> Path:
+    rm = Path(config.run_dir) / "rm"
+    require_complete(rm, "train-rm", f"optimize.method {config.optimize.method} samples "
+                     "completions and scores them with the reward model")
+    return rm
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need the libraries (still before anything is written)
+
+
+def trainer_args(config: Config, model: ModelConfig):
+    """The TRL config of the method, from our settings; UserError for what TRL would reject."""
+    from trl import DPOConfig, GRPOConfig, RLOOConfig
+
+    from cai_cli import training
+
+    settings = config.optimize
+    method = settings.method
+    stage_args = {"beta": (settings.beta, "optimize.beta"),
+                  "trust_remote_code": (model.trust_remote_code, "models.policy.trust_remote_code")}
+    if model.revision:  # TRL loads the full-weights reference itself, from the same revision
+        stage_args["model_init_kwargs"] = ({"revision": model.revision}, "models.policy.revision")
+    if method == "dpo":
+        config_cls = DPOConfig
+        if settings.beta == 0:
+            raise UserError("optimize.beta: must be above 0 for method dpo (the loss scales the "
+                            "log-probability ratios by it: at 0 nothing is learned)")
+        clashes = [name for name in SOFT_LOSS_FIELDS if name in settings.training.trl_args]
+        if settings.soft_labels and clashes:
+            raise UserError(f"optimize.training.trl_args.{clashes[0]}: optimize.soft_labels uses "
+                            "its own loss (DPO with each pair's p_chosen as its label); remove "
+                            f"{', '.join(clashes)}, or set optimize.soft_labels: false")
+    else:
+        config_cls = GRPOConfig if method == "grpo" else RLOOConfig
+        batch_size, group = settings.training.batch_size, settings.num_generations
+        per_step = batch_size * settings.training.gradient_accumulation_steps
+        if per_step % group:
+            fitting = -(-batch_size // group) * group  # the next multiple of the group size
+            raise UserError(
+                f"optimize.training.batch_size x gradient_accumulation_steps = {per_step} "
+                f"completions per optimiser step, which is not a multiple of "
+                f"optimize.num_generations ({group}): each prompt's completions are compared "
+                f"with each other, so they must be trained on together; e.g. set "
+                f"optimize.training.batch_size: {fitting}")
+        stage_args.update(
+            num_generations=(group, "optimize.num_generations"),
+            max_completion_length=(settings.max_completion_length,
+                                   "optimize.max_completion_length"))
+    return training.trl_config(config_cls, settings.training, "optimize.training",
+                               seed=config.seed, output_dir=Path(config.run_dir) / "policy",
+                               cpu=training.use_cpu(config.models.policy), stage_args=stage_args)
+
+
+def check_chat_template(tokenizer, name: str, what: str) -> None:
+    if not tokenizer.chat_template:
+        raise UserError(f"{what}: '{name}' has no chat template, and the prompts and answers are "
+                        "conversations; optimise a chat model (cai finetune keeps the template)")
+
+
+def reward_tokenizer(rm: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(rm)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{rm}: cannot load the reward model's tokenizer: "
+                        f"{str(exc).splitlines()[0]}; rerun `cai train-rm --force`") from None
+    # TRL renders prompt + completion with the reward model's template before scoring.
+    check_chat_template(tokenizer, str(rm), "the reward model")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(config: Config, *, force: bool = False) -> Path | None:
+    from cai_cli import training
+    from cai_cli.backends.hf import load_tokenizer
+
+    stage = spec(config)
+    settings = config.optimize
+    model = policy_model(config)
+    check_policy(config)
+    rm, dropped, helpful = None, 0, 0
+    if settings.method == "dpo":
+        data, dropped = preference_pairs(config)
+    else:
+        rm = reward_model_dir(config)
+        data, helpful = online_prompts(config)
+    training.quiet_libraries()
+    args = trainer_args(config, model)
+    # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
+    # left padding, which generation wants.
+    tokenizer = load_tokenizer(model, "optimize.model")
+    check_chat_template(tokenizer, model.name_or_path, "optimize.model")
+    training.check_lora(settings.lora, model, "optimize.lora")
+    rm_tokenizer = reward_tokenizer(rm) if rm else None
+
+    resumable = stage.state() == "partial" and not force
+    manifest = begin(stage, config, force=force)
+    if manifest is None:
+        return stage.directory
+    checkpoint = training.last_checkpoint(stage.directory) if resumable else None
+    if checkpoint is None:  # a fresh start: nothing from another run may be resumed
+        shutil.rmtree(stage.directory / training.CHECKPOINTS, ignore_errors=True)
+    started = time.perf_counter()
+    trainer = build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer)
+    if checkpoint is not None:
+        ui.info(f"optimize: continuing from {checkpoint.name}")
+    with training.progress_bar() as bar:
+        trainer.add_callback(training.progress_callback(bar, f"optimize ({settings.method})"))
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
+
+    training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
+    training.put_in_place(stage.directory)
+    manifest.counts, manifest.stats, summary = outcome(config, trainer, result, len(data),
+                                                       dropped=dropped, helpful=helpful)
+    manifest.stats.update(
+        resumed_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        lora=settings.lora.enabled,
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
+                                 if p.requires_grad))
+    complete(stage, manifest)
+    what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
+    ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
+    return stage.directory
+
+
+def outcome(config: Config, trainer, result, examples: int, *, dropped: int,
+            helpful: int) -> tuple[dict, dict, str]:
+    """Counts and stats for the manifest, and the summary line. Metrics are the last logged
+    values (the log history survives a resume), or the run's mean loss when none was logged."""
+    losses = logged(trainer, "loss")
+    stats = {"final_loss": round(losses[-1] if losses else result.training_loss, 4) + 0.0}
+    if config.optimize.method == "dpo":
+        margins = logged(trainer, "rewards/margins")
+        accuracies = logged(trainer, "rewards/accuracies")
+        pairs = len(trainer.train_dataset)  # TRL drops pairs whose prompt fills max_length
+        counts = {"pairs": examples + dropped, "below_min_confidence": dropped,
+                  "train_pairs": pairs, "steps": result.global_step}
+        stats.update(reward_margin=round(margins[-1], 4) if margins else None,
+                     reward_accuracy=round(accuracies[-1], 4) if accuracies else None)
+        summary = f"{pairs} pairs"
+        if dropped:
+            summary += f" ({dropped} near-ties dropped by min_confidence)"
+        summary += f", {result.global_step} steps, loss {stats['final_loss']:.4f}"
+        if margins:
+            summary += f", reward margin {margins[-1]:+.4f}"
+    else:
+        rewards = logged(trainer, "reward")
+        counts = {"red_team_prompts": examples - helpful, "helpful_prompts": helpful,
+                  "steps": result.global_step}
+        stats.update(first_reward=round(rewards[0], 4) if rewards else None,
+                     last_reward=round(rewards[-1], 4) if rewards else None)
+        summary = (f"{examples} prompts x {config.optimize.num_generations} completions, "
+                   f"{result.global_step} steps")
+        if rewards:
+            summary += f", reward {rewards[0]:+.4f} to {rewards[-1]:+.4f}"
+    return counts, stats, summary
+
+
+def logged(trainer, name: str) -> list[float]:
+    """Every value the trainer logged under ``name``, in order."""
+    return [entry[name] for entry in trainer.state.log_history if name in entry]
+
+
+def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, data: list[dict],
+                  rm: Path | None, rm_tokenizer):
+    import datasets
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from cai_cli import training
+
+    settings = config.optimize
+    set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
+    model = training.load_model(model_config, "optimize.model", settings.lora, args)
+    peft_config = (training.peft_config(settings.lora, "CAUSAL_LM")
+                   if settings.lora.enabled else None)
+    dataset = datasets.Dataset.from_list(data)
+    if settings.method == "dpo":
+        from trl import DPOTrainer
+
+        # No ref_model: TRL loads the starting policy again as the reference, or under LoRA
+        # switches the adapters off.
+        trainer_cls = soft_label_dpo_trainer() if settings.soft_labels else DPOTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config)
+    else:
+        from trl import GRPOTrainer, RLOOTrainer
+
+        reward_model = load_reward_model(rm, args)
+        trainer_cls = GRPOTrainer if settings.method == "grpo" else RLOOTrainer
+        trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
+                              train_dataset=dataset, processing_class=tokenizer,
+                              reward_processing_classes=rm_tokenizer, peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
+    return trainer
+
+
+def load_reward_model(rm: Path, args):
+    """The reward model, frozen, so it may sit in the training precision."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{rm}: cannot load the reward model: {str(exc).splitlines()[0]}; "
+                        "rerun `cai train-rm --force`") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-label DPO
+
+
+class SoftLabelCollator:
+    """TRL's preference collator plus each pair's ``p_chosen`` as a float tensor."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.collate(examples)
+        batch["p_chosen"] = torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float32)
+        return batch
+
+
+@functools.cache
+def soft_label_dpo_trainer() -> type:
+    """The DPOTrainer subclass for ``soft_labels`` (built on first use: TRL is a heavy import)."""
+    from trl import DPOTrainer
+
+    class SoftLabelDPOTrainer(DPOTrainer):
+        """DPO with each pair's ``p_chosen`` as its label (conservative DPO, per pair)::
+
+            loss = -(p * logsigmoid(beta * h) + (1 - p) * logsigmoid(-beta * h))
+
+        where ``h`` is the chosen-minus-rejected difference of the policy/reference
+        log-probability ratios. TRL 1.16's sigmoid loss takes no label: its ``label_smoothing``
+        enters only the robust, EXO and AOT losses, as one number for every pair, so there is no
+        hook to reuse. Since ``-logsigmoid(-x) = -logsigmoid(x) + x``, the soft loss is TRL's
+        sigmoid loss plus ``(1 - p) * beta * h``: TRL still runs the forward passes and logs its
+        metrics (rewards/margins, ...), and only that linear term is added here.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.data_collator = SoftLabelCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            # The Trainer drops dataset columns the trainer does not name; keep the labels.
+            super()._set_signature_columns_if_needed()
+            if "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            p_chosen = inputs.pop("p_chosen")
+            if "ref_chosen_logps" not in inputs:
+                # The reference log-probabilities, computed once here and read by TRL from the
+                # batch as if precomputed (precompute_ref_log_probs puts them there already).
+                reference = self.model if self.ref_model is None else self.ref_model
+                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = \
+                    self.compute_ref_log_probs(reference, inputs)
+            policy_outputs = []
+
+            def policy(*args, **kwargs):  # keeps the policy's per-token log-probabilities
+                policy_outputs.append(model(*args, **kwargs))
+                return policy_outputs[-1]
+
+            precomputed, self.precompute_ref_logps = self.precompute_ref_logps, True
+            try:
+                result = super()._compute_loss(policy, inputs, return_outputs)
+            finally:
+                self.precompute_ref_logps = precomputed
+            sigmoid_loss = result[0] if return_outputs else result
+            positions = inputs["completion_mask"].size(1) - 1  # log-probs of tokens 1..n
+            logps = policy_outputs[0].log_probs[:, -positions:].sum(dim=1)
+            chosen, rejected = logps.chunk(2, dim=0)  # the batch is [chosen..., rejected...]
+            h = (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
+            loss = sigmoid_loss + ((1 - p_chosen) * self.beta * h).mean()
+            return (loss, result[1]) if return_outputs else loss
+
+    return SoftLabelDPOTrainer
