@@ -42,8 +42,9 @@ class StageStatus:
 
 
 def statuses(config: Config) -> list[StageStatus]:
-    """Every stage's state; a stage after one that is not done is stale at best."""
-    out, upstream = [], None
+    """Every stage's state; a stage that reads the output of one that will run is stale."""
+    out: list[StageStatus] = []
+    will_run: set[str] = set()
     for name in STAGES:
         spec = stage_module(name).spec(config)
         state = spec.state()
@@ -54,10 +55,11 @@ def statuses(config: Config) -> list[StageStatus]:
             reason = "interrupted: resumes where it stopped"
         elif state == "missing":
             reason = "not run yet"
-        if upstream is not None and state == "done":
-            state, reason = "stale", f"after {upstream}, which will run"
-        if state != "done" and upstream is None:
-            upstream = name
+        rerun = [stage for stage in spec.after if stage in will_run]
+        if rerun and state == "done":
+            state, reason = "stale", f"reads the output of {rerun[0]}, which will run"
+        if state != "done":
+            will_run.add(name)
         out.append(StageStatus(name, spec, state, reason))
     return out
 

@@ -28,6 +28,7 @@ class StageSpec:
     directory: Path
     settings: dict[str, Any]  # config values that decide the output (JSON-able)
     inputs: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
+    after: tuple[str, ...] = ()  # earlier stages whose output this one reads
 
     @property
     def fingerprint(self) -> str:

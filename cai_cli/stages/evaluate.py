@@ -72,7 +72,9 @@ def spec(config: Config) -> StageSpec:
     inputs["prompts"] = sl.inputs["prompts"]
     if config.evaluate.reward_model:
         inputs["reward_model"] = model_fingerprint(str(Path(config.run_dir) / "rm"))
-    return StageSpec("evaluate", Path(config.run_dir) / "eval", settings, inputs)
+    after = tuple(RUN_MODELS[name] for name in paths if name in RUN_MODELS)
+    after += ("train-rm",) if config.evaluate.reward_model else ()
+    return StageSpec("evaluate", Path(config.run_dir) / "eval", settings, inputs, after)
 
 
 def select_prompts(config: Config) -> list[Prompt]:

@@ -61,7 +61,8 @@ def spec(config: Config) -> StageSpec:
     if config.finetune.helpful_ratio > 0 and config.data.helpful is not None:
         settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
         inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
-    return StageSpec("finetune", Path(config.run_dir) / "sft", settings, inputs)
+    return StageSpec("finetune", Path(config.run_dir) / "sft", settings, inputs,
+                     after=("generate-sl",))
 
 
 # ---------------------------------------------------------------------------------------------

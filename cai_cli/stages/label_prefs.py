@@ -63,7 +63,8 @@ def spec(config: Config) -> StageSpec:
         "policy": model_fingerprint(policy_path(config)),
         "feedback": model_fingerprint(config.feedback_model.name_or_path),
     }
-    return StageSpec("label-prefs", Path(config.run_dir) / "prefs", settings, inputs)
+    after = ("finetune",) if config.label_prefs.policy is None else ()
+    return StageSpec("label-prefs", Path(config.run_dir) / "prefs", settings, inputs, after)
 
 
 def policy_model(config: Config) -> ModelConfig:
@@ -258,7 +259,7 @@ class Judge:
         self.config, self.constitution, self.backend = config, constitution, backend
         self.settings = settings = config.label_prefs
         self.fmt = resolve_format(settings.prompt_format, backend, "label_prefs.prompt_format")
-        self.comparisons = 0  # pairs judged in this process, for the rate column
+        self.comparisons = 0  # judged in this process, for the rate column
         self.skipped_last = 0
 
     def pairs_of(self, record: dict) -> list[tuple[str, str, str]]:
@@ -345,6 +346,6 @@ class Judge:
                 "judgments": shown,
                 "prompt_id": record["id"],
             })
-        self.comparisons += len(pairs)
+        self.comparisons += len(jobs) // 2  # a pair under one principle, both orders
         self.skipped_last = len(pairs) - len(out)
         return out

@@ -77,7 +77,9 @@ def spec(config: Config) -> StageSpec:
         if settings.include_helpful and config.data.helpful is not None:
             decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
             inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
-    return StageSpec("optimize", run_dir / "policy", decides, inputs)
+    after = ("train-rm",) if online else ("label-prefs",)
+    after += ("finetune",) if settings.model is None else ()
+    return StageSpec("optimize", run_dir / "policy", decides, inputs, after)
 
 
 # ---------------------------------------------------------------------------------------------

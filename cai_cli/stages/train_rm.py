@@ -73,7 +73,8 @@ def spec(config: Config) -> StageSpec:
               "model": model_fingerprint(model.name_or_path)}
     if config.train_rm.mix is not None:
         inputs["mix"] = generate_sl.source_fingerprint(config.train_rm.mix)
-    return StageSpec("train-rm", Path(config.run_dir) / "rm", settings, inputs)
+    return StageSpec("train-rm", Path(config.run_dir) / "rm", settings, inputs,
+                     after=("label-prefs",))
 
 
 # ---------------------------------------------------------------------------------------------
