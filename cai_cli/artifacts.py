@@ -117,13 +117,13 @@ class ResumableJsonl:
         self.finished = False
         self.extra: dict[str, Any] = {}
 
-    def open(self) -> int:
-        """Prepare for writing; return the number of batches already done (0 on a fresh start).
-        When a previous run with the same fingerprint got as far as ``finish``, ``finished`` is
-        set and the final file holds its output."""
+    def open(self, *, fresh: bool = False) -> int:
+        """Prepare for writing; return the number of batches already done (0 on a fresh start,
+        always with ``fresh``). When a previous run with the same fingerprint got as far as
+        ``finish``, ``finished`` is set and the final file holds its output."""
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         state = None
-        if self.state_path.is_file():
+        if self.state_path.is_file() and not fresh:
             try:
                 state = json.loads(self.state_path.read_text())
             except json.JSONDecodeError:

@@ -108,6 +108,20 @@ class SamplingConfig(Section):
     """Keep only the k most likely tokens; 0 turns this off."""
 
 
+class SampleSamplingConfig(SamplingConfig):
+    """Sampling for label-prefs' answers: full temperature, for varied pairs."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+
+
+class GreedySamplingConfig(SamplingConfig):
+    """Sampling for evaluation: greedy by default, so comparisons are repeatable."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+
+
 class GenerateSLConfig(Section):
     num_revisions: int = Field(2, ge=1, le=4)
     """Critique/revision rounds per prompt (1-4); a fresh principle is drawn each round."""
@@ -160,6 +174,20 @@ class TrainingConfig(Section):
     precision) must be set by their own keys."""
 
 
+class RewardTrainingConfig(TrainingConfig):
+    """Reward-model training: as TrainingConfig, with a lower default learning rate."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+
+
+class PolicyTrainingConfig(TrainingConfig):
+    """Policy optimisation: as TrainingConfig, with the small learning rate DPO/RL want."""
+
+    learning_rate: float = Field(5e-7, gt=0)
+    """Peak learning rate."""
+
+
 class LoraConfig(Section):
     enabled: bool = False
     """Train LoRA adapters through peft instead of all weights."""
@@ -209,7 +237,7 @@ class LabelPrefsConfig(Section):
     """Answers sampled per prompt (at least 2); pairs are formed from them."""
     pairs_per_prompt: Optional[int] = Field(None, ge=1)
     """Pairs per prompt; default: every pair of its answers."""
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+    sampling: SampleSamplingConfig = SampleSamplingConfig()
     """Sampling for the policy's answers."""
     principles_per_pair: int = Field(4, ge=1)
     """Comparison principles drawn per pair (the ensemble); each is scored in both orders."""
@@ -253,7 +281,7 @@ class TrainRMConfig(Section):
     """Mixed-in pairs per AI-labelled pair, at most (drawn with ``seed``)."""
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the AI-labelled pairs held out to measure accuracy and calibration."""
-    training: TrainingConfig = TrainingConfig(learning_rate=1e-5)
+    training: RewardTrainingConfig = RewardTrainingConfig()
     """Optimisation settings."""
     lora: LoraConfig = LoraConfig()
     """Parameter-efficient training (the reward head is always trained in full)."""
@@ -282,7 +310,7 @@ class OptimizeConfig(Section):
     """grpo/rloo: longest completion sampled."""
     include_helpful: bool = False
     """grpo/rloo: also train on the prompts of ``data.helpful``."""
-    training: TrainingConfig = TrainingConfig(learning_rate=5e-7)
+    training: PolicyTrainingConfig = PolicyTrainingConfig()
     """Optimisation settings."""
     lora: LoraConfig = LoraConfig()
     """Parameter-efficient training; under LoRA the reference is the model with adapters off."""
@@ -301,7 +329,7 @@ class EvaluateConfig(Section):
     """Also evaluate on this many prompts of ``data.helpful``."""
     principles_per_pair: int = Field(4, ge=1)
     """Comparison principles per pair of answers, each judged in both orders."""
-    sampling: SamplingConfig = SamplingConfig(temperature=0.0)
+    sampling: GreedySamplingConfig = GreedySamplingConfig()
     """Sampling for the evaluated answers (greedy by default)."""
     reward_model: bool = True
     """Also score every answer with the reward model in ``<run_dir>/rm`` when it exists."""

@@ -14,7 +14,7 @@ from cai_cli.errors import UserError
 def check_config(config: Config) -> None:
     from cai_cli.backends.hf import check_model_source
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts
+    from cai_cli.data import load_prompts, read_records
     from cai_cli.stages.generate_sl import constitution_paths
 
     problems: list[str] = []
@@ -31,11 +31,30 @@ def check_config(config: Config) -> None:
                       f"{len(c.few_shot)} worked examples, {len(c.comparison_examples)} comparison examples")
     attempt(lambda: load_prompts(config.data.red_team, config.seed, "data.red_team"),
             lambda prompts: f"data.red_team: {len(prompts)} prompts")
-    models = {"models.policy": config.models.policy}
+    if config.data.helpful is not None:
+        attempt(lambda: load_prompts(config.data.helpful, config.seed, "data.helpful"),
+                lambda prompts: f"data.helpful: {len(prompts)} records")
+    if config.train_rm.mix is not None:
+        attempt(lambda: sum(1 for _ in read_records(config.train_rm.mix, "train_rm.mix")),
+                lambda count: f"train_rm.mix: {count} records")
+
+    # Every model the config names directly; this run's own checkpoints (sft/, rm/, policy/)
+    # are made by the stages and checked when a stage needs them.
+    models = {"models.policy": config.models.policy.name_or_path}
     if config.models.feedback is not None:
-        models["models.feedback"] = config.models.feedback
-    for what, model in models.items():
-        attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {model.name_or_path}")
+        models["models.feedback"] = config.models.feedback.name_or_path
+    for key, value in (("finetune.model", config.finetune.model),
+                       ("label_prefs.policy", config.label_prefs.policy),
+                       ("train_rm.model", config.train_rm.model),
+                       ("optimize.model", config.optimize.model)):
+        if value is not None:
+            models[key] = value
+    for name in config.evaluate.models:
+        if name not in ("base", "sft", "policy"):
+            models[f"evaluate.models ({name})"] = name
+    for what, path in models.items():
+        model = config.models.policy.model_copy(update={"name_or_path": path})
+        attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
 
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"

@@ -330,3 +330,14 @@ def test_set_reaches_inside_a_free_mapping(tmp_path):
 def test_set_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     with pytest.raises(UserError, match="valid keys: run_dir, seed"):
         load_config(write(tmp_path, MINIMAL), ["zzzz=1"])
+
+
+def test_stage_defaults_survive_setting_one_key_of_the_section(tmp_path):
+    # each of these sections has its own defaults; giving one key must not reset the others
+    config = load_config(write(tmp_path, MINIMAL), [
+        "optimize.training.max_steps=3", "train_rm.training.max_steps=3",
+        "evaluate.sampling.max_new_tokens=9", "label_prefs.sampling.max_new_tokens=9"])
+    assert config.optimize.training.learning_rate == 5e-7
+    assert config.train_rm.training.learning_rate == 1e-5
+    assert config.evaluate.sampling.temperature == 0.0
+    assert config.label_prefs.sampling.temperature == 1.0

@@ -86,6 +86,8 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_fewer_than_two_models_and_missing_checkpoints_exit_2(tmp_path, tiny_model_dir):
     result = cai("evaluate", "--config", write_config(tmp_path, tiny_model_dir, ["base"]))
     assert result.returncode == 2 and "two or more" in result.stderr and "Traceback" not in result.stderr
+    result = cai("evaluate", "--config", write_config(tmp_path, tiny_model_dir, ["base", "base", "x/y"]))
+    assert result.returncode == 2 and "base listed more than once" in result.stderr
     result = cai("evaluate", "--config", write_config(tmp_path, tiny_model_dir, ["base", "sft"]))
     assert result.returncode == 2 and "cai finetune" in result.stderr
     assert not (tmp_path / "run" / "eval").exists()

@@ -31,6 +31,9 @@ from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.stages import generate_sl
 from cai_cli.stages.common import StageSpec, begin, complete
 
+# The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
+JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
+                "cot_max_new_tokens"}
 # Names that stand for this run's checkpoints, and the command that makes each.
 RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
 
@@ -38,9 +41,13 @@ RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
 def model_paths(config: Config) -> dict[str, str]:
     """Name -> model path or hub id for every evaluated model, in the configured order."""
     names = config.evaluate.models
-    if len(set(names)) < 2:
+    if len(names) < 2:
         raise UserError("evaluate.models: give two or more different models to compare, e.g. "
                         "[base, sft, policy]")
+    if len(set(names)) < len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise UserError(f"evaluate.models: {', '.join(twice)} listed more than once; name each "
+                        "model once")
     paths = {}
     for name in names:
         if name == "base":
@@ -59,8 +66,10 @@ def spec(config: Config) -> StageSpec:
         "seed": config.seed,
         "constitution": sl.settings["constitution"],
         "data.red_team": sl.settings["data.red_team"],
-        "data.helpful": config.data.helpful.model_dump(mode="json") if config.data.helpful else None,
-        "label_prefs": config.label_prefs.model_dump(mode="json"),  # held-out prompts, judging
+        "generate_sl": config.generate_sl.model_dump(mode="json",
+                                                      include={"prompt_format", "system_prompt"}),
+        # the held-out prompts and how the judge is asked
+        "label_prefs": config.label_prefs.model_dump(mode="json", include=JUDGING_KEYS),
         "models.policy": config.models.policy.model_dump(mode="json"),
         "models.feedback": config.feedback_model.model_dump(mode="json"),
         "evaluate": config.evaluate.model_dump(mode="json"),
@@ -70,6 +79,9 @@ def spec(config: Config) -> StageSpec:
     inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
     inputs["constitution"] = sl.inputs["constitution"]
     inputs["prompts"] = sl.inputs["prompts"]
+    if config.evaluate.helpful_limit and config.data.helpful is not None:
+        settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
+        inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
     if config.evaluate.reward_model:
         inputs["reward_model"] = model_fingerprint(str(Path(config.run_dir) / "rm"))
     after = tuple(RUN_MODELS[name] for name in paths if name in RUN_MODELS)
@@ -127,7 +139,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
 
     # Answers: one checkpointed batch per model, so an interruption loses one model's work.
     answers_file = ResumableJsonl(stage.directory / "answers.jsonl", stage.fingerprint)
-    done = answers_file.open()
+    done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
         from cai_cli.stages.label_prefs import release_memory
@@ -136,7 +148,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
             backend = load_backend(config.models.policy.model_copy(update={"name_or_path": path}),
                                    f"evaluate.models ({name})")
-            answers_file.append_batch(answer_all(config, backend, prompts, index))
+            answers_file.append_batch(answer_all(config, backend, prompts, index, name))
             del backend
             release_memory()
         answers_file.finish()
@@ -159,7 +171,8 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     return stage.directory / "report.json"
 
 
-def answer_all(config: Config, backend, prompts: list[Prompt], index: int) -> list[dict]:
+def answer_all(config: Config, backend, prompts: list[Prompt], index: int,
+               name: str) -> list[dict]:
     fmt = resolve_format(config.generate_sl.prompt_format, backend, "generate_sl.prompt_format")
     sampling = config.evaluate.sampling
     params = SamplingParams(
@@ -169,7 +182,6 @@ def answer_all(config: Config, backend, prompts: list[Prompt], index: int) -> li
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
     results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                 for p in prompts], params)
-    name = config.evaluate.models[index]
     # A prompt too long for this model gets an empty answer: it loses to any real one.
     return [{"model": name, "id": p.id, "answer": r.text if isinstance(r, Completion) else ""}
             for p, r in zip(prompts, results)]
@@ -242,17 +254,34 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
     scores: dict[str, list[float]] = {}
     size = config.models.policy.batch_size
     for name in names:
-        texts = [tokenizer.apply_chat_template(
-            [{"role": "user", "content": p.text}, {"role": "assistant", "content": answers[name, p.id]}],
-            tokenize=False) for p in prompts]
+        texts, special = reward_texts(tokenizer, prompts, [answers[name, p.id] for p in prompts])
         values = []
         for start in range(0, len(texts), size):
             batch = tokenizer(texts[start:start + size], return_tensors="pt", padding=True,
-                              truncation=True, add_special_tokens=False).to(device)
+                              truncation=True, add_special_tokens=special).to(device)
             with torch.inference_mode():
                 values += model(**batch).logits[:, 0].float().tolist()
         scores[name] = values
     return scores
+
+
+def reward_texts(tokenizer, prompts: list[Prompt], answers: list[str]) -> tuple[list[str], bool]:
+    """The texts the reward model scores, laid out as train-rm trained it: through the chat
+    template, or as a Human:/Assistant: transcript ending in the end-of-sequence token for a
+    model without one. The flag says whether the tokenizer adds its special tokens."""
+    from cai_cli.stages.train_rm import transcript
+
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template(
+            [{"role": "user", "content": p.text}, {"role": "assistant", "content": a}],
+            tokenize=False) for p, a in zip(prompts, answers)], False
+    texts = []
+    for p, a in zip(prompts, answers):
+        row = transcript({"prompt": [{"role": "user", "content": p.text}],
+                          "chosen": [{"role": "assistant", "content": a}],
+                          "rejected": [{"role": "assistant", "content": a}], "p_chosen": 1.0})
+        texts.append(row["prompt"] + row["chosen"] + (tokenizer.eos_token or ""))
+    return texts, True
 
 
 def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:

@@ -95,7 +95,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         return stage.directory / "chains.jsonl"
 
     writer = ResumableJsonl(stage.directory / "chains.jsonl", stage.fingerprint)
-    done_batches = writer.open()
+    done_batches = writer.open(fresh=force)
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not writer.finished:
         backend = load_backend(config.models.policy, "models.policy")

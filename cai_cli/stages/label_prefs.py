@@ -43,6 +43,9 @@ from cai_cli.stages import generate_sl
 from cai_cli.stages.common import StageSpec, begin, complete
 
 
+COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
+
+
 def policy_path(config: Config) -> str:
     return config.label_prefs.policy or str(Path(config.run_dir) / "sft")
 
@@ -55,7 +58,10 @@ def spec(config: Config) -> StageSpec:
         "data.red_team": sl.settings["data.red_team"],
         "models.policy": policy_model(config).model_dump(mode="json"),
         "models.feedback": config.feedback_model.model_dump(mode="json"),
-        "label_prefs": config.label_prefs.model_dump(mode="json"),
+        "label_prefs": config.label_prefs.model_dump(
+            mode="json", exclude=set() if config.label_prefs.chain_of_thought else COT_KEYS),
+        "generate_sl": config.generate_sl.model_dump(mode="json",
+                                                      include={"prompt_format", "system_prompt"}),
     }
     inputs = {
         "constitution": sl.inputs["constitution"],
@@ -117,7 +123,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     started = time.perf_counter()
 
     samples = ResumableJsonl(stage.directory / "samples.jsonl", stage.fingerprint)
-    done = samples.open()
+    done = samples.open(fresh=force)
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not samples.finished:
         from cai_cli.backends import load_backend
@@ -135,7 +141,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
 
     sampled = samples.records()
     pairs = ResumableJsonl(stage.directory / "pairs.jsonl", stage.fingerprint)
-    done = pairs.open()
+    done = pairs.open(fresh=force)
     groups = [sampled[i:i + settings.batch_size] for i in range(0, len(sampled), settings.batch_size)]
     if not pairs.finished:
         from cai_cli.backends import load_backend
