@@ -70,6 +70,12 @@ def test_option_scores_match_a_manual_forward_pass(backend, options):
     prompts = [comparison_prompt("How do I pick a lock?", "Which is safer?", "No.", "Use a pick.", [], fmt)
                for fmt in ("chat", "transcript")]
     prompts.append(comparison_prompt("Hi " * 40, "Which is kinder?", "Hello!", "Go away.", [], "chat"))
+    # three questions after the same worked example: their shared prefix is computed once
+    from cai_cli.constitution import load_constitution
+
+    example = load_constitution(CONSTITUTION).comparison_examples[:1]
+    prompts += [comparison_prompt(f"Question {n}?", "Which is safer?", f"Yes {n}.", "No.", example, "chat")
+                for n in range(3)]
     scores = backend.score_options(prompts, options)
 
     tokenizer, model = backend.tokenizer, backend.model
@@ -86,6 +92,22 @@ def test_option_scores_match_a_manual_forward_pass(backend, options):
             expected = sum(logprobs[t - 1, ids[t]].item() for t in range(start, len(ids)))
             assert value == pytest.approx(expected, abs=1e-4)
     assert all(a != b for a, b in scores)
+
+
+def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(backend):
+    from cai_cli.backends.base import SamplingParams
+    from cai_cli.constitution import load_constitution
+    from cai_cli.prompting import critique_prompt
+
+    constitution = load_constitution(CONSTITUTION)
+    examples, principle = constitution.few_shot[:1], constitution.principles[0]
+    prompts = [critique_prompt(f"How do I do thing number {n}?" + " really" * n, "Like this.", principle,
+                               examples, "chat") for n in range(5)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    batched = backend.generate(prompts, params)  # batch size 3: rows share the worked example
+    alone = [backend.generate([p], params)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.tokens for c in batched] == [c.tokens for c in alone]
 
 
 def test_option_probability_normalises_over_options():

@@ -117,6 +117,11 @@ class HFBackend:
         self.max_context = model.max_context or self._model_context()
         self.stop_token_ids = self._stop_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id
+        # transformers 5 renames the cache argument from past_key_values to cache
+        import inspect
+
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     def _model_context(self) -> int:
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -166,7 +171,7 @@ class HFBackend:
                 results[index] = Overflow(len(ids), params.max_new_tokens, self.max_context)
             else:
                 fitting.append(index)
-        fitting.sort(key=lambda i: -len(encoded[i]))  # longest first: a too-big batch fails at once
+        fitting = batch_order(fitting, encoded)
         torch.manual_seed(params.seed)
         size = self.config.batch_size
         for start in range(0, len(fitting), size):
@@ -177,12 +182,8 @@ class HFBackend:
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
         torch = self._torch
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+        input_ids, attention, cache = self._batch_inputs(batch)
+        width = input_ids.shape[1]
         sampling = params.temperature > 0
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
@@ -197,7 +198,8 @@ class HFBackend:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs)
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                **({self._cache_argument: cache} if cache is not None else {}), **kwargs)
         completions = []
         stops = set(self.stop_token_ids)
         for row in output[:, width:].tolist():
@@ -208,6 +210,40 @@ class HFBackend:
                                           len(new_tokens) + (end is not None)))
         return completions
 
+
+    def _batch_inputs(self, batch: list[list[int]]):
+        """Input ids, attention mask and (when the rows share a long prefix) a cache of it.
+
+        Rows are left-padded so every prompt ends at the same column. When all rows begin with
+        the same ``PREFIX_MIN`` tokens or more (worked examples, the same question), that prefix
+        is run once and its key/value cache repeated for every row; the rows are then laid out
+        as ``prefix | padding | rest``, and only the rests are computed. Position ids follow the
+        attention mask, so the padding in the middle changes nothing (greedy outputs equal the
+        unbatched ones).
+        """
+        torch = self._torch
+        shared = min(_common_prefix_all(batch), min(len(ids) for ids in batch) - 1)
+        cache = None
+        if len(batch) > 1 and shared >= PREFIX_MIN:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([batch[0][:shared]], device=self.device),
+                           use_cache=True, **{self._cache_argument: cache})
+            cache.batch_repeat_interleave(len(batch))
+        else:
+            shared = 0
+        width = shared + max(len(ids) - shared for ids in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        if shared:
+            input_ids[:, :shared] = torch.tensor(batch[0][:shared])
+            attention[:, :shared] = 1
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:])
+            attention[row, width - len(ids) + shared:] = 1
+        return input_ids, attention, cache
 
     def score_options(self, prompts: Sequence[PromptInput],
                       options: Sequence[str]) -> list[list[float] | Overflow]:
@@ -265,30 +301,57 @@ class HFBackend:
     def _last_logprobs(self, sequences: list[list[int]], keeps: list[int]) -> list:
         """Log-softmax over the vocabulary at the last ``keeps[i]`` positions of each sequence,
         in input order. Left padding with explicit position ids (so padding changes nothing)
-        lets the model compute logits for those last positions only, not the whole sequence."""
+        lets the model compute logits for those last positions only, not the whole sequence;
+        a prefix all rows of a batch share is computed once (``_batch_inputs``)."""
         torch = self._torch
         out: list = [None] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        order = batch_order(list(range(len(sequences))), sequences)
         size = self.config.batch_size
         for begin in range(0, len(order), size):
             batch = order[begin:begin + size]
-            width = max(len(sequences[i]) for i in batch)
             keep = max(keeps[i] for i in batch)
-            input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
-                attention[row, width - len(sequences[i]):] = 1
+            input_ids, attention, cache = self._batch_inputs([sequences[i] for i in batch])
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            start = cache.get_seq_length() if cache is not None else 0
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.device),
+                logits = self.model(input_ids=input_ids[:, start:].to(self.device),
                                     attention_mask=attention.to(self.device),
-                                    position_ids=positions.to(self.device),
+                                    position_ids=positions[:, start:].to(self.device),
+                                    use_cache=cache is not None, **{self._cache_argument: cache},
                                     logits_to_keep=keep).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(batch):
                 out[i] = logprobs[row, keep - keeps[i]:]
         return out
+
+
+# Shortest shared prefix worth caching: below this the extra forward pass costs more than it saves.
+PREFIX_MIN = 32
+
+
+def batch_order(indices: list[int], encoded: list[list[int]]) -> list[int]:
+    """The order in which to batch prompts: those that share their first ``PREFIX_MIN`` tokens
+    with another prompt together (so a batch shares a prefix worth caching), longest first, then
+    the rest longest first (so a batch pads little, and a batch too big fails at once)."""
+    heads: dict[tuple, int] = {}
+    for i in indices:
+        head = tuple(encoded[i][:PREFIX_MIN])
+        heads[head] = heads.get(head, 0) + 1
+
+    def key(i: int):
+        head = tuple(encoded[i][:PREFIX_MIN])
+        return (0, head, -len(encoded[i])) if heads[head] > 1 else (1, (), -len(encoded[i]))
+
+    return sorted(indices, key=key)
+
+
+def _common_prefix_all(rows: list[list[int]]) -> int:
+    """Length of the prefix every row shares."""
+    length = min(len(row) for row in rows)
+    first = rows[0]
+    for row in rows[1:]:
+        length = _common_prefix(first[:length], row)
+    return length
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
