@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="backend batch size (default: the config's models.policy.batch_size)")
+    parser.add_argument("--set", action="append", default=[], help="config override, as for cai")
     args = parser.parse_args()
 
     import torch
@@ -43,6 +44,7 @@ def main() -> None:
     from cai_cli.stages.generate_sl import constitution_paths
 
     overrides = [f"models.policy.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += args.set
     config = load_config(args.config, overrides)
     prompts = load_prompts(config.data.red_team, config.seed)
     constitution = load_constitution(constitution_paths(config))
