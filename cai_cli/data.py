@@ -1,8 +1,10 @@
-"""Prompt loading: local JSONL / JSON / CSV / Parquet files or a dataset id, reduced to text.
+"""Input data: local JSONL / JSON / CSV / Parquet files or a dataset id, and what they hold.
 
-Every source ends up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with the seed and
+Prompts end up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with the seed and
 capped by ``limit``. Ids are content hashes, so the same prompt keeps its id across runs, limits
-and orderings (resume and the per-prompt principle draws rely on that).
+and orderings (resume and the per-prompt principle draws rely on that). Conversations (SFT data,
+preference pairs) are chat messages checked by ``chat_messages``; Anthropic HH transcripts are
+read by ``transcript_messages``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from cai_cli.config import PromptSource
 from cai_cli.errors import UserError
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_HH_TURN = re.compile(r"(?:^|\n\n)Human:(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.DOTALL)
+_HH_LABEL = re.compile(r"\n\n(Human|Assistant):")  # a turn of an HH transcript starts here
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+Conversation = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,46 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def hh_turns(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """An Anthropic HH style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") split into the
+    text before its first turn and ``(label, text)`` turns; other text has no turns."""
+    parts = _HH_LABEL.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
+    return parts[0], list(zip(parts[1::2], parts[2::2]))
+
+
 def first_human_turn(text: str) -> str:
-    """Reduce an Anthropic HH style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") to its
-    first human turn; any other text is returned stripped."""
-    if "Human:" in text and ("\n\nHuman:" in text or text.lstrip().startswith("Human:")):
-        match = _HH_TURN.search(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
-        if match:
-            return match.group(1).strip()
-    return text.strip()
+    """Reduce an HH transcript to its first human turn; any other text is returned stripped."""
+    return next((body for label, body in hh_turns(text)[1] if label == "Human"), text).strip()
+
+
+def transcript_messages(text: str) -> Conversation | None:
+    """An HH transcript as chat messages, up to its last assistant turn; ``None`` for text that
+    is not one."""
+    before, turns = hh_turns(text)
+    if len(turns) < 2 or before.strip():
+        return None
+    messages = [{"role": _HH_ROLES[label], "content": body.strip()} for label, body in turns]
+    while messages and messages[-1]["role"] != "assistant":  # a trailing question has no answer
+        messages.pop()
+    return messages or None
+
+
+def chat_messages(value: Any, where: str, role: str | None = None, *, answered: bool = False,
+                  fix: str = "") -> Conversation:
+    """Chat messages reduced to role and content. With ``role`` a string becomes one message of
+    that role; ``answered``: at least one must be the assistant's (something to learn from).
+    ``where`` names the file and line in errors, ``fix`` is added to them."""
+    if isinstance(value, str) and role is not None:
+        return [{"role": role, "content": value}]
+    fix = f"; {fix}" if fix else ""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{where}: expected a non-empty list of chat messages "
+                        f"({{'role', 'content'}}){fix}")
+    if answered and not any(m["role"] == "assistant" for m in value):
+        raise UserError(f"{where}: the conversation has no assistant message to learn from{fix}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def to_prompt_text(value: Any) -> str | None:

@@ -1,9 +1,11 @@
-"""What the trainer stages share (``finetune`` now; reward model and DPO later): a TRL config
-built from our ``TrainingConfig`` plus checked ``trl_args``, LoRA through peft, resumable
+"""What the training stages (``finetune``, ``train-rm``, ``optimize``) share: the model a stage
+trains and the settings that decide its weights (its fingerprint), a TRL config built from our
+``TrainingConfig`` plus checked ``trl_args``, loading the model and LoRA through peft, resumable
 checkpoints in a hidden directory, a rich progress bar instead of the libraries' output, and
-putting a finished checkpoint in place.
+saving a finished model and putting it in place.
 
-Heavy libraries are imported inside the functions, so importing this module stays cheap.
+Heavy libraries are imported inside the functions, so importing this module stays cheap (the
+stages' ``spec()`` use it).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import difflib
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from rich.progress import TextColumn
 
 from cai_cli import ui
 from cai_cli.artifacts import MANIFEST
-from cai_cli.config import LoraConfig, ModelConfig, TrainingConfig
+from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
 from cai_cli.errors import UserError
 
 CHECKPOINTS = ".checkpoints"  # hidden: file fingerprints of the stage directory skip it
@@ -35,6 +37,37 @@ _MANAGED = {
     "logging_strategy": "set logging_steps instead",
     "save_only_model": "checkpoints must keep the optimizer state to resume",
 }
+# TrainingConfig keys that do not change the trained weights: a stage's fingerprint leaves them
+# out, so e.g. logging more often does not make a finished model stale.
+NOT_DECIDING = frozenset({"logging_steps", "save_steps", "report_to"})
+POLICY_KEY = "models.policy.name_or_path"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage trains (no heavy imports: the stages' spec() use these)
+
+
+def model_for(config: Config, override: str | None, key: str) -> tuple[ModelConfig, str]:
+    """The model a stage trains, and the config key that names it (for messages): ``override``
+    (set by ``key``, e.g. ``finetune.model``) with the policy's loading settings (revision,
+    remote code, device), or without one the policy itself."""
+    if override is None:
+        return config.models.policy, POLICY_KEY
+    return config.models.policy.model_copy(update={"name_or_path": override}), key
+
+
+def fingerprint_settings(config: Config, model: ModelConfig, section: str,
+            exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The settings that decide a training stage's weights, for its fingerprint: the seed, the
+    model, how it loads and its device (``cpu`` trains there; otherwise precision ``auto`` may
+    pick bf16), and the config section ``section`` less ``exclude`` and ``NOT_DECIDING``."""
+    return {
+        "seed": config.seed,
+        "model": model.model_dump(mode="json", include={"name_or_path", "revision",
+                                                        "trust_remote_code", "device"}),
+        section: getattr(config, section).model_dump(
+            mode="json", exclude={**dict.fromkeys(exclude, True), "training": NOT_DECIDING}),
+    }
 
 
 def quiet_libraries() -> None:
@@ -140,6 +173,21 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
                         f"{str(exc).splitlines()[0]}") from None
 
 
+def check_model(model: ModelConfig, key: str) -> None:
+    """A local model named by ``key`` (from ``model_for``) must be a ``save_pretrained``
+    directory; checked before anything is written (a hub id is checked by loading it)."""
+    from cai_cli.backends.hf import check_model_source, is_local_model
+
+    if key == POLICY_KEY:
+        check_model_source(model, "models.policy")
+    elif is_local_model(model.name_or_path):
+        path = Path(model.name_or_path).expanduser()
+        if not (path / "config.json").is_file():
+            state = "has no config.json" if path.exists() else "does not exist"
+            raise UserError(f"{key}: {path} {state}; expected a directory written by "
+                            "save_pretrained, or a hub id")
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
@@ -180,19 +228,25 @@ def peft_config(lora: LoraConfig, task_type: str):
                            target_modules=lora.target_modules, task_type=task_type)
 
 
-def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None) -> None:
+def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None,
+               forbidden: dict[str, str] | None = None, **config_kwargs) -> None:
     """``check_lora_targets`` on an empty (meta-device) copy of ``model``: no weights are read.
-    ``auto_class`` defaults to ``AutoModelForCausalLM``."""
+    ``auto_class`` defaults to ``AutoModelForCausalLM``; ``config_kwargs`` (``num_labels=1``) go
+    to its config. ``forbidden`` maps module names LoRA may not target to why (``{"score": "the
+    reward head, which is always trained in full"}``)."""
     if not lora.enabled:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    for name, why in (forbidden or {}).items():
+        if lora.target_modules != "all-linear" and name in lora.target_modules:
+            raise UserError(f"{key}.target_modules: '{name}' is {why}; remove it")
     auto_class = auto_class or AutoModelForCausalLM
     with torch.device("meta"):
         skeleton = auto_class.from_config(AutoConfig.from_pretrained(
-            model.name_or_path, revision=model.revision,
-            trust_remote_code=model.trust_remote_code), trust_remote_code=model.trust_remote_code)
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
+            **config_kwargs), trust_remote_code=model.trust_remote_code)
     check_lora_targets(lora, skeleton, key)
 
 
@@ -206,11 +260,13 @@ def local_or_hub(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def load_model(model: ModelConfig, key: str, lora: LoraConfig, args, auto_class=None):
-    """The model to train (``auto_class`` defaults to ``AutoModelForCausalLM``). Full training
-    keeps fp32 master weights (bf16/fp16 is autocast); under LoRA the base weights are frozen, so
-    they sit in the training precision and take half the memory. ``key`` names the config key
-    in the message when the model cannot be loaded."""
+def load_model(model: ModelConfig, key: str, lora: LoraConfig, args, auto_class=None,
+               **model_kwargs):
+    """The model to train (``auto_class`` defaults to ``AutoModelForCausalLM``; ``model_kwargs``
+    such as ``num_labels=1`` go to its ``from_pretrained``). Full training keeps fp32 master
+    weights (bf16/fp16 is autocast); under LoRA the base weights are frozen, so they sit in the
+    training precision and take half the memory. ``key`` names the config key in the message
+    when the model cannot be loaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -221,7 +277,7 @@ def load_model(model: ModelConfig, key: str, lora: LoraConfig, args, auto_class=
     try:
         return auto_class.from_pretrained(
             local_or_hub(model.name_or_path), dtype=dtype, revision=model.revision,
-            trust_remote_code=model.trust_remote_code)
+            trust_remote_code=model.trust_remote_code, **model_kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{key}: cannot load a model from '{model.name_or_path}': "
                         f"{str(exc).splitlines()[0]}") from None
@@ -237,6 +293,8 @@ def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
     # The Trainer switches the KV cache off in the model config while training; generating
     # from the saved model wants it back.
     model.config.use_cache = True
+    # A reward model scoring a batch finds each sequence's last token by the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -259,6 +317,15 @@ def last_checkpoint(directory: Path) -> Path | None:
         else:
             shutil.rmtree(path)
     return complete
+
+
+def resume_point(directory: Path, resumable: bool) -> Path | None:
+    """The checkpoint a rerun of an interrupted stage continues from. Without one (a fresh
+    start) older checkpoints are deleted: nothing from another run may be resumed."""
+    checkpoint = last_checkpoint(directory) if resumable else None
+    if checkpoint is None:
+        shutil.rmtree(directory / CHECKPOINTS, ignore_errors=True)
+    return checkpoint
 
 
 def put_in_place(directory: Path) -> None:
@@ -304,3 +371,38 @@ def progress_callback(bar, description: str):
                 bar.update(self.task, loss=f"loss {logs['loss']:.4f}")
 
     return RichProgress()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and what it records
+
+
+def train(trainer, description: str, checkpoint: Path | None):
+    """``trainer.train()`` under our progress bar, from ``checkpoint`` when there is one."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if checkpoint is not None:
+        ui.info(f"{description}: continuing from {checkpoint.name}")
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
+    with progress_bar() as bar:
+        trainer.add_callback(progress_callback(bar, description))
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+
+def logged(trainer, name: str) -> list[float]:
+    """Every value the trainer logged under ``name``, in order (kept across a resume)."""
+    return [entry[name] for entry in trainer.state.log_history if name in entry]
+
+
+def run_stats(trainer, result, args, lora: LoraConfig, checkpoint: Path | None) -> dict:
+    """What every training stage records: the last logged loss (the run's mean if none was
+    logged), the step it resumed from, the precision, LoRA and the trainable parameters."""
+    losses = logged(trainer, "loss")
+    return {
+        "final_loss": round(losses[-1] if losses else result.training_loss, 4) + 0.0,
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "lora": lora.enabled,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
+                                    if p.requires_grad),
+    }

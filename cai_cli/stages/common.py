@@ -1,4 +1,5 @@
-"""What every stage shares: whether to run at all, refusing outputs of another config, manifests.
+"""What every stage shares: whether to run at all, refusing outputs of another config, manifests,
+and reading the output of an earlier stage.
 
 A stage is described by a ``StageSpec``: its directory, the config settings that decide its
 output and fingerprints of its inputs. Their hash is the stage's fingerprint. It is stored in the
@@ -85,3 +86,21 @@ def complete(spec: StageSpec, manifest: Manifest) -> None:
     manifest.finished_at = time.time()
     manifest.timings.setdefault("seconds", round(manifest.finished_at - manifest.started_at, 2))
     manifest.save(spec.directory)
+
+
+def require_complete(directory: Path, command: str, why: str = "") -> None:
+    """An earlier stage's output must be there and finished; ``why`` says what it is needed for."""
+    manifest = load_manifest(directory)
+    if manifest is None or manifest.get("status") != "complete":
+        state = "is missing" if manifest is None else "is unfinished"
+        raise UserError(f"{directory} {state}: run `cai {command} --config ...` first"
+                        + (f" ({why})" if why else ""))
+
+
+def warn_if_stale(spec: StageSpec, use: str) -> None:
+    """An earlier stage's finished output made from other settings usually still serves (e.g.
+    only a sampling setting changed): warn, naming what changed, and use it. ``use`` ends the
+    warning, e.g. "fine-tuning on it as is"."""
+    if spec.state() == "stale":
+        ui.warn(f"{spec.directory} was made from a different config (changed: "
+                f"{', '.join(spec.changes()[:4])}); {use}")

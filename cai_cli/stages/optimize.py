@@ -25,17 +25,16 @@ anything is written to ``policy/``.
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from pathlib import Path
 
-from cai_cli import ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, load_manifest, model_fingerprint
+from cai_cli import training, ui
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import load_prompts
+from cai_cli.data import chat_messages, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.stages import generate_sl, label_prefs
-from cai_cli.stages.common import StageSpec, begin, complete
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete, warn_if_stale
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's
 # fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
@@ -46,13 +45,11 @@ SOFT_LOSS_FIELDS = ("loss_type", "loss_weights", "label_smoothing", "ld_alpha",
                     "f_divergence_type", "use_weighting")
 
 
-def policy_path(config: Config) -> str:
-    return config.optimize.model or str(Path(config.run_dir) / "sft")
-
-
 def policy_model(config: Config) -> ModelConfig:
-    """The starting policy, with the policy's loading settings (revision, remote code)."""
-    return config.models.policy.model_copy(update={"name_or_path": policy_path(config)})
+    """The starting policy (``optimize.model``, by default the SL-CAI model in ``sft/``), with
+    the policy's loading settings (revision, remote code, device)."""
+    sft = str(Path(config.run_dir) / "sft")
+    return training.model_for(config, config.optimize.model or sft, "optimize.model")[0]
 
 
 def spec(config: Config) -> StageSpec:
@@ -61,12 +58,8 @@ def spec(config: Config) -> StageSpec:
     run_dir = Path(config.run_dir)
     online = settings.method != "dpo"
     model = policy_model(config)
-    decides = {
-        "seed": config.seed,
-        "policy": model.model_dump(mode="json", include={"name_or_path", "revision",
-                                                         "trust_remote_code"}),
-        "optimize": settings.model_dump(mode="json", exclude=DPO_ONLY if online else ONLINE_ONLY),
-    }
+    decides = training.fingerprint_settings(config, model, "optimize",
+                                            DPO_ONLY if online else ONLINE_ONLY)
     inputs = {"policy": model_fingerprint(model.name_or_path)}
     if not online:
         inputs["pairs"] = file_fingerprint(run_dir / "prefs" / "pairs.jsonl")
@@ -86,43 +79,20 @@ def spec(config: Config) -> StageSpec:
 # Inputs (no heavy imports: these run before anything is loaded)
 
 
-def require_complete(directory: Path, command: str, why: str) -> None:
-    """An upstream stage's output must be there and finished."""
-    manifest = load_manifest(directory)
-    if manifest is None or manifest.get("status") != "complete":
-        state = "is missing" if manifest is None else "is unfinished"
-        raise UserError(f"{directory} {state}: run `cai {command} --config ...` first ({why})")
-
-
 def check_policy(config: Config) -> None:
     """The starting policy: a finished ``sft/``, or the directory or hub id in optimize.model."""
-    from cai_cli.backends.hf import is_local_model
-
     if config.optimize.model is None:
         require_complete(Path(config.run_dir) / "sft", "finetune",
                          "or set optimize.model to the policy to optimise")
-    name = policy_path(config)
-    path = Path(name).expanduser()
+    model = policy_model(config)
+    path = Path(model.name_or_path).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         # TRL would build the full-weights reference from the adapter's base model, not from
         # the adapted model: the KL term would pull towards the wrong policy.
         raise UserError(f"optimize.model: {path} holds a LoRA adapter without merged weights; "
                         "rerun `cai finetune` with finetune.lora.merge: true (the default), or "
                         "point optimize.model at merged weights")
-    if is_local_model(name) and not (path / "config.json").is_file():
-        state = "has no config.json" if path.exists() else "does not exist"
-        raise UserError(f"optimize.model: {path} {state}; expected a directory written by "
-                        "save_pretrained, or a hub id")
-
-
-def messages(value, where: str) -> list[dict[str, str]]:
-    """Chat messages reduced to role and content."""
-    if not isinstance(value, list) or not value or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in value):
-        raise UserError(f"{where}: expected a list of chat messages ({{'role', 'content'}}); "
-                        "rerun `cai label-prefs --force`")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    training.check_model(model, "optimize.model")
 
 
 def preference_pairs(config: Config) -> tuple[list[dict], int]:
@@ -131,10 +101,7 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
     settings = config.optimize
     prefs = Path(config.run_dir) / "prefs"
     require_complete(prefs, "label-prefs", "optimize.method dpo learns from its labelled pairs")
-    made = label_prefs.spec(config)
-    if made.state() == "stale":  # e.g. only a label setting changed: the pairs still serve
-        ui.warn(f"{prefs} was made from a different config (changed: "
-                f"{', '.join(made.changes()[:4])}); optimising on its pairs as they are")
+    warn_if_stale(label_prefs.spec(config), "optimising on its pairs as they are")
     path = prefs / "pairs.jsonl"
     needs_label = settings.soft_labels or settings.min_confidence > 0
     pairs, total, dropped = [], 0, 0
@@ -150,7 +117,8 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
             if abs(p_chosen - 0.5) < settings.min_confidence:
                 dropped += 1
                 continue
-        pair = {key: messages(record.get(key), f"{where}: {key}")
+        pair = {key: chat_messages(record.get(key), f"{where}: {key}",
+                                   fix="rerun `cai label-prefs --force`")
                 for key in ("prompt", "chosen", "rejected")}
         if settings.soft_labels:
             pair["p_chosen"] = float(p_chosen)
@@ -195,8 +163,6 @@ def trainer_args(config: Config, model: ModelConfig):
     """The TRL config of the method, from our settings; UserError for what TRL would reject."""
     from trl import DPOConfig, GRPOConfig, RLOOConfig
 
-    from cai_cli import training
-
     settings = config.optimize
     method = settings.method
     stage_args = {"beta": (settings.beta, "optimize.beta"),
@@ -231,7 +197,7 @@ def trainer_args(config: Config, model: ModelConfig):
                                    "optimize.max_completion_length"))
     return training.trl_config(config_cls, settings.training, "optimize.training",
                                seed=config.seed, output_dir=Path(config.run_dir) / "policy",
-                               cpu=training.use_cpu(config.models.policy), stage_args=stage_args)
+                               cpu=training.use_cpu(model), stage_args=stage_args)
 
 
 def check_chat_template(tokenizer, name: str, what: str) -> None:
@@ -258,7 +224,6 @@ def reward_tokenizer(rm: Path):
 
 
 def run(config: Config, *, force: bool = False) -> Path | None:
-    from cai_cli import training
     from cai_cli.backends.hf import load_tokenizer
 
     stage = spec(config)
@@ -284,43 +249,33 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     manifest = begin(stage, config, force=force)
     if manifest is None:
         return stage.directory
-    checkpoint = training.last_checkpoint(stage.directory) if resumable else None
-    if checkpoint is None:  # a fresh start: nothing from another run may be resumed
-        shutil.rmtree(stage.directory / training.CHECKPOINTS, ignore_errors=True)
+    checkpoint = training.resume_point(stage.directory, resumable)
     started = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer)
-    if checkpoint is not None:
-        ui.info(f"optimize: continuing from {checkpoint.name}")
-    with training.progress_bar() as bar:
-        trainer.add_callback(training.progress_callback(bar, f"optimize ({settings.method})"))
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = training.train(trainer, f"optimize ({settings.method})", checkpoint)
     manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
 
     training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
     training.put_in_place(stage.directory)
-    manifest.counts, manifest.stats, summary = outcome(config, trainer, result, len(data),
-                                                       dropped=dropped, helpful=helpful)
-    manifest.stats.update(
-        resumed_from_step=int(checkpoint.name.split("-")[1]) if checkpoint else None,
-        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        lora=settings.lora.enabled,
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters()
-                                 if p.requires_grad))
+    manifest.stats = training.run_stats(trainer, result, args, settings.lora, checkpoint)
+    manifest.counts, stats, summary = outcome(config, trainer, result, len(data),
+                                              dropped=dropped, helpful=helpful,
+                                              loss=manifest.stats["final_loss"])
+    manifest.stats.update(stats)
     complete(stage, manifest)
     what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
     ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
     return stage.directory
 
 
-def outcome(config: Config, trainer, result, examples: int, *, dropped: int,
-            helpful: int) -> tuple[dict, dict, str]:
-    """Counts and stats for the manifest, and the summary line. Metrics are the last logged
-    values (the log history survives a resume), or the run's mean loss when none was logged."""
-    losses = logged(trainer, "loss")
-    stats = {"final_loss": round(losses[-1] if losses else result.training_loss, 4) + 0.0}
+def outcome(config: Config, trainer, result, examples: int, *, dropped: int, helpful: int,
+            loss: float) -> tuple[dict, dict, str]:
+    """Counts and the method's stats for the manifest, and the summary line. Metrics are the
+    last logged values (the log history survives a resume)."""
+    stats: dict = {}
     if config.optimize.method == "dpo":
-        margins = logged(trainer, "rewards/margins")
-        accuracies = logged(trainer, "rewards/accuracies")
+        margins = training.logged(trainer, "rewards/margins")
+        accuracies = training.logged(trainer, "rewards/accuracies")
         pairs = len(trainer.train_dataset)  # TRL drops pairs whose prompt fills max_length
         counts = {"pairs": examples + dropped, "below_min_confidence": dropped,
                   "train_pairs": pairs, "steps": result.global_step}
@@ -329,11 +284,11 @@ def outcome(config: Config, trainer, result, examples: int, *, dropped: int,
         summary = f"{pairs} pairs"
         if dropped:
             summary += f" ({dropped} near-ties dropped by min_confidence)"
-        summary += f", {result.global_step} steps, loss {stats['final_loss']:.4f}"
+        summary += f", {result.global_step} steps, loss {loss:.4f}"
         if margins:
             summary += f", reward margin {margins[-1]:+.4f}"
     else:
-        rewards = logged(trainer, "reward")
+        rewards = training.logged(trainer, "reward")
         counts = {"red_team_prompts": examples - helpful, "helpful_prompts": helpful,
                   "steps": result.global_step}
         stats.update(first_reward=round(rewards[0], 4) if rewards else None,
@@ -345,18 +300,10 @@ def outcome(config: Config, trainer, result, examples: int, *, dropped: int,
     return counts, stats, summary
 
 
-def logged(trainer, name: str) -> list[float]:
-    """Every value the trainer logged under ``name``, in order."""
-    return [entry[name] for entry in trainer.state.log_history if name in entry]
-
-
 def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, data: list[dict],
                   rm: Path | None, rm_tokenizer):
     import datasets
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-
-    from cai_cli import training
 
     settings = config.optimize
     set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
@@ -380,7 +327,6 @@ def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, da
         trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
                               train_dataset=dataset, processing_class=tokenizer,
                               reward_processing_classes=rm_tokenizer, peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
     return trainer
 
 

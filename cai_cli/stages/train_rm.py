@@ -31,44 +31,32 @@ from __future__ import annotations
 import functools
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
-from cai_cli import ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, load_manifest, model_fingerprint
+from cai_cli import training, ui
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import read_records
+from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
 from cai_cli.stages import generate_sl, label_prefs
-from cai_cli.stages.common import StageSpec, begin, complete
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete, warn_if_stale
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
 ECE_BINS = 10
-
-Conversation = list[dict[str, str]]
-
-
-def base_model(config: Config) -> ModelConfig:
-    """The model under the reward head, with the policy's loading settings."""
-    if config.train_rm.model is None:
-        return config.models.policy
-    return config.models.policy.model_copy(update={"name_or_path": config.train_rm.model})
+# LoRA may not target the reward head: peft trains it in full beside the adapters (SEQ_CLS).
+REWARD_HEAD = {"score": "the reward head, which is always trained in full"}
 
 
-def model_key(config: Config) -> str:
-    return "train_rm.model" if config.train_rm.model else "models.policy.name_or_path"
+def base_model(config: Config) -> tuple[ModelConfig, str]:
+    """The model under the reward head and the config key that names it."""
+    return training.model_for(config, config.train_rm.model, "train_rm.model")
 
 
 def spec(config: Config) -> StageSpec:
     """What decides this stage's output: cheap to compute, no model loaded."""
-    model = base_model(config)
-    settings = {
-        "seed": config.seed,
-        "model": model.model_dump(mode="json", include={"name_or_path", "revision",
-                                                        "trust_remote_code"}),
-        "train_rm": config.train_rm.model_dump(mode="json"),
-    }
+    model, _ = base_model(config)
+    settings = training.fingerprint_settings(config, model, "train_rm")
     inputs = {"prefs": file_fingerprint(Path(config.run_dir) / "prefs" / "pairs.jsonl"),
               "model": model_fingerprint(model.name_or_path)}
     if config.train_rm.mix is not None:
@@ -81,29 +69,11 @@ def spec(config: Config) -> StageSpec:
 # Data
 
 
-def messages(value, where: str, role: str | None = None) -> Conversation:
-    """Chat messages reduced to role and content; a string becomes one message of ``role``."""
-    if isinstance(value, str) and role is not None:
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list) or not value or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in value):
-        raise UserError(f"{where}: expected a non-empty list of chat messages "
-                        "({'role', 'content'})")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
 def ai_pairs(config: Config) -> list[dict]:
     """The pairs of a finished ``cai label-prefs``: prompt, chosen, rejected, p_chosen, group."""
     prefs = Path(config.run_dir) / "prefs"
-    manifest = load_manifest(prefs)
-    if manifest is None or manifest.get("status") != "complete":
-        what = "is missing" if manifest is None else "is unfinished"
-        raise UserError(f"{prefs} {what}: run `cai label-prefs --config ...` first")
-    made = label_prefs.spec(config)
-    if made.state() == "stale":  # e.g. a labelling setting changed: the pairs still serve
-        ui.warn(f"{prefs} was made from a different config (changed: "
-                f"{', '.join(made.changes()[:4])}); training on it as is")
+    require_complete(prefs, "label-prefs")
+    warn_if_stale(label_prefs.spec(config), "training on it as is")
     path = prefs / "pairs.jsonl"
     pairs = []
     for number, record in enumerate(iter_jsonl(path), start=1):
@@ -111,9 +81,8 @@ def ai_pairs(config: Config) -> list[dict]:
         p = record.get("p_chosen")
         if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise UserError(f"{where}: p_chosen must be a probability, got {p!r}")
-        pairs.append({"prompt": messages(record.get("prompt"), f"{where}: prompt"),
-                      "chosen": messages(record.get("chosen"), f"{where}: chosen"),
-                      "rejected": messages(record.get("rejected"), f"{where}: rejected"),
+        pairs.append({**{key: chat_messages(record.get(key), f"{where}: {key}")
+                         for key in ("prompt", "chosen", "rejected")},
                       TARGET: float(p),
                       "group": str(record.get("prompt_id") or record.get("id") or number)})
     if not pairs:
@@ -164,17 +133,15 @@ def confident(config: Config, pairs: list[dict]) -> list[dict]:
 def mix_pair(record: dict, where: str) -> dict | None:
     """A preference record in TRL's layouts as a conversational pair; ``None`` when the two
     conversations do not differ."""
-    from cai_cli.stages.finetune import transcript_messages
-
     if "chosen" not in record or "rejected" not in record:
         raise UserError(f"{where}: expected 'chosen' and 'rejected' fields (TRL's preference "
                         f"format); the record has {', '.join(map(str, record)) or 'none'}")
     chosen, rejected = record["chosen"], record["rejected"]
     if record.get("prompt") is not None:
         prompt = record["prompt"]
-        return {"prompt": messages(prompt, f"{where}: prompt", role="user"),
-                "chosen": messages(chosen, f"{where}: chosen", role="assistant"),
-                "rejected": messages(rejected, f"{where}: rejected", role="assistant"),
+        return {"prompt": chat_messages(prompt, f"{where}: prompt", role="user"),
+                "chosen": chat_messages(chosen, f"{where}: chosen", role="assistant"),
+                "rejected": chat_messages(rejected, f"{where}: rejected", role="assistant"),
                 TARGET: 1.0}
     # Implicit prompt: whole conversations (or Human:/Assistant: transcripts); what they share
     # at the start is the prompt.
@@ -184,7 +151,7 @@ def mix_pair(record: dict, where: str) -> dict | None:
         if conversation is None:
             raise UserError(f"{where}: '{name}' is plain text without a prompt field; give a "
                             "'prompt' column or Human:/Assistant: transcripts")
-        sides.append(messages(conversation, f"{where}: {name}"))
+        sides.append(chat_messages(conversation, f"{where}: {name}"))
     shared = 0
     while shared < min(map(len, sides)) and sides[0][shared] == sides[1][shared]:
         shared += 1
@@ -340,43 +307,6 @@ def sigmoid(x: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks that need the libraries (still before anything is written)
-
-
-def check_model(config: Config, model: ModelConfig) -> None:
-    from cai_cli.backends.hf import check_model_source, is_local_model
-
-    if config.train_rm.model is None:
-        check_model_source(model, "models.policy")
-    elif is_local_model(model.name_or_path):
-        path = Path(model.name_or_path).expanduser()
-        if not (path / "config.json").is_file():
-            state = "has no config.json" if path.exists() else "does not exist"
-            raise UserError(f"train_rm.model: {path} {state}; expected a directory written by "
-                            "save_pretrained, or a hub id")
-
-
-def check_lora(config: Config, model: ModelConfig) -> None:
-    """LoRA target modules, checked on an empty (meta-device) copy of the model: no weights."""
-    lora = config.train_rm.lora
-    if not lora.enabled:
-        return
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from cai_cli.training import check_lora_targets
-
-    if lora.target_modules != "all-linear" and "score" in lora.target_modules:
-        raise UserError("train_rm.lora.target_modules: 'score' is the reward head, which is "
-                        "always trained in full; remove it")
-    with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
-            model.name_or_path, num_labels=1, revision=model.revision,
-            trust_remote_code=model.trust_remote_code), trust_remote_code=model.trust_remote_code)
-    check_lora_targets(lora, skeleton, "train_rm.lora")
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -394,25 +324,26 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     train, held_out = split(config, pairs)
     kept = confident(config, train)
     mixed = mixed_pairs(config, math.floor(settings.mix_ratio * len(kept)))
-    model = base_model(config)
-    check_model(config, model)
+    model, key = base_model(config)
+    training.check_model(model, key)
 
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
 
-    from cai_cli import training
     from cai_cli.backends.hf import load_tokenizer
 
     training.quiet_libraries()
     args = training.trl_config(RewardConfig, settings.training, "train_rm.training",
                                seed=config.seed, output_dir=stage.directory,
                                cpu=training.use_cpu(model), stage_args={})
-    tokenizer = load_tokenizer(model, model_key(config).removesuffix(".name_or_path"))
+    tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
     fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
            else "transcript")
-    check_lora(config, model)
+    training.check_lora(settings.lora, model, "train_rm.lora", AutoModelForSequenceClassification,
+                        forbidden=REWARD_HEAD, num_labels=1)
     started = time.perf_counter()
     # TRL tokenises when the trainer is built and drops pairs longer than max_length.
-    trainer = build_trainer(config, model, tokenizer, args,
+    trainer = build_trainer(config, model, key, tokenizer, args,
                             rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
                             rows(held_out, fmt, True))
     if len(trainer.train_dataset) == 0:
@@ -423,38 +354,21 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                         f"{settings.training.max_length} tokens; raise it")
 
     manifest = begin(stage, config, force=force)
-    checkpoint = (training.last_checkpoint(stage.directory)
-                  if state == "partial" and not force else None)
-    if checkpoint is None:  # a fresh start: nothing from another run may be resumed
-        shutil.rmtree(stage.directory / training.CHECKPOINTS, ignore_errors=True)
-    else:
-        ui.info(f"train-rm: continuing from {checkpoint.name}")
-    with training.progress_bar() as bar:
-        trainer.add_callback(training.progress_callback(bar, "train-rm"))
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    checkpoint = training.resume_point(stage.directory, state == "partial" and not force)
+    result = training.train(trainer, "train-rm", checkpoint)
     manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
     stats = measure(trainer, settings.training.batch_size)
-    save(trainer, tokenizer, config, stage.directory / training.STAGING)
+    training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
     training.put_in_place(stage.directory)
 
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
     too_long = len(kept) + len(mixed) + len(held_out) - len(trainer.train_dataset) - held
     manifest.counts = {"ai_pairs": len(pairs), "train_pairs": len(kept), "held_out_pairs": held,
                        "mixed_pairs": len(mixed), "steps": result.global_step}
-    manifest.stats = {
-        **stats,
-        "dropped_low_confidence": len(train) - len(kept),
-        "dropped_too_long": too_long,
-        "final_loss": round(losses[-1] if losses else result.training_loss, 4),
-        "soft_labels": settings.soft_labels,
-        "format": fmt,
-        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "lora": settings.lora.enabled,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
-                                    if p.requires_grad),
-    }
+    manifest.stats = {**stats, "dropped_low_confidence": len(train) - len(kept),
+                      "dropped_too_long": too_long, "soft_labels": settings.soft_labels,
+                      "format": fmt,
+                      **training.run_stats(trainer, result, args, settings.lora, checkpoint)}
     complete(stage, manifest)
     if too_long:
         ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
@@ -483,49 +397,21 @@ def measure(trainer, batch_size: int) -> dict:
     return stats
 
 
-def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, train, held_out):
+def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer, args, train,
+                  held_out):
     import datasets
-    import torch
     from transformers import AutoModelForSequenceClassification, set_seed
-    from transformers.trainer_callback import PrinterCallback
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from cai_cli import training
-    from cai_cli.stages.finetune import local_or_hub
-
-    settings = config.train_rm
+    lora = config.train_rm.lora
     set_seed(config.seed)  # before loading: the new head and LoRA start from the global RNG
-    dtype = torch.float32  # as in finetune: frozen LoRA base weights may sit in bf16/fp16
-    if settings.lora.enabled and (args.bf16 or args.fp16):
-        dtype = torch.bfloat16 if args.bf16 else torch.float16
-    try:
-        with suppress_seqcls_warning():  # the new head and the unused LM head are expected
-            model = AutoModelForSequenceClassification.from_pretrained(
-                local_or_hub(model_config.name_or_path), num_labels=1, dtype=dtype,
-                revision=model_config.revision, trust_remote_code=model_config.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{model_key(config)}: cannot load '{model_config.name_or_path}' with a "
-                        f"sequence classification head: {str(exc).splitlines()[0]}") from None
+    with suppress_seqcls_warning():  # the new head and the unused LM head are expected
+        model = training.load_model(model_config, key, lora, args,
+                                    AutoModelForSequenceClassification, num_labels=1)
     # SEQ_CLS makes peft train the reward head in full beside the adapters.
-    peft_config = (training.peft_config(settings.lora, "SEQ_CLS")
-                   if settings.lora.enabled else None)
-    trainer = trainer_class()(
+    peft_config = training.peft_config(lora, "SEQ_CLS") if lora.enabled else None
+    return trainer_class()(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
         eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
         processing_class=tokenizer, peft_config=peft_config,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
-    return trainer
-
-
-def save(trainer, tokenizer, config: Config, out: Path) -> None:
-    """The finished reward model (merged, or a peft adapter) with its tokenizer."""
-    shutil.rmtree(out, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    lora = config.train_rm.lora
-    if lora.enabled and lora.merge:
-        model = model.merge_and_unload()
-    # Batched scoring finds each sequence's last token by the pad id.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
