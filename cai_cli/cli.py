@@ -27,8 +27,8 @@ app.add_typer(config_app, name="config")
 
 _state = {"debug": False}
 
-CONFIG = typer.Option(..., "--config", "-c", help="YAML config file.", show_default=False)
-SET = typer.Option(None, "--set", help="Override a config key by dotted path, e.g. "
+CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config file.", show_default=False)
+SET = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key by dotted path, e.g. "
                    "--set generate_sl.num_revisions=3 (repeatable).", show_default=False)
 FORCE = typer.Option(False, "--force", help="Redo the stage even if its output is complete, "
                      "replacing outputs made from another config.")
@@ -97,8 +97,8 @@ def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool
 def run(
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
-    first: Optional[str] = typer.Option(None, "--from", help="First stage to run (e.g. finetune)."),
-    last: Optional[str] = typer.Option(None, "--to", help="Last stage to run (e.g. label-prefs)."),
+    first: Optional[str] = typer.Option(None, "--from", metavar="STAGE", help="First stage to run (e.g. finetune)."),
+    last: Optional[str] = typer.Option(None, "--to", metavar="STAGE", help="Last stage to run (e.g. label-prefs)."),
     force: bool = typer.Option(False, "--force", help="Rerun the selected stages even if fresh."),
 ):
     """Run the stages in order, skipping those whose output is fresh for this config."""
@@ -117,12 +117,12 @@ def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
 
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., help="A run directory, or a chains.jsonl / pairs.jsonl file."),
-    id: Optional[str] = typer.Option(None, "--id", help="Show the record with this id."),
-    index: Optional[int] = typer.Option(None, "--index", help="Show the record at this position (0-based)."),
-    principle: Optional[str] = typer.Option(None, "--principle", help="Keep records that use this principle id."),
-    grep: Optional[str] = typer.Option(None, "--grep", help="Keep records whose text contains this (case-insensitive)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Show at most this many records."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl / pairs.jsonl file."),
+    id: Optional[str] = typer.Option(None, "--id", metavar="ID", help="Show the record with this id."),
+    index: Optional[int] = typer.Option(None, "--index", metavar="N", help="Show the record at this position (0-based)."),
+    principle: Optional[str] = typer.Option(None, "--principle", metavar="ID", help="Keep records that use this principle id."),
+    grep: Optional[str] = typer.Option(None, "--grep", metavar="TEXT", help="Keep records whose text contains this (case-insensitive)."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Show at most this many records."),
 ):
     """Read the generated critiques, revisions and preference pairs in the terminal."""
     from cai_cli.inspect import run_inspect
