@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import yaml
 
 from cai_cli.config import load_config
 from cai_cli.stages.evaluate import bootstrap_interval
+from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +35,6 @@ def write_config(tmp_path: Path, base: Path, models: list[str], **evaluate) -> P
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def cai(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_report_schema_and_intervals(tmp_path, tiny_model_dir, other_model):

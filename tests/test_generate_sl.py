@@ -4,11 +4,6 @@ overflowing prompts, prompt formats and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import yaml
 from cai_cli.config import load_config
 from cai_cli.constitution import load_constitution
 from cai_cli.errors import UserError
+from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -42,12 +38,6 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **secti
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def cai(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def run_stage(path: Path, *overrides: str, force: bool = False):
@@ -152,17 +142,8 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):
     interrupted = write_config(tmp_path, tiny_model_dir, "int.yaml", run_dir=str(tmp_path / "int"), **settings)
     assert cai("generate-sl", "--config", reference).returncode == 0
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "-m", "cai_cli", "generate-sl", "--config", str(interrupted)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "int" / "sl" / ".chains.jsonl.progress.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text() or "{}").get("batches", 0) >= 2:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_batches(["generate-sl", "--config", interrupted], state, 2)
     partial = tmp_path / "int" / "sl" / "chains.jsonl.partial"
     assert partial.is_file() and not (tmp_path / "int" / "sl" / "chains.jsonl").exists()
     done_before = len(partial.read_text().splitlines())

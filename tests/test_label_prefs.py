@@ -4,11 +4,6 @@ of thought, resume after SIGKILL, and that TRL trains on the pairs as they are."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import yaml
 from cai_cli.config import ModelConfig, load_config
 from cai_cli.errors import UserError
 from cai_cli.stages.label_prefs import combine, option_probability
+from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -36,12 +32,6 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **label
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def cai(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def label(path: Path, *overrides: str):
@@ -199,17 +189,8 @@ def test_sigkill_then_resume_gives_identical_pairs(tmp_path, tiny_model_dir):
     interrupted = write_config(tmp_path, tiny_model_dir, "int.yaml", run="int", **settings)
     assert cai("label-prefs", "--config", reference).returncode == 0
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "-m", "cai_cli", "label-prefs", "--config", str(interrupted)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "int" / "prefs" / ".pairs.jsonl.progress.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text() or "{}").get("batches", 0) >= 2:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_batches(["label-prefs", "--config", interrupted], state, 2)
     assert (tmp_path / "int" / "prefs" / "pairs.jsonl.partial").is_file()
     assert not (tmp_path / "int" / "prefs" / "pairs.jsonl").exists()
 

@@ -4,23 +4,17 @@ rerun what changed and everything after it, --from/--to, and the status table.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIRS = {"generate-sl": "sl", "finetune": "sft", "label-prefs": "prefs", "train-rm": "rm",
               "optimize": "policy", "evaluate": "eval"}
-
-
-def cai(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from cai_cli import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import train_rm
+from helpers import cai, snapshot, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -103,25 +103,6 @@ def config_path(tmp_path, tiny_model_dir, prefs_dir) -> Path:
 
 def run_stage(path: Path, *overrides: str, force: bool = False):
     return train_rm.run(load_config(path, list(overrides)), force=force)
-
-
-def cai(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
-def weights(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def snapshot(directory: Path) -> dict | None:
-    if not directory.exists():
-        return None
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}
 
 
 def score(model, tokenizer, conversations: list[list[dict]]) -> list[float]:
