@@ -206,13 +206,13 @@ def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> l
     records = []
     for index, prompt in enumerate(prompts):
         answers = results[index * n:(index + 1) * n]
-        if any(isinstance(a, Overflow) for a in answers):
-            overflow = next(a for a in answers if isinstance(a, Overflow))
+        overflow = next((a for a in answers if isinstance(a, Overflow)), None)
+        if overflow is not None:  # the same prompt n times: all fit or none does
             ui.warn(f"prompt {prompt.id} skipped: {overflow}; raise models.policy.max_context or "
                     "lower label_prefs.sampling.max_new_tokens")
             continue
         records.append({"id": prompt.id, "prompt": prompt.text,
-                        "responses": [a.text for a in answers if isinstance(a, Completion)]})
+                        "responses": [a.text for a in answers]})
     return records
 
 
