@@ -29,7 +29,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.stages import generate_sl
-from cai_cli.stages.common import StageSpec, begin, complete
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
@@ -117,11 +117,8 @@ def check_inputs(config: Config) -> None:
 
     for name, path in model_paths(config).items():
         if name in RUN_MODELS:
-            manifest = load_manifest(path)
-            if manifest is None or manifest.get("status") != "complete":
-                raise UserError(f"evaluate.models: {path} is missing or unfinished: run "
-                                f"`cai {RUN_MODELS[name]} --config ...` first, or leave '{name}' "
-                                "out of evaluate.models")
+            require_complete(Path(path), RUN_MODELS[name],
+                             f"or leave '{name}' out of evaluate.models")
         check_model_source(config.models.policy.model_copy(update={"name_or_path": path}),
                            f"evaluate.models ({name})")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import ResumableJsonl, load_manifest, model_fingerprint
+from cai_cli.artifacts import ResumableJsonl, model_fingerprint
 from cai_cli.backends.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
 from cai_cli.constitution import Constitution, load_constitution
@@ -40,7 +40,7 @@ from cai_cli.errors import UserError
 from cai_cli.prompting import (OPTIONS, TRANSCRIPT_STOPS, answer_prompt,
                                comparison_prompt, resolve_format)
 from cai_cli.stages import generate_sl
-from cai_cli.stages.common import StageSpec, begin, complete
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
@@ -100,12 +100,8 @@ def check_inputs(config: Config) -> None:
     from cai_cli.backends.hf import check_model_source
 
     if config.label_prefs.policy is None:
-        sft = Path(config.run_dir) / "sft"
-        manifest = load_manifest(sft)
-        if manifest is None or manifest.get("status") != "complete":
-            what = "is missing" if manifest is None else "is unfinished"
-            raise UserError(f"{sft} {what}: run `cai finetune --config ...` first (after "
-                            "`cai generate-sl`), or set label_prefs.policy to a model to sample from")
+        require_complete(Path(config.run_dir) / "sft", "finetune",
+                         "or set label_prefs.policy to a model to sample from")
     check_model_source(policy_model(config), "label_prefs.policy")
     check_model_source(config.feedback_model, "models.feedback" if config.models.feedback
                        else "models.policy")
