@@ -45,3 +45,45 @@ def snapshot(directory: Path) -> dict | None:
         return None
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*"))}
+
+
+class Captured(Exception):
+    """Stops a training stage where training would start, carrying the trainer TRL built."""
+
+
+def trainer_capture(monkeypatch, trainer_class, run_stage):
+    """A function ``prepare(config_path, *overrides)`` that runs a stage up to the point where
+    ``trainer_class.train`` would start and returns the trainer instead."""
+    import pytest
+
+    def train(self, **kwargs):
+        raise Captured(self)
+
+    monkeypatch.setattr(trainer_class, "train", train)  # subclasses inherit it
+
+    def prepare(path: Path, *overrides: str):
+        with pytest.raises(Captured) as info:  # force: an earlier capture left a started stage
+            run_stage(path, *overrides, force=True)
+        return info.value.args[0]
+
+    return prepare
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Make the next training run raise KeyboardInterrupt (Ctrl-C) right after it writes the
+    checkpoint of ``step``; ``monkeypatch.undo()`` lifts it."""
+    from cai_cli import training
+
+    original = training.progress_callback
+
+    def interrupting(bar, description):
+        callback = original(bar, description)
+
+        def on_save(args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+        callback.on_save = on_save
+        return callback
+
+    monkeypatch.setattr(training, "progress_callback", interrupting)

@@ -16,7 +16,7 @@ from cai_cli import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import finetune
-from helpers import cai, snapshot, weights
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -64,25 +64,11 @@ def run_stage(path: Path, *overrides: str, force: bool = False):
     return finetune.run(load_config(path, list(overrides)), force=force)
 
 
-class Captured(Exception):
-    """Stops the stage where training would start, with the trainer TRL built."""
-
-
 @pytest.fixture
 def capture_trainer(monkeypatch):
     from trl import SFTTrainer
 
-    def train(self, **kwargs):
-        raise Captured(self)
-
-    monkeypatch.setattr(SFTTrainer, "train", train)
-
-    def prepare(path: Path, *overrides: str):
-        with pytest.raises(Captured) as info:  # force: an earlier capture left a started stage
-            run_stage(path, *overrides, force=True)
-        return info.value.args[0]
-
-    return prepare
+    return trainer_capture(monkeypatch, SFTTrainer, run_stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,19 +224,7 @@ def test_lora_saved_merged_and_as_an_adapter(tmp_path, config_path, tiny_model_d
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path, monkeypatch,
                                                           capsys, tiny_model_dir, sl_dir):
     settings = ("finetune.training.max_steps=6", "finetune.training.save_steps=2")
-    original = training.progress_callback
-
-    def interrupting(bar, description):  # Ctrl-C right after the step-4 checkpoint is written
-        callback = original(bar, description)
-
-        def on_save(args, state, control, **kwargs):
-            if state.global_step == 4:
-                raise KeyboardInterrupt
-
-        callback.on_save = on_save
-        return callback
-
-    monkeypatch.setattr(training, "progress_callback", interrupting)
+    interrupt_at_step(monkeypatch, 4)  # Ctrl-C right after that checkpoint is written
     with pytest.raises(KeyboardInterrupt):
         run_stage(config_path, *settings)
     monkeypatch.undo()

@@ -19,7 +19,7 @@ from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import label_prefs, optimize
 from cai_cli.stages.common import begin, complete
-from helpers import cai, snapshot, weights
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -97,25 +97,11 @@ def run_stage(path: Path, *overrides: str, force: bool = False):
     return optimize.run(load_config(path, list(overrides)), force=force)
 
 
-class Captured(Exception):
-    """Stops the stage where training would start, with the trainer TRL built."""
-
-
 @pytest.fixture
 def capture_trainer(monkeypatch):
     from trl import DPOTrainer
 
-    def train(self, **kwargs):
-        raise Captured(self)
-
-    monkeypatch.setattr(DPOTrainer, "train", train)  # the soft-label subclass inherits it
-
-    def prepare(path: Path, *overrides: str):
-        with pytest.raises(Captured) as info:  # force: an earlier capture left a started stage
-            run_stage(path, *overrides, force=True)
-        return info.value.args[0]
-
-    return prepare
+    return trainer_capture(monkeypatch, DPOTrainer, run_stage)
 
 
 def completion_logps(model, batch):
@@ -324,19 +310,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path,
     import torch
 
     settings = ("optimize.training.save_steps=2", "optimize.soft_labels=true")
-    original = training.progress_callback
-
-    def interrupting(bar, description):  # Ctrl-C right after the step-2 checkpoint is written
-        callback = original(bar, description)
-
-        def on_save(args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise KeyboardInterrupt
-
-        callback.on_save = on_save
-        return callback
-
-    monkeypatch.setattr(training, "progress_callback", interrupting)
+    interrupt_at_step(monkeypatch, 2)  # Ctrl-C right after that checkpoint is written
     with pytest.raises(KeyboardInterrupt):
         run_stage(config_path, *settings)
     monkeypatch.undo()

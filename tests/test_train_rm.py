@@ -18,7 +18,7 @@ from cai_cli import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import train_rm
-from helpers import cai, snapshot, weights
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -115,25 +115,11 @@ def score(model, tokenizer, conversations: list[list[dict]]) -> list[float]:
         return model(**batch).logits.squeeze(-1).tolist()
 
 
-class Captured(Exception):
-    """Stops the stage where training would start, with the trainer TRL built."""
-
-
 @pytest.fixture
 def capture_trainer(monkeypatch):
     from trl import RewardTrainer
 
-    def train(self, **kwargs):
-        raise Captured(self)
-
-    monkeypatch.setattr(RewardTrainer, "train", train)
-
-    def prepare(path: Path, *overrides: str):
-        with pytest.raises(Captured) as info:  # force: an earlier capture left a started stage
-            run_stage(path, *overrides, force=True)
-        return info.value.args[0]
-
-    return prepare
+    return trainer_capture(monkeypatch, RewardTrainer, run_stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,19 +370,7 @@ def test_lora_merged_checkpoint(config_path, tiny_model_dir):
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(config_path, monkeypatch, capsys):
     settings = ("train_rm.training.max_steps=4", "train_rm.training.save_steps=2")
-    original = training.progress_callback
-
-    def interrupting(bar, description):  # Ctrl-C right after the step-2 checkpoint is written
-        callback = original(bar, description)
-
-        def on_save(args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise KeyboardInterrupt
-
-        callback.on_save = on_save
-        return callback
-
-    monkeypatch.setattr(training, "progress_callback", interrupting)
+    interrupt_at_step(monkeypatch, 2)  # Ctrl-C right after that checkpoint is written
     with pytest.raises(KeyboardInterrupt):
         run_stage(config_path, *settings)
     monkeypatch.undo()

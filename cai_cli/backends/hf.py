@@ -363,6 +363,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
+def release_memory() -> None:
+    """Give back the memory of a model just dropped, before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """The text before the first stop string."""
     cut = len(text)

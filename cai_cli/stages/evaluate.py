@@ -139,7 +139,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
-        from cai_cli.stages.label_prefs import release_memory
+        from cai_cli.backends.hf import release_memory
 
         for index, (name, path) in enumerate(list(paths.items())[done:], start=done):
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")

@@ -123,6 +123,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not samples.finished:
         from cai_cli.backends import load_backend
+        from cai_cli.backends.hf import release_memory
 
         policy = load_backend(policy_model(config), "label_prefs.policy")
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
@@ -175,16 +176,6 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             f"orders disagree on {manifest.stats['order_disagreement']:.0%} -> {pairs.final_path}\n"
             f"  look at them with: cai inspect {pairs.final_path}")
     return pairs.final_path
-
-
-def release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> list[dict]:
