@@ -122,6 +122,9 @@ class HFBackend:
 
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        from cai_cli.backends.kv import PrefixStore
+
+        self.prefixes = PrefixStore(self.model, self._cache_argument)
 
     def _model_context(self) -> int:
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -157,13 +160,25 @@ class HFBackend:
     def tokenize(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    def tokenize_many(self, texts: Sequence[tuple[str, bool]]) -> list[list[int]]:
+        """``tokenize`` of many ``(text, special)`` at once (a fast tokenizer encodes a list
+        in one call)."""
+        out: list = [None] * len(texts)
+        for special in (True, False):
+            indices = [i for i, (_, s) in enumerate(texts) if s is special]
+            if indices:
+                ids = self.tokenizer([texts[i][0] for i in indices], add_special_tokens=special)["input_ids"]
+                for i, row in zip(indices, ids):
+                    out[i] = row
+        return out
+
     def encode(self, prompt: PromptInput) -> list[int]:
         """Token ids of a prompt, ready for the model's next token."""
         return self.tokenize(*self.render(prompt))
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
         torch = self._torch
-        encoded = [self.encode(prompt) for prompt in prompts]
+        encoded = self.tokenize_many([self.render(prompt) for prompt in prompts])
         results: list[Completion | Overflow | None] = [None] * len(prompts)
         fitting = []
         for index, ids in enumerate(encoded):
@@ -182,18 +197,20 @@ class HFBackend:
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
         torch = self._torch
-        input_ids, attention, cache = self._batch_inputs(batch)
+        input_ids, attention, cache = self._batch_inputs(batch, room=params.max_new_tokens)
         width = input_ids.shape[1]
-        sampling = params.temperature > 0
+        if self.prefixes.supported:
+            self._prefill(input_ids, attention, cache)
+        # Sampling is done by our logits processors (the warpers, then a Gumbel-max draw) and
+        # generate's greedy step takes the drawn token: see gumbel_sampler.
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
-            do_sample=sampling,
-            temperature=params.temperature if sampling else None,
-            top_p=params.top_p if sampling else None,
-            top_k=params.top_k if sampling else None,
+            do_sample=False, temperature=None, top_p=None, top_k=None,
             eos_token_id=self.stop_token_ids or None,
             pad_token_id=self.pad_token_id,
         )
+        if params.temperature > 0:
+            kwargs["logits_processor"] = gumbel_sampler(params)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -211,38 +228,70 @@ class HFBackend:
         return completions
 
 
-    def _batch_inputs(self, batch: list[list[int]]):
-        """Input ids, attention mask and (when the rows share a long prefix) a cache of it.
+    def _prefill(self, input_ids, attention, cache) -> None:
+        """Fill the cache with every prompt token but the last (``generate`` goes on from
+        there), a run of rows of similar length at a time, so short prompts in a batch of long
+        ones are not computed through the long ones' padding."""
+        torch = self._torch
+        columns, done = input_ids.shape[1], cache.get_seq_length()
+        lengths = (attention[:, done:].sum(-1) - 1).tolist()  # own tokens to compute, per row
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        for first, last in _runs(lengths):
+            start = columns - 1 - max(lengths[first:last])
+            if start == columns - 1:
+                continue
+            part = self.prefixes.rows_view(cache, first, last, start)
+            with torch.inference_mode():
+                self.model(input_ids=input_ids[first:last, start:-1].to(self.device),
+                           attention_mask=attention[first:last, :-1].to(self.device),
+                           position_ids=positions[first:last, start:-1].to(self.device),
+                           use_cache=True, logits_to_keep=1, **{self._cache_argument: part})
+        for layer in cache.layers:
+            layer.set_column(columns - 1)
 
-        Rows are left-padded so every prompt ends at the same column. When all rows begin with
-        the same ``PREFIX_MIN`` tokens or more (worked examples, the same question), that prefix
-        is run once and its key/value cache repeated for every row; the rows are then laid out
-        as ``prefix | padding | rest``, and only the rests are computed. Position ids follow the
-        attention mask, so the padding in the middle changes nothing (greedy outputs equal the
-        unbatched ones).
+    def _batch_inputs(self, batch: list[list[int]], room: int | None = None,
+                      keeps: list[int] | None = None):
+        """Input ids, attention mask and a cache holding the prefixes that rows share.
+
+        Rows that begin with the same ``PREFIX_MIN`` tokens or more (the same worked examples,
+        the same question) form a group; its prefix comes from ``self.prefixes`` (computed once,
+        for one row, and kept) and only the rest of each row is computed. Rows are laid out as
+        ``prefix | prefix padding | padding | rest`` (``kv.py``), so every prompt ends at the same
+        column; position ids follow the attention mask, so the padding changes nothing (greedy
+        outputs equal the unbatched ones). ``room``: the tokens to be generated; the cache is
+        sized for them and, for models that allow it, keeps each prefix once for all its rows.
+        ``keeps``: how many last positions of each row must be computed (default one).
         """
         torch = self._torch
-        shared = min(_common_prefix_all(batch), min(len(ids) for ids in batch) - 1)
+        groups = _prefix_groups(batch, keeps or [1] * len(batch))
+        if not self.prefixes.supported:  # a plain cache: one prefix for the whole batch, or none
+            groups = [g for g in groups if len(g[0]) == len(batch)]
+        width = max((shared for _, shared in groups), default=0)
+        own = [len(ids) for ids in batch]
+        for rows, shared in groups:
+            for row in rows:
+                own[row] -= shared
+        columns = width + max(own)
         cache = None
-        if len(batch) > 1 and shared >= PREFIX_MIN:
+        if self.prefixes.supported and (groups or room is not None):
+            cache = self.prefixes.batch_cache([(rows, batch[rows[0]][:shared]) for rows, shared in groups],
+                                              len(batch), max(own) + (room or 0), cascade=room is not None)
+        elif groups:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
-                self.model(input_ids=torch.tensor([batch[0][:shared]], device=self.device),
+                self.model(input_ids=torch.tensor([batch[0][:width]], device=self.device),
                            use_cache=True, **{self._cache_argument: cache})
             cache.batch_repeat_interleave(len(batch))
-        else:
-            shared = 0
-        width = shared + max(len(ids) - shared for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        if shared:
-            input_ids[:, :shared] = torch.tensor(batch[0][:shared])
-            attention[:, :shared] = 1
+        input_ids = torch.full((len(batch), columns), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), columns), dtype=torch.long)
+        for rows, shared in groups:
+            input_ids[rows, :shared] = torch.tensor(batch[rows[0]][:shared])
+            attention[rows, :shared] = 1
         for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) + shared:] = torch.tensor(ids[shared:])
-            attention[row, width - len(ids) + shared:] = 1
+            input_ids[row, columns - own[row]:] = torch.tensor(ids[len(ids) - own[row]:])
+            attention[row, columns - own[row]:] = 1
         return input_ids, attention, cache
 
     def score_options(self, prompts: Sequence[PromptInput],
@@ -259,10 +308,12 @@ class HFBackend:
         results: list[list[float] | Overflow | None] = [None] * len(prompts)
         single: list[tuple[int, list[int], list[int]]] = []  # (prompt, ids, one id per option)
         multi: list[tuple[int, int, list[int], int]] = []  # (prompt, option, ids, option start)
-        for index, prompt in enumerate(prompts):
-            text, special = self.render(prompt)
-            prompt_ids = self.tokenize(text, special)
-            fulls = [self.tokenize(text + option, special) for option in options]
+        rendered = [self.render(prompt) for prompt in prompts]
+        width = len(options) + 1
+        encoded = self.tokenize_many([(text + suffix, special) for text, special in rendered
+                                      for suffix in ("", *options)])
+        for index in range(len(prompts)):
+            prompt_ids, fulls = encoded[index * width], encoded[index * width + 1:(index + 1) * width]
             starts = [_common_prefix(prompt_ids, full) for full in fulls]
             self._check_options(options, [full[start:] for full, start in zip(fulls, starts)])
             longest = max(len(full) for full in fulls)
@@ -310,7 +361,8 @@ class HFBackend:
         for begin in range(0, len(order), size):
             batch = order[begin:begin + size]
             keep = max(keeps[i] for i in batch)
-            input_ids, attention, cache = self._batch_inputs([sequences[i] for i in batch])
+            input_ids, attention, cache = self._batch_inputs([sequences[i] for i in batch],
+                                                             keeps=[keeps[i] for i in batch])
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             start = cache.get_seq_length() if cache is not None else 0
             with torch.inference_mode():
@@ -323,6 +375,33 @@ class HFBackend:
             for row, i in enumerate(batch):
                 out[i] = logprobs[row, keep - keeps[i]:]
         return out
+
+
+def gumbel_sampler(params: SamplingParams):
+    """Logits processors that sample the next token: transformers' own temperature, top-k and
+    top-p warpers, then a Gumbel-max draw (the argmax of the log-probabilities plus Gumbel
+    noise is a draw from the softmax), leaving the drawn token as the only candidate.
+
+    The draw is the same distribution as ``torch.multinomial`` over the softmax, which
+    ``generate`` uses when sampling, but needs uniform random numbers rather than exponential
+    ones: on a CPU that is several times cheaper, about 2 ms a step at 48 rows.
+    """
+    import torch
+    from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    class GumbelDraw(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            uniform = torch.rand_like(scores, dtype=torch.float32).clamp_(min=1e-20)
+            drawn = (scores.float() - torch.log(-torch.log(uniform))).argmax(dim=-1, keepdim=True)
+            return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+    processors = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList([*processors, GumbelDraw()])
 
 
 # Shortest shared prefix worth caching: below this the extra forward pass costs more than it saves.
@@ -343,6 +422,40 @@ def batch_order(indices: list[int], encoded: list[list[int]]) -> list[int]:
         return (0, head, -len(encoded[i])) if heads[head] > 1 else (1, (), -len(encoded[i]))
 
     return sorted(indices, key=key)
+
+
+# A row shorter than this share of the longest row in its run starts a run of its own.
+RUN_SHARE = 0.8
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """``(first, last)`` row ranges whose lengths are within ``RUN_SHARE`` of each other."""
+    runs, first, low, high = [], 0, None, None
+    for row, length in enumerate(lengths):
+        if high is not None and (length < RUN_SHARE * high or length * RUN_SHARE > low):
+            runs.append((first, row))
+            first, low, high = row, None, None
+        low = length if low is None else min(low, length)
+        high = length if high is None else max(high, length)
+    if lengths:
+        runs.append((first, len(lengths)))
+    return runs
+
+
+def _prefix_groups(batch: list[list[int]], keeps: list[int]) -> list[tuple[list[int], int]]:
+    """``(rows, prefix length)`` of each group of two or more rows that begin with the same
+    ``PREFIX_MIN`` tokens: the prefix they all share, short of each row's last ``keeps[row]``
+    tokens (those must be computed row by row)."""
+    heads: dict[tuple, list[int]] = {}
+    for row, ids in enumerate(batch):
+        heads.setdefault(tuple(ids[:PREFIX_MIN]), []).append(row)
+    groups = []
+    for rows in heads.values():
+        members = [batch[row] for row in rows]
+        shared = min(_common_prefix_all(members), min(len(batch[row]) - keeps[row] for row in rows))
+        if len(rows) > 1 and shared >= PREFIX_MIN:
+            groups.append((rows, shared))
+    return groups
 
 
 def _common_prefix_all(rows: list[list[int]]) -> int:
