@@ -1,10 +1,10 @@
 """Preference-labelling throughput: label-prefs' option scoring against a generating judge.
 
 Both sides judge the same pairs under the same principles, in both orders, on the same feedback
-model, in this one process. label-prefs reads the option probabilities in batched forward
-passes; the baseline asks the judge to write a short verdict (up to 40 new tokens, greedy), one
-comparison order at a time, as a "generate then parse" judge does. A comparison is one pair under
-one principle, judged in both orders.
+model, in this one process (best of two interleaved runs each). label-prefs reads the option
+probabilities in batched forward passes; the baseline asks the judge to write a short verdict
+(up to 40 new tokens, greedy), one comparison order at a time, as a "generate then parse" judge
+does. A comparison is one pair under one principle, judged in both orders.
 
     python benchmarks/labelling.py [--config configs/demo.yaml] [--pairs 24]
 
@@ -53,29 +53,40 @@ def main() -> None:
     judge = Judge(config, constitution, backend)
     judge.batch(records[:1], 0)  # warm-up
 
-    start = time.perf_counter()
-    labelled = judge.batch(records, 0)
-    ours = time.perf_counter() - start
-    comparisons = sum(len(r["judgments"]) for r in labelled) // 2
-
-    # The baseline: the same comparison prompts, each order generated as a verdict, one at a time.
     jobs = judge.comparisons_of(records)
     model, tokenizer = backend.model, backend.tokenizer
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for job in jobs:
-            ids = torch.tensor([backend.encode(job.prompt_input(judge.fmt, False))])
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           max_new_tokens=args.verdict_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-    baseline = time.perf_counter() - start
+
+    def ours() -> tuple[int, float]:
+        backend.prefixes.clear()  # each run computes its shared prefixes afresh
+        start = time.perf_counter()
+        labelled = judge.batch(records, 0)
+        return sum(len(r["judgments"]) for r in labelled) // 2, time.perf_counter() - start
+
+    def generating_judge() -> float:
+        """The baseline: the same comparison prompts, each order generated as a verdict, one
+        at a time."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for job in jobs:
+                ids = torch.tensor([backend.encode(job.prompt_input(judge.fmt, False))])
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=args.verdict_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        return time.perf_counter() - start
+
+    # Best of two interleaved runs each: the machine is shared, and a slow moment should not
+    # decide the ratio either way.
+    runs = [(ours(), generating_judge()) for _ in range(2)]
+    comparisons, ours_seconds = min((r[0] for r in runs), key=lambda r: r[1])
+    baseline = min(r[1] for r in runs)
     assert len(jobs) == 2 * comparisons
 
-    ours_rate, base_rate = comparisons / ours, comparisons / baseline
+    ours_rate, base_rate = comparisons / ours_seconds, comparisons / baseline
     print(f"pairs: {len(records)}, principles per pair: {config.label_prefs.principles_per_pair}, "
           f"few-shot examples: {config.label_prefs.few_shot}, comparisons: {comparisons}, "
           f"torch threads: {torch.get_num_threads()}")
-    print(f"label-prefs scoring (batched option log-probs): {ours:.2f} s = {ours_rate:,.2f} comparisons/s")
+    print(f"label-prefs scoring (batched option log-probs): {ours_seconds:.2f} s = "
+          f"{ours_rate:,.2f} comparisons/s")
     print(f"generating judge ({args.verdict_tokens} tokens, one at a time): {baseline:.2f} s = "
           f"{base_rate:,.2f} comparisons/s")
     print(f"ratio: {ours_rate / base_rate:.1f}x (target >= 8x)")
