@@ -103,7 +103,10 @@ def training_args(config_cls, training, output_dir: str, **extra):
         output_dir=output_dir, max_steps=training.max_steps, learning_rate=training.learning_rate,
         per_device_train_batch_size=training.batch_size, max_length=training.max_length,
         logging_steps=training.logging_steps, save_steps=training.save_steps, report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True, **extra)
+        use_cpu=True, seed=0, disable_tqdm=True,
+        # the same precision as ours (precision auto: fp32 on a CPU); TRL's configs would turn
+        # bf16 autocast on by default, which is other work, not the same job done faster
+        bf16=False, fp16=False, **extra)
 
 
 def plain_sft(config) -> float:

@@ -239,9 +239,10 @@ class PrefixStore:
         self._entries: OrderedDict[tuple[int, ...], list[tuple]] = OrderedDict()
         layers = DynamicCache(config=model.config).layers
         self.supported = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        self.cascade = self.supported and model.config._attn_implementation in ("sdpa", ATTENTION)
-        if self.cascade:
+        if self.supported and model.config._attn_implementation == "sdpa":
             model.set_attn_implementation(ATTENTION)
+        # only where the model took our attention function (some models cannot switch)
+        self.cascade = self.supported and model.config._attn_implementation == ATTENTION
         # each layer's key and value shapes, from one token: the buffers are made before use
         self.like = [(keys[:, :, :0], values[:, :, :0]) for keys, values in self.get([0])] \
             if self.supported else []
