@@ -75,7 +75,7 @@ def main() -> None:
         """The baseline: what a script without batching does, one conversation per call."""
         start = time.perf_counter()
         tokens = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), backend.plain_attention():
             for conversation in conversations:
                 ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                                     return_tensors="pt", return_dict=True)

@@ -66,7 +66,7 @@ def main() -> None:
         """The baseline: the same comparison prompts, each order generated as a verdict, one
         at a time."""
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), backend.plain_attention():
             for job in jobs:
                 ids = torch.tensor([backend.encode(job.prompt_input(judge.fmt, False))])
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

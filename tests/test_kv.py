@@ -154,3 +154,20 @@ def test_sampler_draws_from_the_softmax_of_the_warped_scores():
     shares = torch.bincount(draws, minlength=4).float() / len(draws)
     assert shares[2:].sum() == 0
     assert shares[0] == pytest.approx(25 / 34, abs=0.015)
+
+
+def test_plain_attention_gives_the_model_back_as_transformers_runs_it(tiny_model_dir):
+    import torch
+
+    backend = backend_for(tiny_model_dir)
+    prompt = mixed_prompts()[0]
+    ours = backend.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))[0]
+    with backend.plain_attention() as model, torch.inference_mode():
+        assert model.config._attn_implementation == "sdpa"
+        ids = torch.tensor([backend.encode(prompt)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             do_sample=False, eos_token_id=backend.stop_token_ids,
+                             pad_token_id=backend.pad_token_id)
+    assert model.config._attn_implementation == "cai_shared_prefix"
+    text = backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert text == ours.text

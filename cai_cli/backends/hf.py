@@ -7,6 +7,7 @@ the tokenizer and generation config know) and at the caller's stop strings.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Sequence
@@ -125,6 +126,20 @@ class HFBackend:
         from cai_cli.backends.kv import PrefixStore
 
         self.prefixes = PrefixStore(self.model, self._cache_argument)
+
+    @contextlib.contextmanager
+    def plain_attention(self):
+        """The model as transformers runs it by default (its own ``sdpa`` attention and masks,
+        not ours), for a baseline to compare against."""
+        kept = self.model.config._attn_implementation
+        if kept == "sdpa":
+            yield self.model
+            return
+        self.model.set_attn_implementation("sdpa")
+        try:
+            yield self.model
+        finally:
+            self.model.set_attn_implementation(kept)
 
     def _model_context(self) -> int:
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
