@@ -42,13 +42,12 @@ def main() -> None:
     from cai_cli.constitution import load_constitution
     from cai_cli.data import load_prompts
     from cai_cli.prompting import answer_prompt, critique_prompt
-    from cai_cli.stages.generate_sl import constitution_paths
 
     overrides = [f"models.policy.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += args.set
     config = load_config(args.config, overrides)
     prompts = load_prompts(config.data.red_team, config.seed)
-    constitution = load_constitution(constitution_paths(config))
+    constitution = load_constitution(config.constitution_paths)
     principle = constitution.principles[0]
     examples = constitution.few_shot[: config.generate_sl.few_shot]
     conversations = [answer_prompt(p.text, "chat") for p in prompts]

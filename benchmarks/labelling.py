@@ -37,11 +37,10 @@ def main() -> None:
     from cai_cli.config import load_config
     from cai_cli.constitution import load_constitution
     from cai_cli.data import load_prompts
-    from cai_cli.stages.generate_sl import constitution_paths
-    from cai_cli.stages.label_prefs import Judge
+    from cai_cli.judging import Judge
 
     config = load_config(args.config, ["label_prefs.chain_of_thought=false", *args.set])
-    constitution = load_constitution(constitution_paths(config))
+    constitution = load_constitution(config.constitution_paths)
     prompts = load_prompts(config.data.red_team.model_copy(update={"limit": args.pairs}), config.seed)
     # Real answer text of realistic length: two different helpful answers per prompt.
     answers = [r["messages"][1]["content"] for r in read_jsonl(ROOT / "cai_cli/resources/helpful.jsonl")]
@@ -50,7 +49,9 @@ def main() -> None:
                for i, p in enumerate(prompts)]
 
     backend = HFBackend(config.feedback_model, "models.feedback")
-    judge = Judge(config, constitution, backend)
+    judge = Judge(config, constitution, backend,
+                  principles_per_pair=config.label_prefs.principles_per_pair,
+                  pairs_per_prompt=config.label_prefs.pairs_per_prompt)
     judge.batch(records[:1], 0)  # warm-up
 
     jobs = judge.comparisons_of(records)

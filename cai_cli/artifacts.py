@@ -232,6 +232,11 @@ def file_fingerprint(path: Path | str) -> str:
     return digest.hexdigest()[:16]
 
 
+def source_fingerprint(source) -> str:
+    """A prompt source (``config.PromptSource``): a local file by content, a dataset by name."""
+    return file_fingerprint(Path(source.path).expanduser()) if source.path else f"dataset:{source.dataset}"
+
+
 def model_fingerprint(name_or_path: str) -> str:
     """A local model directory is fingerprinted by content; a hub id by its name."""
     path = Path(name_or_path).expanduser()

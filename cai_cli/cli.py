@@ -125,7 +125,7 @@ def inspect(
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Show at most this many records."),
 ):
     """Read the generated critiques, revisions and preference pairs in the terminal."""
-    from cai_cli.inspect import run_inspect
+    from cai_cli.views import run_inspect
 
     run_inspect(path, record_id=id, index=index, principle=principle, grep=grep, limit=limit)
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cai_cli.errors import UserError
+from cai_cli.layout import RunLayout
 
 
 class Section(BaseModel):
@@ -369,6 +370,15 @@ class Config(Section):
     @property
     def feedback_model(self) -> ModelConfig:
         return self.models.feedback or self.models.policy
+
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of the run directory."""
+        return RunLayout.of(self.run_dir)
+
+    @property
+    def constitution_paths(self) -> list[str]:
+        return [self.constitution] if isinstance(self.constitution, str) else list(self.constitution)
 
 
 # ---------------------------------------------------------------------------------------------

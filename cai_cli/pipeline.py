@@ -10,27 +10,13 @@ No heavy imports: ``cai status`` must answer in well under a second.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from cai_cli import ui
 from cai_cli.config import Config
 from cai_cli.errors import UserError
+from cai_cli.stages import STAGES, stage_module
 from cai_cli.stages.common import StageSpec
-
-# Command name -> module in cai_cli.stages, in pipeline order.
-STAGES = {
-    "generate-sl": "generate_sl",
-    "finetune": "finetune",
-    "label-prefs": "label_prefs",
-    "train-rm": "train_rm",
-    "optimize": "optimize",
-    "evaluate": "evaluate",
-}
-
-
-def stage_module(name: str):
-    return importlib.import_module(f"cai_cli.stages.{STAGES[name]}")
 
 
 @dataclass

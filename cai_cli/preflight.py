@@ -15,7 +15,6 @@ def check_config(config: Config) -> None:
     from cai_cli.backends.hf import check_model_source
     from cai_cli.constitution import load_constitution
     from cai_cli.data import load_prompts, read_records
-    from cai_cli.stages.generate_sl import constitution_paths
 
     problems: list[str] = []
     found: list[str] = []
@@ -26,7 +25,7 @@ def check_config(config: Config) -> None:
         except UserError as exc:
             problems.append(str(exc))
 
-    attempt(lambda: load_constitution(constitution_paths(config)),
+    attempt(lambda: load_constitution(config.constitution_paths),
             lambda c: f"constitution '{c.name}' ({c.source_format}): {len(c.principles)} principles, "
                       f"{len(c.few_shot)} worked examples, {len(c.comparison_examples)} comparison examples")
     attempt(lambda: load_prompts(config.data.red_team, config.seed, "data.red_team"),

@@ -147,3 +147,20 @@ def comparison_prompt(prompt: str, question: str, first: str, second: str,
     else:
         begun = COT_PREFIX if reasoning is None else cot_answer(reasoning)
     return render(turns, "assistant", fmt, begun=begun)
+
+
+def transcript_pair(pair: dict) -> dict:
+    """A pair as plain Human:/Assistant: text, for a model without a chat template (the layout
+    the paper's preference models read); TRL appends the end-of-sequence token."""
+    def kind(message: dict) -> str:
+        return "assistant" if message["role"] == "assistant" else "human"
+
+    def answer(conversation: list[dict]) -> str:  # continues the prompt's "Assistant:"
+        first, *rest = conversation
+        return f" {first['content']}" + "".join(f"\n\n{LABELS[kind(m)]}: {m['content']}"
+                                                for m in rest)
+
+    return {"prompt": render([(kind(m), m["content"]) for m in pair["prompt"]], "assistant",
+                             "transcript"),
+            "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"]),
+            "p_chosen": pair["p_chosen"]}

@@ -11,7 +11,7 @@ import yaml
 
 from cai_cli.config import ModelConfig, load_config
 from cai_cli.errors import UserError
-from cai_cli.stages.label_prefs import combine, option_probability
+from cai_cli.judging import combine, option_probability
 from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cai_cli import ui
-from cai_cli.artifacts import (Manifest, config_hash, diff_keys, library_versions, load_manifest,
-                               write_atomic)
+from cai_cli.artifacts import (Manifest, config_hash, diff_keys, file_fingerprint,
+                               library_versions, load_manifest, source_fingerprint, write_atomic)
 from cai_cli.config import Config, dump_config
 from cai_cli.errors import UserError
 
@@ -73,7 +73,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> Manifest | None:
     if state == "partial" and not force:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
     spec.directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(config.run_dir) / "config.yaml", dump_config(config))
+    write_atomic(config.layout.resolved_config, dump_config(config))
     manifest = Manifest(stage=spec.command, config_hash=spec.fingerprint, config=spec.settings,
                         inputs=spec.inputs, versions=library_versions())
     manifest.save(spec.directory)
@@ -88,19 +88,38 @@ def complete(spec: StageSpec, manifest: Manifest) -> None:
     manifest.save(spec.directory)
 
 
-def require_complete(directory: Path, command: str, why: str = "") -> None:
-    """An earlier stage's output must be there and finished; ``why`` says what it is needed for."""
+def require_complete(config: Config, command: str, why: str = "", *,
+                     stale_use: str | None = None) -> Path:
+    """An earlier stage's output must be there and finished; ``why`` says what it is needed for.
+    With ``stale_use``, output made from other settings is used with a warning that names what
+    changed (it usually still serves, e.g. when only a sampling setting changed); ``stale_use``
+    ends the warning, e.g. "fine-tuning on it as is". Returns the stage's directory."""
+    directory = config.layout.stage_dir(command)
     manifest = load_manifest(directory)
     if manifest is None or manifest.get("status") != "complete":
         state = "is missing" if manifest is None else "is unfinished"
         raise UserError(f"{directory} {state}: run `cai {command} --config ...` first"
                         + (f" ({why})" if why else ""))
+    if stale_use is not None:
+        from cai_cli.stages import stage_module
+
+        spec = stage_module(command).spec(config)
+        if spec.state() == "stale":
+            ui.warn(f"{spec.directory} was made from a different config (changed: "
+                    f"{', '.join(spec.changes()[:4])}); {stale_use}")
+    return directory
 
 
-def warn_if_stale(spec: StageSpec, use: str) -> None:
-    """An earlier stage's finished output made from other settings usually still serves (e.g.
-    only a sampling setting changed): warn, naming what changed, and use it. ``use`` ends the
-    warning, e.g. "fine-tuning on it as is"."""
-    if spec.state() == "stale":
-        ui.warn(f"{spec.directory} was made from a different config (changed: "
-                f"{', '.join(spec.changes()[:4])}); {use}")
+def red_team_inputs(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings and input fingerprints every stage that reads the red-team prompts and the
+    constitution shares: ``(settings, inputs)``, to extend with the stage's own."""
+    settings = {
+        "seed": config.seed,
+        "constitution": config.constitution,
+        "data.red_team": config.data.red_team.model_dump(mode="json"),
+    }
+    inputs = {
+        "constitution": "+".join(file_fingerprint(p) for p in config.constitution_paths),
+        "prompts": source_fingerprint(config.data.red_team),
+    }
+    return settings, inputs

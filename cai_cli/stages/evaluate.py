@@ -21,15 +21,16 @@ import time
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, write_json_atomic)
+from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
+                               write_json_atomic)
 from cai_cli.backends.base import Completion, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
-from cai_cli.stages import generate_sl
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete
+from cai_cli.seeding import call_seed
+from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs, require_complete
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
@@ -53,19 +54,16 @@ def model_paths(config: Config) -> dict[str, str]:
         if name == "base":
             paths[name] = config.models.policy.name_or_path
         elif name in RUN_MODELS:
-            paths[name] = str(Path(config.run_dir) / name)
+            paths[name] = str(config.layout.stage_dir(RUN_MODELS[name]))
         else:
             paths[name] = name
     return paths
 
 
 def spec(config: Config) -> StageSpec:
-    sl = generate_sl.spec(config)
     paths = model_paths(config)
-    settings = {
-        "seed": config.seed,
-        "constitution": sl.settings["constitution"],
-        "data.red_team": sl.settings["data.red_team"],
+    settings, inputs = red_team_inputs(config)
+    settings.update({
         "generate_sl": config.generate_sl.model_dump(mode="json",
                                                       include={"prompt_format", "system_prompt"}),
         # the held-out prompts and how the judge is asked
@@ -74,19 +72,17 @@ def spec(config: Config) -> StageSpec:
         "models.feedback": config.feedback_model.model_dump(mode="json"),
         "evaluate": config.evaluate.model_dump(mode="json"),
         "model_paths": paths,
-    }
-    inputs = {f"model:{name}": model_fingerprint(path) for name, path in paths.items()}
+    })
+    inputs.update({f"model:{name}": model_fingerprint(path) for name, path in paths.items()})
     inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
-    inputs["constitution"] = sl.inputs["constitution"]
-    inputs["prompts"] = sl.inputs["prompts"]
     if config.evaluate.helpful_limit and config.data.helpful is not None:
         settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
-        inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
+        inputs["helpful"] = source_fingerprint(config.data.helpful)
     if config.evaluate.reward_model:
-        inputs["reward_model"] = model_fingerprint(str(Path(config.run_dir) / "rm"))
+        inputs["reward_model"] = model_fingerprint(str(config.layout.rm))
     after = tuple(RUN_MODELS[name] for name in paths if name in RUN_MODELS)
     after += ("train-rm",) if config.evaluate.reward_model else ()
-    return StageSpec("evaluate", Path(config.run_dir) / "eval", settings, inputs, after)
+    return StageSpec("evaluate", config.layout.eval, settings, inputs, after)
 
 
 def select_prompts(config: Config) -> list[Prompt]:
@@ -117,7 +113,7 @@ def check_inputs(config: Config) -> None:
 
     for name, path in model_paths(config).items():
         if name in RUN_MODELS:
-            require_complete(Path(path), RUN_MODELS[name],
+            require_complete(config, RUN_MODELS[name],
                              f"or leave '{name}' out of evaluate.models")
         check_model_source(config.models.policy.model_copy(update={"name_or_path": path}),
                            f"evaluate.models ({name})")
@@ -127,7 +123,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     stage = spec(config)
     paths = model_paths(config)
     prompts = select_prompts(config)
-    constitution = load_constitution(generate_sl.constitution_paths(config))
+    constitution = load_constitution(config.constitution_paths)
     check_inputs(config)
     manifest = begin(stage, config, force=force)
     if manifest is None:
@@ -175,7 +171,7 @@ def answer_all(config: Config, backend, prompts: list[Prompt], index: int,
     params = SamplingParams(
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=generate_sl.call_seed(config.seed, index, "evaluate"),
+        seed=call_seed(config.seed, index, "evaluate"),
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
     results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                 for p in prompts], params)
@@ -189,12 +185,10 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
     """For each pair of models (a, b): per prompt, p(a's answer preferred) and per-principle
     probabilities, judged as label-prefs judges."""
     from cai_cli.backends import load_backend
-    from cai_cli.stages.label_prefs import Judge
+    from cai_cli.judging import Judge
 
-    # The judge takes its settings from label_prefs; evaluate sets how many principles.
-    judging = config.model_copy(update={"label_prefs": config.label_prefs.model_copy(update={
-        "principles_per_pair": config.evaluate.principles_per_pair, "pairs_per_prompt": None})})
-    judge = Judge(judging, constitution, load_backend(config.feedback_model, "models.feedback"))
+    judge = Judge(config, constitution, load_backend(config.feedback_model, "models.feedback"),
+                  principles_per_pair=config.evaluate.principles_per_pair, pairs_per_prompt=None)
     out: dict[tuple[str, str], list[dict]] = {}
     pairs = list(itertools.combinations(names, 2))
     with ui.progress() as bar:
@@ -230,7 +224,7 @@ def per_principle(judgments: list[dict], a_chosen: bool) -> dict[str, float]:
 def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
                   answers: dict) -> dict[str, list[float]] | None:
     """The reward model's score of every answer, per model; None without a reward model."""
-    rm = Path(config.run_dir) / "rm"
+    rm = config.layout.rm
     manifest = load_manifest(rm)
     if manifest is None or manifest.get("status") != "complete":
         ui.warn(f"no finished reward model in {rm}: answers are not scored "
@@ -266,7 +260,7 @@ def reward_texts(tokenizer, prompts: list[Prompt], answers: list[str]) -> tuple[
     """The texts the reward model scores, laid out as train-rm trained it: through the chat
     template, or as a Human:/Assistant: transcript ending in the end-of-sequence token for a
     model without one. The flag says whether the tokenizer adds its special tokens."""
-    from cai_cli.stages.train_rm import transcript
+    from cai_cli.prompting import transcript_pair
 
     if tokenizer.chat_template:
         return [tokenizer.apply_chat_template(
@@ -274,7 +268,7 @@ def reward_texts(tokenizer, prompts: list[Prompt], answers: list[str]) -> tuple[
             tokenize=False) for p, a in zip(prompts, answers)], False
     texts = []
     for p, a in zip(prompts, answers):
-        row = transcript({"prompt": [{"role": "user", "content": p.text}],
+        row = transcript_pair({"prompt": [{"role": "user", "content": p.text}],
                           "chosen": [{"role": "assistant", "content": a}],
                           "rejected": [{"role": "assistant", "content": a}], "p_chosen": 1.0})
         texts.append(row["prompt"] + row["chosen"] + (tokenizer.eos_token or ""))
@@ -319,7 +313,7 @@ def build_report(config: Config, prompts: list[Prompt], paths: dict[str, str],
     }
     if rewards is not None:
         report["reward_model"] = {
-            "path": str(Path(config.run_dir) / "rm"),
+            "path": str(config.layout.rm),
             "mean_score": {name: round(statistics.fmean(v), 4) for name, v in rewards.items()},
         }
     return report

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
-from cai_cli.stages import generate_sl
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete, warn_if_stale
+from cai_cli.seeding import draw
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete
 
 RESPONSE_COLUMNS = ("response", "completion")  # the answer beside a prompt column
 
@@ -37,14 +37,13 @@ def base_model(config: Config) -> tuple[ModelConfig, str]:
 def spec(config: Config) -> StageSpec:
     """What decides this stage's output: cheap to compute, no model loaded."""
     model, _ = base_model(config)
-    sl = Path(config.run_dir) / "sl"
     settings = training.fingerprint_settings(config, model, "finetune")
-    inputs = {"sl": file_fingerprint(sl / "sft.jsonl"),
+    inputs = {"sl": file_fingerprint(config.layout.sft_data),
               "model": model_fingerprint(model.name_or_path)}
     if config.finetune.helpful_ratio > 0 and config.data.helpful is not None:
         settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
-        inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
-    return StageSpec("finetune", Path(config.run_dir) / "sft", settings, inputs,
+        inputs["helpful"] = source_fingerprint(config.data.helpful)
+    return StageSpec("finetune", config.layout.sft, settings, inputs,
                      after=("generate-sl",))
 
 
@@ -54,10 +53,8 @@ def spec(config: Config) -> StageSpec:
 
 def sl_conversations(config: Config) -> list[Conversation]:
     """The SFT records of a finished ``cai generate-sl``."""
-    sl = Path(config.run_dir) / "sl"
-    require_complete(sl, "generate-sl")
-    warn_if_stale(generate_sl.spec(config), "fine-tuning on it as is")
-    path = sl / "sft.jsonl"
+    require_complete(config, "generate-sl", stale_use="fine-tuning on it as is")
+    path = config.layout.sft_data
     conversations = [chat_messages(record.get("messages"), f"{path}:{number}", answered=True)
                      for number, record in enumerate(iter_jsonl(path), start=1)]
     if not conversations:
@@ -110,7 +107,7 @@ def mix(config: Config, sl: list[Conversation]) -> tuple[list[Conversation], int
         ui.warn(f"data.helpful has {len(pool)} conversations but helpful_ratio {ratio} asks for "
                 f"{count}; some are used more than once")
     # The trainer shuffles the mixed set itself (seeded), so the order here does not matter.
-    helpful = generate_sl.draw(random.Random(f"{config.seed}:helpful"), tuple(pool), count)
+    helpful = draw(random.Random(f"{config.seed}:helpful"), tuple(pool), count)
     return sl + helpful, len(helpful)
 
 

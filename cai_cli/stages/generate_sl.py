@@ -10,7 +10,6 @@ batch, step), so the output does not depend on whether the run was interrupted.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from pathlib import Path
@@ -18,52 +17,24 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, file_fingerprint, model_fingerprint,
-                               write_jsonl_atomic)
+from cai_cli.artifacts import ResumableJsonl, model_fingerprint, write_jsonl_atomic
 from cai_cli.backends.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution, FewShotExample, Principle, load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
-from cai_cli.stages.common import StageSpec, begin, complete
-
-
-def constitution_paths(config: Config) -> list[str]:
-    return [config.constitution] if isinstance(config.constitution, str) else list(config.constitution)
-
-
-def source_fingerprint(source) -> str:
-    return file_fingerprint(Path(source.path).expanduser()) if source.path else f"dataset:{source.dataset}"
+from cai_cli.seeding import call_seed, draw
+from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs
 
 
 def spec(config: Config) -> StageSpec:
     """What decides this stage's output: cheap to compute, no model loaded."""
-    settings = {
-        "seed": config.seed,
-        "constitution": config.constitution,
-        "data.red_team": config.data.red_team.model_dump(mode="json"),
-        "models.policy": config.models.policy.model_dump(mode="json"),
-        "generate_sl": config.generate_sl.model_dump(mode="json"),
-    }
-    inputs = {
-        "constitution": "+".join(file_fingerprint(p) for p in constitution_paths(config)),
-        "prompts": source_fingerprint(config.data.red_team),
-        "policy": model_fingerprint(config.models.policy.name_or_path),
-    }
-    return StageSpec("generate-sl", Path(config.run_dir) / "sl", settings, inputs)
-
-
-def call_seed(seed: int, batch: int, step: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{batch}:{step}".encode()).hexdigest()[:8], 16)
-
-
-def draw(rng: random.Random, items: tuple, count: int) -> list:
-    """``count`` items, all different while the pool lasts, then drawn again from the full pool."""
-    out: list = []
-    while len(out) < count and items:
-        out += rng.sample(items, min(count - len(out), len(items)))
-    return out
+    settings, inputs = red_team_inputs(config)
+    settings["models.policy"] = config.models.policy.model_dump(mode="json")
+    settings["generate_sl"] = config.generate_sl.model_dump(mode="json")
+    inputs["policy"] = model_fingerprint(config.models.policy.name_or_path)
+    return StageSpec("generate-sl", config.layout.sl, settings, inputs)
 
 
 class Plan:
@@ -80,7 +51,7 @@ class Plan:
 def run(config: Config, *, force: bool = False) -> Path | None:
     stage = spec(config)
     settings = config.generate_sl
-    constitution = load_constitution(constitution_paths(config))
+    constitution = load_constitution(config.constitution_paths)
     prompts = load_prompts(config.data.red_team, config.seed)
     if settings.few_shot and not constitution.few_shot:
         ui.warn(f"constitution '{constitution.name}' has no worked examples; "

@@ -21,56 +21,45 @@ Two phases, each resumable on its own:
 
 from __future__ import annotations
 
-import itertools
-import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import TextColumn
 
 from cai_cli import ui
 from cai_cli.artifacts import ResumableJsonl, model_fingerprint
-from cai_cli.backends.base import Completion, Overflow, SamplingParams
+from cai_cli.backends.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
-from cai_cli.constitution import Constitution, load_constitution
+from cai_cli.constitution import load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
-from cai_cli.prompting import (OPTIONS, TRANSCRIPT_STOPS, answer_prompt,
-                               comparison_prompt, resolve_format)
-from cai_cli.stages import generate_sl
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete
+from cai_cli.judging import Judge
+from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.seeding import call_seed
+from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs, require_complete
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
 
 
 def policy_path(config: Config) -> str:
-    return config.label_prefs.policy or str(Path(config.run_dir) / "sft")
+    return config.label_prefs.policy or str(config.layout.sft)
 
 
 def spec(config: Config) -> StageSpec:
-    sl = generate_sl.spec(config)
-    settings = {
-        "seed": config.seed,
-        "constitution": sl.settings["constitution"],
-        "data.red_team": sl.settings["data.red_team"],
+    settings, inputs = red_team_inputs(config)
+    settings.update({
         "models.policy": policy_model(config).model_dump(mode="json"),
         "models.feedback": config.feedback_model.model_dump(mode="json"),
         "label_prefs": config.label_prefs.model_dump(
             mode="json", exclude=set() if config.label_prefs.chain_of_thought else COT_KEYS),
         "generate_sl": config.generate_sl.model_dump(mode="json",
                                                       include={"prompt_format", "system_prompt"}),
-    }
-    inputs = {
-        "constitution": sl.inputs["constitution"],
-        "prompts": sl.inputs["prompts"],
-        "policy": model_fingerprint(policy_path(config)),
-        "feedback": model_fingerprint(config.feedback_model.name_or_path),
-    }
+    })
+    inputs["policy"] = model_fingerprint(policy_path(config))
+    inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
     after = ("finetune",) if config.label_prefs.policy is None else ()
-    return StageSpec("label-prefs", Path(config.run_dir) / "prefs", settings, inputs, after)
+    return StageSpec("label-prefs", config.layout.prefs, settings, inputs, after)
 
 
 def policy_model(config: Config) -> ModelConfig:
@@ -100,7 +89,7 @@ def check_inputs(config: Config) -> None:
     from cai_cli.backends.hf import check_model_source
 
     if config.label_prefs.policy is None:
-        require_complete(Path(config.run_dir) / "sft", "finetune",
+        require_complete(config, "finetune",
                          "or set label_prefs.policy to a model to sample from")
     check_model_source(policy_model(config), "label_prefs.policy")
     check_model_source(config.feedback_model, "models.feedback" if config.models.feedback
@@ -110,7 +99,7 @@ def check_inputs(config: Config) -> None:
 def run(config: Config, *, force: bool = False) -> Path | None:
     stage = spec(config)
     settings = config.label_prefs
-    constitution = load_constitution(generate_sl.constitution_paths(config))
+    constitution = load_constitution(config.constitution_paths)
     prompts = select_prompts(config)
     check_inputs(config)
     manifest = begin(stage, config, force=force)
@@ -144,7 +133,9 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         from cai_cli.backends import load_backend
 
         feedback = load_backend(config.feedback_model, "models.feedback")
-        judge = Judge(config, constitution, feedback)
+        judge = Judge(config, constitution, feedback,
+                      principles_per_pair=settings.principles_per_pair,
+                      pairs_per_prompt=settings.pairs_per_prompt)
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
             task = bar.add_task("judging", total=len(sampled), rate="",
                                 completed=sum(len(g) for g in groups[:done]))
@@ -186,7 +177,7 @@ def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> l
     sampling = settings.sampling
     params = SamplingParams(
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k, seed=generate_sl.call_seed(config.seed, batch, "sample"),
+        top_p=sampling.top_p, top_k=sampling.top_k, seed=call_seed(config.seed, batch, "sample"),
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
     conversation = [answer_prompt(p.text, fmt, config.generate_sl.system_prompt) for p in prompts]
     results = policy.generate([c for c in conversation for _ in range(n)], params)
@@ -201,144 +192,3 @@ def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> l
         records.append({"id": prompt.id, "prompt": prompt.text,
                         "responses": [a.text for a in answers]})
     return records
-
-
-def option_probability(logprobs: list[float]) -> float:
-    """Probability of the first option, normalised over the options."""
-    top = max(logprobs)
-    weights = [math.exp(x - top) for x in logprobs]
-    return weights[0] / sum(weights)
-
-
-def combine(judgments: list[dict]) -> tuple[float, bool]:
-    """From raw judgments of answer ``a`` vs ``b`` (``order`` "ab": a shown first), the
-    probability that ``a`` is better (order-averaged per principle, then averaged over
-    principles) and whether the two orders ever disagree on a principle."""
-    by_principle: dict[str, dict[str, float]] = {}
-    for j in judgments:
-        p_a = j["p_first"] if j["order"] == "ab" else 1.0 - j["p_first"]
-        by_principle.setdefault(j["principle"], {})[j["order"]] = p_a
-    means, disagree = [], False
-    for orders in by_principle.values():
-        means.append(sum(orders.values()) / len(orders))
-        if len(orders) == 2 and (orders["ab"] - 0.5) * (orders["ba"] - 0.5) < 0:
-            disagree = True
-    return sum(means) / len(means), disagree
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One question to the feedback model: a pair under one principle, in one order."""
-
-    pair: int  # index of the pair in its batch
-    principle: str
-    order: str  # "ab": answer a shown first as (A); "ba": answer b first
-    prompt: str
-    first: str
-    second: str
-    question: str
-    examples: list
-
-    def prompt_input(self, fmt: str, chain_of_thought: bool, reasoning: str | None = None):
-        return comparison_prompt(self.prompt, self.question, self.first, self.second,
-                                 self.examples, fmt, chain_of_thought=chain_of_thought,
-                                 reasoning=reasoning)
-
-
-class Judge:
-    """Scores the pairs of one batch of sampled prompts with the feedback model."""
-
-    def __init__(self, config: Config, constitution: Constitution, backend):
-        self.config, self.constitution, self.backend = config, constitution, backend
-        self.settings = settings = config.label_prefs
-        self.fmt = resolve_format(settings.prompt_format, backend, "label_prefs.prompt_format")
-        self.comparisons = 0  # judged in this process, for the rate column
-        self.skipped_last = 0
-
-    def pairs_of(self, record: dict) -> list[tuple[str, str, str]]:
-        """``(pair id, answer a, answer b)``: every pair of different answers, or a seeded
-        sample of ``pairs_per_prompt`` of them."""
-        answers = record["responses"]
-        combos = [(i, j) for i, j in itertools.combinations(range(len(answers)), 2)
-                  if answers[i] != answers[j]]
-        limit = self.settings.pairs_per_prompt
-        if limit and len(combos) > limit:
-            combos = sorted(random.Random(f"{self.config.seed}:{record['id']}").sample(combos, limit))
-        return [(f"{record['id']}-{i}-{j}", answers[i], answers[j]) for i, j in combos]
-
-    def plan(self, records: list[dict]) -> tuple[list[tuple], list[Comparison]]:
-        """The pairs of these sampled prompts, and every question to ask about them: each pair
-        under its drawn principles (seeded by the pair), in both orders."""
-        settings = self.settings
-        pairs, jobs = [], []
-        for record in records:
-            for pair_id, a, b in self.pairs_of(record):
-                rng = random.Random(f"{self.config.seed}:{pair_id}")
-                principles = generate_sl.draw(rng, self.constitution.principles,
-                                              settings.principles_per_pair)
-                examples = generate_sl.draw(rng, self.constitution.comparison_examples, min(
-                    settings.few_shot, len(self.constitution.comparison_examples)))
-                pairs.append((pair_id, record, a, b))
-                jobs += [Comparison(len(pairs) - 1, principle.id, order, record["prompt"], first,
-                                    second, principle.comparison, examples)
-                         for principle in principles
-                         for order, first, second in (("ab", a, b), ("ba", b, a))]
-        return pairs, jobs
-
-    def comparisons_of(self, records: list[dict]) -> list[Comparison]:
-        return self.plan(records)[1]
-
-    def batch(self, records: list[dict], batch: int) -> list[dict]:
-        settings, cot = self.settings, self.settings.chain_of_thought
-        pairs, jobs = self.plan(records)
-        reasoning: list = [None] * len(jobs)
-        if cot:
-            params = SamplingParams(
-                max_new_tokens=settings.cot_max_new_tokens, temperature=0.0,
-                seed=generate_sl.call_seed(self.config.seed, batch, "reason"),
-                stop=("So the answer is", "\nSo the answer") + TRANSCRIPT_STOPS)
-            reasoning = [r.text if isinstance(r, Completion) else r for r in self.backend.generate(
-                [job.prompt_input(self.fmt, True) for job in jobs], params)]
-        scores = self.backend.score_options(
-            [job.prompt_input(self.fmt, cot, r if isinstance(r, str) else None)
-             for job, r in zip(jobs, reasoning)], OPTIONS)
-
-        judgments: dict[int, list[dict]] = {}
-        overflowing: set[int] = set()
-        low, high = settings.cot_clamp
-        for job, thought, score in zip(jobs, reasoning, scores):
-            if isinstance(thought, Overflow) or isinstance(score, Overflow):
-                overflowing.add(job.pair)
-                continue
-            p_first = option_probability(score)
-            entry = {"principle": job.principle, "order": job.order, "p_first": round(p_first, 6)}
-            if cot:
-                entry["p_first"] = round(min(max(p_first, low), high), 6)
-                entry["reasoning"] = thought
-            judgments.setdefault(job.pair, []).append(entry)
-
-        out = []
-        for index, (pair_id, record, a, b) in enumerate(pairs):
-            if index in overflowing:
-                ui.warn(f"pair {pair_id} skipped: a comparison does not fit the feedback model's "
-                        "context; raise models.feedback.max_context or shorten the answers")
-                continue
-            raw = judgments[index]
-            p_a, disagree = combine(raw)
-            a_wins = p_a >= 0.5
-            chosen, rejected = (a, b) if a_wins else (b, a)
-            # Orders relative to the chosen answer: "AB" = chosen shown first.
-            shown = [{**j, "order": "AB" if (j["order"] == "ab") == a_wins else "BA"} for j in raw]
-            out.append({
-                "id": pair_id,
-                "prompt": [{"role": "user", "content": record["prompt"]}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "p_chosen": round(p_a if a_wins else 1.0 - p_a, 6),
-                "order_disagreement": disagree,
-                "judgments": shown,
-                "prompt_id": record["id"],
-            })
-        self.comparisons += len(jobs) // 2  # a pair under one principle, both orders
-        self.skipped_last = len(pairs) - len(out)
-        return out

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, load_prompts
 from cai_cli.errors import UserError
-from cai_cli.stages import generate_sl, label_prefs
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete, warn_if_stale
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's
 # fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
@@ -48,31 +47,31 @@ SOFT_LOSS_FIELDS = ("loss_type", "loss_weights", "label_smoothing", "ld_alpha",
 def policy_model(config: Config) -> ModelConfig:
     """The starting policy (``optimize.model``, by default the SL-CAI model in ``sft/``), with
     the policy's loading settings (revision, remote code, device)."""
-    sft = str(Path(config.run_dir) / "sft")
+    sft = str(config.layout.sft)
     return training.model_for(config, config.optimize.model or sft, "optimize.model")[0]
 
 
 def spec(config: Config) -> StageSpec:
     """What decides this stage's output: cheap to compute, no model loaded."""
     settings = config.optimize
-    run_dir = Path(config.run_dir)
+    layout = config.layout
     online = settings.method != "dpo"
     model = policy_model(config)
     decides = training.fingerprint_settings(config, model, "optimize",
                                             DPO_ONLY if online else ONLINE_ONLY)
     inputs = {"policy": model_fingerprint(model.name_or_path)}
     if not online:
-        inputs["pairs"] = file_fingerprint(run_dir / "prefs" / "pairs.jsonl")
+        inputs["pairs"] = file_fingerprint(layout.pairs)
     else:
         decides["data.red_team"] = config.data.red_team.model_dump(mode="json")
-        inputs["prompts"] = generate_sl.source_fingerprint(config.data.red_team)
-        inputs["reward_model"] = model_fingerprint(str(run_dir / "rm"))
+        inputs["prompts"] = source_fingerprint(config.data.red_team)
+        inputs["reward_model"] = model_fingerprint(str(layout.rm))
         if settings.include_helpful and config.data.helpful is not None:
             decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
-            inputs["helpful"] = generate_sl.source_fingerprint(config.data.helpful)
+            inputs["helpful"] = source_fingerprint(config.data.helpful)
     after = ("train-rm",) if online else ("label-prefs",)
     after += ("finetune",) if settings.model is None else ()
-    return StageSpec("optimize", run_dir / "policy", decides, inputs, after)
+    return StageSpec("optimize", layout.policy, decides, inputs, after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ def spec(config: Config) -> StageSpec:
 def check_policy(config: Config) -> None:
     """The starting policy: a finished ``sft/``, or the directory or hub id in optimize.model."""
     if config.optimize.model is None:
-        require_complete(Path(config.run_dir) / "sft", "finetune",
+        require_complete(config, "finetune",
                          "or set optimize.model to the policy to optimise")
     model = policy_model(config)
     path = Path(model.name_or_path).expanduser()
@@ -99,10 +98,9 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
     """The pairs DPO trains on, in TRL's conversational preference format (with ``p_chosen``
     when soft labels use it), and the number of near-ties ``min_confidence`` dropped."""
     settings = config.optimize
-    prefs = Path(config.run_dir) / "prefs"
-    require_complete(prefs, "label-prefs", "optimize.method dpo learns from its labelled pairs")
-    warn_if_stale(label_prefs.spec(config), "optimising on its pairs as they are")
-    path = prefs / "pairs.jsonl"
+    prefs = require_complete(config, "label-prefs", "optimize.method dpo learns from its labelled "
+                             "pairs", stale_use="optimising on its pairs as they are")
+    path = config.layout.pairs
     needs_label = settings.soft_labels or settings.min_confidence > 0
     pairs, total, dropped = [], 0, 0
     for number, record in enumerate(iter_jsonl(path), start=1):
@@ -149,8 +147,7 @@ def online_prompts(config: Config) -> tuple[list[dict], int]:
 
 
 def reward_model_dir(config: Config) -> Path:
-    rm = Path(config.run_dir) / "rm"
-    require_complete(rm, "train-rm", f"optimize.method {config.optimize.method} samples "
+    rm = require_complete(config, "train-rm", f"optimize.method {config.optimize.method} samples "
                      "completions and scores them with the reward model")
     return rm
 
@@ -196,7 +193,7 @@ def trainer_args(config: Config, model: ModelConfig):
             max_completion_length=(settings.max_completion_length,
                                    "optimize.max_completion_length"))
     return training.trl_config(config_cls, settings.training, "optimize.training",
-                               seed=config.seed, output_dir=Path(config.run_dir) / "policy",
+                               seed=config.seed, output_dir=config.layout.policy,
                                cpu=training.use_cpu(model), stage_args=stage_args)
 
 

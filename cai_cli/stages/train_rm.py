@@ -35,12 +35,12 @@ import time
 from pathlib import Path
 
 from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
+from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
+from cai_cli.data import chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
-from cai_cli.stages import generate_sl, label_prefs
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete, warn_if_stale
+from cai_cli.prompting import transcript_pair
+from cai_cli.stages.common import StageSpec, begin, complete, require_complete
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
 ECE_BINS = 10
@@ -57,11 +57,11 @@ def spec(config: Config) -> StageSpec:
     """What decides this stage's output: cheap to compute, no model loaded."""
     model, _ = base_model(config)
     settings = training.fingerprint_settings(config, model, "train_rm")
-    inputs = {"prefs": file_fingerprint(Path(config.run_dir) / "prefs" / "pairs.jsonl"),
+    inputs = {"prefs": file_fingerprint(config.layout.pairs),
               "model": model_fingerprint(model.name_or_path)}
     if config.train_rm.mix is not None:
-        inputs["mix"] = generate_sl.source_fingerprint(config.train_rm.mix)
-    return StageSpec("train-rm", Path(config.run_dir) / "rm", settings, inputs,
+        inputs["mix"] = source_fingerprint(config.train_rm.mix)
+    return StageSpec("train-rm", config.layout.rm, settings, inputs,
                      after=("label-prefs",))
 
 
@@ -71,10 +71,8 @@ def spec(config: Config) -> StageSpec:
 
 def ai_pairs(config: Config) -> list[dict]:
     """The pairs of a finished ``cai label-prefs``: prompt, chosen, rejected, p_chosen, group."""
-    prefs = Path(config.run_dir) / "prefs"
-    require_complete(prefs, "label-prefs")
-    warn_if_stale(label_prefs.spec(config), "training on it as is")
-    path = prefs / "pairs.jsonl"
+    require_complete(config, "label-prefs", stale_use="training on it as is")
+    path = config.layout.pairs
     pairs = []
     for number, record in enumerate(iter_jsonl(path), start=1):
         where = f"{path}:{number}"
@@ -177,32 +175,13 @@ def mixed_pairs(config: Config, count: int) -> list[dict]:
     return pool[: min(count, source.limit or len(pool))]
 
 
-def transcript(pair: dict) -> dict:
-    """A pair as plain Human:/Assistant: text, for a model without a chat template (the layout
-    the paper's preference models read); TRL appends the end-of-sequence token."""
-    from cai_cli.prompting import LABELS, render
-
-    def kind(message: dict) -> str:
-        return "assistant" if message["role"] == "assistant" else "human"
-
-    def answer(conversation: Conversation) -> str:  # continues the prompt's "Assistant:"
-        first, *rest = conversation
-        return f" {first['content']}" + "".join(f"\n\n{LABELS[kind(m)]}: {m['content']}"
-                                                for m in rest)
-
-    return {"prompt": render([(kind(m), m["content"]) for m in pair["prompt"]], "assistant",
-                             "transcript"),
-            "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"]),
-            TARGET: pair[TARGET]}
-
-
 def rows(pairs: list[dict], fmt: str, soft: bool) -> list[dict]:
     """The trainer's columns: prompt, chosen, rejected and the target (1.0 for hard labels)."""
     out = []
     for pair in pairs:
         row = {name: pair[name] for name in ("prompt", "chosen", "rejected")}
         row[TARGET] = pair[TARGET] if soft else 1.0
-        out.append(transcript(row) if fmt == "transcript" else row)
+        out.append(transcript_pair(row) if fmt == "transcript" else row)
     return out
 
 

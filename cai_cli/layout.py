@@ -1,0 +1,102 @@
+"""Where everything lives in a run directory, defined once.
+
+Stages, ``status``, ``inspect`` and the tests ask a ``RunLayout`` for paths instead of joining
+names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.md) has one home.
+
+    <run_dir>/.cai/config.yaml       resolved config of the last stage run (tool-owned folder)
+    <run_dir>/sl/chains.jsonl        SL-CAI chains;  sl/sft.jsonl: the SFT examples
+    <run_dir>/sft/                   fine-tuned model
+    <run_dir>/prefs/pairs.jsonl      labelled pairs; prefs/samples.jsonl: the sampled answers
+    <run_dir>/rm/                    reward model
+    <run_dir>/policy/                optimised policy
+    <run_dir>/eval/report.json       evaluation; eval/answers.jsonl: the answers compared
+    <run_dir>/<stage>/manifest.json  what produced each stage
+
+No heavy imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Command -> its directory under the run directory, in pipeline order.
+STAGE_DIRS = {
+    "generate-sl": "sl",
+    "finetune": "sft",
+    "label-prefs": "prefs",
+    "train-rm": "rm",
+    "optimize": "policy",
+    "evaluate": "eval",
+}
+TOOL_DIR = ".cai"  # files only the tool writes: resolved config, lock
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> "RunLayout":
+        return cls(Path(run_dir))
+
+    def stage_dir(self, command: str) -> Path:
+        return self.root / STAGE_DIRS[command]
+
+    # The tool's own files
+    @property
+    def tool_dir(self) -> Path:
+        return self.root / TOOL_DIR
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.tool_dir / "config.yaml"
+
+    # Stage outputs
+    @property
+    def sl(self) -> Path:
+        return self.stage_dir("generate-sl")
+
+    @property
+    def chains(self) -> Path:
+        return self.sl / "chains.jsonl"
+
+    @property
+    def sft_data(self) -> Path:
+        return self.sl / "sft.jsonl"
+
+    @property
+    def sft(self) -> Path:
+        return self.stage_dir("finetune")
+
+    @property
+    def prefs(self) -> Path:
+        return self.stage_dir("label-prefs")
+
+    @property
+    def samples(self) -> Path:
+        return self.prefs / "samples.jsonl"
+
+    @property
+    def pairs(self) -> Path:
+        return self.prefs / "pairs.jsonl"
+
+    @property
+    def rm(self) -> Path:
+        return self.stage_dir("train-rm")
+
+    @property
+    def policy(self) -> Path:
+        return self.stage_dir("optimize")
+
+    @property
+    def eval(self) -> Path:
+        return self.stage_dir("evaluate")
+
+    @property
+    def eval_answers(self) -> Path:
+        return self.eval / "answers.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.eval / "report.json"
