@@ -1,0 +1,368 @@
+"""One writer per run directory: a lock every writing command holds from start to end.
+
+Two ``cai`` commands writing one run directory interleave their appends and both report success
+with half the records. So a writing command takes ``<run_dir>/.cai/lock`` first and keeps it
+until it exits; a second writer is refused at once, with the holder's pid, host, command line
+and start time, instead of waiting or silently sharing.
+
+- The lock is an OS file lock (``filelock``: flock on Unix), which the kernel drops when its
+  process dies, SIGKILL included, so a killed run never blocks the next one.
+- Who holds it is written next to it (``lock.holder.json``) for the refusal message and for
+  ``cai status`` / ``cai inspect`` (``holder()``). That file can outlive a killed holder, so it
+  is only believed while the process it names is still running.
+- A multi-process training job (torchrun, accelerate launch) is one writer: global rank 0 takes
+  the lock and records the job id; the other ranks take nothing but wait briefly until rank 0's
+  record names their own job, and are refused if another job holds the directory.
+- Taking the lock again in the process that holds it (``cai run`` calling each stage) nests.
+
+No heavy imports: ``cai status`` and ``cai inspect`` use ``holder()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shlex
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cai_cli import dist
+from cai_cli.errors import UserError
+
+LOCK_DIR = ".cai"  # tool-owned hidden folder inside the run directory
+LOCK_NAME = "lock"  # the OS-locked file; its content is meaningless
+HOLDER_NAME = "lock.holder.json"  # who holds the lock: pid, host, command line, since when, job
+
+RANK_WAIT_S = 30.0  # how long ranks other than 0 wait for rank 0 to take the lock
+_HOLDER_SETTLE_S = 1.0  # a refused writer waits this long for the holder's record to be written
+_POLL_S = 0.05
+
+_held: dict[str, "_Held"] = {}  # lock file -> this process's hold, for nesting
+_held_guard = threading.Lock()
+
+
+class _Held:
+    def __init__(self, lock, token: str):
+        self.lock = lock
+        self.token = token
+        self.depth = 1
+
+
+def lock_dir(run_dir: Path | str) -> Path:
+    return Path(run_dir) / LOCK_DIR
+
+
+def lock_path(run_dir: Path | str) -> Path:
+    return lock_dir(run_dir) / LOCK_NAME
+
+
+def holder_path(run_dir: Path | str) -> Path:
+    return lock_dir(run_dir) / HOLDER_NAME
+
+
+# --- who is this process -------------------------------------------------------------------
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a local process, from /proc (Linux)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()  # the command name in (...) may hold spaces
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    head = argv[0].replace("\\", "/") if argv else ""
+    if head.endswith("cai_cli/__main__.py") or Path(head).name == "cai":
+        argv = ["cai", *argv[1:]]  # `python -m cai_cli ...` and the `cai` script read the same
+    return shlex.join(argv)
+
+
+def _my_record(command: str, token: str) -> dict:
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "command": command,
+        "command_line": _command_line(),
+        "cwd": os.getcwd(),
+        "started": time.time(),
+        "job_id": dist.job_id(),
+        "world_size": dist.world_size(),
+        "boot_id": _boot_id(),
+        "pid_start": stat[1] if stat else None,
+        "token": token,
+    }
+
+
+# --- reading the holder record -------------------------------------------------------------
+
+def _read_record(run_dir: Path | str) -> dict | None:
+    try:
+        record = json.loads(holder_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return None  # missing, unreadable, or torn by a writer killed mid-write
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return None
+    return record
+
+
+def _liveness(record: dict) -> bool | None:
+    """True/False whether the process a record names still runs; None when it is on another host."""
+    if record.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if boot and record.get("boot_id") and boot != record["boot_id"]:
+        return False  # the machine rebooted since
+    pid = record["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    except OSError:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, start = stat
+        if state in ("Z", "X"):
+            return False  # killed, not yet reaped
+        if record.get("pid_start") is not None and start != record["pid_start"]:
+            return False  # the pid was reused by another process
+    return True
+
+
+def holder(run_dir: Path | str) -> dict | None:
+    """Who is writing ``run_dir`` now, for ``cai status`` / ``cai inspect``; None when nobody.
+
+    Never takes the lock and never waits: it reads the holder record and checks that the
+    process it names still runs. The dict has pid, host, command ("finetune"), command_line,
+    cwd, started (epoch seconds), since (human time), job_id, world_size, and ``live``: True
+    when checked on this host, None when the holder is on another host (cannot be checked
+    from here; a record left by a killed process there stays until the next run replaces it).
+    """
+    record = _read_record(run_dir)
+    if record is None:
+        return None
+    live = _liveness(record)
+    if live is False:
+        return None
+    record.pop("token", None)
+    record["live"] = live
+    record["since"] = _human_time(record.get("started"))
+    return record
+
+
+# --- messages ------------------------------------------------------------------------------
+
+def _human_time(started) -> str:
+    if not isinstance(started, (int, float)):
+        return "an unknown time"
+    ago = max(0.0, time.time() - started)
+    if ago < 90:
+        rel = f"{ago:.0f} s ago"
+    elif ago < 90 * 60:
+        rel = f"{ago / 60:.0f} min ago"
+    elif ago < 48 * 3600:
+        rel = f"{ago / 3600:.1f} h ago"
+    else:
+        rel = f"{ago / 86400:.0f} days ago"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    return f"{stamp} ({rel})"
+
+
+def describe(record: dict) -> str:
+    """One line naming a holder: pid, host, command line, since when."""
+    where = record.get("host", "?")
+    job = f", job {record['job_id']} of {record.get('world_size')} processes" \
+        if record.get("job_id") else ""
+    return (f"pid {record['pid']} on {where}{job}, running `{record.get('command_line', '?')}` "
+            f"since {_human_time(record.get('started'))}")
+
+
+def _busy_message(run_dir: Path, record: dict | None) -> str:
+    if record is None:
+        return (f"run directory {run_dir} is in use: another process holds {lock_path(run_dir)} "
+                f"but has not said who it is (`fuser -v {lock_path(run_dir)}` shows it). "
+                f"Wait for it to finish, or stop it, then run this again.")
+    live = _liveness(record)
+    if live is False:
+        return (f"run directory {run_dir} is in use: {lock_path(run_dir)} is held, and its last "
+                f"recorded holder ({describe(record)}) has exited; a process it started may "
+                f"still hold it (`fuser -v {lock_path(run_dir)}` shows it). Wait for it to "
+                f"finish, or stop it, then run this again.")
+    stop = f"`kill {record['pid']}`" if live else f"`kill {record['pid']}` on {record.get('host')}"
+    return (f"run directory {run_dir} is in use by another cai command: {describe(record)}. "
+            f"Wait for it to finish, or stop it ({stop}), then run this again.")
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> UserError:
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is read-only" if exc.errno == errno.EROFS else "is not writable by this user"
+        return UserError(f"run directory {run_dir} {why} ({exc.filename or run_dir}: "
+                         f"{exc.strerror}); set run_dir to a folder you can write to")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"run directory {run_dir} cannot be created: {exc.filename or run_dir} "
+                         f"is a file, not a folder; set run_dir to a folder path")
+    return UserError(f"run directory {run_dir} cannot be written ({exc.filename or run_dir}: "
+                     f"{exc.strerror}); set run_dir to a folder you can write to")
+
+
+# --- taking and releasing ------------------------------------------------------------------
+
+def _write_record(run_dir: Path, record: dict) -> None:
+    final = holder_path(run_dir)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, final)  # readers see the old record or the new one, never half of it
+
+
+def _remove_record_if_mine(run_dir: Path, token: str) -> None:
+    record = _read_record(run_dir)
+    if record is not None and record.get("token") == token:
+        try:
+            holder_path(run_dir).unlink()
+        except OSError:
+            pass
+
+
+class RunLock:
+    """The write lock of one run directory, held by one command (or one multi-process job).
+
+    ``with RunLock(run_dir, "finetune"):`` (or ``run_lock``) around everything the command
+    writes. Raises UserError (exit 2) at once when another command or job holds it.
+    ``role`` says what this process did: "owner" (took the lock), "nested" (this process
+    already held it), "rank" (a non-zero rank of the job whose rank 0 holds it).
+    """
+
+    def __init__(self, run_dir: Path | str, command: str, *, rank_wait_s: float = RANK_WAIT_S):
+        self.run_dir = Path(run_dir)
+        self.command = command
+        self.rank_wait_s = rank_wait_s
+        self.role: str | None = None
+        self._key: str | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "RunLock":
+        if self.role is not None:
+            raise RuntimeError("RunLock.acquire called twice; use one RunLock per hold")
+        try:
+            lock_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(self.run_dir, exc) from None
+        if dist.is_distributed() and not dist.is_main():
+            self._join_job()
+            self.role = "rank"
+            return self
+        self._key = str(lock_path(self.run_dir).resolve())
+        with _held_guard:
+            held = _held.get(self._key)
+            if held is not None:
+                held.depth += 1
+                self.role = "nested"
+                return self
+            self._take()
+            self.role = "owner"
+        return self
+
+    def _take(self) -> None:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(lock_path(self.run_dir)), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(_busy_message(self.run_dir, self._settled_record())) from None
+        except OSError as exc:
+            raise _unwritable(self.run_dir, exc) from None
+        token = secrets.token_hex(8)
+        try:
+            _write_record(self.run_dir, _my_record(self.command, token))
+        except OSError as exc:
+            lock.release()
+            raise _unwritable(self.run_dir, exc) from None
+        except BaseException:
+            lock.release()
+            raise
+        _held[self._key] = _Held(lock, token)
+
+    def _settled_record(self) -> dict | None:
+        # The holder writes its record just after taking the lock: give it a moment, so the
+        # refusal names it rather than a stale record of a killed run or nobody.
+        deadline = time.monotonic() + _HOLDER_SETTLE_S
+        while True:
+            record = _read_record(self.run_dir)
+            if (record is not None and _liveness(record) is not False) \
+                    or time.monotonic() >= deadline:
+                return record
+            time.sleep(_POLL_S)
+
+    def _join_job(self) -> None:
+        """Ranks > 0: proceed once rank 0 of this job holds the lock; refuse if another job does."""
+        mine = dist.job_id()
+        deadline = time.monotonic() + self.rank_wait_s
+        while True:
+            record = _read_record(self.run_dir)
+            if record is not None and _liveness(record) is not False:
+                if record.get("job_id") == mine:
+                    return
+                raise UserError(_busy_message(self.run_dir, record))
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"process {dist.rank()} of {dist.world_size()} (job {mine}) waited "
+                    f"{self.rank_wait_s:.0f} s for rank 0 to take the lock of run directory "
+                    f"{self.run_dir}, and it did not; see rank 0's error above. Every process "
+                    f"of one job must use the same run_dir on a shared filesystem.")
+            time.sleep(_POLL_S * 4)
+
+    def release(self) -> None:
+        role, self.role = self.role, None
+        if role not in ("owner", "nested"):
+            return
+        with _held_guard:
+            held = _held.get(self._key)
+            if held is None:
+                return
+            held.depth -= 1
+            if held.depth > 0:
+                return
+            del _held[self._key]
+            try:
+                _remove_record_if_mine(self.run_dir, held.token)
+            finally:
+                held.lock.release()
+
+
+@contextmanager
+def run_lock(run_dir: Path | str, command: str, *,
+             rank_wait_s: float = RANK_WAIT_S) -> Iterator[RunLock]:
+    """Hold the write lock of ``run_dir`` for the body; see RunLock."""
+    with RunLock(run_dir, command, rank_wait_s=rank_wait_s) as lock:
+        yield lock
