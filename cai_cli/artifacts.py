@@ -116,12 +116,13 @@ class ResumableJsonl:
         self.batches_done = 0
         self.finished = False
         self.extra: dict[str, Any] = {}
+        self._started = False  # whether the partial file and state of this run exist
 
     def open(self, *, fresh: bool = False) -> int:
         """Prepare for writing; return the number of batches already done (0 on a fresh start,
         always with ``fresh``). When a previous run with the same fingerprint got as far as
-        ``finish``, ``finished`` is set and the final file holds its output."""
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        ``finish``, ``finished`` is set and the final file holds its output. Nothing is written
+        until the first batch is appended: a run that fails before producing leaves no trace."""
         state = None
         if self.state_path.is_file() and not fresh:
             try:
@@ -137,23 +138,27 @@ class ResumableJsonl:
                 handle.truncate(int(state["bytes"]))
         else:
             state = None
-        if state:
-            self.batches_done = int(state["batches"])
-            self.extra = state.get("extra", {})
-        else:
-            self.partial_path.write_bytes(b"")
-            self.batches_done = 0
-            self.extra = {}
-            self._save_state(0)
+        self._started = state is not None
+        self.batches_done = int(state["batches"]) if state else 0
+        self.extra = state.get("extra", {}) if state else {}
         return self.batches_done
+
+    def _start(self) -> None:
+        """The first write of a fresh run: an empty partial file and its state."""
+        if not self._started:
+            self.final_path.parent.mkdir(parents=True, exist_ok=True)
+            self.partial_path.write_bytes(b"")
+            self._save_state(0)
+            self._started = True
 
     def records(self) -> list[dict]:
         """The records written so far (after ``open``)."""
         path = self.final_path if self.finished else self.partial_path
-        return read_jsonl(path) if path.stat().st_size else []
+        return read_jsonl(path) if path.is_file() and path.stat().st_size else []
 
     def append_batch(self, records: list[dict], **extra: Any) -> None:
         """Append one batch of records; ``extra`` values are merged into the saved state."""
+        self._start()
         payload = "".join(dumps(record) + "\n" for record in records).encode("utf-8")
         with self.partial_path.open("ab") as handle:
             handle.write(payload)
@@ -174,6 +179,7 @@ class ResumableJsonl:
     def finish(self) -> Path:
         """Move the complete output into place (one rename)."""
         if not self.finished:
+            self._start()
             size = self.partial_path.stat().st_size
             # Rename first: killed before the state says "finished", a rerun starts over rather
             # than mistaking an older final file for this run's output.
@@ -288,12 +294,12 @@ class Manifest:
             "config": self.config,
         }
 
-    def save(self, directory: Path | str) -> None:
-        write_json_atomic(Path(directory) / MANIFEST, self.to_dict())
+    def save(self, directory: Path | str, name: str = MANIFEST) -> None:
+        write_json_atomic(Path(directory) / name, self.to_dict())
 
 
-def load_manifest(directory: Path | str) -> dict | None:
-    path = Path(directory) / MANIFEST
+def load_manifest(directory: Path | str, name: str = MANIFEST) -> dict | None:
+    path = Path(directory) / name
     if not path.is_file():
         return None
     try:

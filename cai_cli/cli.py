@@ -1,6 +1,7 @@
 """The ``cai`` command: parse arguments, load the config, call a stage's ``run``. Nothing else.
 
-Heavy libraries are imported by the stages themselves, so ``cai --help`` stays fast.
+The stage commands are generated from the table in ``cai_cli.stages``. Heavy libraries are
+imported by the stages themselves, so ``cai --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from cai_cli.errors import UserError
+from cai_cli.stages import STAGES
 
 app = typer.Typer(
     name="cai",
@@ -25,13 +27,15 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check or print a config without running anything.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-_state = {"debug": False}
-
 CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config file.", show_default=False)
 SET = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key by dotted path, e.g. "
                    "--set generate_sl.num_revisions=3 (repeatable).", show_default=False)
 FORCE = typer.Option(False, "--force", help="Redo the stage even if its output is complete, "
                      "replacing outputs made from another config.")
+PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False,
+                    help="After the stage completes, upload its model to this Hugging Face hub "
+                    "repository (created private if missing), with the token in HF_TOKEN. Only "
+                    "this flag uploads: a config cannot.")
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
@@ -40,57 +44,63 @@ def _load(config: Path, overrides: Optional[List[str]]):
     return load_config(config, overrides or [])
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cai_cli {version('cai_cli')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")):
-    _state["debug"] = debug
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Options before the command; ``main`` reads ``--debug`` itself."""
 
 
-@app.command("generate-sl")
-def generate_sl(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """SL-CAI: answer red-team prompts, critique and revise each answer against principles."""
-    from cai_cli.stages import generate_sl as stage
+def _writing(command: str, config, force: bool, work) -> None:
+    """Run ``work()`` holding the run directory's lock, with the right advice on Ctrl-C."""
+    from cai_cli.runlock import run_lock
 
-    stage.run(_load(config, set_), force=force)
-
-
-@app.command("finetune")
-def finetune(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """Supervised fine-tuning on the SL-CAI revisions (TRL SFTTrainer, full or LoRA)."""
-    from cai_cli.stages import finetune as stage
-
-    stage.run(_load(config, set_), force=force)
+    try:
+        with run_lock(config.run_dir, command):
+            work()
+    except KeyboardInterrupt:
+        again = ("rerun the same command without --force to resume where it stopped" if force
+                 else "rerun the same command to resume where it stopped")
+        typer.echo(f"interrupted: {again}", err=True)
+        raise typer.Exit(130) from None
 
 
-@app.command("label-prefs")
-def label_prefs(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """RLAIF labels: sample answer pairs, score them with the feedback model's option probabilities."""
-    from cai_cli.stages import label_prefs as stage
+def _stage_command(name: str, trains: bool):
+    """The command of one stage in the table of ``cai_cli.stages``."""
 
-    stage.run(_load(config, set_), force=force)
+    def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str]) -> None:
+        from cai_cli.pipeline import run_stage
+
+        loaded = _load(config, set_)
+        _writing(name, loaded, force, lambda: run_stage(name, loaded, force=force))
+        if push:
+            from cai_cli.hub import push_stage
+
+            push_stage(loaded, name, push)
+
+    if trains:
+        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
+                    force: bool = FORCE, push: Optional[str] = PUSH):
+            run_one(config, set_, force, push)
+    else:
+        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
+                    force: bool = FORCE):
+            run_one(config, set_, force, None)
+    return command
 
 
-@app.command("train-rm")
-def train_rm(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """Train the reward model on the AI-labelled pairs (TRL RewardTrainer, soft labels)."""
-    from cai_cli.stages import train_rm as stage
-
-    stage.run(_load(config, set_), force=force)
-
-
-@app.command("optimize")
-def optimize(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model."""
-    from cai_cli.stages import optimize as stage
-
-    stage.run(_load(config, set_), force=force)
-
-
-@app.command("evaluate")
-def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = SET, force: bool = FORCE):
-    """Compare models head to head with the feedback model and the reward model."""
-    from cai_cli.stages import evaluate as stage
-
-    stage.run(_load(config, set_), force=force)
+for _name, _stage in STAGES.items():
+    app.command(_name, help=_stage.help)(_stage_command(_name, _stage.trains))
 
 
 @app.command("run")
@@ -104,7 +114,9 @@ def run(
     """Run the stages in order, skipping those whose output is fresh for this config."""
     from cai_cli.pipeline import run_pipeline
 
-    run_pipeline(_load(config, set_), first=first, last=last, force=force)
+    loaded = _load(config, set_)
+    _writing("run", loaded, force,
+             lambda: run_pipeline(loaded, first=first, last=last, force=force))
 
 
 @app.command("status")
@@ -161,17 +173,14 @@ def config_show(config: Path = CONFIG, set_: Optional[List[str]] = SET):
 
 
 def main() -> None:
+    debug = "--debug" in sys.argv[1:]
     try:
         app()
     except UserError as exc:
-        if _state["debug"]:
+        if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+        typer.echo("interrupted", err=True)
         sys.exit(130)
-    except SystemExit as exc:
-        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
-            typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
-        raise

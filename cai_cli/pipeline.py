@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai_cli import ui
+from cai_cli import dist, ui
 from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.stages import STAGES, stage_module
@@ -67,6 +67,9 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
     """Run the selected stages in order, skipping those that are fresh (all, with ``force``)."""
     selected = select(first, last)
     plan = {s.name: s for s in statuses(config)}
+    will_run = [name for name in selected if force or plan[name].state != "done"]
+    check_ranks(will_run)
+    check_before_running(config, will_run)
     for name in selected:
         status = plan[name]
         if force:
@@ -88,12 +91,46 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
         module.run(config, force=force or state == "stale")
 
 
+def run_stage(name: str, config: Config, *, force: bool = False) -> None:
+    """One stage command (``cai generate-sl`` ...): refused under several processes unless it
+    trains, checked up front like ``cai run`` does, then run."""
+    check_ranks([name])
+    check_before_running(config, [name])
+    stage_module(name).run(config, force=force)
+
+
+def check_ranks(names: list[str]) -> None:
+    """Generation, labelling and evaluation run in one process; only training stages may run
+    under torchrun / accelerate launch."""
+    single = [name for name in names if not STAGES[name].trains]
+    if single:
+        dist.refuse_multiprocess(", ".join(single))
+
+
+def check_before_running(config: Config, names: list[str]) -> None:
+    """What can fail hours later but be known now (trainer arguments, trackers), for every stage
+    about to run, before the first one starts."""
+    from cai_cli.preflight import training_problems
+
+    problems = training_problems(config, names)
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise UserError(f"config is not ready to run: {count}:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
+
+
 def print_status(config: Config) -> None:
     from rich import box
     from rich.table import Table
 
     colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
-    table = Table(box=box.SIMPLE, title=f"run directory: {config.run_dir}", title_justify="left")
+    from cai_cli.runlock import describe, holder
+
+    title = f"run directory: {config.run_dir}"
+    writer = holder(config.run_dir)
+    if writer and writer.get("live") is not False:
+        title += f"  (in use: {describe(writer)})"
+    table = Table(box=box.SIMPLE, title=title, title_justify="left")
     # Stage names and states never shrink; long paths and details wrap instead.
     table.add_column("stage", no_wrap=True, min_width=11)
     table.add_column("state", no_wrap=True, min_width=7)

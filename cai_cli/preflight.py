@@ -55,9 +55,28 @@ def check_config(config: Config) -> None:
         model = config.models.policy.model_copy(update={"name_or_path": path})
         attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
 
+    from cai_cli.stages import STAGES
+
+    problems += training_problems(config, list(STAGES))
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise UserError(f"config is not ready to run: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
     for line in found:
         ui.info(f"ok  {line}")
     ui.info("config is valid")
+
+
+def training_problems(config: Config, names: list[str]) -> list[str]:
+    """Build the trainer arguments of every training stage in ``names`` (unknown ``trl_args``,
+    values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed): what
+    would otherwise fail only once the stage starts, maybe hours into ``cai run``."""
+    from cai_cli.stages import STAGES, stage_module
+
+    problems = []
+    for name in names:
+        if STAGES[name].trains:
+            try:
+                stage_module(name).trainer_args(config)
+            except UserError as exc:
+                problems.append(f"{name}: {exc}")
+    return problems

@@ -35,8 +35,9 @@ from typing import Iterator
 
 from cai_cli import dist
 from cai_cli.errors import UserError
+from cai_cli.layout import TOOL_DIR
 
-LOCK_DIR = ".cai"  # tool-owned hidden folder inside the run directory
+LOCK_DIR = TOOL_DIR  # tool-owned hidden folder inside the run directory
 LOCK_NAME = "lock"  # the OS-locked file; its content is meaningless
 HOLDER_NAME = "lock.holder.json"  # who holds the lock: pid, host, command line, since when, job
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -36,7 +37,14 @@ _MANAGED = {
     "save_strategy": "set save_steps instead",
     "logging_strategy": "set logging_steps instead",
     "save_only_model": "checkpoints must keep the optimizer state to resume",
+    # A shared config must not be able to publish someone's model with their HF_TOKEN.
+    "push_to_hub": "uploads happen only with the command-line flag --push-to-hub REPO_ID",
+    "hub_token": "the token is read from the environment (HF_TOKEN), never from a config",
+    "hub_model_id": "name the repository with --push-to-hub REPO_ID",
+    "hub_strategy": "--push-to-hub uploads the finished model once",
+    "hub_private_repo": "--push-to-hub creates a private repository",
 }
+LOGS = "logs"  # trackers' local files (tensorboard), kept beside the model in the stage directory
 # TrainingConfig keys that do not change the trained weights: a stage's fingerprint leaves them
 # out, so e.g. logging more often does not make a finished model stale.
 NOT_DECIDING = frozenset({"logging_steps", "save_steps", "report_to"})
@@ -68,6 +76,18 @@ def fingerprint_settings(config: Config, model: ModelConfig, section: str,
         section: getattr(config, section).model_dump(
             mode="json", exclude={**dict.fromkeys(exclude, True), "training": NOT_DECIDING}),
     }
+
+
+def tracker_problems(report_to: list[str], key: str) -> list[str]:
+    """Experiment trackers named in ``report_to`` that are not installed."""
+    wanted = [name for name in report_to if name not in ("none", "all")]
+    if not wanted:
+        return []
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    return [f"{key}: '{name}' is not installed here; `pip install {name}` or remove it"
+            for name in wanted if name not in available]
 
 
 def quiet_libraries() -> None:
@@ -153,9 +173,12 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
             close = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else "see its documentation"
             problems.append(f"{where}: not an argument of TRL's {config_cls.__name__}; {hint}")
+    problems += tracker_problems(training.report_to, f"{key}.report_to")
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise UserError(f"{key}.trl_args: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise UserError(f"{key}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+    if "tensorboard" in training.report_to:  # its event files outlive the checkpoints
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / LOGS))
 
     arguments = {name: value for name, (value, _) in ours.items() if name in fields}
     arguments.update(
@@ -330,16 +353,17 @@ def resume_point(directory: Path, resumable: bool) -> Path | None:
 
 def put_in_place(directory: Path) -> None:
     """Replace the stage directory's checkpoint files with those in ``<directory>/.final``. The
-    old files stay until the new checkpoint is complete; the checkpoints are deleted last."""
+    old files stay until the new checkpoint is complete. The training checkpoints stay until
+    the stage is recorded complete (``save`` arranges it): a run killed in between resumes from
+    the last one instead of training again."""
     staging = directory / STAGING
     for old in directory.iterdir():
-        if old.name.startswith(".") or old.name == MANIFEST:
+        if old.name.startswith(".") or old.name in (MANIFEST, LOGS):
             continue
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     for new in staging.iterdir():
         new.rename(directory / new.name)
     staging.rmdir()
-    shutil.rmtree(directory / CHECKPOINTS, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +395,43 @@ def progress_callback(bar, description: str):
                 bar.update(self.task, loss=f"loss {logs['loss']:.4f}")
 
     return RichProgress()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shape every training stage shares: checks, then begin, fit, save, record
+#
+#     run = begin(spec, config, force=force)          # None: nothing to do
+#     trainer, result, checkpoint = training.fit(run, lambda: build_trainer(...), "finetune")
+#     training.save(run, trainer, tokenizer, lora, result, args, checkpoint)
+#     run.manifest.counts = {...}; run.complete()
+
+
+def fit(run, build_trainer, description: str):
+    """Build the trainer (model loaded, data tokenised), record the stage's start, and train,
+    from the last checkpoint when ``run`` resumes an interrupted run. Returns ``(trainer,
+    result, checkpoint)``; the training time goes into the manifest."""
+    import time
+
+    checkpoint = resume_point(run.directory, run.resuming)
+    started = time.perf_counter()
+    trainer = build_trainer()
+    run.producing()
+    result = train(trainer, description, checkpoint)
+    run.manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
+    return trainer, result, checkpoint
+
+
+def save(run, trainer, tokenizer, lora: LoraConfig, result, args, checkpoint) -> None:
+    """Put the trained model in the stage directory (the main process writes, the others wait)
+    and record what every training stage records."""
+    from cai_cli import dist
+
+    if dist.is_main():
+        save_model(trainer, tokenizer, lora, run.directory / STAGING)
+        put_in_place(run.directory)
+        run.after_complete(lambda: shutil.rmtree(run.directory / CHECKPOINTS, ignore_errors=True))
+    dist.barrier()
+    run.manifest.stats.update(run_stats(trainer, result, args, lora, checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def test_records_follow_the_contract(tmp_path, tiny_model_dir):
     assert manifest["status"] == "complete"
     assert manifest["counts"]["chains"] == 6 and manifest["counts"]["rounds"] == 12
     assert manifest["counts"]["generated_tokens"] > 0
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["generate_sl"]["num_revisions"] == 2
+    resolved = tmp_path / "run" / ".cai" / "config.yaml"  # a tool-owned place, never a user file
+    assert yaml.safe_load(resolved.read_text())["generate_sl"]["num_revisions"] == 2
     assert not list(sl.glob("*.partial")) and not list(sl.glob(".*progress*"))
 
 

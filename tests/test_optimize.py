@@ -18,7 +18,7 @@ from cai_cli.artifacts import Manifest
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import label_prefs, optimize
-from cai_cli.stages.common import begin, complete
+from cai_cli.stages.common import begin
 from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +61,10 @@ def write_pairs(config_path: Path, labels=LABELS) -> list[dict]:
               "p_chosen": p, "order_disagreement": False, "judgments": []}
              for i, p in enumerate(labels)]
     stage = label_prefs.spec(config)  # pairs.jsonl is not among its inputs: write it after begin
-    manifest = begin(stage, config, force=True)
+    run = begin(stage, config, force=True)
+    stage.directory.mkdir(parents=True, exist_ok=True)
     (stage.directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    complete(stage, manifest)
+    run.complete()
     return pairs
 
 

@@ -83,14 +83,14 @@ def prefs_dir(tmp_path_factory, tiny_model_dir) -> Path:
     writes it (so train-rm sees it as complete and made from this config)."""
     from cai_cli.artifacts import write_jsonl_atomic
     from cai_cli.stages import label_prefs
-    from cai_cli.stages.common import begin, complete
+    from cai_cli.stages.common import begin
 
     tmp = tmp_path_factory.mktemp("prefs")
     config = load_config(write_config(tmp, tiny_model_dir))
     stage = label_prefs.spec(config)
-    manifest = begin(stage, config, force=False)
+    run = begin(stage, config, force=False)
     write_jsonl_atomic(stage.directory / "pairs.jsonl", hand_pairs())
-    complete(stage, manifest)
+    run.complete()
     return stage.directory
 
 

@@ -1,16 +1,42 @@
 """The pipeline's stages, one module each, in order. A stage module imports no other stage: what
 one stage needs of another (its spec, to check that its output is fresh) goes through
-``stage_module``."""
+``stage_module``. The command line's stage commands are generated from ``STAGES``.
+
+No heavy imports here: ``cai --help`` reads this table.
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from cai_cli.layout import STAGE_DIRS
 
-# Command name -> module in cai_cli.stages, in pipeline order (the same order as STAGE_DIRS).
-STAGES = {command: command.replace("-", "_") for command in STAGE_DIRS}
+
+@dataclass(frozen=True)
+class Stage:
+    module: str  # in cai_cli.stages
+    help: str  # one line for --help
+    trains: bool  # a training stage: may run under torchrun / accelerate launch, can be uploaded
+
+
+# In pipeline order (the order of STAGE_DIRS).
+STAGES = {
+    "generate-sl": Stage("generate_sl", "SL-CAI: answer red-team prompts, critique and revise "
+                         "each answer against principles.", trains=False),
+    "finetune": Stage("finetune", "Supervised fine-tuning on the SL-CAI revisions (TRL "
+                      "SFTTrainer, full or LoRA).", trains=True),
+    "label-prefs": Stage("label_prefs", "RLAIF labels: sample answer pairs, score them with the "
+                         "feedback model's option probabilities.", trains=False),
+    "train-rm": Stage("train_rm", "Train the reward model on the AI-labelled pairs (TRL "
+                      "RewardTrainer, soft labels).", trains=True),
+    "optimize": Stage("optimize", "Optimise the policy: DPO on the pairs, or GRPO / RLOO against "
+                      "the reward model.", trains=True),
+    "evaluate": Stage("evaluate", "Compare models head to head with the feedback model and the "
+                      "reward model.", trains=False),
+}
+assert list(STAGES) == list(STAGE_DIRS)
 
 
 def stage_module(command: str):
-    return importlib.import_module(f"cai_cli.stages.{STAGES[command]}")
+    return importlib.import_module(f"cai_cli.stages.{STAGES[command].module}")

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_cli import ui
-from cai_cli.artifacts import (Manifest, config_hash, diff_keys, file_fingerprint,
+from cai_cli import dist, ui
+from cai_cli.artifacts import (MANIFEST, Manifest, config_hash, diff_keys, file_fingerprint,
                                library_versions, load_manifest, source_fingerprint, write_atomic)
 from cai_cli.config import Config, dump_config
 from cai_cli.errors import UserError
+
+
+NEXT_MANIFEST = ".manifest.next.json"  # a run that replaces complete output, until it completes
 
 
 @dataclass
@@ -35,8 +38,16 @@ class StageSpec:
     def fingerprint(self) -> str:
         return config_hash({"settings": self.settings, "inputs": self.inputs})
 
+    def _next(self) -> dict | None:
+        """The manifest of an unfinished run that replaces complete output, if it is this
+        config's (one of another config is a failed forced run: it changes nothing)."""
+        manifest = load_manifest(self.directory, NEXT_MANIFEST)
+        return manifest if manifest and manifest.get("config_hash") == self.fingerprint else None
+
     def manifest(self) -> dict | None:
-        return load_manifest(self.directory)
+        """The manifest that describes this stage for the current config: an unfinished
+        replacement run of this config, else the stage's ``manifest.json``."""
+        return self._next() or load_manifest(self.directory)
 
     def state(self) -> str:
         """``missing``, ``partial`` (started, not finished), ``done`` or ``stale`` (made from
@@ -56,10 +67,67 @@ class StageSpec:
         return [key.removeprefix("settings.") for key in diff_keys(old, new)]
 
 
-def begin(spec: StageSpec, config: Config, *, force: bool) -> Manifest | None:
+class StageRun:
+    """One run of a stage, from ``begin`` to ``complete``.
+
+    Nothing is recorded until the stage has really started producing (``producing``: its model
+    loaded), so a run that fails on a bad device, bad weights or an unreachable model leaves the
+    directory as it was, and fixing the input and rerunning works without ``--force``. A run that
+    replaces complete output (``--force``, or a stale stage under ``cai run``) keeps its manifest
+    in ``.manifest.next.json`` until it completes: if it fails, the old output is still done for
+    its old config, and rerunning the new config resumes it. Under several processes of one
+    training job only the main process writes.
+    """
+
+    def __init__(self, spec: StageSpec, config: Config, resuming: bool):
+        self.spec, self.config, self.resuming = spec, config, resuming
+        self.manifest = Manifest(stage=spec.command, config_hash=spec.fingerprint,
+                                 config=spec.settings, inputs=spec.inputs,
+                                 versions=library_versions())
+        self._recorded = False
+        self._after: list = []
+
+    def after_complete(self, cleanup) -> None:
+        """Run ``cleanup()`` once the stage is recorded complete (e.g. delete checkpoints that
+        a run killed before that point would resume from)."""
+        self._after.append(cleanup)
+
+    @property
+    def directory(self) -> Path:
+        return self.spec.directory
+
+    def _running_name(self) -> str:
+        current = load_manifest(self.directory)
+        return NEXT_MANIFEST if current and current.get("status") == "complete" else MANIFEST
+
+    def producing(self) -> None:
+        """Record the start (once): the stage is about to write output that a rerun resumes."""
+        if self._recorded or not dist.is_main():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config.layout.resolved_config, dump_config(self.config))
+        self.manifest.save(self.directory, self._running_name())
+        self._recorded = True
+
+    def complete(self) -> None:
+        """Mark the stage done: its outputs are all in place."""
+        if not dist.is_main():
+            return
+        self.producing()
+        manifest = self.manifest
+        manifest.status = "complete"
+        manifest.finished_at = time.time()
+        manifest.timings.setdefault("seconds", round(manifest.finished_at - manifest.started_at, 2))
+        manifest.save(self.directory)
+        (self.directory / NEXT_MANIFEST).unlink(missing_ok=True)
+        for cleanup in self._after:
+            cleanup()
+
+
+def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     """Decide whether the stage runs. Returns ``None`` when its output is already complete for
     this config, raises ``UserError`` when the directory holds output of another config (unless
-    ``force``), and otherwise records the start and returns the manifest to fill in."""
+    ``force``), and otherwise returns the run to record (``StageRun.producing``) and complete."""
     state = spec.state()
     if state == "stale" and not force:
         changed = ", ".join(spec.changes()[:6]) or "unknown"
@@ -70,22 +138,20 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> Manifest | None:
         ui.info(f"{spec.command}: {spec.directory} is complete for this config; nothing to do "
                 "(--force redoes it)")
         return None
-    if state == "partial" and not force:
+    resuming = state == "partial" and not force
+    if resuming:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
-    spec.directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(config.layout.resolved_config, dump_config(config))
-    manifest = Manifest(stage=spec.command, config_hash=spec.fingerprint, config=spec.settings,
-                        inputs=spec.inputs, versions=library_versions())
-    manifest.save(spec.directory)
-    return manifest
+    if dist.is_main():
+        remove_stale_temporaries(spec.directory)
+    return StageRun(spec, config, resuming)
 
 
-def complete(spec: StageSpec, manifest: Manifest) -> None:
-    """Mark the stage done: its outputs are all in place."""
-    manifest.status = "complete"
-    manifest.finished_at = time.time()
-    manifest.timings.setdefault("seconds", round(manifest.finished_at - manifest.started_at, 2))
-    manifest.save(spec.directory)
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files of killed writers (``write_atomic``'s ``.NAME.tmp-PID``). The caller holds
+    the run directory's lock, so no other process is writing them."""
+    if directory.is_dir():
+        for path in directory.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
 
 
 def require_complete(config: Config, command: str, why: str = "", *,

@@ -30,7 +30,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.seeding import call_seed
-from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs, require_complete
+from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
@@ -125,13 +125,13 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     prompts = select_prompts(config)
     constitution = load_constitution(config.constitution_paths)
     check_inputs(config)
-    manifest = begin(stage, config, force=force)
-    if manifest is None:
-        return stage.directory / "report.json"
+    run = begin(stage, config, force=force)
+    if run is None:
+        return config.layout.report
     started = time.perf_counter()
 
     # Answers: one checkpointed batch per model, so an interruption loses one model's work.
-    answers_file = ResumableJsonl(stage.directory / "answers.jsonl", stage.fingerprint)
+    answers_file = ResumableJsonl(config.layout.eval_answers, stage.fingerprint)
     done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
@@ -141,6 +141,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
             backend = load_backend(config.models.policy.model_copy(update={"name_or_path": path}),
                                    f"evaluate.models ({name})")
+            run.producing()
             answers_file.append_batch(answer_all(config, backend, prompts, index, name))
             del backend
             release_memory()
@@ -150,18 +151,19 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     comparisons = judge_all(config, constitution, prompts, list(paths), answers)
     rewards = reward_scores(config, prompts, list(paths), answers) if config.evaluate.reward_model else None
     report = build_report(config, prompts, paths, comparisons, rewards)
-    write_json_atomic(stage.directory / "report.json", report)
+    write_json_atomic(config.layout.report, report)
 
+    manifest = run.manifest
     manifest.counts = {"models": len(paths), "prompts": len(prompts),
                        "comparisons": sum(len(v) for v in comparisons.values())}
     manifest.stats = {"win_rates": {f"{w['model']} > {w['over']}": w["win_rate"]
                                     for w in report["win_rates"]}}
     manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
-    complete(stage, manifest)
+    run.complete()
     answers_file.cleanup()
     print_report(report)
-    ui.info(f"evaluate: report in {stage.directory / 'report.json'}")
-    return stage.directory / "report.json"
+    ui.info(f"evaluate: report in {config.layout.report}")
+    return config.layout.report
 
 
 def answer_all(config: Config, backend, prompts: list[Prompt], index: int,

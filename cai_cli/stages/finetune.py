@@ -15,7 +15,6 @@ Everything a user can get wrong is checked before anything is written to ``sft/`
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 from cai_cli import training, ui
@@ -24,7 +23,7 @@ from cai_cli.config import Config, ModelConfig
 from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
 from cai_cli.seeding import draw
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete
+from cai_cli.stages.common import StageSpec, begin, require_complete
 
 RESPONSE_COLUMNS = ("response", "completion")  # the answer beside a prompt column
 
@@ -149,9 +148,20 @@ def check_chat_template(config: Config, tokenizer, model: ModelConfig, key: str)
 # The stage
 
 
-def run(config: Config, *, force: bool = False) -> Path | None:
+def trainer_args(config: Config):
+    """TRL's SFTConfig from our settings; UserError for anything TRL or we would reject."""
     from trl import SFTConfig
 
+    model, _ = base_model(config)
+    settings = config.finetune
+    return training.trl_config(
+        SFTConfig, settings.training, "finetune.training", seed=config.seed,
+        output_dir=config.layout.sft, cpu=training.use_cpu(model),
+        stage_args={"assistant_only_loss": (settings.assistant_only_loss,
+                                            "finetune.assistant_only_loss")})
+
+
+def run(config: Config, *, force: bool = False) -> Path | None:
     from cai_cli.backends.hf import load_tokenizer
 
     stage = spec(config)
@@ -161,36 +171,26 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     sl = sl_conversations(config)
     conversations, helpful = mix(config, sl)
     training.quiet_libraries()
-    args = training.trl_config(
-        SFTConfig, settings.training, "finetune.training", seed=config.seed,
-        output_dir=stage.directory, cpu=training.use_cpu(model),
-        stage_args={"assistant_only_loss": (settings.assistant_only_loss,
-                                            "finetune.assistant_only_loss")})
+    args = trainer_args(config)
     # TRL's collator pads on the right by itself; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
     tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
     check_chat_template(config, tokenizer, model, key)
     training.check_lora(settings.lora, model, "finetune.lora")
 
-    resumable = stage.state() == "partial" and not force
-    manifest = begin(stage, config, force=force)
-    if manifest is None:
+    run = begin(stage, config, force=force)
+    if run is None:
         return stage.directory
-    checkpoint = training.resume_point(stage.directory, resumable)
-    started = time.perf_counter()
-    trainer = build_trainer(config, model, key, tokenizer, args, conversations)
-    result = training.train(trainer, "finetune", checkpoint)
-    manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
-
-    training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
-    training.put_in_place(stage.directory)
-    manifest.counts = {"sl_examples": len(sl), "helpful_examples": helpful,
-                       "train_examples": len(trainer.train_dataset), "steps": result.global_step}
-    manifest.stats = training.run_stats(trainer, result, args, settings.lora, checkpoint)
-    complete(stage, manifest)
+    trainer, result, checkpoint = training.fit(
+        run, lambda: build_trainer(config, model, key, tokenizer, args, conversations), "finetune")
+    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
+    run.manifest.counts = {"sl_examples": len(sl), "helpful_examples": helpful,
+                           "train_examples": len(trainer.train_dataset),
+                           "steps": result.global_step}
+    run.complete()
     what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
     ui.info(f"finetune: {len(sl)} SL-CAI + {helpful} helpful examples, {result.global_step} "
-            f"steps, loss {manifest.stats['final_loss']:.4f} -> {what} in {stage.directory}")
+            f"steps, loss {run.manifest.stats['final_loss']:.4f} -> {what} in {stage.directory}")
     return stage.directory
 
 

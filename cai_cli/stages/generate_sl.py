@@ -25,7 +25,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
 from cai_cli.seeding import call_seed, draw
-from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs
+from cai_cli.stages.common import StageSpec, begin, red_team_inputs
 
 
 def spec(config: Config) -> StageSpec:
@@ -61,15 +61,16 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     from cai_cli.backends.hf import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
-    manifest = begin(stage, config, force=force)
-    if manifest is None:
-        return stage.directory / "chains.jsonl"
+    run = begin(stage, config, force=force)
+    if run is None:
+        return config.layout.chains
 
-    writer = ResumableJsonl(stage.directory / "chains.jsonl", stage.fingerprint)
+    writer = ResumableJsonl(config.layout.chains, stage.fingerprint)
     done_batches = writer.open(fresh=force)
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not writer.finished:
         backend = load_backend(config.models.policy, "models.policy")
+        run.producing()
         fmt = resolve_format(settings.prompt_format, backend, "generate_sl.prompt_format")
         generator = ChainGenerator(config, constitution, backend, fmt)
         started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
@@ -84,16 +85,17 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 writer.append_batch(chains, tokens=tokens, skipped=skipped)
                 rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=len(batches[index]), rate=f"{rate:,.0f} tok/s")
-        manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
+        run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
 
     chains = writer.records()
     sft = [{"id": chain["id"], "messages": [{"role": "user", "content": chain["prompt"]},
                                             {"role": "assistant", "content": chain["final"]}]}
            for chain in chains]
-    write_jsonl_atomic(stage.directory / "sft.jsonl", sft)
+    write_jsonl_atomic(config.layout.sft_data, sft)
 
     rounds = [r for chain in chains for r in chain["rounds"]]
+    manifest = run.manifest
     manifest.counts = {"prompts": len(prompts), "chains": len(chains),
                        "skipped": writer.extra.get("skipped", 0), "rounds": len(rounds),
                        "generated_tokens": writer.extra.get("tokens", 0)}
@@ -103,7 +105,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         "revisions_changed": round(sum(r["changed"] for r in rounds) / max(len(rounds), 1), 4),
         "final_differs": round(sum(c["final"] != c["initial"] for c in chains) / max(len(chains), 1), 4),
     }
-    complete(stage, manifest)
+    run.complete()
     writer.cleanup()
     ui.info(f"generate-sl: {len(chains)} chains ({manifest.counts['skipped']} skipped) -> "
             f"{writer.final_path}\n  look at them with: cai inspect {config.run_dir}")

@@ -36,7 +36,7 @@ from cai_cli.errors import UserError
 from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.seeding import call_seed
-from cai_cli.stages.common import StageSpec, begin, complete, red_team_inputs, require_complete
+from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
@@ -102,12 +102,12 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     constitution = load_constitution(config.constitution_paths)
     prompts = select_prompts(config)
     check_inputs(config)
-    manifest = begin(stage, config, force=force)
-    if manifest is None:
-        return stage.directory / "pairs.jsonl"
+    run = begin(stage, config, force=force)
+    if run is None:
+        return config.layout.pairs
     started = time.perf_counter()
 
-    samples = ResumableJsonl(stage.directory / "samples.jsonl", stage.fingerprint)
+    samples = ResumableJsonl(config.layout.samples, stage.fingerprint)
     done = samples.open(fresh=force)
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not samples.finished:
@@ -115,6 +115,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         from cai_cli.backends.hf import release_memory
 
         policy = load_backend(policy_model(config), "label_prefs.policy")
+        run.producing()
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
             task = bar.add_task("sampling", total=len(prompts), rate="",
                                 completed=sum(len(b) for b in batches[:done]))
@@ -126,13 +127,14 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         release_memory()
 
     sampled = samples.records()
-    pairs = ResumableJsonl(stage.directory / "pairs.jsonl", stage.fingerprint)
+    pairs = ResumableJsonl(config.layout.pairs, stage.fingerprint)
     done = pairs.open(fresh=force)
     groups = [sampled[i:i + settings.batch_size] for i in range(0, len(sampled), settings.batch_size)]
     if not pairs.finished:
         from cai_cli.backends import load_backend
 
         feedback = load_backend(config.feedback_model, "models.feedback")
+        run.producing()
         judge = Judge(config, constitution, feedback,
                       principles_per_pair=settings.principles_per_pair,
                       pairs_per_prompt=settings.pairs_per_prompt)
@@ -150,6 +152,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
 
     records = pairs.records()
     confidence = [abs(r["p_chosen"] - 0.5) for r in records]
+    manifest = run.manifest
     manifest.counts = {"prompts": len(prompts), "sampled_prompts": len(sampled),
                        "pairs": len(records), "skipped_pairs": pairs.extra.get("skipped", 0),
                        "judgments": sum(len(r["judgments"]) for r in records)}
@@ -160,7 +163,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         "chain_of_thought": settings.chain_of_thought,
     }
     manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
-    complete(stage, manifest)
+    run.complete()
     samples.cleanup()
     pairs.cleanup()
     ui.info(f"label-prefs: {len(records)} pairs, mean confidence {manifest.stats['mean_confidence']:.3f}, "

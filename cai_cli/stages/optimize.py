@@ -25,7 +25,6 @@ anything is written to ``policy/``.
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 from cai_cli import training, ui
@@ -33,7 +32,7 @@ from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, s
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, load_prompts
 from cai_cli.errors import UserError
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete
+from cai_cli.stages.common import StageSpec, begin, require_complete
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's
 # fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
@@ -156,10 +155,11 @@ def reward_model_dir(config: Config) -> Path:
 # Checks that need the libraries (still before anything is written)
 
 
-def trainer_args(config: Config, model: ModelConfig):
+def trainer_args(config: Config):
     """The TRL config of the method, from our settings; UserError for what TRL would reject."""
     from trl import DPOConfig, GRPOConfig, RLOOConfig
 
+    model = policy_model(config)
     settings = config.optimize
     method = settings.method
     stage_args = {"beta": (settings.beta, "optimize.beta"),
@@ -234,7 +234,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         rm = reward_model_dir(config)
         data, helpful = online_prompts(config)
     training.quiet_libraries()
-    args = trainer_args(config, model)
+    args = trainer_args(config)
     # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
     tokenizer = load_tokenizer(model, "optimize.model")
@@ -242,24 +242,19 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     training.check_lora(settings.lora, model, "optimize.lora")
     rm_tokenizer = reward_tokenizer(rm) if rm else None
 
-    resumable = stage.state() == "partial" and not force
-    manifest = begin(stage, config, force=force)
-    if manifest is None:
+    run = begin(stage, config, force=force)
+    if run is None:
         return stage.directory
-    checkpoint = training.resume_point(stage.directory, resumable)
-    started = time.perf_counter()
-    trainer = build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer)
-    result = training.train(trainer, f"optimize ({settings.method})", checkpoint)
-    manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
-
-    training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
-    training.put_in_place(stage.directory)
-    manifest.stats = training.run_stats(trainer, result, args, settings.lora, checkpoint)
+    trainer, result, checkpoint = training.fit(
+        run, lambda: build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer),
+        f"optimize ({settings.method})")
+    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
+    manifest = run.manifest
     manifest.counts, stats, summary = outcome(config, trainer, result, len(data),
                                               dropped=dropped, helpful=helpful,
                                               loss=manifest.stats["final_loss"])
     manifest.stats.update(stats)
-    complete(stage, manifest)
+    run.complete()
     what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
     ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
     return stage.directory

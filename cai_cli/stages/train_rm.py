@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from pathlib import Path
 
 from cai_cli import training, ui
@@ -40,7 +39,7 @@ from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
 from cai_cli.prompting import transcript_pair
-from cai_cli.stages.common import StageSpec, begin, complete, require_complete
+from cai_cli.stages.common import StageSpec, begin, require_complete
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
 ECE_BINS = 10
@@ -289,15 +288,24 @@ def sigmoid(x: float) -> float:
 # The stage
 
 
+def trainer_args(config: Config):
+    """TRL's RewardConfig from our settings; UserError for anything TRL or we would reject."""
+    from trl import RewardConfig
+
+    model, _ = base_model(config)
+    return training.trl_config(RewardConfig, config.train_rm.training, "train_rm.training",
+                               seed=config.seed, output_dir=config.layout.rm,
+                               cpu=training.use_cpu(model), stage_args={})
+
+
 def run(config: Config, *, force: bool = False) -> Path | None:
     stage = spec(config)
     settings = config.train_rm
     # The pairs first, as they are the likeliest thing to be missing; then, still before the
     # heavy imports, whether there is anything to do at all.
     pairs = ai_pairs(config)
-    state = stage.state()
-    if state in ("done", "stale") and not force:
-        begin(stage, config, force=force)  # "nothing to do", or refuses another config's output
+    run = begin(stage, config, force=force)  # "nothing to do", or refuses another config's output
+    if run is None:
         return stage.directory
     # Everything else a user can get wrong is checked before rm/ is touched.
     train, held_out = split(config, pairs)
@@ -307,48 +315,43 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     training.check_model(model, key)
 
     from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig
 
     from cai_cli.backends.hf import load_tokenizer
 
     training.quiet_libraries()
-    args = training.trl_config(RewardConfig, settings.training, "train_rm.training",
-                               seed=config.seed, output_dir=stage.directory,
-                               cpu=training.use_cpu(model), stage_args={})
+    args = trainer_args(config)
     tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
     fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
            else "transcript")
     training.check_lora(settings.lora, model, "train_rm.lora", AutoModelForSequenceClassification,
                         forbidden=REWARD_HEAD, num_labels=1)
-    started = time.perf_counter()
-    # TRL tokenises when the trainer is built and drops pairs longer than max_length.
-    trainer = build_trainer(config, model, key, tokenizer, args,
-                            rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
-                            rows(held_out, fmt, True))
-    if len(trainer.train_dataset) == 0:
-        for made in (stage.directory / training.CHECKPOINTS, stage.directory):
-            if made.is_dir() and not any(made.iterdir()):  # made empty by the Trainer
-                made.rmdir()
-        raise UserError(f"train_rm.training.max_length: every training pair is longer than "
-                        f"{settings.training.max_length} tokens; raise it")
 
-    manifest = begin(stage, config, force=force)
-    checkpoint = training.resume_point(stage.directory, state == "partial" and not force)
-    result = training.train(trainer, "train-rm", checkpoint)
-    manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
+    def build():
+        # TRL tokenises when the trainer is built and drops pairs longer than max_length.
+        trainer = build_trainer(config, model, key, tokenizer, args,
+                                rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
+                                rows(held_out, fmt, True))
+        if len(trainer.train_dataset) == 0:
+            for made in (stage.directory / training.CHECKPOINTS, stage.directory):
+                if made.is_dir() and not any(made.iterdir()):  # made empty by the Trainer
+                    made.rmdir()
+            raise UserError(f"train_rm.training.max_length: every training pair is longer than "
+                            f"{settings.training.max_length} tokens; raise it")
+        return trainer
+
+    trainer, result, checkpoint = training.fit(run, build, "train-rm")
     stats = measure(trainer, settings.training.batch_size)
-    training.save_model(trainer, tokenizer, settings.lora, stage.directory / training.STAGING)
-    training.put_in_place(stage.directory)
+    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
 
     held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
     too_long = len(kept) + len(mixed) + len(held_out) - len(trainer.train_dataset) - held
+    manifest = run.manifest
     manifest.counts = {"ai_pairs": len(pairs), "train_pairs": len(kept), "held_out_pairs": held,
                        "mixed_pairs": len(mixed), "steps": result.global_step}
-    manifest.stats = {**stats, "dropped_low_confidence": len(train) - len(kept),
-                      "dropped_too_long": too_long, "soft_labels": settings.soft_labels,
-                      "format": fmt,
-                      **training.run_stats(trainer, result, args, settings.lora, checkpoint)}
-    complete(stage, manifest)
+    manifest.stats.update({**stats, "dropped_low_confidence": len(train) - len(kept),
+                           "dropped_too_long": too_long, "soft_labels": settings.soft_labels,
+                           "format": fmt})
+    run.complete()
     if too_long:
         ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
                 f"({settings.training.max_length} tokens) were left out")
