@@ -4,7 +4,7 @@ Prompts end up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with t
 capped by ``limit``. Ids are content hashes, so the same prompt keeps its id across runs, limits
 and orderings (resume and the per-prompt principle draws rely on that). Conversations (SFT data,
 preference pairs) are chat messages checked by ``chat_messages``; Anthropic HH transcripts are
-read by ``transcript_messages``.
+read by ``transcript_messages`` (in ``cai_cli.transcripts``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import csv
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,10 +20,10 @@ from typing import Any, Iterable
 from cai_cli.artifacts import iter_jsonl
 from cai_cli.config import PromptSource
 from cai_cli.errors import UserError
+from cai_cli.transcripts import first_human_turn
+from cai_cli.transcripts import transcript_messages as transcript_messages  # stages import it here
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_HH_LABEL = re.compile(r"\n\n(Human|Assistant):")  # a turn of an HH transcript starts here
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 Conversation = list[dict[str, str]]
 
@@ -37,30 +36,6 @@ class Prompt:
 
 def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def hh_turns(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """An Anthropic HH style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") split into the
-    text before its first turn and ``(label, text)`` turns; other text has no turns."""
-    parts = _HH_LABEL.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
-    return parts[0], list(zip(parts[1::2], parts[2::2]))
-
-
-def first_human_turn(text: str) -> str:
-    """Reduce an HH transcript to its first human turn; any other text is returned stripped."""
-    return next((body for label, body in hh_turns(text)[1] if label == "Human"), text).strip()
-
-
-def transcript_messages(text: str) -> Conversation | None:
-    """An HH transcript as chat messages, up to its last assistant turn; ``None`` for text that
-    is not one."""
-    before, turns = hh_turns(text)
-    if len(turns) < 2 or before.strip():
-        return None
-    messages = [{"role": _HH_ROLES[label], "content": body.strip()} for label, body in turns]
-    while messages and messages[-1]["role"] != "assistant":  # a trailing question has no answer
-        messages.pop()
-    return messages or None
 
 
 def chat_messages(value: Any, where: str, role: str | None = None, *, answered: bool = False,
