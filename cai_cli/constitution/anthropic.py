@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from cai_cli import transcripts
 from cai_cli.constitution.common import (
@@ -64,6 +65,8 @@ def from_instructions(path: Path, data: dict) -> Part:
     """CritiqueRevisionInstructions.json: principles."""
     principles = []
     for key, entry in data.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: {key}: expected an object with prompt and edit_request")
         prompts = entry.get("prompt")
         first = prompts[0] if isinstance(prompts, list) and prompts else prompts
         critique = _strip_label(
@@ -138,6 +141,13 @@ def _conversation_prompt(path: Path, where: str, conversation: str,
     return transcripts.join([body for _, body in turns])
 
 
+def _first(path: Path, where: str, value: Any) -> str:
+    """The first text of a ``corrects``/``incorrects`` list."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{path}: {where}: expected a non-empty list of responses")
+    return required_text(path, f"{where}[0]", value[0])
+
+
 def from_comparisons(path: Path, items: list[dict]) -> Part:
     """RLMadisonFewShotPrompts.json: labelled comparisons without reasoning."""
     examples = []
@@ -146,9 +156,8 @@ def from_comparisons(path: Path, items: list[dict]) -> Part:
         prompt = _conversation_prompt(
             path, where, required_text(path, f"{where}.prompt", item.get("prompt"))
         )
-        corrects, incorrects = item.get("corrects") or [None], item.get("incorrects") or [None]
-        good = required_text(path, f"{where}.corrects[0]", corrects[0])
-        bad = required_text(path, f"{where}.incorrects[0]", incorrects[0])
+        good = _first(path, f"{where}.corrects", item.get("corrects"))
+        bad = _first(path, f"{where}.incorrects", item.get("incorrects"))
         # Alternate which option is right so the examples do not teach "the answer is always A".
         if index % 2 == 0:
             examples.append(ComparisonExample(prompt, good, bad, "", "A", ""))

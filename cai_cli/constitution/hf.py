@@ -22,7 +22,7 @@ def from_json(path: Path, data: dict) -> Part:
     unknown = set(data) - {"constitutions", "system_chat"}
     if unknown:
         raise UserError(
-            f"{path}: unknown key '{min(unknown)}'; "
+            f"{path}: unknown key '{min(unknown, key=str)}'; "
             "a Hugging Face constitution has only constitutions and system_chat"
         )
     entries = data["constitutions"]
@@ -38,8 +38,11 @@ def from_json(path: Path, data: dict) -> Part:
         revision = required_text(path, f"constitutions[{index}].revision", entry.get("revision"))
         principles.append(DraftPrinciple(f"hf-{index}", critique, revision, None))
 
+    chats = data.get("system_chat") or []
+    if not isinstance(chats, list):
+        raise UserError(f"{path}: 'system_chat' must be a list of conversations")
     few_shot = []
-    for index, chat in enumerate(data.get("system_chat") or []):
+    for index, chat in enumerate(chats):
         where = f"system_chat[{index}]"
         if not isinstance(chat, list) or not all(isinstance(m, dict) for m in chat):
             raise UserError(f"{path}: {where}: expected a list of {{role, content}} messages")

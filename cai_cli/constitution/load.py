@@ -10,6 +10,7 @@ import yaml
 
 from cai_cli.constitution import anthropic, hf, ours
 from cai_cli.constitution.common import Constitution, Part, merge
+from cai_cli.data import file_problem, read_text
 from cai_cli.errors import UserError
 
 FORMATS_HELP = (
@@ -57,16 +58,13 @@ def load_part(path: Path) -> Part:
 
 
 def _read(path: Path) -> Any:
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
+    problem = file_problem(path)
+    if problem is not None:
         raise UserError(
-            f"{path}: constitution file {what}; the `constitution:` config key expects the path "
-            "of a constitution file (e.g. constitutions/harmless.yaml) or a list of such paths"
+            f"{path}: constitution file {problem}; the `constitution:` config key expects the "
+            "path of a constitution file (e.g. constitutions/harmless.yaml) or a list of such paths"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    text = read_text(path)
     # JSON first: PyYAML rejects some valid JSON (tab indentation) and JSON errors read better
     # for JSON files. Anything else goes to YAML.
     try:
