@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cai_cli.errors import UserError
 from cai_cli.layout import RunLayout
+from cai_cli.validation import describe, problem_list, unwrap
 
 
 class Section(BaseModel):
@@ -412,62 +412,12 @@ def validate_config(data: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise UserError(f"{source}: {count}:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+        problems = [describe(error, Config) for error in exc.errors()]
+        raise UserError(problem_list(source, problems)) from None
 
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for item in loc:
-        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
-    return out
-
-
-def _describe(error: dict) -> str:
-    # pydantic adds the branch of a Union to the location ("str", "list[str]"); drop those.
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
-    where = _dotted(loc) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        hint = ""
-        if model is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(model.model_fields)}"
-        return f"{where}: unknown key{hint}"
-    if error["type"] == "missing":
-        return f"{where}: required but missing"
-    message = error["msg"].removeprefix("Value error, ")
-    given = error.get("input")
-    if error["type"] not in ("value_error", "model_type") and not isinstance(given, (dict, list)):
-        message += f" (got {given!r})"
-    return f"{where}: {message}"
-
-
-def _unwrap(annotation: Any) -> list[Any]:
-    """The concrete types inside Optional/Union annotations."""
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
-    return [annotation]
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class found by walking field names from the root."""
-    model: type[BaseModel] | None = Config
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        model = next((t for t in _unwrap(field.annotation)
-                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
-    return model
 
 
 def _apply_override(data: dict, override: str) -> None:
@@ -490,9 +440,9 @@ def _apply_override(data: dict, override: str) -> None:
                     else f"; valid keys: {', '.join(model.model_fields)}")
             raise UserError(f"--set {key}: unknown key '{part}'{hint}")
         annotation = model.model_fields[part].annotation
-        model = next((t for t in _unwrap(annotation)
+        model = next((t for t in unwrap(annotation)
                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
-    kinds = _unwrap(annotation)
+    kinds = unwrap(annotation)
     if raw in ("null", "~") and type(None) in kinds:
         value: Any = None
     elif int in kinds and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
@@ -521,7 +471,7 @@ def field_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[t
     rows = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
-        nested = next((t for t in _unwrap(info.annotation)
+        nested = next((t for t in unwrap(info.annotation)
                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
         doc = " ".join((info.description or "").split())
         if nested is not None:

@@ -4,16 +4,19 @@ Prompts end up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with t
 capped by ``limit``. Ids are content hashes, so the same prompt keeps its id across runs, limits
 and orderings (resume and the per-prompt principle draws rely on that). Conversations (SFT data,
 preference pairs) are chat messages checked by ``chat_messages``; Anthropic HH transcripts are
-read by ``transcript_messages``.
+read by ``transcript_messages`` (in ``cai_cli.transcripts``).
+
+A file the user names is checked here before it is read (``file_problem``, ``read_text``), so a
+missing file, a directory or a byte that is not UTF-8 is a one-line error naming the place.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,10 +24,10 @@ from typing import Any, Iterable
 from cai_cli.artifacts import iter_jsonl
 from cai_cli.config import PromptSource
 from cai_cli.errors import UserError
+from cai_cli.transcripts import first_human_turn
+from cai_cli.transcripts import transcript_messages as transcript_messages  # stages import it here
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_HH_LABEL = re.compile(r"\n\n(Human|Assistant):")  # a turn of an HH transcript starts here
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 Conversation = list[dict[str, str]]
 
@@ -37,30 +40,6 @@ class Prompt:
 
 def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def hh_turns(text: str) -> tuple[str, list[tuple[str, str]]]:
-    """An Anthropic HH style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") split into the
-    text before its first turn and ``(label, text)`` turns; other text has no turns."""
-    parts = _HH_LABEL.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
-    return parts[0], list(zip(parts[1::2], parts[2::2]))
-
-
-def first_human_turn(text: str) -> str:
-    """Reduce an HH transcript to its first human turn; any other text is returned stripped."""
-    return next((body for label, body in hh_turns(text)[1] if label == "Human"), text).strip()
-
-
-def transcript_messages(text: str) -> Conversation | None:
-    """An HH transcript as chat messages, up to its last assistant turn; ``None`` for text that
-    is not one."""
-    before, turns = hh_turns(text)
-    if len(turns) < 2 or before.strip():
-        return None
-    messages = [{"role": _HH_ROLES[label], "content": body.strip()} for label, body in turns]
-    while messages and messages[-1]["role"] != "assistant":  # a trailing question has no answer
-        messages.pop()
-    return messages or None
 
 
 def chat_messages(value: Any, where: str, role: str | None = None, *, answered: bool = False,
@@ -82,53 +61,105 @@ def chat_messages(value: Any, where: str, role: str | None = None, *, answered: 
 
 
 def to_prompt_text(value: Any) -> str | None:
-    """A prompt from a cell: a string (maybe a transcript) or a list of chat messages."""
+    """A prompt from a cell: a string (maybe a transcript) or a list of chat messages whose
+    first user message is text (missing or null content counts as empty)."""
     if isinstance(value, str):
         return first_human_turn(value)
     if isinstance(value, list):
         for message in value:
             if isinstance(message, dict) and message.get("role") == "user":
-                return str(message.get("content", "")).strip()
+                content = message.get("content") or ""
+                return content.strip() if isinstance(content, str) else None
     return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, in words for an error message; ``None`` if it can."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "is not a regular file"
+    # Relative paths are read from where cai runs, which need not be where the config lives.
+    where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+    return f"not found{where}"
+
+
+def read_text(path: Path, *, newline: str | None = None) -> str:
+    """The text of a UTF-8 file. ``newline=None`` turns \\r\\n and \\r into \\n as ``open``
+    does; ``""`` keeps line endings as they are (what the csv module wants).
+
+    A byte that is not UTF-8 is a UserError naming its line and byte offset, so the user can
+    find it (a file saved as Latin-1 or UTF-16 by a spreadsheet is the usual cause)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
+                        f"offset {exc.start}); save the file as UTF-8") from None
+    return text if newline == "" else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_records(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]:
     """Yield ``(where, record)`` pairs from a prompt source; ``where`` names file and line."""
     if source.path is not None:
         path = Path(source.path).expanduser()
-        if not path.is_file():
-            raise UserError(f"{what}.path: file not found: {path}")
+        problem = file_problem(path)
+        if problem is not None and path.is_dir():  # maybe a dataset saved as files
+            raise UserError(f"{what}.path: {path}: {problem}; to read a dataset directory give "
+                            f"it as {what}.dataset")
+        if problem is not None:
+            raise UserError(f"{what}.path: {path}: {problem}")
         kind = FILE_FORMATS.get(path.suffix.lower())
         if kind is None:
             raise UserError(f"{what}.path: {path}: unknown file type '{path.suffix}'; use one of "
                             f"{', '.join(FILE_FORMATS)}, or a dataset id under {what}.dataset")
-        yield from _read_file(path, kind)
+        yield from _read_file(path, kind, source.field)
     else:
         yield from _read_dataset(source, what)
 
 
-def _read_file(path: Path, kind: str) -> Iterable[tuple[str, dict]]:
+def _read_file(path: Path, kind: str, field: str) -> Iterable[tuple[str, dict]]:
+    """Records of one file; a JSON list of plain values is read as the values of ``field``."""
     if kind == "jsonl":
         for number, record in enumerate(iter_jsonl(path), start=1):
             yield f"{path}:{number}", record
     elif kind == "json":
+        text = read_text(path)
+        if not text.strip():
+            return  # no records, like an empty JSONL or CSV file
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: the one list inside
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else data
         if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of records (or an object holding one list)")
+            found = (f"an object holding {len(lists)} lists" if isinstance(data, dict)
+                     else json.dumps(data) if data is None or isinstance(data, bool)
+                     else f"a {'string' if isinstance(data, str) else 'number'}")
+            raise UserError(f"{path}: expected a JSON list of records (or an object holding one "
+                            f"list), found {found}")
         for number, record in enumerate(data):
-            yield f"{path}[{number}]", record if isinstance(record, dict) else {"prompt": record}
+            yield f"{path}[{number}]", record if isinstance(record, dict) else {field: record}
     elif kind == "csv":
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise
-        # become part of the first column's name.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            for number, record in enumerate(csv.DictReader(handle), start=2):
+        # Spreadsheet exports start with a byte-order mark that would otherwise become part of
+        # the first column's name.
+        text = read_text(path, newline="").removeprefix("\ufeff")
+        rows = csv.DictReader(io.StringIO(text, newline=""))
+        number = 1  # the header; records are numbered as rows of the sheet, from 2
+        try:
+            for number, record in enumerate(rows, start=2):
                 yield f"{path}:{number}", record
+        except csv.Error as exc:  # a cell longer than the csv module's limit (128 KiB)
+            raise UserError(f"{path}:{number + 1}: cannot read this CSV row ({exc}); a JSONL "
+                            "file has no such limit") from None
     else:
         import pyarrow.parquet as pq
 
@@ -159,7 +190,9 @@ def _read_dataset(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]
 def load_prompts(source: PromptSource, seed: int, what: str = "data.red_team") -> list[Prompt]:
     """Read, reduce to text, de-duplicate, shuffle with ``seed`` and apply ``limit``."""
     seen: dict[str, Prompt] = {}
+    records = 0
     for where, record in read_records(source, what):
+        records += 1
         if source.field not in record:
             fields = ", ".join(map(str, record)) or "none"
             raise UserError(f"{where}: no field '{source.field}' (fields: {fields}); "
@@ -169,12 +202,14 @@ def load_prompts(source: PromptSource, seed: int, what: str = "data.red_team") -
             continue
         text = to_prompt_text(value)
         if text is None:
-            raise UserError(f"{where}: field '{source.field}' is neither text nor a list of chat messages")
+            raise UserError(f"{where}: field '{source.field}' is neither text nor a list of chat "
+                            "messages with a text user message")
         if text and text not in seen:
             seen[text] = Prompt(prompt_id(text), text)
     if not seen:
         origin = source.path or source.dataset
-        raise UserError(f"{what}: no prompts in {origin} (every '{source.field}' value was empty)")
+        why = f"every '{source.field}' value was empty" if records else "it holds no records"
+        raise UserError(f"{what}: no prompts in {origin} ({why})")
     prompts = sorted(seen.values(), key=lambda p: p.id)  # independent of file order before shuffle
     random.Random(seed).shuffle(prompts)
     return prompts[: source.limit] if source.limit else prompts

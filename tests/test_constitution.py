@@ -314,6 +314,21 @@ def test_directory_instead_of_file(tmp_path):
     assert str(tmp_path) in message and "directory" in message
 
 
+def test_relative_path_not_found_names_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = error_for("constitutions/nope.yaml")
+    assert "not found" in message and f"relative to the current directory, {tmp_path}" in message
+
+
+def test_non_utf8_byte_names_line_and_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    content = "name: caf\u00e9\nprinciples: []\n".encode("latin-1")
+    path.write_bytes(content)
+    message = error_for(path)
+    assert message.startswith(f"{path}:1: not UTF-8")
+    assert f"byte offset {content.index(0xE9)}" in message
+
+
 def test_no_files_given():
     assert "constitution" in error_for([])
 
@@ -417,6 +432,27 @@ def test_malformed_hf_system_chat(tmp_path):
     path = write(tmp_path, "hf.json", hf)
     message = error_for(path)
     assert message.startswith(f"{path}: system_chat[0]: expected alternating user/assistant")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        # an instructions file with one entry that is not an object
+        ({**ANTHROPIC_INSTRUCTIONS, "tidy2": "Be tidy."}, "tidy2: expected an object"),
+        # RLMadison few-shot answers given as text or a number instead of a list
+        ([{**ANTHROPIC_RL_FEW_SHOT[0], "corrects": "1 2"}], "[0].corrects: expected a non-empty"),
+        ([{**ANTHROPIC_RL_FEW_SHOT[0], "incorrects": 5}], "[0].incorrects: expected a non-empty"),
+        ({**HF, "system_chat": "Greet me."}, "'system_chat' must be a list"),
+    ],
+)
+def test_wrong_types_in_json_layouts(tmp_path, content, expected):
+    path = write(tmp_path, "c.json", content)
+    assert error_for(path).startswith(f"{path}: {expected}")
+
+
+def test_hf_unknown_keys_of_mixed_types(tmp_path):
+    path = write(tmp_path, "hf.yaml", "constitutions: []\n1: x\nzz: y\n")
+    assert error_for(path).startswith(f"{path}: unknown key '1'")
 
 
 # ---------------------------------------------------------------------------------------------

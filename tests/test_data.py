@@ -287,3 +287,79 @@ def test_unreadable_parquet(tmp_path):
     path = tmp_path / "p.parquet"
     path.write_text("this is not parquet")
     assert "cannot read Parquet" in error_of(PromptSource(path=str(path)))
+
+
+def test_directory_given_as_path_says_so_and_points_to_dataset(tmp_path):
+    message = error_of(PromptSource(path=str(tmp_path)))
+    assert str(tmp_path) in message and "is a directory" in message and "not found" not in message
+    assert "data.red_team.dataset" in message
+
+
+def test_relative_path_not_found_names_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = error_of(PromptSource(path="prompts/absent.jsonl"))
+    assert "not found" in message and "relative to the current directory" in message
+    assert str(tmp_path) in message
+
+
+def test_absolute_path_not_found_says_nothing_about_the_current_directory(tmp_path):
+    message = error_of(PromptSource(path=str(tmp_path / "absent.jsonl")))
+    assert "not found" in message and "current directory" not in message
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("p.csv", b"prompt\nHello\nCaf\xe9 au lait\n"),  # Latin-1 e-acute on the third line
+    ("p.json", b'[\n  "Hello",\n  "Caf\xe9"\n]\n'),
+])
+def test_non_utf8_byte_names_file_line_and_offset(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    offset = content.index(b"\xe9")
+    message = error_of(PromptSource(path=str(path)))
+    assert message.startswith(f"{path}:3: not UTF-8")
+    assert f"0xe9 at byte offset {offset}" in message and "save" in message
+
+
+def test_csv_cell_too_long_for_the_csv_module_names_the_row(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\nshort\n" + "x" * 200_000 + "\nlater\n")
+    message = error_of(PromptSource(path=str(path)))
+    assert message.startswith(f"{path}:3:") and "JSONL" in message
+
+
+def test_empty_json_file_has_no_records(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("\n")
+    message = error_of(PromptSource(path=str(path)))
+    assert "no prompts" in message and "no records" in message and str(path) in message
+
+
+@pytest.mark.parametrize(("content", "found"), [
+    ('"just a string"', "a string"), ("42", "a number"), ("null", "null"), ("true", "true"),
+    ('{"a": [1], "b": [2]}', "an object holding 2 lists"),
+    ('{"a": 1}', "an object holding 0 lists"),
+])
+def test_json_top_level_that_is_not_a_list_says_what_was_found(tmp_path, content, found):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    message = error_of(PromptSource(path=str(path)))
+    assert message.startswith(f"{path}: expected a JSON list")
+    assert message.endswith(f"found {found}")
+
+
+def test_json_list_of_plain_strings_is_read_as_the_configured_field(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(TEXTS))
+    assert texts(load(path, field="question")) == set(TEXTS)
+
+
+def test_chat_message_with_content_that_is_not_text(tmp_path):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": parts}])
+    message = error_of(PromptSource(path=str(path)))
+    assert message.startswith(f"{path}:2: field 'prompt'") and "text user message" in message
+
+
+def test_chat_message_with_null_content_counts_as_empty(tmp_path):
+    records = [{"prompt": "ok"}, {"prompt": [{"role": "user", "content": None}]}]
+    assert [p.text for p in load(write_jsonl(tmp_path / "p.jsonl", records))] == ["ok"]

@@ -1,0 +1,116 @@
+"""Pydantic validation errors as the short messages a user reads: where the value is (a dotted
+path, ``[i]`` for list entries), then what is wrong with it and, for a misspelt key, the closest
+valid name.
+
+Two wordings, one for each kind of file validated with pydantic:
+
+- the config (``describe``) names the offending key in the path and keeps pydantic's own text
+  with the value given: ``generate_sl.num_revison: unknown key; did you mean 'num_revisions'?``,
+  ``models.policy.name_or_path: required but missing``;
+- a constitution (``describe_entry``) names the entry, then the key, in plainer words for its
+  texts and A/B answers: ``principles[0]: missing 'revision'``, ``principles[1].critique: is
+  empty; write the text``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any, Union
+
+from pydantic import BaseModel
+
+
+def location(loc: tuple | list) -> str:
+    """``("principles", 3, "id")`` -> ``principles[3].id``."""
+    out = ""
+    for item in loc:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out
+
+
+def unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional/Union annotations."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in unwrap(arg)]
+    return [annotation]
+
+
+def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by walking field names from ``root``."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = nested_model(field.annotation)
+    return model
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``Optional[LoraConfig]`` -> ``LoraConfig``), if any."""
+    return next((t for t in unwrap(annotation)
+                 if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
+def closest(name: str, options: list[str], cutoff: float = 0.5) -> str | None:
+    """The option ``name`` is most likely a misspelling of, if any is close enough."""
+    matches = difflib.get_close_matches(name, options, n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def describe(error: dict, root: type[BaseModel]) -> str:
+    """One pydantic error of a model under ``root`` as ``a.b.c: what is wrong`` (config wording)."""
+    # pydantic adds the branch of a Union to the location ("str", "list[str]"); drop those.
+    loc = tuple(p for p in error["loc"]
+                if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+    where = location(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        model = model_at(root, loc[:-1])
+        hint = ""
+        if model is not None:
+            close = closest(str(loc[-1]), list(model.model_fields))
+            hint = (f"; did you mean '{close}'?" if close
+                    else f"; valid keys: {', '.join(model.model_fields)}")
+        return f"{where}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{where}: required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if error["type"] not in ("value_error", "model_type") and not isinstance(given, (dict, list)):
+        message += f" (got {given!r})"
+    return f"{where}: {message}"
+
+
+def describe_entry(error: dict) -> str:
+    """One pydantic error as ``principles[3]: missing 'revision'`` (constitution wording)."""
+    loc = list(error["loc"])
+    kind = error["type"]
+    # For a missing or unknown key, name the entry and then the key; otherwise the full path.
+    key = loc.pop() if kind in ("missing", "extra_forbidden") and loc else None
+    where = location(loc) or "top level"
+    if kind == "missing":
+        return f"{where}: missing '{key}'"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key '{key}' (check the spelling)"
+    if kind == "string_too_short":
+        return f"{where}: is empty; write the text"
+    if kind == "literal_error":
+        return f"{where}: must be A or B"
+    return f"{where}: {error['msg'].lower()}"
+
+
+def problem_list(source: str, problems: list[str]) -> str:
+    """Every problem, one per line under a count: ``config.yaml: 2 problems:\\n  - ...``."""
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    return f"{source}: {count}:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def problem_line(problems: list[str], shown: int = 3) -> str:
+    """The first few problems on one line, ``a; b; c (and 2 more)``, for one-line errors."""
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
