@@ -25,17 +25,28 @@ MANIFEST = "manifest.json"
 
 
 def dumps(record: Any) -> str:
-    """One JSON line. Key order is kept and non-ASCII text stays readable."""
+    """One JSON line. Key order is kept and non-ASCII text stays readable. A typed record
+    (``records.Record``) is written as its declared keys, unset optional ones left out."""
+    if hasattr(record, "model_dump"):
+        record = record.model_dump(mode="json", exclude_none=True)
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
 def iter_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterator[dict]:
+    """Yield the records of a JSONL file (see ``numbered_jsonl``)."""
+    for _, record in numbered_jsonl(path, allow_torn_tail=allow_torn_tail):
+        yield record
+
+
+def numbered_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield the records of a JSONL file; a malformed line is a UserError naming file:line.
 
     With ``allow_torn_tail`` a last line that does not end in a newline and does not parse (what
     a killed writer leaves) is dropped silently instead.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a JSONL file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     with path.open("rb") as handle:
@@ -53,7 +64,7 @@ def iter_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterator[d
                             "fix or remove that line") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-        yield record
+        yield number, record
 
 
 def read_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> list[dict]:

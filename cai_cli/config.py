@@ -24,7 +24,8 @@ from cai_cli.validation import describe, problem_list, unwrap
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, docstrings document fields."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              frozen=True)  # changed only through model_copy
 
 
 # ---------------------------------------------------------------------------------------------

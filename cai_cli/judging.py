@@ -18,6 +18,7 @@ from cai_cli.backends.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution
 from cai_cli.prompting import OPTIONS, TRANSCRIPT_STOPS, comparison_prompt, resolve_format
+from cai_cli.records import Judgment, Message, Pair
 from cai_cli.seeding import call_seed, draw
 
 
@@ -111,7 +112,7 @@ class Judge:
     def comparisons_of(self, records: list[dict]) -> list[Comparison]:
         return self.plan(records)[1]
 
-    def batch(self, records: list[dict], batch: int) -> list[dict]:
+    def batch(self, records: list[dict], batch: int) -> list[Pair]:
         settings, cot = self.settings, self.settings.chain_of_thought
         pairs, jobs = self.plan(records)
         reasoning: list = [None] * len(jobs)
@@ -152,16 +153,16 @@ class Judge:
             chosen, rejected = (a, b) if a_wins else (b, a)
             # Orders relative to the chosen answer: "AB" = chosen shown first.
             shown = [{**j, "order": "AB" if (j["order"] == "ab") == a_wins else "BA"} for j in raw]
-            out.append({
-                "id": pair_id,
-                "prompt": [{"role": "user", "content": record["prompt"]}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "p_chosen": round(p_a if a_wins else 1.0 - p_a, 6),
-                "order_disagreement": disagree,
-                "judgments": shown,
-                "prompt_id": record["id"],
-            })
+            out.append(Pair(
+                id=pair_id,
+                prompt=[Message(role="user", content=record["prompt"])],
+                chosen=[Message(role="assistant", content=chosen)],
+                rejected=[Message(role="assistant", content=rejected)],
+                p_chosen=round(p_a if a_wins else 1.0 - p_a, 6),
+                order_disagreement=disagree,
+                judgments=[Judgment(**j) for j in shown],
+                prompt_id=record["id"],
+            ))
         self.comparisons += len(jobs) // 2  # a pair under one principle, both orders
         self.skipped_last = len(pairs) - len(out)
         return out

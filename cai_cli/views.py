@@ -29,6 +29,7 @@ from rich.text import Text
 
 from cai_cli.artifacts import read_jsonl
 from cai_cli.errors import UserError
+from cai_cli.records import Chain, Pair, parse
 
 CHAINS, PAIRS = "chains", "pairs"
 
@@ -38,13 +39,6 @@ MAKER = {CHAINS: "cai generate-sl --config ...", PAIRS: "cai label-prefs --confi
 
 # Keys each record must have, the key of its list of steps, and the keys of each step. Checked up
 # front so a wrong file is one clear error, not a KeyError halfway through a table.
-REQUIRED = {
-    CHAINS: (("id", "prompt", "initial", "rounds", "final"), "rounds",
-             ("principle", "critique_request", "critique", "revision_request", "revision")),
-    PAIRS: (("id", "prompt", "chosen", "rejected", "p_chosen", "judgments"), "judgments",
-            ("principle", "order", "p_first")),
-}
-
 DEFAULT_LIMIT = 20
 
 
@@ -121,18 +115,9 @@ def record_kind(path: Path, records: list[dict]) -> str:
         raise UserError(f"{path}: record 1 is neither a chain (has \"rounds\") nor a preference "
                         "pair (has \"chosen\"/\"rejected\"); cai inspect reads "
                         f"{RUN_DIR_FILES[CHAINS]} and {RUN_DIR_FILES[PAIRS]}")
-    keys, steps_key, step_keys = REQUIRED[kind]
+    record_type = Chain if kind == CHAINS else Pair
     for number, record in enumerate(records, start=1):
-        missing = [key for key in keys if key not in record]
-        steps = record.get(steps_key)
-        if not missing and not (isinstance(steps, list)
-                                and all(isinstance(step, dict) for step in steps)):
-            missing = [f"{steps_key} as a list of objects"]
-        for step in [] if missing else steps:
-            missing += [f"{steps_key}[].{key}" for key in step_keys if key not in step]
-        if missing:
-            raise UserError(f"{path}: record {number} looks like one of {kind} but lacks "
-                            f"{', '.join(dict.fromkeys(missing))}")
+        parse(record, record_type, f"{path}: record {number}")
     return kind
 
 

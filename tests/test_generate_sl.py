@@ -161,7 +161,8 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"data__red_team__path": "missing.jsonl"}, "data.red_team.path: file not found"),
+    ({"data__red_team__path": "missing.jsonl"},
+     "data.red_team.path: missing.jsonl: not found (relative to the current directory"),
     ({"models__policy__name_or_path": "no/such/dir/model"}, "models.policy.name_or_path: model directory not found"),
     ({"constitution": "nope.yaml"}, "nope.yaml: constitution file not found"),
 ])

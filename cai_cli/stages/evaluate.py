@@ -29,6 +29,7 @@ from cai_cli.constitution import load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.records import EvalAnswer, Judgment
 from cai_cli.seeding import call_seed
 from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
 
@@ -178,7 +179,7 @@ def answer_all(config: Config, backend, prompts: list[Prompt], index: int,
     results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                 for p in prompts], params)
     # A prompt too long for this model gets an empty answer: it loses to any real one.
-    return [{"model": name, "id": p.id, "answer": r.text if isinstance(r, Completion) else ""}
+    return [EvalAnswer(model=name, id=p.id, answer=r.text if isinstance(r, Completion) else "")
             for p, r in zip(prompts, results)]
 
 
@@ -198,28 +199,28 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
         for a, b in pairs:
             records = [{"id": p.id, "prompt": p.text,
                         "responses": [answers[a, p.id], answers[b, p.id]]} for p in prompts]
-            judged = {r["prompt_id"]: r for r in judge.batch(records, 0)}
+            judged = {pair.prompt_id: pair for pair in judge.batch(records, 0)}
             rows = []
             for p in prompts:
                 record = judged.get(p.id)
                 if record is None:  # identical answers (or too long to judge): a tie
                     rows.append({"id": p.id, "p": 0.5, "principles": {}})
                     continue
-                a_chosen = record["chosen"][0]["content"] == answers[a, p.id]
-                p_a = record["p_chosen"] if a_chosen else 1.0 - record["p_chosen"]
+                a_chosen = record.chosen[0].content == answers[a, p.id]
+                p_a = record.p_chosen if a_chosen else 1.0 - record.p_chosen
                 rows.append({"id": p.id, "p": p_a,
-                             "principles": per_principle(record["judgments"], a_chosen)})
+                             "principles": per_principle(record.judgments, a_chosen)})
             out[a, b] = rows
             bar.update(task, advance=len(prompts))
     return out
 
 
-def per_principle(judgments: list[dict], a_chosen: bool) -> dict[str, float]:
+def per_principle(judgments: list[Judgment], a_chosen: bool) -> dict[str, float]:
     """p(a preferred) under each principle, averaged over its two orders."""
     values: dict[str, list[float]] = {}
     for j in judgments:
-        p_chosen = j["p_first"] if j["order"] == "AB" else 1.0 - j["p_first"]
-        values.setdefault(j["principle"], []).append(p_chosen if a_chosen else 1.0 - p_chosen)
+        p_chosen = j.p_first if j.order == "AB" else 1.0 - j.p_first
+        values.setdefault(j.principle, []).append(p_chosen if a_chosen else 1.0 - p_chosen)
     return {name: statistics.fmean(v) for name, v in values.items()}
 
 

@@ -24,6 +24,7 @@ from cai_cli.constitution import Constitution, FewShotExample, Principle, load_c
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
+from cai_cli.records import Chain
 from cai_cli.seeding import call_seed, draw
 from cai_cli.stages.common import StageSpec, begin, red_team_inputs
 
@@ -164,7 +165,7 @@ class ChainGenerator:
                 chain["final"] = revision
             live = [item for item, _ in revised]
 
-        records = [chains[prompt.id] for prompt, _ in live]
+        records = [Chain.model_validate(chains[prompt.id]) for prompt, _ in live]
         return records, self.tokens - before, len(prompts) - len(records)
 
     def _fitting(self, items: list, results: list, step: str) -> list[tuple[tuple, str]]:

@@ -35,6 +35,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.records import Sample
 from cai_cli.seeding import call_seed
 from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
 
@@ -192,6 +193,6 @@ def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> l
             ui.warn(f"prompt {prompt.id} skipped: {overflow}; raise models.policy.max_context or "
                     "lower label_prefs.sampling.max_new_tokens")
             continue
-        records.append({"id": prompt.id, "prompt": prompt.text,
-                        "responses": [a.text for a in answers]})
+        records.append(Sample(id=prompt.id, prompt=prompt.text,
+                              responses=[a.text for a in answers]))
     return records

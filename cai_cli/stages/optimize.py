@@ -27,11 +27,12 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
+from cai_cli import records, training, ui
+from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import chat_messages, load_prompts
+from cai_cli.data import load_prompts
 from cai_cli.errors import UserError
+from cai_cli.records import Pair, conversation
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's
@@ -102,24 +103,16 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
     path = config.layout.pairs
     needs_label = settings.soft_labels or settings.min_confidence > 0
     pairs, total, dropped = [], 0, 0
-    for number, record in enumerate(iter_jsonl(path), start=1):
-        where = f"{path}:{number}"
+    for pair in records.read(path, Pair):
         total += 1
-        p_chosen = record.get("p_chosen")
-        if needs_label:
-            if isinstance(p_chosen, bool) or not isinstance(p_chosen, (int, float)) \
-                    or not 0.0 <= p_chosen <= 1.0:
-                raise UserError(f"{where}: p_chosen must be a probability from 0 to 1 (got "
-                                f"{p_chosen!r}); optimize.soft_labels and min_confidence need it")
-            if abs(p_chosen - 0.5) < settings.min_confidence:
-                dropped += 1
-                continue
-        pair = {key: chat_messages(record.get(key), f"{where}: {key}",
-                                   fix="rerun `cai label-prefs --force`")
-                for key in ("prompt", "chosen", "rejected")}
+        if needs_label and abs(pair.p_chosen - 0.5) < settings.min_confidence:
+            dropped += 1
+            continue
+        row = {"prompt": conversation(pair.prompt), "chosen": conversation(pair.chosen),
+               "rejected": conversation(pair.rejected)}
         if settings.soft_labels:
-            pair["p_chosen"] = float(p_chosen)
-        pairs.append(pair)
+            row["p_chosen"] = float(pair.p_chosen)
+        pairs.append(row)
     if total == 0:
         raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
                         f"{config.run_dir}` and rerun `cai label-prefs --force`")

@@ -33,12 +33,13 @@ import math
 import random
 from pathlib import Path
 
-from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
+from cai_cli import records, training, ui
+from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
 from cai_cli.prompting import transcript_pair
+from cai_cli.records import Pair, conversation
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
@@ -72,16 +73,10 @@ def ai_pairs(config: Config) -> list[dict]:
     """The pairs of a finished ``cai label-prefs``: prompt, chosen, rejected, p_chosen, group."""
     require_complete(config, "label-prefs", stale_use="training on it as is")
     path = config.layout.pairs
-    pairs = []
-    for number, record in enumerate(iter_jsonl(path), start=1):
-        where = f"{path}:{number}"
-        p = record.get("p_chosen")
-        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise UserError(f"{where}: p_chosen must be a probability, got {p!r}")
-        pairs.append({**{key: chat_messages(record.get(key), f"{where}: {key}")
-                         for key in ("prompt", "chosen", "rejected")},
-                      TARGET: float(p),
-                      "group": str(record.get("prompt_id") or record.get("id") or number)})
+    pairs = [{"prompt": conversation(pair.prompt), "chosen": conversation(pair.chosen),
+              "rejected": conversation(pair.rejected), TARGET: float(pair.p_chosen),
+              "group": pair.prompt_id or pair.id}
+             for pair in records.read(path, Pair)]
     if not pairs:
         raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
                         f"{config.run_dir}` and rerun `cai label-prefs`")
