@@ -135,8 +135,9 @@ class GenerateSLConfig(Section):
     chat when the tokenizer has a chat template."""
     system_prompt: Optional[str] = None
     """Optional system message put before every conversation (chat format only)."""
-    batch_size: int = Field(32, ge=1)
-    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch."""
+    prompts_per_checkpoint: int = Field(32, ge=1)
+    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch.
+    (Formerly ``batch_size``.)"""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling for answers, critiques and revisions."""
 
@@ -150,8 +151,9 @@ class TrainingConfig(Section):
     """Stop after this many optimiser steps; overrides ``epochs``."""
     learning_rate: float = Field(2e-5, gt=0)
     """Peak learning rate."""
-    batch_size: int = Field(8, ge=1)
-    """Sequences per device per forward pass."""
+    per_device_batch_size: int = Field(8, ge=1)
+    """Training micro-batch: sequences per device per forward pass (TRL's
+    ``per_device_train_batch_size``; formerly ``batch_size``)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Forward passes per optimiser step."""
     max_length: int = Field(1024, ge=16)
@@ -217,9 +219,13 @@ class FinetuneConfig(Section):
     ``data.helpful`` when above 0: its ``field`` holds a list of chat messages, a
     Human:/Assistant: transcript, or a prompt whose answer is in a ``response`` or
     ``completion`` column."""
-    assistant_only_loss: bool = True
-    """Compute the loss on assistant tokens only (needs a chat template that marks them with
-    ``{% generation %}``, or one TRL knows how to mark); false trains on whole conversations."""
+    loss_on: Literal["completion", "assistant", "all"] = "completion"
+    """Which tokens the loss is on. ``completion``: the final answer only (the revision, or the
+    helpful example's last answer): examples go to TRL in its prompt-completion format, which
+    masks the prompt itself, so any chat template works. ``assistant``: every assistant turn
+    of whole conversations (TRL's ``assistant_only_loss``: needs a template that marks them with
+    ``{% generation %}``, or one TRL knows how to mark). ``all``: whole conversations.
+    (Replaces ``assistant_only_loss``: true is ``assistant``, false is ``all``.)"""
     training: TrainingConfig = TrainingConfig()
     """Optimisation settings."""
     lora: LoraConfig = LoraConfig()
@@ -255,8 +261,9 @@ class LabelPrefsConfig(Section):
     """Range chain-of-thought probabilities are clamped to (CoT labels are over-confident)."""
     cot_max_new_tokens: int = Field(128, ge=1)
     """Longest reasoning the feedback model may write."""
-    batch_size: int = Field(16, ge=1)
-    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch."""
+    prompts_per_checkpoint: int = Field(16, ge=1)
+    """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch.
+    (Formerly ``batch_size``.)"""
 
     @model_validator(mode="after")
     def _clamp_range(self) -> "LabelPrefsConfig":
@@ -306,8 +313,8 @@ class OptimizeConfig(Section):
     """dpo: use each pair's ``p_chosen`` as its label (conservative DPO with a per-pair label
     smoothing of 1 - p_chosen); false: standard DPO."""
     num_generations: int = Field(4, ge=2)
-    """grpo/rloo: completions sampled per prompt. ``training.batch_size`` counts completions, so
-    ``batch_size`` x ``gradient_accumulation_steps`` must be a multiple of this."""
+    """grpo/rloo: completions sampled per prompt. ``training.per_device_batch_size`` counts
+    completions, so it times ``gradient_accumulation_steps`` must be a multiple of this."""
     max_completion_length: int = Field(64, ge=1)
     """grpo/rloo: longest completion sampled."""
     include_helpful: bool = False
@@ -404,9 +411,69 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys (run_dir, data, models, "
                         f"...), not a {type(data).__name__}")
+    _rename_keys(data, str(path))
     for override in overrides:
-        _apply_override(data, override)
+        _apply_override(data, _renamed_override(override))
     return validate_config(data, source=str(path))
+
+
+# Keys renamed so that each batch size says which batch it is: old dotted path -> new one. The
+# old names still load, with a warning.
+RENAMED = {
+    "generate_sl.batch_size": "generate_sl.prompts_per_checkpoint",
+    "label_prefs.batch_size": "label_prefs.prompts_per_checkpoint",
+    "finetune.training.batch_size": "finetune.training.per_device_batch_size",
+    "train_rm.training.batch_size": "train_rm.training.per_device_batch_size",
+    "optimize.training.batch_size": "optimize.training.per_device_batch_size",
+    "models.policy.batch_size": "models.policy.forward_batch_size",
+    "models.feedback.batch_size": "models.feedback.forward_batch_size",
+}
+
+
+def _rename_keys(data: dict, source: str) -> None:
+    from cai_cli import ui
+
+    finetune = data.get("finetune")
+    if isinstance(finetune, dict) and "assistant_only_loss" in finetune:
+        if "loss_on" in finetune:
+            raise UserError(f"{source}: finetune.assistant_only_loss and finetune.loss_on are both "
+                            "set; keep only finetune.loss_on")
+        old = finetune.pop("assistant_only_loss")
+        finetune["loss_on"] = "assistant" if old is True else "all" if old is False else old
+        ui.warn(f"{source}: finetune.assistant_only_loss is replaced by finetune.loss_on "
+                f"(here: {finetune['loss_on']}); the new default, completion, works with any "
+                "chat template")
+
+    for old, new in RENAMED.items():
+        *parents, old_name = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_name not in node:
+            continue
+        new_name = new.rsplit(".", 1)[1]
+        if new_name in node:
+            raise UserError(f"{source}: {old} and {new} are both set; {old} is the old name of "
+                            f"{new}: keep only {new}")
+        node[new_name] = node.pop(old_name)
+        ui.warn(f"{source}: {old} is now called {new} (same meaning); rename it")
+
+
+def _renamed_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if key.strip() == "finetune.assistant_only_loss":
+        from cai_cli import ui
+
+        loss_on = "assistant" if value.strip().lower() == "true" else "all"
+        ui.warn(f"--set finetune.assistant_only_loss: replaced by finetune.loss_on ({loss_on})")
+        return f"finetune.loss_on={loss_on}"
+    new = RENAMED.get(key.strip())
+    if new is None:
+        return override
+    from cai_cli import ui
+
+    ui.warn(f"--set {key.strip()}: now called {new} (same meaning)")
+    return f"{new}{sep}{value}"
 
 
 def validate_config(data: dict, source: str = "config") -> Config:

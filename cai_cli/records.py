@@ -69,10 +69,12 @@ class Chain(Record):
 
 
 class SFTExample(Record):
-    """``sl/sft.jsonl``: the user prompt and the final revision as the assistant's answer."""
+    """``sl/sft.jsonl``: the user prompt and the final revision as the assistant's answer, in
+    TRL's conversational prompt-completion format (the loss is on the completion only)."""
 
     id: str
-    messages: Messages
+    prompt: Messages
+    completion: Messages
 
 
 class Sample(Record):

@@ -187,7 +187,7 @@ def test_precedence_default_then_yaml_then_set(tmp_path):
     config = load_config(path, ["generate_sl.num_revisions=4"])
     assert config.generate_sl.num_revisions == 4  # --set beats YAML
     assert config.generate_sl.few_shot == 1  # YAML beats the default
-    assert config.generate_sl.batch_size == 32  # default where neither says
+    assert config.generate_sl.prompts_per_checkpoint == 32  # default where neither says
 
 
 def test_set_values_are_typed_by_the_schema(tmp_path):

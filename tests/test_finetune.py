@@ -33,9 +33,9 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml") -> Path
         "data": {"red_team": {"path": str(PROMPTS), "limit": 4},
                  "helpful": {"path": str(HELPFUL), "field": "messages"}},
         "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
-        "generate_sl": {"num_revisions": 1, "few_shot": 1, "batch_size": 4,
+        "generate_sl": {"num_revisions": 1, "few_shot": 1, "prompts_per_checkpoint": 4,
                         "sampling": {"max_new_tokens": 8}},
-        "finetune": {"training": {"max_steps": 4, "batch_size": 4, "max_length": 256,
+        "finetune": {"training": {"max_steps": 4, "per_device_batch_size": 4, "max_length": 256,
                                   "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100}},
     }
     path = tmp_path / name
@@ -120,12 +120,33 @@ def test_finetune_end_to_end(config_path, tiny_model_dir):
 # What the trainer is fed
 
 
-def test_loss_is_on_assistant_tokens_only(config_path, capture_trainer):
+def test_loss_is_on_the_final_answer_only(config_path, capture_trainer):
+    """The default: prompt-completion rows, whose prompt TRL masks itself (any chat template)."""
     trainer = capture_trainer(config_path)
     tokenizer = trainer.processing_class
     sft = [json.loads(line) for line in
            (config_path.parent / "run" / "sl" / "sft.jsonl").read_text().splitlines()]
-    answers = {record["messages"][1]["content"] for record in sft}
+    answers = {record["completion"][0]["content"] for record in sft}
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    assert len(examples) == 4
+    for row, example in enumerate(examples):
+        ids = example["input_ids"]
+        labels = batch["labels"][row].tolist()[:len(ids)]
+        trained = [token for token, label in zip(ids, labels) if label != -100]
+        assert trained == [label for label in labels if label != -100]  # labels are the ids
+        # exactly the answer and its end-of-turn token; the user turn and role headers are not
+        assert tokenizer.decode(trained).strip().removesuffix("<|im_end|>") in answers
+        masked = tokenizer.decode([token for token, label in zip(ids, labels) if label == -100])
+        assert masked.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in masked
+
+
+def test_loss_on_assistant_turns_uses_generation_marks(config_path, capture_trainer):
+    trainer = capture_trainer(config_path, "finetune.loss_on=assistant")
+    tokenizer = trainer.processing_class
+    sft = [json.loads(line) for line in
+           (config_path.parent / "run" / "sl" / "sft.jsonl").read_text().splitlines()]
+    answers = {record["completion"][0]["content"] for record in sft}
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     assert len(examples) == 4
     for example in examples:
@@ -145,7 +166,7 @@ def test_loss_is_on_assistant_tokens_only(config_path, capture_trainer):
         assert all(label == -100 for label in labels[len(example["labels"]):])
         assert any(label == -100 for label in example["labels"])
 
-    whole = capture_trainer(config_path, "finetune.assistant_only_loss=false")
+    whole = capture_trainer(config_path, "finetune.loss_on=all")
     example = whole.train_dataset[0]
     assert example["labels"] == example["input_ids"]
 
@@ -154,7 +175,8 @@ def test_helpful_examples_are_mixed_at_the_ratio(config_path, capture_trainer):
     trainer = capture_trainer(config_path, "finetune.helpful_ratio=1.5")
     helpful = {json.dumps(json.loads(line)["messages"])
                for line in HELPFUL.read_text().splitlines()}
-    conversations = [json.dumps(example["messages"]) for example in trainer.train_dataset]
+    conversations = [json.dumps(example["prompt"] + example["completion"])
+                     for example in trainer.train_dataset]
     assert len(conversations) == 4 + 6
     drawn = [c for c in conversations if c in helpful]
     assert len(drawn) == 6 and len(set(drawn)) == 6  # distinct while the pool lasts
@@ -317,13 +339,14 @@ def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_mode
     template.write_text(template.read_text().replace("{% generation %}", "")
                         .replace("{% endgeneration %}", ""))
     with pytest.raises(UserError, match=r"does not mark the assistant's tokens.*"
-                                        r"finetune.assistant_only_loss: false"):
-        run_stage(config_path, f"finetune.model={unmarked}")
+                                        r"finetune.loss_on: completion"):
+        run_stage(config_path, f"finetune.model={unmarked}", "finetune.loss_on=assistant")
     assert not (config_path.parent / "run" / "sft").exists()
-    # whole-conversation loss needs no marks
-    trainer = capture_trainer(config_path, f"finetune.model={unmarked}",
-                              "finetune.assistant_only_loss=false")
+    # whole-conversation loss and the default completion loss need no marks
+    trainer = capture_trainer(config_path, f"finetune.model={unmarked}", "finetune.loss_on=all")
     assert trainer.train_dataset[0]["labels"] == trainer.train_dataset[0]["input_ids"]
+    trainer = capture_trainer(config_path, f"finetune.model={unmarked}")
+    assert "completion_mask" in trainer.train_dataset[0]
 
 
 def test_spec_imports_no_heavy_library(config_path):

@@ -26,7 +26,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **secti
         "constitution": str(CONSTITUTION),
         "data": {"red_team": {"path": str(PROMPTS), "limit": 6}},
         "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
-        "generate_sl": {"num_revisions": 2, "few_shot": 1, "batch_size": 3,
+        "generate_sl": {"num_revisions": 2, "few_shot": 1, "prompts_per_checkpoint": 3,
                         "sampling": {"max_new_tokens": 12, "temperature": 0.8}},
     }
     for key, value in sections.items():
@@ -69,9 +69,9 @@ def test_records_follow_the_contract(tmp_path, tiny_model_dir):
             assert round_["revision_request"] == principle.revision_request
             assert isinstance(round_["critique"], str) and isinstance(round_["revision"], str)
         assert chain["final"] == chain["rounds"][-1]["revision"]
-        assert example == {"id": chain["id"], "messages": [
-            {"role": "user", "content": chain["prompt"]},
-            {"role": "assistant", "content": chain["final"]}]}
+        assert example == {"id": chain["id"],  # TRL's conversational prompt-completion format
+                           "prompt": [{"role": "user", "content": chain["prompt"]}],
+                           "completion": [{"role": "assistant", "content": chain["final"]}]}
 
     manifest = json.loads((sl / "manifest.json").read_text())
     assert manifest["status"] == "complete"
@@ -102,7 +102,7 @@ def test_rerun_is_a_noop_and_a_foreign_config_is_refused(tmp_path, tiny_model_di
 def test_principle_draws_do_not_depend_on_batching(tmp_path, tiny_model_dir):
     small = write_config(tmp_path, tiny_model_dir, "a.yaml", run_dir=str(tmp_path / "a"))
     large = write_config(tmp_path, tiny_model_dir, "b.yaml", run_dir=str(tmp_path / "b"),
-                         generate_sl__batch_size=6)
+                         generate_sl__prompts_per_checkpoint=6)
     run_stage(small)
     run_stage(large)
 
@@ -138,7 +138,7 @@ def test_conversation_too_long_is_skipped_with_a_warning(tmp_path, tiny_model_di
 
 
 def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):
-    settings = dict(data__red_team__limit=12, generate_sl__batch_size=2)
+    settings = dict(data__red_team__limit=12, generate_sl__prompts_per_checkpoint=2)
     reference = write_config(tmp_path, tiny_model_dir, "ref.yaml", run_dir=str(tmp_path / "ref"), **settings)
     interrupted = write_config(tmp_path, tiny_model_dir, "int.yaml", run_dir=str(tmp_path / "int"), **settings)
     assert cai("generate-sl", "--config", reference).returncode == 0

@@ -26,7 +26,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **label
         "data": {"red_team": {"path": str(PROMPTS), "limit": 4}},
         "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 8}},
         "label_prefs": {"policy": str(model), "responses_per_prompt": 2, "principles_per_pair": 2,
-                        "few_shot": 1, "batch_size": 2, "sampling": {"max_new_tokens": 8},
+                        "few_shot": 1, "prompts_per_checkpoint": 2, "sampling": {"max_new_tokens": 8},
                         **label_prefs},
     }
     path = tmp_path / name
@@ -184,7 +184,7 @@ def test_pairs_load_with_datasets_and_train_a_dpo_step(tmp_path, tiny_model_dir)
 
 
 def test_sigkill_then_resume_gives_identical_pairs(tmp_path, tiny_model_dir):
-    settings = dict(batch_size=1, chain_of_thought=True, cot_max_new_tokens=4)
+    settings = dict(prompts_per_checkpoint=1, chain_of_thought=True, cot_max_new_tokens=4)
     reference = write_config(tmp_path, tiny_model_dir, "ref.yaml", run="ref", **settings)
     interrupted = write_config(tmp_path, tiny_model_dir, "int.yaml", run="int", **settings)
     assert cai("label-prefs", "--config", reference).returncode == 0

@@ -42,7 +42,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **optim
                  "helpful": {"path": str(HELPFUL), "field": "messages"}},
         "models": {"policy": {"name_or_path": str(model), "device": "cpu"}},
         "optimize": {"model": str(model),
-                     "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-3,
+                     "training": {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 1e-3,
                                   "max_length": 256, "logging_steps": 1, "save_steps": 100},
                      **optimize_},
     }
@@ -367,7 +367,7 @@ def test_bad_input_exits_2_via_the_cli(tmp_path, tiny_model_dir, overrides, setu
     (["optimize.lora.enabled=true", "optimize.lora.target_modules=[lm_head]"],
      "optimize.lora.target_modules: 'lm_head' is the output head"),
     (["optimize.method=grpo", "optimize.num_generations=3"],
-     ("optimize.training.batch_size x gradient_accumulation_steps = 4 completions per "
+     ("optimize.training.per_device_batch_size x gradient_accumulation_steps = 4 completions per "
       "optimiser step, which is not a multiple of optimize.num_generations (3)")),
     (["optimize.soft_labels=true", "optimize.training.trl_args.loss_type=ipo"],
      "optimize.training.trl_args.loss_type: optimize.soft_labels uses its own loss"),

@@ -21,7 +21,7 @@ STAGE_DIRS = {"generate-sl": "sl", "finetune": "sft", "label-prefs": "prefs", "t
 def pipeline(tmp_path_factory, tiny_model_dir):
     """A config for a fast end-to-end run, and its first full `cai run`."""
     root = tmp_path_factory.mktemp("pipeline")
-    training = {"max_steps": 2, "batch_size": 4, "max_length": 256, "learning_rate": 1e-3,
+    training = {"max_steps": 2, "per_device_batch_size": 4, "max_length": 256, "learning_rate": 1e-3,
                 "logging_steps": 1, "save_steps": 2}
     config = {
         "run_dir": str(root / "run"),

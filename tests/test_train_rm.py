@@ -59,7 +59,7 @@ def held_out_prompts(path: Path) -> set[str]:
 
 
 def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **train_rm) -> Path:
-    training_settings = {"max_steps": 12, "batch_size": 8, "learning_rate": 2e-3,
+    training_settings = {"max_steps": 12, "per_device_batch_size": 8, "learning_rate": 2e-3,
                          "max_length": 128, "logging_steps": 5, "save_steps": 100,
                          **train_rm.pop("training", {})}
     config = {

@@ -189,3 +189,8 @@ def red_team_inputs(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
         "prompts": source_fingerprint(config.data.red_team),
     }
     return settings, inputs
+
+
+def checkpoint_batches(items: list, size: int) -> list[list]:
+    """``items`` in the stage's checkpointed batches of ``size`` (the last may be shorter)."""
+    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cai_cli import training, ui
-from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint, source_fingerprint
+from cai_cli import records, training, ui
+from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
+from cai_cli.records import SFTExample, conversation
 from cai_cli.seeding import draw
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
@@ -54,8 +55,8 @@ def sl_conversations(config: Config) -> list[Conversation]:
     """The SFT records of a finished ``cai generate-sl``."""
     require_complete(config, "generate-sl", stale_use="fine-tuning on it as is")
     path = config.layout.sft_data
-    conversations = [chat_messages(record.get("messages"), f"{path}:{number}", answered=True)
-                     for number, record in enumerate(iter_jsonl(path), start=1)]
+    conversations = [conversation(example.prompt) + conversation(example.completion)
+                     for example in records.read(path, SFTExample)]
     if not conversations:
         raise UserError(f"{path}: no examples (every chain was skipped); see `cai inspect "
                         f"{config.run_dir}` and rerun `cai generate-sl` with a larger context")
@@ -127,7 +128,7 @@ def check_chat_template(config: Config, tokenizer, model: ModelConfig, key: str)
         raise UserError(f"{key}: '{name}' has no chat template, and the SL-CAI data "
                         "are conversations; fine-tune an instruct model, or name a template with "
                         "finetune.training.trl_args.chat_template_path")
-    if not config.finetune.assistant_only_loss:
+    if config.finetune.loss_on != "assistant":
         return
     training_template = None
     if not has_generation_markers(tokenizer.chat_template):
@@ -135,13 +136,14 @@ def check_chat_template(config: Config, tokenizer, model: ModelConfig, key: str)
             training_template = get_training_chat_template(tokenizer)
         except ValueError:
             raise UserError(
-                f"finetune.assistant_only_loss: the chat template of '{name}' does not mark the "
+                f"finetune.loss_on: assistant: the chat template of '{name}' does not mark the "
                 "assistant's tokens with {% generation %}, so the loss cannot be limited to them; "
-                "set finetune.assistant_only_loss: false to train on whole conversations") from None
+                "set finetune.loss_on: completion (the final answer only, any template) or all "
+                "(whole conversations)") from None
     if not is_chat_template_stop_token_trained(tokenizer, chat_template=training_template):
         ui.warn(f"the chat template of '{name}' leaves the end-of-turn token out of the "
                 "assistant's tokens, so the model may not learn to stop; consider "
-                "finetune.assistant_only_loss: false")
+                "finetune.loss_on: completion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +159,9 @@ def trainer_args(config: Config):
     return training.trl_config(
         SFTConfig, settings.training, "finetune.training", seed=config.seed,
         output_dir=config.layout.sft, cpu=training.use_cpu(model),
-        stage_args={"assistant_only_loss": (settings.assistant_only_loss,
-                                            "finetune.assistant_only_loss")})
+        stage_args={"assistant_only_loss": (settings.loss_on == "assistant", "finetune.loss_on"),
+                    "completion_only_loss": (settings.loss_on == "completion",
+                                             "finetune.loss_on")})
 
 
 def run(config: Config, *, force: bool = False) -> Path | None:
@@ -194,6 +197,16 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     return stage.directory
 
 
+def prompt_and_completion(conversation: Conversation) -> dict:
+    """TRL's prompt-completion row: everything before the last assistant message, and that
+    message (the one the loss is on)."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    if last == 0:
+        raise UserError(f"a finetune example starts with the assistant's answer, so it has no "
+                        f"prompt to learn it from: {conversation[0]['content'][:60]!r}")
+    return {"prompt": conversation[:last], "completion": [conversation[last]]}
+
+
 def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer, args,
                   conversations):
     import datasets
@@ -203,7 +216,10 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
     lora = config.finetune.lora
     set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
     model = training.load_model(model_config, key, lora, args)
-    dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
+    if config.finetune.loss_on == "completion":
+        dataset = datasets.Dataset.from_list([prompt_and_completion(c) for c in conversations])
+    else:
+        dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
     peft_config = training.peft_config(lora, "CAUSAL_LM") if lora.enabled else None
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config)

@@ -24,9 +24,9 @@ from cai_cli.constitution import Constitution, FewShotExample, Principle, load_c
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
-from cai_cli.records import Chain
+from cai_cli.records import Chain, Message, SFTExample
 from cai_cli.seeding import call_seed, draw
-from cai_cli.stages.common import StageSpec, begin, red_team_inputs
+from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs
 
 
 def spec(config: Config) -> StageSpec:
@@ -68,7 +68,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
 
     writer = ResumableJsonl(config.layout.chains, stage.fingerprint)
     done_batches = writer.open(fresh=force)
-    batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
+    batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not writer.finished:
         backend = load_backend(config.models.policy, "models.policy")
         run.producing()
@@ -90,8 +90,8 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         writer.finish()
 
     chains = writer.records()
-    sft = [{"id": chain["id"], "messages": [{"role": "user", "content": chain["prompt"]},
-                                            {"role": "assistant", "content": chain["final"]}]}
+    sft = [SFTExample(id=chain["id"], prompt=[Message(role="user", content=chain["prompt"])],
+                      completion=[Message(role="assistant", content=chain["final"])])
            for chain in chains]
     write_jsonl_atomic(config.layout.sft_data, sft)
 

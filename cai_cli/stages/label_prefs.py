@@ -37,7 +37,7 @@ from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import Sample
 from cai_cli.seeding import call_seed
-from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
+from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs, require_complete
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
@@ -110,7 +110,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
 
     samples = ResumableJsonl(config.layout.samples, stage.fingerprint)
     done = samples.open(fresh=force)
-    batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
+    batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not samples.finished:
         from cai_cli.backends import load_backend
         from cai_cli.backends.hf import release_memory
@@ -130,7 +130,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     sampled = samples.records()
     pairs = ResumableJsonl(config.layout.pairs, stage.fingerprint)
     done = pairs.open(fresh=force)
-    groups = [sampled[i:i + settings.batch_size] for i in range(0, len(sampled), settings.batch_size)]
+    groups = checkpoint_batches(sampled, settings.prompts_per_checkpoint)
     if not pairs.finished:
         from cai_cli.backends import load_backend
 

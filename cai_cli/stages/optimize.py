@@ -171,16 +171,16 @@ def trainer_args(config: Config):
                             f"{', '.join(clashes)}, or set optimize.soft_labels: false")
     else:
         config_cls = GRPOConfig if method == "grpo" else RLOOConfig
-        batch_size, group = settings.training.batch_size, settings.num_generations
+        batch_size, group = settings.training.per_device_batch_size, settings.num_generations
         per_step = batch_size * settings.training.gradient_accumulation_steps
         if per_step % group:
             fitting = -(-batch_size // group) * group  # the next multiple of the group size
             raise UserError(
-                f"optimize.training.batch_size x gradient_accumulation_steps = {per_step} "
+                f"optimize.training.per_device_batch_size x gradient_accumulation_steps = {per_step} "
                 f"completions per optimiser step, which is not a multiple of "
                 f"optimize.num_generations ({group}): each prompt's completions are compared "
                 f"with each other, so they must be trained on together; e.g. set "
-                f"optimize.training.batch_size: {fitting}")
+                f"optimize.training.per_device_batch_size: {fitting}")
         stage_args.update(
             num_generations=(group, "optimize.num_generations"),
             max_completion_length=(settings.max_completion_length,

@@ -335,7 +335,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         return trainer
 
     trainer, result, checkpoint = training.fit(run, build, "train-rm")
-    stats = measure(trainer, settings.training.batch_size)
+    stats = measure(trainer, settings.training.per_device_batch_size)
     training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
 
     held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
