@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cai_cli.artifacts import read_jsonl
+from cai_cli.diagnostics import label_diagnostics
 from cai_cli.errors import UserError
 from cai_cli.records import Chain, Pair, parse
 
@@ -307,7 +308,20 @@ def pair_summary(console: Console, records: list[dict]) -> None:
     table.add_row("orders disagree", f"{sum(both_orders)} of {len(both_orders)} pairs judged in "
                   f"both orders ({sum(both_orders) / len(both_orders):.0%})"
                   if both_orders else "n/a (no pair was judged in both orders)")
+    figures = label_diagnostics(records)
+    if figures["position_bias"] is not None:
+        table.add_row("position bias (mean p of first option)", f"{figures['position_bias']:.2f}"
+                      f" (first option wins {figures['first_wins']:.0%} of judgments)")
+    if figures["order_agreement"] is not None:
+        table.add_row("orders agree (pair-principles)", f"{figures['order_agreement']:.0%}")
+    quant = figures["p_chosen"]
+    table.add_row("p_chosen min / median / max",
+                  f"{quant['min']:.2f} / {quant['median']:.2f} / {quant['max']:.2f}")
+    table.add_row("p_chosen histogram", "  ".join(
+        f"{name}: {count}" for name, count in figures["p_chosen_histogram"].items()))
     console.print(table, "")
+    console.print(Text(figures["verdict"], style="yellow" if "little signal" in figures["verdict"]
+                       else ""), "")
     counts = Counter(str(j["principle"]) for r in records for j in r["judgments"])
     if counts:
         console.print(principle_table(counts, "judgments"), "")

@@ -244,3 +244,26 @@ def test_tokenizer_that_cannot_spell_the_options_is_refused(tmp_path):
     backend = HFBackend(ModelConfig(name_or_path=str(tmp_path / "wordy"), device="cpu"), "models.feedback")
     with pytest.raises(UserError, match="cannot represent the option labels"):
         backend.score_options(["Human: hello\n\nAssistant: The answer is:"], OPTIONS)
+
+
+def test_diagnostics_name_a_judge_that_picks_by_position():
+    from cai_cli.diagnostics import label_diagnostics
+
+    def pair(i, first_ab, first_ba):
+        p_chosen = (first_ab + 1 - first_ba) / 2
+        return {"id": f"p{i}", "p_chosen": p_chosen,
+                "judgments": [{"principle": "harm", "order": "AB", "p_first": first_ab},
+                              {"principle": "harm", "order": "BA", "p_first": first_ba}]}
+
+    # always 80% on the second option, whatever it is: labels collapse to 0.5
+    biased = label_diagnostics([pair(i, 0.2, 0.2) for i in range(8)])
+    assert biased["position_bias"] == 0.2 and biased["first_wins"] == 0.0
+    assert biased["order_agreement"] == 0.0
+    assert biased["p_chosen"]["median"] == 0.5
+    assert "second" in biased["verdict"] and "little signal" in biased["verdict"]
+
+    # a judge that follows the answers, not their places
+    fair = label_diagnostics([pair(i, 0.95, 0.05) for i in range(8)])
+    assert fair["position_bias"] == 0.5 and fair["order_agreement"] == 1.0
+    assert fair["p_chosen_histogram"]["0.90-1.00"] == 8
+    assert "little signal" not in fair["verdict"]

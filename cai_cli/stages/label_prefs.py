@@ -32,6 +32,7 @@ from cai_cli.backends.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
 from cai_cli.constitution import load_constitution
 from cai_cli.data import Prompt, load_prompts
+from cai_cli.diagnostics import label_diagnostics
 from cai_cli.errors import UserError
 from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
@@ -162,14 +163,22 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                                     / max(len(records), 1), 4),
         "mean_confidence": round(sum(confidence) / max(len(confidence), 1), 4),
         "chain_of_thought": settings.chain_of_thought,
+        **label_diagnostics(records),
     }
     manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
     run.complete()
     samples.cleanup()
     pairs.cleanup()
-    ui.info(f"label-prefs: {len(records)} pairs, mean confidence {manifest.stats['mean_confidence']:.3f}, "
-            f"orders disagree on {manifest.stats['order_disagreement']:.0%} -> {pairs.final_path}\n"
-            f"  look at them with: cai inspect {pairs.final_path}")
+    stats = manifest.stats
+    ui.info(f"label-prefs: {len(records)} pairs, mean confidence {stats['mean_confidence']:.3f}, "
+            f"orders disagree on {stats['order_disagreement']:.0%} of pairs -> {pairs.final_path}")
+    if stats["position_bias"] is not None:
+        ui.info(f"  position bias (mean probability of the option shown first): "
+                f"{stats['position_bias']:.2f}; orders agree on "
+                f"{stats['order_agreement'] or 0:.0%} of pair-principles")
+        say = ui.info if stats["verdict"].startswith("the feedback model's choices") else ui.warn
+        say(stats["verdict"])
+    ui.info(f"  look at them with: cai inspect {pairs.final_path}")
     return pairs.final_path
 
 
