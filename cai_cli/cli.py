@@ -172,6 +172,28 @@ def config_show(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     typer.echo(dump_config(_load(config, set_)), nl=False)
 
 
+@config_app.command("keys")
+def config_keys(
+    section: Optional[str] = typer.Argument(None, metavar="[SECTION]",
+                                            help="Only keys under this dotted prefix, e.g. finetune."),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
+):
+    """Every config key with its default and meaning, from the schema's own field docs."""
+    from cai_cli.config import print_keys
+
+    print_keys(section, markdown=markdown)
+
+
+@config_app.command("schema")
+def config_schema():
+    """The config's JSON schema, for editors (e.g. the YAML language server)."""
+    import json
+
+    from cai_cli.config import Config
+
+    typer.echo(json.dumps(Config.model_json_schema(), indent=2))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

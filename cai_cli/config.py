@@ -553,3 +553,41 @@ def field_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[t
 
 def json_default(value: Any) -> str:
     return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# Sections of the same type are documented once, under the first of them.
+SAME_AS = {"data.helpful.": "data.red_team.", "models.feedback.": "models.policy.",
+           "train_rm.mix.": "data.red_team.", "train_rm.training.": "finetune.training.",
+           "optimize.training.": "finetune.training.", "train_rm.lora.": "finetune.lora.",
+           "optimize.lora.": "finetune.lora."}
+
+
+def documented_keys() -> list[tuple[str, str, str]]:
+    """``field_reference`` with the keys of repeated section types listed once."""
+    rows = []
+    for key, default, doc in field_reference():
+        if not any(key.startswith(prefix) for prefix in SAME_AS):
+            rows.append((key, default, doc))
+    return rows
+
+
+def print_keys(section: str | None, *, markdown: bool) -> None:
+    rows = documented_keys() if markdown else field_reference()
+    if section:
+        rows = [row for row in rows if row[0] == section or row[0].startswith(section.rstrip(".") + ".")]
+        if not rows:
+            raise UserError(f"no config keys under '{section}'; sections: "
+                            + ", ".join(name for name in Config.model_fields))
+    if markdown:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, doc in rows:
+            cell = doc.replace("``", "`").replace("|", "\\|")
+            print(f"| `{key}` | {f'`{default}`' if default else ''} | {cell} |")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("key", "default", "meaning", show_lines=False, title_justify="left")
+    for key, default, doc in rows:
+        table.add_row(key, default, " ".join(doc.replace("``", "`").split()))
+    Console().print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cai_cli.cli import app
-from cai_cli.config import field_reference, load_config
+from cai_cli.config import documented_keys, load_config
+from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["optimize"], ["evaluate"],
@@ -62,17 +64,21 @@ def test_config_validate_reports_every_missing_file_together(tmp_path):
 
 
 def test_readme_documents_every_config_key():
+    """The README's reference is what `cai config keys --markdown` prints from the field docs."""
     readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([\w.]+)` \|", readme, flags=re.MULTILINE))
-    # Sections of the same type are documented once (the README says so).
-    same = {"data.helpful.": "data.red_team.", "models.feedback.": "models.policy.",
-            "train_rm.mix.": "data.red_team.", "train_rm.training.": "finetune.training.",
-            "optimize.training.": "finetune.training.", "train_rm.lora.": "finetune.lora.",
-            "optimize.lora.": "finetune.lora."}
-    keys = set()
-    for key, _, _ in field_reference():
-        for prefix, documented_as in same.items():
-            key = key.replace(prefix, documented_as) if key.startswith(prefix) else key
-        keys.add(key)
-    assert sorted(keys - documented) == []
-    assert sorted(documented - keys) == []
+    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+    printed = cai("config", "keys", "--markdown")
+    assert printed.returncode == 0, printed.stderr
+    assert block.strip() == printed.stdout.strip(), "regenerate: cai config keys --markdown"
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", block, flags=re.MULTILINE))
+    assert {key for key, _, _ in documented_keys()} == documented
+
+
+def test_config_keys_and_schema(tmp_path):
+    shown = cai("config", "keys", "finetune.training")
+    assert shown.returncode == 0 and "per_device_batch_size" in shown.stdout
+    assert "generate_sl" not in shown.stdout
+    assert cai("config", "keys", "nope").returncode == 2
+    schema = cai("config", "schema")
+    assert schema.returncode == 0
+    assert "prompts_per_checkpoint" in json.loads(schema.stdout)["$defs"]["GenerateSLConfig"]["properties"]
