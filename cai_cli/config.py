@@ -587,7 +587,10 @@ def print_keys(section: str | None, *, markdown: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("key", "default", "meaning", show_lines=False, title_justify="left")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("key", no_wrap=True, style="bold")
+    table.add_column("default", no_wrap=True)
+    table.add_column("meaning", overflow="fold", ratio=1)
     for key, default, doc in rows:
         table.add_row(key, default, " ".join(doc.replace("``", "`").split()))
     Console().print(table)
