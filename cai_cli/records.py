@@ -124,14 +124,16 @@ def parse(record: dict, kind: type[R], where: str) -> R:
     try:
         return kind.model_validate(record)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = location(error["loc"]) or "(record)"
-        given = error.get("input")
-        shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-        more = f" and {exc.error_count() - 1} more problems" if exc.error_count() > 1 else ""
-        message = error["msg"].removeprefix("Value error, ")
-        raise UserError(f"{where}: not a valid {kind.__name__.lower()} record: {field}: "
-                        f"{message}{shown}{more}") from None
+        problems = []
+        for error in exc.errors()[:5]:
+            field = location(error["loc"]) or "(record)"
+            given = error.get("input")
+            shown = "" if isinstance(given, (dict, list)) or error["type"] == "missing" \
+                else f" (got {given!r})"
+            problems.append(f"{field}: {error['msg'].removeprefix('Value error, ')}{shown}")
+        more = f"; and {exc.error_count() - 5} more" if exc.error_count() > 5 else ""
+        raise UserError(f"{where}: not a valid {kind.__name__.lower()} record: "
+                        + "; ".join(problems) + more) from None
 
 
 def iter_records(path: Path | str, kind: type[R], *, allow_torn_tail: bool = False) -> Iterator[R]:

@@ -264,7 +264,8 @@ def test_record_of_neither_kind(tmp_path):
 def test_record_missing_keys_names_them(tmp_path):
     broken = dict(CHAINS[0], rounds=[{"principle": "illegal-acts"}])
     message = inspect_error(write_jsonl(tmp_path / "chains.jsonl", [CHAINS[1], broken]))
-    assert "record 2" in message and "rounds[].critique" in message
+    assert "record 2" in message and "rounds[0].critique: Field required" in message
+    assert "rounds[0].revision: Field required" in message
 
 
 def test_bad_id_exits_2_without_traceback(run_dir):
