@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="backend batch size (default: the config's models.policy.batch_size)")
+                        help="backend batch size (default: the config's models.policy.forward_batch_size)")
     parser.add_argument("--set", action="append", default=[], help="config override, as for cai")
     args = parser.parse_args()
 
@@ -43,7 +43,7 @@ def main() -> None:
     from cai_cli.data import load_prompts
     from cai_cli.prompting import answer_prompt, critique_prompt
 
-    overrides = [f"models.policy.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides = [f"models.policy.forward_batch_size={args.batch_size}"] if args.batch_size else []
     overrides += args.set
     config = load_config(args.config, overrides)
     prompts = load_prompts(config.data.red_team, config.seed)
@@ -91,7 +91,7 @@ def main() -> None:
 
     batched_rate, loop_rate = batched_tokens / batched_seconds, loop_tokens / loop_seconds
     print(f"conversations: {len(conversations)}, new tokens per turn: {args.max_new_tokens}, "
-          f"batch size: {config.models.policy.batch_size}, torch threads: {torch.get_num_threads()}")
+          f"batch size: {config.models.policy.forward_batch_size}, torch threads: {torch.get_num_threads()}")
     print(f"generate-sl backend (batched): {batched_tokens} tokens in {batched_seconds:.2f} s = "
           f"{batched_rate:,.0f} tokens/s")
     print(f"one at a time (baseline):      {loop_tokens} tokens in {loop_seconds:.2f} s = "

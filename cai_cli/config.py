@@ -77,8 +77,9 @@ class ModelConfig(Section):
     """``auto`` (cuda, then mps, then cpu), or a torch device such as ``cpu`` or ``cuda:1``."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. ``auto``: bfloat16 on a GPU that supports it, else float32."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per forward pass. Prompts are sorted by length before batching."""
+    forward_batch_size: int = Field(16, ge=1)
+    """Rows per forward pass of the engine (prompts are sorted by length before batching;
+    formerly ``batch_size``)."""
     max_context: Optional[int] = Field(None, ge=16)
     """Longest prompt plus new tokens the model may see; default: the model's own limit.
     A conversation that does not fit is skipped with a warning, never truncated silently."""

@@ -28,7 +28,7 @@ def write_config(tmp_path: Path, base: Path, models: list[str], **evaluate) -> P
         "constitution": str(ROOT / "constitutions" / "harmless.yaml"),
         "data": {"red_team": {"path": str(ROOT / "cai_cli/resources/red_team_prompts.jsonl"), "limit": 10},
                  "helpful": {"path": str(ROOT / "cai_cli/resources/helpful.jsonl"), "field": "messages"}},
-        "models": {"policy": {"name_or_path": str(base), "device": "cpu", "batch_size": 8}},
+        "models": {"policy": {"name_or_path": str(base), "device": "cpu", "forward_batch_size": 8}},
         "evaluate": {"models": models, "limit": 5, "principles_per_pair": 2, "bootstrap": 200,
                      "sampling": {"max_new_tokens": 12}, **evaluate},
     }

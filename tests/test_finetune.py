@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml") -> Path
         "constitution": str(CONSTITUTION),
         "data": {"red_team": {"path": str(PROMPTS), "limit": 4},
                  "helpful": {"path": str(HELPFUL), "field": "messages"}},
-        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "forward_batch_size": 4}},
         "generate_sl": {"num_revisions": 1, "few_shot": 1, "prompts_per_checkpoint": 4,
                         "sampling": {"max_new_tokens": 8}},
         "finetune": {"training": {"max_steps": 4, "per_device_batch_size": 4, "max_length": 256,

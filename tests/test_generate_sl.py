@@ -25,7 +25,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **secti
         "seed": 0,
         "constitution": str(CONSTITUTION),
         "data": {"red_team": {"path": str(PROMPTS), "limit": 6}},
-        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 4}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "forward_batch_size": 4}},
         "generate_sl": {"num_revisions": 2, "few_shot": 1, "prompts_per_checkpoint": 3,
                         "sampling": {"max_new_tokens": 12, "temperature": 0.8}},
     }

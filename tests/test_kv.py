@@ -19,7 +19,7 @@ CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
 def backend_for(model_dir: Path, batch_size: int = 16):
     from cai_cli.backends.hf import HFBackend
 
-    return HFBackend(ModelConfig(name_or_path=str(model_dir), device="cpu", batch_size=batch_size), "m")
+    return HFBackend(ModelConfig(name_or_path=str(model_dir), device="cpu", forward_batch_size=batch_size), "m")
 
 
 def mixed_prompts() -> list:

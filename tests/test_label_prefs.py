@@ -24,7 +24,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **label
         "run_dir": str(tmp_path / label_prefs.pop("run", "run")),
         "constitution": str(CONSTITUTION),
         "data": {"red_team": {"path": str(PROMPTS), "limit": 4}},
-        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "batch_size": 8}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu", "forward_batch_size": 8}},
         "label_prefs": {"policy": str(model), "responses_per_prompt": 2, "principles_per_pair": 2,
                         "few_shot": 1, "prompts_per_checkpoint": 2, "sampling": {"max_new_tokens": 8},
                         **label_prefs},
@@ -48,7 +48,7 @@ def read(path: Path) -> list[dict]:
 def backend(tiny_model_dir):
     from cai_cli.backends.hf import HFBackend
 
-    return HFBackend(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", batch_size=3), "m")
+    return HFBackend(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", forward_batch_size=3), "m")
 
 
 @pytest.mark.parametrize("options", [(" (A)", " (B)"), ("A", "B")], ids=["multi-token", "one-token"])

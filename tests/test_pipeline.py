@@ -27,7 +27,7 @@ def pipeline(tmp_path_factory, tiny_model_dir):
         "run_dir": str(root / "run"),
         "constitution": str(ROOT / "constitutions" / "harmless.yaml"),
         "data": {"red_team": {"path": str(ROOT / "cai_cli/resources/red_team_prompts.jsonl"), "limit": 4}},
-        "models": {"policy": {"name_or_path": str(tiny_model_dir), "device": "cpu", "batch_size": 8}},
+        "models": {"policy": {"name_or_path": str(tiny_model_dir), "device": "cpu", "forward_batch_size": 8}},
         "generate_sl": {"num_revisions": 1, "few_shot": 0, "sampling": {"max_new_tokens": 8}},
         "finetune": {"training": training},
         "label_prefs": {"principles_per_pair": 1, "sampling": {"max_new_tokens": 8}},

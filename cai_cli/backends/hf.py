@@ -203,7 +203,7 @@ class HFBackend:
                 fitting.append(index)
         fitting = batch_order(fitting, encoded)
         torch.manual_seed(params.seed)
-        size = self.config.batch_size
+        size = self.config.forward_batch_size
         for start in range(0, len(fitting), size):
             batch = fitting[start:start + size]
             for index, completion in zip(batch, self._generate_batch([encoded[i] for i in batch], params)):
@@ -372,7 +372,7 @@ class HFBackend:
         torch = self._torch
         out: list = [None] * len(sequences)
         order = batch_order(list(range(len(sequences))), sequences)
-        size = self.config.batch_size
+        size = self.config.forward_batch_size
         for begin in range(0, len(order), size):
             batch = order[begin:begin + size]
             keep = max(keeps[i] for i in batch)

@@ -246,7 +246,7 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
     model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
     scores: dict[str, list[float]] = {}
-    size = config.models.policy.batch_size
+    size = config.models.policy.forward_batch_size
     for name in names:
         texts, special = reward_texts(tokenizer, prompts, [answers[name, p.id] for p in prompts])
         values = []
