@@ -101,7 +101,7 @@ def time_stage(name: str, config) -> float:
 def training_args(config_cls, training, output_dir: str, **extra):
     return config_cls(
         output_dir=output_dir, max_steps=training.max_steps, learning_rate=training.learning_rate,
-        per_device_train_batch_size=training.batch_size, max_length=training.max_length,
+        per_device_train_batch_size=training.per_device_batch_size, max_length=training.max_length,
         logging_steps=training.logging_steps, save_steps=training.save_steps, report_to=[],
         use_cpu=True, seed=0, disable_tqdm=True,
         # the same precision as ours (precision auto: fp32 on a CPU); TRL's configs would turn
