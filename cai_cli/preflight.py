@@ -12,9 +12,9 @@ from cai_cli.errors import UserError
 
 
 def check_config(config: Config) -> None:
-    from cai_cli.backends.hf import check_model_source
     from cai_cli.constitution import load_constitution
     from cai_cli.data import load_prompts, read_records
+    from cai_cli.models import check_model_source
     from cai_cli.stages.generate_sl import constitution_paths
 
     problems: list[str] = []
@@ -53,7 +53,8 @@ def check_config(config: Config) -> None:
         if name not in ("base", "sft", "policy"):
             models[f"evaluate.models ({name})"] = name
     for what, path in models.items():
-        model = config.models.policy.model_copy(update={"name_or_path": path})
+        settings = config.models.feedback if what == "models.feedback" else config.models.policy
+        model = settings.model_copy(update={"name_or_path": path})
         attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
 
     if problems:

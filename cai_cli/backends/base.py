@@ -45,8 +45,9 @@ class Overflow:
 
 
 class Backend(Protocol):
+    name: str  # the model's name or path, for messages
     max_context: int
-    has_chat_template: bool
+    has_chat_template: bool  # whether chat prompts (lists of messages) can be rendered
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
         """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit."""
@@ -56,4 +57,15 @@ class Backend(Protocol):
                       options: Sequence[str]) -> list[list[float] | Overflow]:
         """For each prompt, the log-probability of each option text as its continuation (the
         sum over the option's tokens), without generating; ``Overflow`` where it does not fit."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and the device memory it holds; the backend is unusable after.
+        A backend is also a context manager that closes on leaving the ``with`` block."""
+        ...
+
+    def __enter__(self) -> "Backend":
+        ...
+
+    def __exit__(self, *exc_info) -> None:
         ...

@@ -113,7 +113,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 
 
 def check_inputs(config: Config) -> None:
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     for name, path in model_paths(config).items():
         if name in RUN_MODELS:
@@ -139,15 +139,13 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
-        from cai_cli.backends.hf import release_memory
 
         for index, (name, path) in enumerate(list(paths.items())[done:], start=done):
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
             backend = load_backend(config.models.policy.model_copy(update={"name_or_path": path}),
                                    f"evaluate.models ({name})")
             answers_file.append_batch(answer_all(config, backend, prompts, index, name))
-            del backend
-            release_memory()
+            backend.close()
         answers_file.finish()
     answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
 
@@ -194,7 +192,8 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
     # The judge takes its settings from label_prefs; evaluate sets how many principles.
     judging = config.model_copy(update={"label_prefs": config.label_prefs.model_copy(update={
         "principles_per_pair": config.evaluate.principles_per_pair, "pairs_per_prompt": None})})
-    judge = Judge(judging, constitution, load_backend(config.feedback_model, "models.feedback"))
+    feedback = load_backend(config.feedback_model, "models.feedback")
+    judge = Judge(judging, constitution, feedback)
     out: dict[tuple[str, str], list[dict]] = {}
     pairs = list(itertools.combinations(names, 2))
     with ui.progress() as bar:
@@ -215,6 +214,7 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
                              "principles": per_principle(record["judgments"], a_chosen)})
             out[a, b] = rows
             bar.update(task, advance=len(prompts))
+    feedback.close()
     return out
 
 
@@ -237,17 +237,14 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
                 "(run `cai train-rm`, or set evaluate.reward_model: false)")
         return None
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_cli.backends.hf import resolve_device
+    from cai_cli.models import check_device, load_reward_model, load_tokenizer
 
-    device = resolve_device(config.models.policy.device)
-    tokenizer = AutoTokenizer.from_pretrained(rm)
-    model = AutoModelForSequenceClassification.from_pretrained(rm).to(device).eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    rm_config = config.models.policy.model_copy(update={"name_or_path": str(rm)})
+    device = check_device(rm_config, "models.policy")
+    tokenizer = load_tokenizer(rm_config, str(rm), padding_side="right")
+    model = load_reward_model(rm_config, str(rm), device=device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
     scores: dict[str, list[float]] = {}
     size = config.models.policy.batch_size
     for name in names:

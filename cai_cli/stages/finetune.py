@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from cai_cli import training, ui
+from cai_cli import models, training, ui
 from cai_cli.artifacts import file_fingerprint, iter_jsonl, model_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
@@ -155,12 +155,10 @@ def check_chat_template(config: Config, tokenizer, model: ModelConfig, key: str)
 def run(config: Config, *, force: bool = False) -> Path | None:
     from trl import SFTConfig
 
-    from cai_cli.backends.hf import load_tokenizer
-
     stage = spec(config)
     settings = config.finetune
     model, key = base_model(config)
-    training.check_model(model, key)
+    models.check_model(model, key)
     sl = sl_conversations(config)
     conversations, helpful = mix(config, sl)
     training.quiet_libraries()
@@ -171,7 +169,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                                             "finetune.assistant_only_loss")})
     # TRL's collator pads on the right by itself; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
-    tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
+    tokenizer = models.load_tokenizer(model, key)
     check_chat_template(config, tokenizer, model, key)
     training.check_lora(settings.lora, model, "finetune.lora")
 
@@ -205,7 +203,7 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
 
     lora = config.finetune.lora
     set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
-    model = training.load_model(model_config, key, lora, args)
+    model = models.load_model(model_config, key, lora, args)
     dataset = datasets.Dataset.from_list([{"messages": c} for c in conversations])
     peft_config = training.peft_config(lora, "CAUSAL_LM") if lora.enabled else None
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

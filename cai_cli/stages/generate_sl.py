@@ -87,7 +87,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 "generate_sl.few_shot is ignored")
 
     from cai_cli.backends import load_backend
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
     manifest = begin(stage, config, force=force)
@@ -113,6 +113,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 writer.append_batch(chains, tokens=tokens, skipped=skipped)
                 rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=len(batches[index]), rate=f"{rate:,.0f} tok/s")
+        backend.close()
         manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
 

@@ -97,7 +97,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 
 def check_inputs(config: Config) -> None:
     """The default policy is the SL-CAI model: it must be there and finished."""
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     if config.label_prefs.policy is None:
         require_complete(Path(config.run_dir) / "sft", "finetune",
@@ -123,7 +123,6 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     if not samples.finished:
         from cai_cli.backends import load_backend
-        from cai_cli.backends.hf import release_memory
 
         policy = load_backend(policy_model(config), "label_prefs.policy")
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
@@ -133,8 +132,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 samples.append_batch(sample_batch(config, policy, batches[index], index))
                 bar.update(task, advance=len(batches[index]))
         samples.finish()
-        del policy
-        release_memory()
+        policy.close()
 
     sampled = samples.records()
     pairs = ResumableJsonl(stage.directory / "pairs.jsonl", stage.fingerprint)
@@ -155,6 +153,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 pairs.append_batch(records, skipped=skipped)
                 rate = judge.comparisons / max(time.perf_counter() - judge_started, 1e-9)
                 bar.update(task, advance=len(groups[index]), rate=f"{rate:,.1f} comparisons/s")
+        feedback.close()
         pairs.finish()
 
     records = pairs.records()
