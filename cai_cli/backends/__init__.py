@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from cai_cli.backends.base import Backend, Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.backends.base import (Backend, Completion, Overflow, PromptInput, SamplingParams,
+                                   record_seed)
 from cai_cli.config import ModelConfig
 
-__all__ = ["Backend", "Completion", "Overflow", "PromptInput", "SamplingParams", "load_backend"]
+__all__ = ["Backend", "Completion", "Overflow", "PromptInput", "SamplingParams", "load_backend",
+           "record_seed"]
 
 
 def load_backend(model: ModelConfig, what: str) -> Backend:

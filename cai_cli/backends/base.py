@@ -8,6 +8,7 @@ continued from that text rather than answered with a new turn.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, Union
 
@@ -21,8 +22,15 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    seed: int = 0  # reseeds the sampler at the start of each call, so calls are reproducible
+    seed: int = 0  # without per-prompt seeds: reseeds the sampler at the start of each call
     stop: tuple[str, ...] = ()  # the text is cut before the first of these
+
+
+def record_seed(*parts: object) -> int:
+    """A seed for one prompt from what identifies it, e.g. ``record_seed(config.seed, prompt.id,
+    "answer")``: the same on every machine and run (unlike ``hash``), below 2**63."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,14 @@ class Backend(Protocol):
     max_context: int
     has_chat_template: bool  # whether chat prompts (lists of messages) can be rendered
 
-    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
-        """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit."""
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:
+        """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit.
+
+        With ``seeds`` (one int per prompt, see ``record_seed``) prompt i is sampled with
+        ``seeds[i]`` alone: its text depends on its prompt and seed, not on the other prompts of
+        the call, how they are batched or sharded. Without, the call is seeded by ``params.seed``
+        (reproducible for the same call, but a prompt's text depends on its batch)."""
         ...
 
     def score_options(self, prompts: Sequence[PromptInput],

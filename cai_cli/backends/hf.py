@@ -124,8 +124,12 @@ class HFBackend:
         """Token ids of a prompt, ready for the model's next token."""
         return self.tokenize(*self.render(prompt))
 
-    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:
         torch = self._torch
+        self._require_open()
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         encoded = self.tokenize_many([self.render(prompt) for prompt in prompts])
         results: list[Completion | Overflow | None] = [None] * len(prompts)
         fitting = []
@@ -135,15 +139,25 @@ class HFBackend:
             else:
                 fitting.append(index)
         fitting = batch_order(fitting, encoded)
-        torch.manual_seed(params.seed)
+        if seeds is None:
+            torch.manual_seed(params.seed)  # one stream for the call, drawn batch after batch
         size = self.config.batch_size
         for start in range(0, len(fitting), size):
             batch = fitting[start:start + size]
-            for index, completion in zip(batch, self._generate_batch([encoded[i] for i in batch], params)):
+            row_seeds = None if seeds is None else [seeds[i] for i in batch]
+            for index, completion in zip(batch, self._generate_batch([encoded[i] for i in batch],
+                                                                     params, row_seeds)):
                 results[index] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _require_open(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"the backend of '{self.name}' is closed")
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams,
+                        seeds: list[int] | None = None) -> list[Completion]:
+        """Completions of one batch; with ``seeds``, row i samples from its own generator
+        seeded by ``seeds[i]``."""
         torch = self._torch
         input_ids, attention, cache = self._batch_inputs(batch, room=params.max_new_tokens)
         width = input_ids.shape[1]
@@ -158,7 +172,9 @@ class HFBackend:
             pad_token_id=self.pad_token_id,
         )
         if params.temperature > 0:
-            kwargs["logits_processor"] = gumbel_sampler(params)
+            generators = None if seeds is None else [
+                torch.Generator(device=self.device).manual_seed(seed % 2**64) for seed in seeds]
+            kwargs["logits_processor"] = gumbel_sampler(params, generators)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -253,6 +269,7 @@ class HFBackend:
         forward pass over the prompt reads them all; otherwise each prompt+option sequence is
         scored and the option's token log-probabilities are summed.
         """
+        self._require_open()
         results: list[list[float] | Overflow | None] = [None] * len(prompts)
         single: list[tuple[int, list[int], list[int]]] = []  # (prompt, ids, one id per option)
         multi: list[tuple[int, int, list[int], int]] = []  # (prompt, option, ids, option start)
@@ -325,10 +342,15 @@ class HFBackend:
         return out
 
 
-def gumbel_sampler(params: SamplingParams):
+def gumbel_sampler(params: SamplingParams, generators: list | None = None):
     """Logits processors that sample the next token: transformers' own temperature, top-k and
     top-p warpers, then a Gumbel-max draw (the argmax of the log-probabilities plus Gumbel
     noise is a draw from the softmax), leaving the drawn token as the only candidate.
+
+    The noise comes from torch's global generator, or with ``generators`` (one
+    ``torch.Generator`` per row) row i's noise from ``generators[i]``: each step draws one
+    vocabulary's worth of numbers per row, so a row's tokens depend on its own seed and
+    logits, not on the other rows of its batch or its place among them.
 
     The draw is the same distribution as ``torch.multinomial`` over the softmax, which
     ``generate`` uses when sampling, but needs uniform random numbers rather than exponential
@@ -340,7 +362,13 @@ def gumbel_sampler(params: SamplingParams):
 
     class GumbelDraw(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            uniform = torch.rand_like(scores, dtype=torch.float32).clamp_(min=1e-20)
+            if generators is None:
+                uniform = torch.rand_like(scores, dtype=torch.float32)
+            else:
+                uniform = torch.stack([torch.rand(scores.shape[-1], generator=generator,
+                                                  device=scores.device, dtype=torch.float32)
+                                       for generator in generators])
+            uniform.clamp_(min=1e-20)
             drawn = (scores.float() - torch.log(-torch.log(uniform))).argmax(dim=-1, keepdim=True)
             return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
