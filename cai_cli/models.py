@@ -159,14 +159,16 @@ def free_device_memory() -> None:
 # Checks before anything is written
 
 
-def check_model_source(model: ModelConfig, what: str) -> None:
+def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> None:
     """Fail early, before anything is written, for a model that cannot load: a bad or missing
     device, a local path that is not a model or whose weights are cut short, a hub id that is
-    neither cached nor reachable."""
+    neither cached nor reachable (``hub=False`` leaves hub ids alone, for ``cai config
+    validate``, which checks local files only)."""
     check_device(model, what)
     key = model_key(what)
     if not is_local_model(model.name_or_path):
-        check_hub_model(model, key)
+        if hub:
+            check_hub_model(model, key)
         return
     path = Path(model.name_or_path).expanduser()
     if not path.exists():

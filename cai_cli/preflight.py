@@ -24,7 +24,8 @@ def check_config(config: Config) -> None:
         try:
             found.append(describe(check()))
         except UserError as exc:
-            problems.append(str(exc))
+            if str(exc) not in problems:  # e.g. one device setting shared by several models
+                problems.append(str(exc))
 
     attempt(lambda: load_constitution(constitution_paths(config)),
             lambda c: f"constitution '{c.name}' ({c.source_format}): {len(c.principles)} principles, "
@@ -55,7 +56,7 @@ def check_config(config: Config) -> None:
     for what, path in models.items():
         settings = config.models.feedback if what == "models.feedback" else config.models.policy
         model = settings.model_copy(update={"name_or_path": path})
-        attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
+        attempt(lambda: check_model_source(model, what, hub=False), lambda _: f"{what}: {path}")
 
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
