@@ -207,6 +207,7 @@ def check_chat_template(tokenizer, name: str, what: str) -> None:
 
 
 def reward_tokenizer(config: Config, rm: Path):
+    models.check_model_source(reward_model_config(config, rm), str(rm))  # its weights, up front
     tokenizer = models.load_tokenizer(reward_model_config(config, rm), str(rm), padding_side=None,
                                       fix="rerun `cai train-rm --force`")
     # TRL renders prompt + completion with the reward model's template before scoring.
