@@ -82,7 +82,8 @@ def model_key(what: str) -> str:
 
 def device_key(what: str) -> str:
     """The config key of the device the model named by ``what`` loads on."""
-    return "models.feedback.device" if what.startswith("models.feedback") else "models.policy.device"
+    section = "models.feedback" if what.startswith("models.feedback") else "models.policy"
+    return f"{section}.device"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,17 +108,19 @@ def resolve_device(device: str, key: str = "models.policy.device") -> str:
                         "or mps") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+            why = (f"this torch ({torch.__version__}) is built without CUDA"
+                   if torch.version.cuda is None
                    else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
             raise UserError(f"{key}: {device}, but {why}; use auto or cpu")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise UserError(f"{key}: {device}, but there {'is' if count == 1 else 'are'} only "
-                            f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0"
-                            f"{f' to cuda:{count - 1}' if count > 1 else ''}); use auto or one of them")
+            devices = "cuda:0" + (f" to cuda:{count - 1}" if count > 1 else "")
+            raise UserError(f"{key}: {device}, but this machine has {count} CUDA device"
+                            f"{'s' if count != 1 else ''} ({devices}); use auto or one of them")
     elif parsed.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"{key}: {device}, but Apple's MPS is not available here; use auto or cpu")
+            raise UserError(f"{key}: {device}, but Apple's MPS is not available here; "
+                            "use auto or cpu")
     elif parsed.type != "cpu":
         module = getattr(torch, parsed.type, None)  # xpu, mtia, ...: their own is_available
         available = getattr(module, "is_available", None)
@@ -172,8 +175,8 @@ def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> No
         return
     path = Path(model.name_or_path).expanduser()
     if not path.exists():
-        raise UserError(f"{key}: model directory not found: {path} "
-                        f"(build a test model with `cai tiny-model {model.name_or_path}`, or give a hub id)")
+        raise UserError(f"{key}: model directory not found: {path} (build a test model with "
+                        f"`cai tiny-model {model.name_or_path}`, or give a hub id)")
     if not path.is_dir():
         raise UserError(f"{key}: {path} is a file; expected a directory written by save_pretrained")
     if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
@@ -214,19 +217,22 @@ def check_weights(directory: Path, key: str) -> None:
                                 f"{REDOWNLOAD}") from None
     present = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
     if not present:
-        raise UserError(f"{key}: {directory} holds no model weights (none of {', '.join(WEIGHT_FILES)}); "
-                        "expected a directory written by save_pretrained")
+        raise UserError(f"{key}: {directory} holds no model weights (none of "
+                        f"{', '.join(WEIGHT_FILES)}); expected a directory written by "
+                        "save_pretrained")
     shards: list[Path] = []
     for file in present:
         if file.name.endswith(".index.json"):
             try:
-                names = sorted(set(json.loads(file.read_text(encoding="utf-8"))["weight_map"].values()))
+                index = json.loads(file.read_text(encoding="utf-8"))
+                names = sorted(set(index["weight_map"].values()))
             except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-                raise UserError(f"{key}: {file} is not a valid weights index; {REDOWNLOAD}") from None
+                raise UserError(f"{key}: {file} is not a valid weights index; "
+                                f"{REDOWNLOAD}") from None
             for name in names:
                 if not (directory / name).is_file():
-                    raise UserError(f"{key}: {directory / name}, listed in {file.name}, is missing; "
-                                    f"{REDOWNLOAD}")
+                    raise UserError(f"{key}: {directory / name}, listed in {file.name}, is "
+                                    f"missing; {REDOWNLOAD}")
             shards += [directory / name for name in names]
         else:
             shards.append(file)
@@ -271,7 +277,8 @@ def check_hub_model(model: ModelConfig, key: str) -> None:
     name, revision = model.name_or_path, model.revision
     at = f" at revision '{revision}'" if revision else ""
     names = ("config.json", "adapter_config.json")
-    if any(isinstance(try_to_load_from_cache(name, file, revision=revision), str) for file in names):
+    if any(isinstance(try_to_load_from_cache(name, file, revision=revision), str)
+           for file in names):
         return
     if constants.is_offline_mode():
         raise UserError(f"{key}: '{name}'{at} is not in the local Hugging Face cache and "

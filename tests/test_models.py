@@ -142,7 +142,8 @@ def test_a_hub_id_without_network_fails_at_once_with_a_hint(tmp_path):
     config = write_config(tmp_path, "someone/some-model")
     result, seconds = cai_with(env, "generate-sl", "--config", config)
     message = one_line_error(result)
-    assert "models.policy.name_or_path: cannot reach the Hugging Face hub for 'someone/some-model'" in message
+    assert ("models.policy.name_or_path: cannot reach the Hugging Face hub for "
+            "'someone/some-model'") in message
     assert "HF_HUB_OFFLINE=1" in message and "local directory" in message
     assert "Retrying" not in result.stderr
     assert seconds < 30  # loading retried each file for ~50 s; the check asks once
@@ -227,7 +228,8 @@ def test_revision_and_remote_code_reach_every_loader(tmp_path, tiny_model_dir, r
 
     load_backend(policy, "models.policy").close()
     models.load_model(policy, "finetune.model", LoraConfig(), no_precision)
-    training.check_lora(LoraConfig(enabled=True, target_modules=["q_proj"]), policy, "finetune.lora")
+    training.check_lora(LoraConfig(enabled=True, target_modules=["q_proj"]), policy,
+                        "finetune.lora")
     rm = Path(config.run_dir) / "rm"
     shutil.copytree(tiny_model_dir, rm)
     (rm / "manifest.json").write_text(json.dumps({"status": "complete"}))
@@ -237,7 +239,7 @@ def test_revision_and_remote_code_reach_every_loader(tmp_path, tiny_model_dir, r
     assert evaluate.reward_scores(config, [prompt], ["base"], {("base", "p"): "Hello."})
 
     loaded = {(cls, Path(path).name) for cls, path, _, _ in recorded}
-    assert loaded >= {("AutoTokenizer", tiny_model_dir.name), ("AutoModelForCausalLM", tiny_model_dir.name),
-                      ("AutoConfig", tiny_model_dir.name), ("AutoTokenizer", "rm"),
-                      ("AutoModelForSequenceClassification", "rm")}
+    base = tiny_model_dir.name
+    assert loaded >= {("AutoTokenizer", base), ("AutoModelForCausalLM", base), ("AutoConfig", base),
+                      ("AutoTokenizer", "rm"), ("AutoModelForSequenceClassification", "rm")}
     assert [call for call in recorded if call[2:] != ("v1.0", True)] == []
