@@ -52,7 +52,7 @@ def main() -> None:
     judge = Judge(config, constitution, backend,
                   principles_per_pair=config.label_prefs.principles_per_pair,
                   pairs_per_prompt=config.label_prefs.pairs_per_prompt)
-    judge.batch(records[:1], 0)  # warm-up
+    judge.batch(records[:1])  # warm-up
 
     jobs = judge.comparisons_of(records)
     model, tokenizer = backend.model, backend.tokenizer
@@ -60,7 +60,7 @@ def main() -> None:
     def ours() -> tuple[int, float]:
         backend.prefixes.clear()  # each run computes its shared prefixes afresh
         start = time.perf_counter()
-        labelled = judge.batch(records, 0)
+        labelled = judge.batch(records)
         return sum(len(r["judgments"]) for r in labelled) // 2, time.perf_counter() - start
 
     def generating_judge() -> float:

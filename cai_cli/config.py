@@ -11,7 +11,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -68,11 +68,26 @@ class DataConfig(Section):
 # Models
 
 
-class ModelConfig(Section):
+class BaseModelConfig(Section):
+    """What every model has, whatever engine runs it. Each engine has a subclass with its own
+    ``backend`` name and settings, listed in ``MODEL_CONFIGS``: a model's ``backend`` key picks
+    the class its settings are checked against."""
+
     name_or_path: str
     """Hugging Face hub id or local directory (save_pretrained layout)."""
+    backend: str
+    """Inference engine. ``hf``: local transformers, batched."""
+    # "module:Class" of the engine (a ``cai_cli.backends.base.Backend``) that runs these models,
+    # imported when one is loaded: engines import heavy libraries.
+    engine: ClassVar[str]
+
+
+class HFModelConfig(BaseModelConfig):
+    """A model run by transformers in this process (``backend: hf``)."""
+
     backend: Literal["hf"] = "hf"
     """Inference engine. ``hf``: local transformers, batched."""
+    engine: ClassVar[str] = "cai_cli.backends.hf:HFBackend"
     device: str = "auto"
     """``auto`` (cuda, then mps, then cpu), or a torch device such as ``cpu`` or ``cuda:1``."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -89,11 +104,32 @@ class ModelConfig(Section):
     """Allow model code from the hub repository to run."""
 
 
+# Every model config class, one per engine. Adding an engine: a class here, with its
+# ``backend`` name and ``engine``, and the engine's module under cai_cli/backends/.
+MODEL_CONFIGS: tuple[type[BaseModelConfig], ...] = (HFModelConfig,)
+MODEL_BACKENDS: dict[str, type[BaseModelConfig]] = {
+    cls.model_fields["backend"].default: cls for cls in MODEL_CONFIGS}
+DEFAULT_BACKEND = "hf"  # a model without a backend key
+AnyModelConfig = Union[MODEL_CONFIGS]  # type: ignore[valid-type]  # one class: that class
+# The settings of a model that loads through transformers (loading, training, checks).
+ModelConfig = HFModelConfig
+
+
 class ModelsConfig(Section):
-    policy: ModelConfig
+    policy: AnyModelConfig = Field(discriminator="backend")
     """The helpful-only model that answers, critiques and revises."""
-    feedback: Optional[ModelConfig] = None
+    feedback: Optional[AnyModelConfig] = Field(None, discriminator="backend")
     """The model that labels preferences; default: the same as ``policy``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backend(cls, data: Any) -> Any:
+        """``backend`` may be left out (the discriminated union needs it to pick the class)."""
+        if isinstance(data, dict):
+            data = {name: {"backend": DEFAULT_BACKEND, **value}
+                    if name in cls.model_fields and isinstance(value, dict) else value
+                    for name, value in data.items()}
+        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +517,7 @@ def validate_config(data: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = [describe(error, Config) for error in exc.errors()]
+        problems = [describe(error, Config, tuple(MODEL_BACKENDS)) for error in exc.errors()]
         raise UserError(problem_list(source, problems)) from None
 
 

@@ -19,7 +19,7 @@ from cai_cli.config import Config
 from cai_cli.constitution import Constitution
 from cai_cli.prompting import OPTIONS, TRANSCRIPT_STOPS, comparison_prompt, resolve_format
 from cai_cli.records import Judgment, Message, Pair
-from cai_cli.seeding import call_seed, draw
+from cai_cli.seeding import draw, record_seed
 
 
 def option_probability(logprobs: list[float]) -> float:
@@ -112,17 +112,18 @@ class Judge:
     def comparisons_of(self, records: list[dict]) -> list[Comparison]:
         return self.plan(records)[1]
 
-    def batch(self, records: list[dict], batch: int) -> list[Pair]:
+    def batch(self, records: list[dict]) -> list[Pair]:
         settings, cot = self.settings, self.settings.chain_of_thought
         pairs, jobs = self.plan(records)
         reasoning: list = [None] * len(jobs)
         if cot:
             params = SamplingParams(
                 max_new_tokens=settings.cot_max_new_tokens, temperature=0.0,
-                seed=call_seed(self.config.seed, batch, "reason"),
                 stop=("So the answer is", "\nSo the answer") + TRANSCRIPT_STOPS)
+            seeds = [record_seed(self.config.seed, pairs[job.pair][0], job.principle, job.order,
+                                 "reason") for job in jobs]
             reasoning = [r.text if isinstance(r, Completion) else r for r in self.backend.generate(
-                [job.prompt_input(self.fmt, True) for job in jobs], params)]
+                [job.prompt_input(self.fmt, True) for job in jobs], params, seeds=seeds)]
         scores = self.backend.score_options(
             [job.prompt_input(self.fmt, cot, r if isinstance(r, str) else None)
              for job, r in zip(jobs, reasoning)], OPTIONS)

@@ -12,9 +12,9 @@ from cai_cli.errors import UserError
 
 
 def check_config(config: Config) -> None:
-    from cai_cli.backends.hf import check_model_source
     from cai_cli.constitution import load_constitution
     from cai_cli.data import load_prompts, read_records
+    from cai_cli.models import check_model_source
 
     problems: list[str] = []
     found: list[str] = []
@@ -23,7 +23,8 @@ def check_config(config: Config) -> None:
         try:
             found.append(describe(check()))
         except UserError as exc:
-            problems.append(str(exc))
+            if str(exc) not in problems:  # e.g. one device setting shared by several models
+                problems.append(str(exc))
 
     attempt(lambda: load_constitution(config.constitution_paths),
             lambda c: f"constitution '{c.name}' ({c.source_format}): {len(c.principles)} principles, "
@@ -52,8 +53,9 @@ def check_config(config: Config) -> None:
         if name not in ("base", "sft", "policy"):
             models[f"evaluate.models ({name})"] = name
     for what, path in models.items():
-        model = config.models.policy.model_copy(update={"name_or_path": path})
-        attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
+        settings = config.models.feedback if what == "models.feedback" else config.models.policy
+        model = settings.model_copy(update={"name_or_path": path})
+        attempt(lambda: check_model_source(model, what, hub=False), lambda _: f"{what}: {path}")
 
     from cai_cli.stages import STAGES
 

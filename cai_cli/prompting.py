@@ -65,7 +65,7 @@ def resolve_format(fmt: str, backend, what: str) -> Format:
     if fmt == "auto":
         return "chat" if backend.has_chat_template else "transcript"
     if fmt == "chat" and not backend.has_chat_template:
-        raise UserError(f"{what}: chat, but '{backend.config.name_or_path}' has no chat template; "
+        raise UserError(f"{what}: chat, but '{backend.name}' has no chat template; "
                         "use transcript (or auto) for base models")
     return fmt  # type: ignore[return-value]
 

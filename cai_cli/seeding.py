@@ -10,11 +10,13 @@ import hashlib
 import random
 
 
-def call_seed(seed: int, *parts: object) -> int:
-    """A 32-bit seed from the run's seed and any identifying parts, e.g. ``(seed, batch, step)``
-    for one backend call or ``(seed, prompt id, step)`` for one record."""
-    key = ":".join(str(part) for part in (seed, *parts))
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+def record_seed(*parts: object) -> int:
+    """A seed for one record from what identifies it, e.g. ``record_seed(config.seed, prompt.id,
+    "answer")``: the same on every machine and run (unlike ``hash``), below 2**63. Backends
+    sample each prompt with its own seed, so a record's text does not depend on the batch, the
+    shard or the position it ran in."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def draw(rng: random.Random, items: tuple, count: int) -> list:

@@ -97,7 +97,7 @@ def quiet_libraries() -> None:
 
     import datasets
 
-    from cai_cli.backends.hf import quiet_transformers
+    from cai_cli.models import quiet_transformers
 
     quiet_transformers()
     datasets.disable_progress_bars()
@@ -197,21 +197,6 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
                         f"{str(exc).splitlines()[0]}") from None
 
 
-def check_model(model: ModelConfig, key: str) -> None:
-    """A local model named by ``key`` (from ``model_for``) must be a ``save_pretrained``
-    directory; checked before anything is written (a hub id is checked by loading it)."""
-    from cai_cli.backends.hf import check_model_source, is_local_model
-
-    if key == POLICY_KEY:
-        check_model_source(model, "models.policy")
-    elif is_local_model(model.name_or_path):
-        path = Path(model.name_or_path).expanduser()
-        if not (path / "config.json").is_file():
-            state = "has no config.json" if path.exists() else "does not exist"
-            raise UserError(f"{key}: {path} {state}; expected a directory written by "
-                            "save_pretrained, or a hub id")
-
-
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
@@ -261,50 +246,22 @@ def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None,
     if not lora.enabled:
         return
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from cai_cli.models import load_config
 
     for name, why in (forbidden or {}).items():
         if lora.target_modules != "all-linear" and name in lora.target_modules:
             raise UserError(f"{key}.target_modules: '{name}' is {why}; remove it")
     auto_class = auto_class or AutoModelForCausalLM
     with torch.device("meta"):
-        skeleton = auto_class.from_config(AutoConfig.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            **config_kwargs), trust_remote_code=model.trust_remote_code)
+        skeleton = auto_class.from_config(load_config(model, key, **config_kwargs),
+                                          trust_remote_code=model.trust_remote_code)
     check_lora_targets(lora, skeleton, key)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and saving models
-
-
-def local_or_hub(name_or_path: str) -> str:
-    """An absolute path for a local model, so a saved LoRA adapter finds its base from anywhere."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else name_or_path
-
-
-def load_model(model: ModelConfig, key: str, lora: LoraConfig, args, auto_class=None,
-               **model_kwargs):
-    """The model to train (``auto_class`` defaults to ``AutoModelForCausalLM``; ``model_kwargs``
-    such as ``num_labels=1`` go to its ``from_pretrained``). Full training keeps fp32 master
-    weights (bf16/fp16 is autocast); under LoRA the base weights are frozen, so they sit in the
-    training precision and take half the memory. ``key`` names the config key in the message
-    when the model cannot be loaded."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    auto_class = auto_class or AutoModelForCausalLM
-    dtype = torch.float32
-    if lora.enabled and (args.bf16 or args.fp16):
-        dtype = torch.bfloat16 if args.bf16 else torch.float16
-    try:
-        return auto_class.from_pretrained(
-            local_or_hub(model.name_or_path), dtype=dtype, revision=model.revision,
-            trust_remote_code=model.trust_remote_code, **model_kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{key}: cannot load a model from '{model.name_or_path}': "
-                        f"{str(exc).splitlines()[0]}") from None
 
 
 def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:

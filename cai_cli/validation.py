@@ -63,11 +63,12 @@ def closest(name: str, options: list[str], cutoff: float = 0.5) -> str | None:
     return matches[0] if matches else None
 
 
-def describe(error: dict, root: type[BaseModel]) -> str:
-    """One pydantic error of a model under ``root`` as ``a.b.c: what is wrong`` (config wording)."""
-    # pydantic adds the branch of a Union to the location ("str", "list[str]"); drop those.
+def describe(error: dict, root: type[BaseModel], tags: tuple[str, ...] = ()) -> str:
+    """One pydantic error of a model under ``root`` as ``a.b.c: what is wrong`` (config wording).
+    ``tags`` are the names of a tagged union's branches (the config's model backends)."""
+    # pydantic adds the branch of a Union to the location ("str", "list[str]", a tag); drop those.
     loc = tuple(p for p in error["loc"]
-                if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+                if not (isinstance(p, str) and ("[" in p or p in ("str", "int", *tags))))
     where = location(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         model = model_at(root, loc[:-1])

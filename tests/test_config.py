@@ -267,7 +267,7 @@ def test_config_model_forbids_unknown_keys_everywhere():
                     yield from sections(arg)
 
     found = {model.__name__: model for model in sections(Config)}
-    assert {"PromptSource", "ModelConfig", "GenerateSLConfig", "SamplingConfig"} <= set(found)
+    assert {"PromptSource", "HFModelConfig", "GenerateSLConfig", "SamplingConfig"} <= set(found)
     assert [name for name, model in found.items() if model.model_config.get("extra") != "forbid"] == []
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 from cai_cli.backends.base import Backend, Completion, Overflow, PromptInput, SamplingParams
-from cai_cli.config import ModelConfig
+from cai_cli.config import AnyModelConfig
 
 __all__ = ["Backend", "Completion", "Overflow", "PromptInput", "SamplingParams", "load_backend"]
 
 
-def load_backend(model: ModelConfig, what: str) -> Backend:
-    """Load the engine ``model.backend`` names; ``what`` is the config path, for messages."""
-    if model.backend == "hf":
-        from cai_cli.backends.hf import HFBackend
-
-        return HFBackend(model, what)
-    raise AssertionError(f"unhandled backend {model.backend}")  # the config schema rules this out
+def load_backend(model: AnyModelConfig, what: str) -> Backend:
+    """Load the engine that runs ``model`` (its config class names it: ``engine``); ``what`` is
+    the config path, for messages."""
+    module, _, name = type(model).engine.partition(":")
+    return getattr(importlib.import_module(module), name)(model, what)

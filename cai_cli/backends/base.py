@@ -21,7 +21,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    seed: int = 0  # reseeds the sampler at the start of each call, so calls are reproducible
+    seed: int = 0  # without per-prompt seeds: reseeds the sampler at the start of each call
     stop: tuple[str, ...] = ()  # the text is cut before the first of these
 
 
@@ -45,15 +45,33 @@ class Overflow:
 
 
 class Backend(Protocol):
+    name: str  # the model's name or path, for messages
     max_context: int
-    has_chat_template: bool
+    has_chat_template: bool  # whether chat prompts (lists of messages) can be rendered
 
-    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
-        """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit."""
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:
+        """One completion per prompt, in input order; ``Overflow`` for a prompt that does not fit.
+
+        With ``seeds`` (one int per prompt, see ``seeding.record_seed``) prompt i is sampled with
+        ``seeds[i]`` alone: its text depends on its prompt and seed, not on the other prompts of
+        the call, how they are batched or sharded. Without, the call is seeded by ``params.seed``
+        (reproducible for the same call, but a prompt's text depends on its batch)."""
         ...
 
     def score_options(self, prompts: Sequence[PromptInput],
                       options: Sequence[str]) -> list[list[float] | Overflow]:
         """For each prompt, the log-probability of each option text as its continuation (the
         sum over the option's tokens), without generating; ``Overflow`` where it does not fit."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and the device memory it holds; the backend is unusable after.
+        A backend is also a context manager that closes on leaving the ``with`` block."""
+        ...
+
+    def __enter__(self) -> "Backend":
+        ...
+
+    def __exit__(self, *exc_info) -> None:
         ...

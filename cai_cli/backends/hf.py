@@ -8,111 +8,29 @@ the tokenizer and generation config know) and at the caller's stop strings.
 from __future__ import annotations
 
 import contextlib
-import re
-from pathlib import Path
 from typing import Sequence
 
 from cai_cli.backends.base import Completion, Overflow, PromptInput, SamplingParams
 from cai_cli.config import ModelConfig
 from cai_cli.errors import UserError
+from cai_cli.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
+                            load_tokenizer, quiet_transformers)
 
 # End-of-turn markers of common chat templates; those in a tokenizer's vocabulary stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^[\w.-]+$")
-
-
-def quiet_transformers() -> None:
-    """Our own progress bars and messages replace the libraries' per-file tqdm bars."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import huggingface_hub
-
-        huggingface_hub.utils.disable_progress_bars()
-    except (ImportError, AttributeError):
-        pass
-
-
-def is_local_model(name_or_path: str) -> bool:
-    """A name is a local path when it exists, looks like a path (``./x``, ``/x``, ``~/x``,
-    ``a/b/c``) or its first component is a directory here (``runs/tiny-model`` with ``runs/``
-    present). Anything else of the form ``org/name`` is a hub id."""
-    path = Path(name_or_path).expanduser()
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or not _HUB_ID.match(name_or_path):
-        return True
-    return Path(name_or_path.split("/")[0]).is_dir() and "/" in name_or_path
-
-
-def check_model_source(model: ModelConfig, what: str) -> None:
-    """Fail early, before anything is written, for a local model path that is not a model."""
-    if not is_local_model(model.name_or_path):
-        return  # a hub id: loading will tell whether it can be reached
-    path = Path(model.name_or_path).expanduser()
-    if not path.exists():
-        raise UserError(f"{what}.name_or_path: model directory not found: {path} "
-                        f"(build a test model with `cai tiny-model {model.name_or_path}`, or give a hub id)")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        raise UserError(f"{what}.name_or_path: {path} has no config.json; expected a directory "
-                        "written by save_pretrained")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def load_tokenizer(model: ModelConfig, what: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{what}.name_or_path: cannot load a tokenizer from '{model.name_or_path}': "
-                        f"{str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 class HFBackend:
     def __init__(self, model: ModelConfig, what: str):
         import torch
-        from transformers import AutoModelForCausalLM
 
         quiet_transformers()
         check_model_source(model, what)
         self.config = model
+        self.name = model.name_or_path
         self.tokenizer = load_tokenizer(model, what)
-        self.device = resolve_device(model.device)
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                model.name_or_path, dtype=resolve_dtype(model.dtype, self.device),
-                revision=model.revision, trust_remote_code=model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{what}.name_or_path: cannot load a causal LM from '{model.name_or_path}': "
-                            f"{str(exc).splitlines()[0]}") from None
-        self.model.to(self.device).eval()
+        self.device = check_device(model, what)
+        self.model = load_causal_lm(model, what, self.device)
         self._torch = torch
         self.has_chat_template = bool(self.tokenizer.chat_template)
         self.max_context = model.max_context or self._model_context()
@@ -126,6 +44,21 @@ class HFBackend:
         from cai_cli.backends.kv import PrefixStore
 
         self.prefixes = PrefixStore(self.model, self._cache_argument)
+
+    def close(self) -> None:
+        """Drop the model and its cached prefixes and give their device memory back; the
+        backend cannot generate afterwards. Closing twice is harmless."""
+        if self.model is None:
+            return
+        self.prefixes.clear()
+        self.model = self.prefixes = None
+        free_device_memory()
+
+    def __enter__(self) -> "HFBackend":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @contextlib.contextmanager
     def plain_attention(self):
@@ -191,8 +124,12 @@ class HFBackend:
         """Token ids of a prompt, ready for the model's next token."""
         return self.tokenize(*self.render(prompt))
 
-    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> list[Completion | Overflow]:
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:
         torch = self._torch
+        self._require_open()
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         encoded = self.tokenize_many([self.render(prompt) for prompt in prompts])
         results: list[Completion | Overflow | None] = [None] * len(prompts)
         fitting = []
@@ -202,15 +139,25 @@ class HFBackend:
             else:
                 fitting.append(index)
         fitting = batch_order(fitting, encoded)
-        torch.manual_seed(params.seed)
+        if seeds is None:
+            torch.manual_seed(params.seed)  # one stream for the call, drawn batch after batch
         size = self.config.forward_batch_size
         for start in range(0, len(fitting), size):
             batch = fitting[start:start + size]
-            for index, completion in zip(batch, self._generate_batch([encoded[i] for i in batch], params)):
+            row_seeds = None if seeds is None else [seeds[i] for i in batch]
+            for index, completion in zip(batch, self._generate_batch([encoded[i] for i in batch],
+                                                                     params, row_seeds)):
                 results[index] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _require_open(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"the backend of '{self.name}' is closed")
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams,
+                        seeds: list[int] | None = None) -> list[Completion]:
+        """Completions of one batch; with ``seeds``, row i samples from its own generator
+        seeded by ``seeds[i]``."""
         torch = self._torch
         input_ids, attention, cache = self._batch_inputs(batch, room=params.max_new_tokens)
         width = input_ids.shape[1]
@@ -225,7 +172,9 @@ class HFBackend:
             pad_token_id=self.pad_token_id,
         )
         if params.temperature > 0:
-            kwargs["logits_processor"] = gumbel_sampler(params)
+            generators = None if seeds is None else [
+                torch.Generator(device=self.device).manual_seed(seed % 2**64) for seed in seeds]
+            kwargs["logits_processor"] = gumbel_sampler(params, generators)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -320,6 +269,7 @@ class HFBackend:
         forward pass over the prompt reads them all; otherwise each prompt+option sequence is
         scored and the option's token log-probabilities are summed.
         """
+        self._require_open()
         results: list[list[float] | Overflow | None] = [None] * len(prompts)
         single: list[tuple[int, list[int], list[int]]] = []  # (prompt, ids, one id per option)
         multi: list[tuple[int, int, list[int], int]] = []  # (prompt, option, ids, option start)
@@ -392,10 +342,15 @@ class HFBackend:
         return out
 
 
-def gumbel_sampler(params: SamplingParams):
+def gumbel_sampler(params: SamplingParams, generators: list | None = None):
     """Logits processors that sample the next token: transformers' own temperature, top-k and
     top-p warpers, then a Gumbel-max draw (the argmax of the log-probabilities plus Gumbel
     noise is a draw from the softmax), leaving the drawn token as the only candidate.
+
+    The noise comes from torch's global generator, or with ``generators`` (one
+    ``torch.Generator`` per row) row i's noise from ``generators[i]``: each step draws one
+    vocabulary's worth of numbers per row, so a row's tokens depend on its own seed and
+    logits, not on the other rows of its batch or its place among them.
 
     The draw is the same distribution as ``torch.multinomial`` over the softmax, which
     ``generate`` uses when sampling, but needs uniform random numbers rather than exponential
@@ -407,7 +362,13 @@ def gumbel_sampler(params: SamplingParams):
 
     class GumbelDraw(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            uniform = torch.rand_like(scores, dtype=torch.float32).clamp_(min=1e-20)
+            if generators is None:
+                uniform = torch.rand_like(scores, dtype=torch.float32)
+            else:
+                uniform = torch.stack([torch.rand(scores.shape[-1], generator=generator,
+                                                  device=scores.device, dtype=torch.float32)
+                                       for generator in generators])
+            uniform.clamp_(min=1e-20)
             drawn = (scores.float() - torch.log(-torch.log(uniform))).argmax(dim=-1, keepdim=True)
             return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
@@ -489,17 +450,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         length += 1
     return length
-
-
-def release_memory() -> None:
-    """Give back the memory of a model just dropped, before the next one loads."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -30,7 +30,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import EvalAnswer, Judgment
-from cai_cli.seeding import call_seed
+from cai_cli.seeding import record_seed
 from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
@@ -110,7 +110,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 
 
 def check_inputs(config: Config) -> None:
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     for name, path in model_paths(config).items():
         if name in RUN_MODELS:
@@ -136,16 +136,14 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
-        from cai_cli.backends.hf import release_memory
 
         for index, (name, path) in enumerate(list(paths.items())[done:], start=done):
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
             backend = load_backend(config.models.policy.model_copy(update={"name_or_path": path}),
                                    f"evaluate.models ({name})")
             run.producing()
-            answers_file.append_batch(answer_all(config, backend, prompts, index, name))
-            del backend
-            release_memory()
+            answers_file.append_batch(answer_all(config, backend, prompts, name))
+            backend.close()
         answers_file.finish()
     answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
 
@@ -167,17 +165,18 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     return config.layout.report
 
 
-def answer_all(config: Config, backend, prompts: list[Prompt], index: int,
-               name: str) -> list[dict]:
+def answer_all(config: Config, backend, prompts: list[Prompt],
+               name: str) -> list[EvalAnswer]:
     fmt = resolve_format(config.generate_sl.prompt_format, backend, "generate_sl.prompt_format")
     sampling = config.evaluate.sampling
     params = SamplingParams(
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=call_seed(config.seed, index, "evaluate"),
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
     results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
-                                for p in prompts], params)
+                                for p in prompts], params,
+                               seeds=[record_seed(config.seed, p.id, name, "evaluate")
+                                      for p in prompts])
     # A prompt too long for this model gets an empty answer: it loses to any real one.
     return [EvalAnswer(model=name, id=p.id, answer=r.text if isinstance(r, Completion) else "")
             for p, r in zip(prompts, results)]
@@ -190,7 +189,8 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
     from cai_cli.backends import load_backend
     from cai_cli.judging import Judge
 
-    judge = Judge(config, constitution, load_backend(config.feedback_model, "models.feedback"),
+    feedback = load_backend(config.feedback_model, "models.feedback")
+    judge = Judge(config, constitution, feedback,
                   principles_per_pair=config.evaluate.principles_per_pair, pairs_per_prompt=None)
     out: dict[tuple[str, str], list[dict]] = {}
     pairs = list(itertools.combinations(names, 2))
@@ -199,7 +199,7 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
         for a, b in pairs:
             records = [{"id": p.id, "prompt": p.text,
                         "responses": [answers[a, p.id], answers[b, p.id]]} for p in prompts]
-            judged = {pair.prompt_id: pair for pair in judge.batch(records, 0)}
+            judged = {pair.prompt_id: pair for pair in judge.batch(records)}
             rows = []
             for p in prompts:
                 record = judged.get(p.id)
@@ -212,6 +212,7 @@ def judge_all(config: Config, constitution, prompts: list[Prompt], names: list[s
                              "principles": per_principle(record.judgments, a_chosen)})
             out[a, b] = rows
             bar.update(task, advance=len(prompts))
+    feedback.close()
     return out
 
 
@@ -234,17 +235,14 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
                 "(run `cai train-rm`, or set evaluate.reward_model: false)")
         return None
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_cli.backends.hf import resolve_device
+    from cai_cli.models import check_device, load_reward_model, load_tokenizer
 
-    device = resolve_device(config.models.policy.device)
-    tokenizer = AutoTokenizer.from_pretrained(rm)
-    model = AutoModelForSequenceClassification.from_pretrained(rm).to(device).eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    rm_config = config.models.policy.model_copy(update={"name_or_path": str(rm)})
+    device = check_device(rm_config, "models.policy")
+    tokenizer = load_tokenizer(rm_config, str(rm), padding_side="right")
+    model = load_reward_model(rm_config, str(rm), device=device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
     scores: dict[str, list[float]] = {}
     size = config.models.policy.forward_batch_size
     for name in names:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cai_cli import records, training, ui
+from cai_cli import models, records, training, ui
 from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
@@ -165,19 +165,18 @@ def trainer_args(config: Config):
 
 
 def run(config: Config, *, force: bool = False) -> Path | None:
-    from cai_cli.backends.hf import load_tokenizer
 
     stage = spec(config)
     settings = config.finetune
     model, key = base_model(config)
-    training.check_model(model, key)
+    models.check_model(model, key)
     sl = sl_conversations(config)
     conversations, helpful = mix(config, sl)
     training.quiet_libraries()
     args = trainer_args(config)
     # TRL's collator pads on the right by itself; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
-    tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
+    tokenizer = models.load_tokenizer(model, key)
     check_chat_template(config, tokenizer, model, key)
     training.check_lora(settings.lora, model, "finetune.lora")
 
@@ -215,7 +214,7 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
 
     lora = config.finetune.lora
     set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
-    model = training.load_model(model_config, key, lora, args)
+    model = models.load_model(model_config, key, lora, args)
     if config.finetune.loss_on == "completion":
         dataset = datasets.Dataset.from_list([prompt_and_completion(c) for c in conversations])
     else:

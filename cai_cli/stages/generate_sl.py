@@ -25,7 +25,7 @@ from cai_cli.data import Prompt, load_prompts
 from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
 from cai_cli.records import Chain, Message, SFTExample
-from cai_cli.seeding import call_seed, draw
+from cai_cli.seeding import draw, record_seed
 from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs
 
 
@@ -59,7 +59,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 "generate_sl.few_shot is ignored")
 
     from cai_cli.backends import load_backend
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
     run = begin(stage, config, force=force)
@@ -80,12 +80,13 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             task = bar.add_task("generate-sl", total=len(prompts), rate="",
                                 completed=sum(len(b) for b in batches[:done_batches]))
             for index in range(done_batches, len(batches)):
-                chains, batch_tokens, batch_skipped = generator.batch(batches[index], index)
+                chains, batch_tokens, batch_skipped = generator.batch(batches[index])
                 tokens += batch_tokens
                 skipped += batch_skipped
                 writer.append_batch(chains, tokens=tokens, skipped=skipped)
                 rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
                 bar.update(task, advance=len(batches[index]), rate=f"{rate:,.0f} tok/s")
+        backend.close()
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
 
@@ -121,23 +122,26 @@ class ChainGenerator:
         self.system = config.generate_sl.system_prompt
         self.tokens = 0  # generated in this process, for the tokens/s column
 
-    def _call(self, prompts: list, batch: int, step: str) -> list[Completion | Overflow]:
+    def _call(self, prompts: list, ids: list[str], step: str) -> list[Completion | Overflow]:
+        """One backend call: each prompt sampled with the seed of its record and step."""
         sampling = self.config.generate_sl.sampling
         params = SamplingParams(
             max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=sampling.top_k, seed=call_seed(self.config.seed, batch, step),
+            top_p=sampling.top_p, top_k=sampling.top_k,
             stop=TRANSCRIPT_STOPS if self.fmt == "transcript" else ())
-        results = self.backend.generate(prompts, params)
+        seeds = [record_seed(self.config.seed, record, step) for record in ids]
+        results = self.backend.generate(prompts, params, seeds=seeds)
         self.tokens += sum(r.tokens for r in results if isinstance(r, Completion))
         return results
 
-    def batch(self, prompts: list[Prompt], batch: int) -> tuple[list[dict], int, int]:
+    def batch(self, prompts: list[Prompt]) -> tuple[list[Chain], int, int]:
         """The chain records of one batch, the tokens generated and the prompts skipped."""
         before, fmt, system = self.tokens, self.fmt, self.system
         # (prompt, plan) of the chains still alive: a chain that outgrows the context is dropped.
         live = [(p, Plan(self.config, self.constitution, p)) for p in prompts]
         answered = self._fitting(live, self._call(
-            [answer_prompt(p.text, fmt, system) for p, _ in live], batch, "answer"), "the answer")
+            [answer_prompt(p.text, fmt, system) for p, _ in live], [p.id for p, _ in live],
+            "answer"), "the answer")
         chains = {p.id: {"id": p.id, "prompt": p.text, "initial": answer, "rounds": [],
                          "final": answer, "format": fmt} for (p, _), answer in answered}
         live = [item for item, _ in answered]
@@ -146,11 +150,11 @@ class ChainGenerator:
             critiqued = self._fitting(live, self._call(
                 [critique_prompt(p.text, chains[p.id]["final"], plan.principles[k], plan.examples,
                                  fmt, system) for p, plan in live],
-                batch, f"critique{k}"), f"critique round {k + 1}")
+                [p.id for p, _ in live], f"critique{k}"), f"critique round {k + 1}")
             revised = self._fitting([item for item, _ in critiqued], self._call(
                 [revision_prompt(p.text, chains[p.id]["final"], plan.principles[k], critique,
                                  plan.examples, fmt, system) for (p, plan), critique in critiqued],
-                batch, f"revision{k}"), f"revision round {k + 1}")
+                [p.id for (p, _), _ in critiqued], f"revision{k}"), f"revision round {k + 1}")
             critique_of = {prompt.id: critique for (prompt, _), critique in critiqued}
             for (prompt, plan), revision in revised:
                 chain, principle = chains[prompt.id], plan.principles[k]

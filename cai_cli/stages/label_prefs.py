@@ -37,7 +37,7 @@ from cai_cli.errors import UserError
 from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import Sample
-from cai_cli.seeding import call_seed
+from cai_cli.seeding import record_seed
 from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs, require_complete
 
 
@@ -88,7 +88,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 
 def check_inputs(config: Config) -> None:
     """The default policy is the SL-CAI model: it must be there and finished."""
-    from cai_cli.backends.hf import check_model_source
+    from cai_cli.models import check_model_source
 
     if config.label_prefs.policy is None:
         require_complete(config, "finetune",
@@ -114,7 +114,6 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not samples.finished:
         from cai_cli.backends import load_backend
-        from cai_cli.backends.hf import release_memory
 
         policy = load_backend(policy_model(config), "label_prefs.policy")
         run.producing()
@@ -122,11 +121,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             task = bar.add_task("sampling", total=len(prompts), rate="",
                                 completed=sum(len(b) for b in batches[:done]))
             for index in range(done, len(batches)):
-                samples.append_batch(sample_batch(config, policy, batches[index], index))
+                samples.append_batch(sample_batch(config, policy, batches[index]))
                 bar.update(task, advance=len(batches[index]))
         samples.finish()
-        del policy
-        release_memory()
+        policy.close()
 
     sampled = samples.records()
     pairs = ResumableJsonl(config.layout.pairs, stage.fingerprint)
@@ -145,11 +143,12 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                                 completed=sum(len(g) for g in groups[:done]))
             judge_started = time.perf_counter()
             for index in range(done, len(groups)):
-                records = judge.batch(groups[index], index)
+                records = judge.batch(groups[index])
                 skipped = pairs.extra.get("skipped", 0) + judge.skipped_last
                 pairs.append_batch(records, skipped=skipped)
                 rate = judge.comparisons / max(time.perf_counter() - judge_started, 1e-9)
                 bar.update(task, advance=len(groups[index]), rate=f"{rate:,.1f} comparisons/s")
+        feedback.close()
         pairs.finish()
 
     records = pairs.records()
@@ -182,7 +181,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     return pairs.final_path
 
 
-def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> list[dict]:
+def sample_batch(config: Config, policy, prompts: list[Prompt]) -> list[Sample]:
     """``responses_per_prompt`` answers to each prompt, in one backend call."""
     settings, fmt = config.label_prefs, resolve_format(config.generate_sl.prompt_format, policy,
                                                               "generate_sl.prompt_format")
@@ -190,10 +189,11 @@ def sample_batch(config: Config, policy, prompts: list[Prompt], batch: int) -> l
     sampling = settings.sampling
     params = SamplingParams(
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k, seed=call_seed(config.seed, batch, "sample"),
+        top_p=sampling.top_p, top_k=sampling.top_k,
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
     conversation = [answer_prompt(p.text, fmt, config.generate_sl.system_prompt) for p in prompts]
-    results = policy.generate([c for c in conversation for _ in range(n)], params)
+    seeds = [record_seed(config.seed, p.id, "sample", j) for p in prompts for j in range(n)]
+    results = policy.generate([c for c in conversation for _ in range(n)], params, seeds=seeds)
     records = []
     for index, prompt in enumerate(prompts):
         answers = results[index * n:(index + 1) * n]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from cai_cli import records, training, ui
+from cai_cli import models, records, training, ui
 from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import load_prompts
@@ -91,7 +91,7 @@ def check_policy(config: Config) -> None:
         raise UserError(f"optimize.model: {path} holds a LoRA adapter without merged weights; "
                         "rerun `cai finetune` with finetune.lora.merge: true (the default), or "
                         "point optimize.model at merged weights")
-    training.check_model(model, "optimize.model")
+    models.check_model(model, "optimize.model")
 
 
 def preference_pairs(config: Config) -> tuple[list[dict], int]:
@@ -196,14 +196,10 @@ def check_chat_template(tokenizer, name: str, what: str) -> None:
                         "conversations; optimise a chat model (cai finetune keeps the template)")
 
 
-def reward_tokenizer(rm: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(rm)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{rm}: cannot load the reward model's tokenizer: "
-                        f"{str(exc).splitlines()[0]}; rerun `cai train-rm --force`") from None
+def reward_tokenizer(config: Config, rm: Path):
+    models.check_model_source(reward_model_config(config, rm), str(rm))  # its weights, up front
+    tokenizer = models.load_tokenizer(reward_model_config(config, rm), str(rm), padding_side=None,
+                                      fix="rerun `cai train-rm --force`")
     # TRL renders prompt + completion with the reward model's template before scoring.
     check_chat_template(tokenizer, str(rm), "the reward model")
     return tokenizer
@@ -214,8 +210,6 @@ def reward_tokenizer(rm: Path):
 
 
 def run(config: Config, *, force: bool = False) -> Path | None:
-    from cai_cli.backends.hf import load_tokenizer
-
     stage = spec(config)
     settings = config.optimize
     model = policy_model(config)
@@ -230,10 +224,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     args = trainer_args(config)
     # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
-    tokenizer = load_tokenizer(model, "optimize.model")
+    tokenizer = models.load_tokenizer(model, "optimize.model")
     check_chat_template(tokenizer, model.name_or_path, "optimize.model")
     training.check_lora(settings.lora, model, "optimize.lora")
-    rm_tokenizer = reward_tokenizer(rm) if rm else None
+    rm_tokenizer = reward_tokenizer(config, rm) if rm else None
 
     run = begin(stage, config, force=force)
     if run is None:
@@ -292,7 +286,7 @@ def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, da
 
     settings = config.optimize
     set_seed(config.seed)  # before loading: LoRA's initial weights come from the global RNG
-    model = training.load_model(model_config, "optimize.model", settings.lora, args)
+    model = models.load_model(model_config, "optimize.model", settings.lora, args)
     peft_config = (training.peft_config(settings.lora, "CAUSAL_LM")
                    if settings.lora.enabled else None)
     dataset = datasets.Dataset.from_list(data)
@@ -307,7 +301,7 @@ def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, da
     else:
         from trl import GRPOTrainer, RLOOTrainer
 
-        reward_model = load_reward_model(rm, args)
+        reward_model = load_reward_model(config, rm, args)
         trainer_cls = GRPOTrainer if settings.method == "grpo" else RLOOTrainer
         trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args,
                               train_dataset=dataset, processing_class=tokenizer,
@@ -315,17 +309,18 @@ def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, da
     return trainer
 
 
-def load_reward_model(rm: Path, args):
+def reward_model_config(config: Config, rm: Path) -> ModelConfig:
+    """The reward model train-rm saved, loaded with the policy's settings (remote code)."""
+    return config.models.policy.model_copy(update={"name_or_path": str(rm)})
+
+
+def load_reward_model(config: Config, rm: Path, args):
     """The reward model, frozen, so it may sit in the training precision."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{rm}: cannot load the reward model: {str(exc).splitlines()[0]}; "
-                        "rerun `cai train-rm --force`") from None
+    return models.load_reward_model(reward_model_config(config, rm), str(rm), dtype=dtype,
+                                    fix="rerun `cai train-rm --force`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import math
 import random
 from pathlib import Path
 
-from cai_cli import records, training, ui
+from cai_cli import models, records, training, ui
 from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, read_records, transcript_messages
@@ -307,15 +307,13 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     kept = confident(config, train)
     mixed = mixed_pairs(config, math.floor(settings.mix_ratio * len(kept)))
     model, key = base_model(config)
-    training.check_model(model, key)
+    models.check_model(model, key)
 
     from transformers import AutoModelForSequenceClassification
 
-    from cai_cli.backends.hf import load_tokenizer
-
     training.quiet_libraries()
     args = trainer_args(config)
-    tokenizer = load_tokenizer(model, key.removesuffix(".name_or_path"))
+    tokenizer = models.load_tokenizer(model, key)
     fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
            else "transcript")
     training.check_lora(settings.lora, model, "train_rm.lora", AutoModelForSequenceClassification,
@@ -383,7 +381,7 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
     lora = config.train_rm.lora
     set_seed(config.seed)  # before loading: the new head and LoRA start from the global RNG
     with suppress_seqcls_warning():  # the new head and the unused LM head are expected
-        model = training.load_model(model_config, key, lora, args,
+        model = models.load_model(model_config, key, lora, args,
                                     AutoModelForSequenceClassification, num_labels=1)
     # SEQ_CLS makes peft train the reward head in full beside the adapters.
     peft_config = training.peft_config(lora, "SEQ_CLS") if lora.enabled else None
