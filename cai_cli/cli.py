@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from cai_cli.errors import UserError
+from cai_cli.errors import USER_OS_ERRORS, UserError
 from cai_cli.stages import STAGES
 
 app = typer.Typer(
@@ -206,3 +206,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        # The disk, not the program: full, read-only or not ours. Finished artifacts are never
+        # half-written (atomic renames), so fixing this and rerunning resumes.
+        if exc.errno not in USER_OS_ERRORS or debug:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror}{where}: free space or fix the permissions, then rerun "
+                   "the same command (it resumes where it stopped)", err=True)
+        sys.exit(2)

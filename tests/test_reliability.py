@@ -294,3 +294,24 @@ def test_training_under_two_processes_writes_one_loadable_model(tmp_path, tiny_m
          "--config", str(config), "--force"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "runs as a single process" in refused.stderr
+
+
+def test_a_full_disk_is_a_user_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import errno
+
+    from cai_cli import cli
+    from cai_cli.stages import generate_sl
+
+    config = write_config(tmp_path, tiny_model_dir)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.partial"))
+
+    monkeypatch.setattr(generate_sl, "run", full)
+    monkeypatch.setattr(sys, "argv", ["cai", "generate-sl", "--config", str(config)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device writing" in err and "x.partial" in err
+    assert "Traceback" not in err

@@ -143,6 +143,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
     if dist.is_main():
         remove_stale_temporaries(spec.directory)
+        remove_stale_temporaries(config.layout.tool_dir)
     return StageRun(spec, config, resuming)
 
 
