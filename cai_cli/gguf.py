@@ -69,6 +69,7 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     shutil.rmtree(staging, ignore_errors=True)  # a killed earlier import's leftovers
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
+        _load_config(gguf_file, metadata)
         tokenizer = _load_tokenizer(gguf_file, metadata)
         model = _load_model(gguf_file, metadata, dtype)
         model.generation_config = _generation_config(model.config, metadata, tokenizer)
@@ -225,9 +226,6 @@ def _unsupported(path: Path, architecture: str, why: str) -> UserError:
 def _load_tokenizer(path: Path, metadata: dict):
     from transformers import AutoTokenizer
 
-    from cai_cli.backends.hf import quiet_transformers
-
-    quiet_transformers()
     if not metadata["has_tokenizer"]:
         raise UserError(f"{path}: the file holds no tokenizer (no tokenizer.ggml.model in its metadata); "
                         "it cannot be used without one")
@@ -238,13 +236,15 @@ def _load_tokenizer(path: Path, metadata: dict):
                         f"{str(exc).splitlines()[0]}") from None
 
 
-def _load_model(path: Path, metadata: dict, dtype: str):
-    """The dequantised model, rebuilt as a plain model: the one transformers returns for a GGUF
-    file carries its quantisation config and refuses ``save_pretrained``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
+def _load_config(path: Path, metadata: dict):
+    """The model's config as transformers reads it from the file: the cheap check that the
+    architecture is one it can load as a causal language model."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from cai_cli.backends.hf import quiet_transformers
+
+    quiet_transformers()
     architecture = metadata["architecture"]
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -252,7 +252,16 @@ def _load_model(path: Path, metadata: dict, dtype: str):
         raise _unsupported(path, architecture, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise _unsupported(path, architecture, f"'{config.model_type}' is not a causal language model")
+    return config
 
+
+def _load_model(path: Path, metadata: dict, dtype: str):
+    """The dequantised model, rebuilt as a plain model: the one transformers returns for a GGUF
+    file carries its quantisation config and refuses ``save_pretrained``."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    architecture = metadata["architecture"]
     torch_dtype = getattr(torch, dtype)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
