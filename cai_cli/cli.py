@@ -156,6 +156,18 @@ def tiny_model(
     build_tiny_model(out_dir, seed=seed, hidden_size=hidden_size, layers=layers, vocab_size=vocab_size)
 
 
+@app.command("import-gguf")
+def import_gguf(
+    gguf_file: Path = typer.Argument(..., metavar="FILE", help="A .gguf model file (llama.cpp's format)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Directory to write the model to."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weight type to store: float32, bfloat16 or float16."),
+):
+    """Turn a GGUF file into a model directory (safetensors, tokenizer, chat template), offline."""
+    from cai_cli.gguf import import_gguf as run_import
+
+    run_import(gguf_file, out_dir, dtype=dtype)
+
+
 @config_app.command("validate")
 def config_validate(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     """Check a config (schema, constitution, prompt source) without running anything."""
