@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/cai tiny-model runs/tiny-model
+demo: smollm2
 	$(BIN)/cai run --config configs/demo.yaml
 	@echo
 	@echo "Done. Where to look:"
@@ -29,13 +28,13 @@ demo: $(STAMP)
 	@echo "  $(BIN)/cai inspect runs/demo --index 0           # one chain and one pair in full"
 	@echo "  runs/demo/eval/report.json                       # the win-rate table printed above"
 
-test: $(STAMP)
+test: smollm2
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check cai_cli tests benchmarks
 
-bench: $(STAMP)
+bench: smollm2
 	$(BIN)/cai tiny-model runs/tiny-model
 	$(BIN)/python benchmarks/run_all.py
 

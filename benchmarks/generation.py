@@ -1,6 +1,6 @@
 """Generation throughput of generate-sl's backend against a one-conversation-at-a-time loop.
 
-Both sides run the demo config's prompts (their first answers, then a critique turn for each)
+Both sides run the tiny config's prompts (their first answers, then a critique turn for each)
 on the same model with the same number of new tokens per turn, in this one process (best of
 two interleaved runs each), and the generated tokens per second and their ratio are printed.
 End-of-turn stopping is switched off on both sides so every turn generates exactly
@@ -8,9 +8,9 @@ End-of-turn stopping is switched off on both sides so every turn generates exact
 
 Also times ``cai --help`` against ``python -c "import typer, rich, pydantic"``.
 
-    python benchmarks/generation.py [--config configs/demo.yaml] [--max-new-tokens 32]
+    python benchmarks/generation.py [--config configs/tiny.yaml] [--max-new-tokens 32]
 
-Needs the demo's model: ``cai tiny-model runs/tiny-model``.
+Needs the tiny model: ``cai tiny-model runs/tiny-model``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="backend batch size (default: the config's models.policy.forward_batch_size)")

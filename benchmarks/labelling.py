@@ -6,9 +6,9 @@ probabilities in batched forward passes; the baseline asks the judge to write a 
 (up to 40 new tokens, greedy), one comparison order at a time, as a "generate then parse" judge
 does. A comparison is one pair under one principle, judged in both orders.
 
-    python benchmarks/labelling.py [--config configs/demo.yaml] [--pairs 24]
+    python benchmarks/labelling.py [--config configs/tiny.yaml] [--pairs 24]
 
-Needs the demo's model: ``cai tiny-model runs/tiny-model``.
+Needs the tiny model: ``cai tiny-model runs/tiny-model``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--verdict-tokens", type=int, default=40)
     parser.add_argument("--set", action="append", default=[], help="config override, as for cai")

@@ -1,7 +1,7 @@
 """Training overhead: ``cai finetune`` and ``cai optimize`` (dpo) against plain TRL scripts, and
 ``cai run``'s own cost against the full run.
 
-1. A fresh ``cai run`` of the demo config (timed, as a user runs it), then a second ``cai run``
+1. A fresh ``cai run`` of the tiny config (timed, as a user runs it), then a second ``cai run``
    that finds every stage fresh: its time is the cost of planning and fingerprinting, printed
    as a share of the full run; so is the time the fresh run spent outside the stages.
 2. ``finetune`` and ``optimize`` (dpo) run in this process for a fixed number of steps, each
@@ -11,7 +11,7 @@
 
     python benchmarks/training.py [--steps 20]
 
-Needs the demo's model: ``cai tiny-model runs/tiny-model``.
+Needs the tiny model: ``cai tiny-model runs/tiny-model``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def cai(*args: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     overrides = [f"run_dir={RUN_DIR}"]

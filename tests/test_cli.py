@@ -45,10 +45,11 @@ def test_every_shipped_config_validates(path):
     assert config.constitution and config.models.policy.name_or_path
 
 
-def test_demo_config_passes_config_validate(tiny_model_dir):
+def test_tiny_config_passes_config_validate(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "cai_cli", "config", "validate", "--config", "configs/demo.yaml",
-         "--set", f"models.policy.name_or_path={tiny_model_dir}"],
+        [sys.executable, "-m", "cai_cli", "config", "validate", "--config", "configs/tiny.yaml",
+         "--set", f"models.policy.name_or_path={tiny_model_dir}",
+         "--set", f"models.feedback.name_or_path={tiny_model_dir}"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "principles" in result.stderr and "prompts" in result.stderr and "config is valid" in result.stderr
@@ -56,7 +57,7 @@ def test_demo_config_passes_config_validate(tiny_model_dir):
 
 def test_config_validate_reports_every_missing_file_together(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cai_cli", "config", "validate", "--config", "configs/demo.yaml",
+        [sys.executable, "-m", "cai_cli", "config", "validate", "--config", "configs/tiny.yaml",
          "--set", f"models.policy.name_or_path={tmp_path / 'nope'}", "--set", "constitution=gone.yaml"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr

