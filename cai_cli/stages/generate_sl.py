@@ -76,16 +76,26 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         generator = ChainGenerator(config, constitution, backend, fmt)
         started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
         skipped = writer.extra.get("skipped", 0)
+        # The bar counts prompts and moves after every backend call (an answer, a critique or a
+        # revision turn of the batch), not only when a batch is saved: a fraction of a prompt
+        # per turn, with the tokens/s so far.
+        turns = 1 + 2 * settings.num_revisions
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
-            task = bar.add_task("generate-sl", total=len(prompts), rate="",
-                                completed=sum(len(b) for b in batches[:done_batches]))
+            done = sum(len(b) for b in batches[:done_batches])
+            task = bar.add_task("generate-sl", total=len(prompts), rate="", completed=done)
+
+            def moved(calls: int) -> None:
+                rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=calls / turns, rate=f"{rate:,.0f} tok/s")
+
+            generator.on_call = moved
             for index in range(done_batches, len(batches)):
                 chains, batch_tokens, batch_skipped = generator.batch(batches[index])
                 tokens += batch_tokens
                 skipped += batch_skipped
                 writer.append_batch(chains, tokens=tokens, skipped=skipped)
-                rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=len(batches[index]), rate=f"{rate:,.0f} tok/s")
+                done += len(batches[index])
+                bar.update(task, completed=done)  # whole prompts, skipped ones included
         backend.close()
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
@@ -121,6 +131,7 @@ class ChainGenerator:
         self.config, self.constitution, self.backend, self.fmt = config, constitution, backend, fmt
         self.system = config.generate_sl.system_prompt
         self.tokens = 0  # generated in this process, for the tokens/s column
+        self.on_call = lambda prompts: None  # told how many prompts each backend call ran
 
     def _call(self, prompts: list, ids: list[str], step: str) -> list[Completion | Overflow]:
         """One backend call: each prompt sampled with the seed of its record and step."""
@@ -132,6 +143,7 @@ class ChainGenerator:
         seeds = [record_seed(self.config.seed, record, step) for record in ids]
         results = self.backend.generate(prompts, params, seeds=seeds)
         self.tokens += sum(r.tokens for r in results if isinstance(r, Completion))
+        self.on_call(len(prompts))
         return results
 
     def batch(self, prompts: list[Prompt]) -> tuple[list[Chain], int, int]:
