@@ -52,6 +52,16 @@ class RunLayout:
     def resolved_config(self) -> Path:
         return self.tool_dir / "config.yaml"
 
+    @property
+    def lock(self) -> Path:
+        """The OS-locked file of ``runlock``; its content is meaningless."""
+        return self.tool_dir / "lock"
+
+    @property
+    def lock_holder(self) -> Path:
+        """Who holds the lock: pid, host, command line, since when, job."""
+        return self.tool_dir / "lock.holder.json"
+
     # Stage outputs
     @property
     def sl(self) -> Path:

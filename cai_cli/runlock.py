@@ -35,11 +35,7 @@ from typing import Iterator
 
 from cai_cli import dist
 from cai_cli.errors import UserError
-from cai_cli.layout import TOOL_DIR
-
-LOCK_DIR = TOOL_DIR  # tool-owned hidden folder inside the run directory
-LOCK_NAME = "lock"  # the OS-locked file; its content is meaningless
-HOLDER_NAME = "lock.holder.json"  # who holds the lock: pid, host, command line, since when, job
+from cai_cli.layout import RunLayout
 
 RANK_WAIT_S = 30.0  # how long ranks other than 0 wait for rank 0 to take the lock
 _HOLDER_SETTLE_S = 1.0  # a refused writer waits this long for the holder's record to be written
@@ -57,15 +53,15 @@ class _Held:
 
 
 def lock_dir(run_dir: Path | str) -> Path:
-    return Path(run_dir) / LOCK_DIR
+    return RunLayout.of(run_dir).tool_dir
 
 
 def lock_path(run_dir: Path | str) -> Path:
-    return lock_dir(run_dir) / LOCK_NAME
+    return RunLayout.of(run_dir).lock
 
 
 def holder_path(run_dir: Path | str) -> Path:
-    return lock_dir(run_dir) / HOLDER_NAME
+    return RunLayout.of(run_dir).lock_holder
 
 
 # --- who is this process -------------------------------------------------------------------

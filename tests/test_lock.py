@@ -16,7 +16,8 @@ import pytest
 
 from cai_cli import dist
 from cai_cli.errors import UserError
-from cai_cli.runlock import LOCK_DIR, holder, holder_path, lock_path, run_lock
+from cai_cli.layout import TOOL_DIR
+from cai_cli.runlock import holder, holder_path, lock_path, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def test_read_only_run_dir_is_a_user_error(tmp_path, monkeypatch):
     real_mkdir = Path.mkdir
 
     def read_only_mkdir(self, *args, **kwargs):
-        if self.name == LOCK_DIR:
+        if self.name == TOOL_DIR:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
         return real_mkdir(self, *args, **kwargs)
 
