@@ -78,7 +78,7 @@ def training_problems(config: Config, names: list[str]) -> list[str]:
     for name in names:
         if STAGES[name].trains:
             try:
-                stage_module(name).trainer_args(config)
+                stage_module(name).preflight(config)
             except UserError as exc:
                 problems.append(f"{name}: {exc}")
     return problems

@@ -315,3 +315,11 @@ def test_a_full_disk_is_a_user_error(tmp_path, tiny_model_dir, monkeypatch, caps
     err = capsys.readouterr().err
     assert "No space left on device writing" in err and "x.partial" in err
     assert "Traceback" not in err
+
+
+def test_config_validate_checks_lora_targets_of_a_local_model(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    result = cai("config", "validate", "--config", config, "--set", "finetune.lora.enabled=true",
+                 "--set", "finetune.lora.target_modules=[q_projection]")
+    assert result.returncode == 2 and "finetune.lora.target_modules" in result.stderr
+    assert "q_projection" in result.stderr

@@ -164,6 +164,16 @@ def trainer_args(config: Config):
                                              "finetune.loss_on")})
 
 
+def preflight(config: Config) -> None:
+    """What can be checked before any stage runs (``cai config validate``, ``cai run``): the
+    trainer arguments, and for a local model its chat template and the LoRA targets."""
+    trainer_args(config)
+    model, key = base_model(config)
+    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+        check_chat_template(config, models.load_tokenizer(model, key), model, key)
+        training.check_lora(config.finetune.lora, model, "finetune.lora")
+
+
 def run(config: Config, *, force: bool = False) -> Path | None:
 
     stage = spec(config)

@@ -190,6 +190,18 @@ def trainer_args(config: Config):
                                cpu=training.use_cpu(model), stage_args=stage_args)
 
 
+def preflight(config: Config) -> None:
+    """What can be checked before any stage runs: the trainer arguments (GRPO / RLOO batch
+    divisibility included), and when the policy to optimise already exists locally, its chat
+    template and the LoRA targets."""
+    trainer_args(config)
+    model = policy_model(config)
+    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+        tokenizer = models.load_tokenizer(model, "optimize.model")
+        check_chat_template(tokenizer, model.name_or_path, "optimize.model")
+        training.check_lora(config.optimize.lora, model, "optimize.lora")
+
+
 def check_chat_template(tokenizer, name: str, what: str) -> None:
     if not tokenizer.chat_template:
         raise UserError(f"{what}: '{name}' has no chat template, and the prompts and answers are "

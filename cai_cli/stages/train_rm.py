@@ -293,6 +293,18 @@ def trainer_args(config: Config):
                                cpu=training.use_cpu(model), stage_args={})
 
 
+def preflight(config: Config) -> None:
+    """What can be checked before any stage runs: the trainer arguments, and for a local model
+    the LoRA targets."""
+    trainer_args(config)
+    model, _ = base_model(config)
+    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+        from transformers import AutoModelForSequenceClassification
+
+        training.check_lora(config.train_rm.lora, model, "train_rm.lora",
+                            AutoModelForSequenceClassification, forbidden=REWARD_HEAD, num_labels=1)
+
+
 def run(config: Config, *, force: bool = False) -> Path | None:
     stage = spec(config)
     settings = config.train_rm
