@@ -58,10 +58,12 @@ def test_tiny_config_passes_config_validate(tiny_model_dir):
 def test_config_validate_reports_every_missing_file_together(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cai_cli", "config", "validate", "--config", "configs/tiny.yaml",
-         "--set", f"models.policy.name_or_path={tmp_path / 'nope'}", "--set", "constitution=gone.yaml"],
+         "--set", f"models.policy.name_or_path={tmp_path / 'nope'}",
+         "--set", f"models.feedback.name_or_path={tmp_path / 'nada'}", "--set", "constitution=gone.yaml"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "2 problems" in result.stderr and "gone.yaml" in result.stderr and "nope" in result.stderr
+    assert "3 problems" in result.stderr and "gone.yaml" in result.stderr
+    assert "nope" in result.stderr and "nada" in result.stderr
 
 
 def test_readme_documents_every_config_key():
