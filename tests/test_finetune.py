@@ -346,7 +346,8 @@ def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_mode
     trainer = capture_trainer(config_path, f"finetune.model={unmarked}", "finetune.loss_on=all")
     assert trainer.train_dataset[0]["labels"] == trainer.train_dataset[0]["input_ids"]
     trainer = capture_trainer(config_path, f"finetune.model={unmarked}")
-    assert "completion_mask" in trainer.train_dataset[0]
+    labels = trainer.train_dataset[0]["labels"]  # the prompt masked, the answer trained
+    assert labels[0] == -100 and labels[-1] != -100
 
 
 def test_spec_imports_no_heavy_library(config_path):
