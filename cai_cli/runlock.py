@@ -259,6 +259,7 @@ class RunLock:
         self.rank_wait_s = rank_wait_s
         self.role: str | None = None
         self._key: str | None = None
+        self._created: list[Path] = []  # folders this hold created, removed again if left empty
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -271,6 +272,7 @@ class RunLock:
         if self.role is not None:
             raise RuntimeError("RunLock.acquire called twice; use one RunLock per hold")
         try:
+            self._created = [p for p in (self.run_dir, lock_dir(self.run_dir)) if not p.exists()]
             lock_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _unwritable(self.run_dir, exc) from None
@@ -353,8 +355,27 @@ class RunLock:
             del _held[self._key]
             try:
                 _remove_record_if_mine(self.run_dir, held.token)
+                self._remove_if_nothing_written()
             finally:
                 held.lock.release()
+
+    def _remove_if_nothing_written(self) -> None:
+        """A command refused before it wrote anything leaves no run directory behind: remove
+        the lock file and the folders this hold created, if nothing else was put in them."""
+        if not self._created:
+            return
+        layout = RunLayout.of(self.run_dir)
+        try:
+            if {p.name for p in layout.tool_dir.iterdir()} - {layout.lock.name}:
+                return
+            if self.run_dir in self._created \
+                    and {p.name for p in self.run_dir.iterdir()} != {layout.tool_dir.name}:
+                return
+            layout.lock.unlink(missing_ok=True)
+            for folder in reversed(self._created):
+                folder.rmdir()
+        except OSError:
+            pass  # another command is starting in it: leave it
 
 
 @contextmanager
