@@ -25,7 +25,6 @@ server, or a hosted API.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 from typing import Sequence
@@ -220,11 +219,11 @@ class OpenAIBackend:
     def score_options(self, prompts: Sequence[PromptInput],
                       options: Sequence[str]) -> list[list[float] | Overflow]:
         """The log-probability of each option as the first token the server generates after
-        the prompt, read from its ``top_logprobs`` alternatives (several alternatives that
-        spell the same option, e.g. "A" and " A", are added up). An option that is not among
-        them has at most the least likely alternative's probability: that bound is used, and
-        counted in ``bounded`` (raise ``top_logprobs``, if the server allows, to read it).
-        ``NoLogprobs`` when the server returns none."""
+        the prompt, read from its ``top_logprobs`` alternatives: the token that is the option
+        itself ("A", not " A"), as the other engines read it. An option that is not among them
+        has at most the least likely alternative's probability: that bound is used, with a
+        warning, and counted in ``bounded`` (raise ``top_logprobs``, if the server allows, to
+        read it). ``NoLogprobs`` when the server returns none."""
         self._require_open()
         if self.has_logprobs is False:
             raise NoLogprobs(f"the server at {self.url} returns no log-probabilities")
@@ -247,10 +246,8 @@ class OpenAIBackend:
             floor = min(alternatives.values())
             scores = []
             for option in options:
-                found = [lp for token, lp in alternatives.items() if token.strip() == option]
-                if found:
-                    top = max(found)
-                    scores.append(top + math.log(sum(math.exp(lp - top) for lp in found)))
+                if option in alternatives:
+                    scores.append(alternatives[option])
                 else:
                     scores.append(floor)
                     bounded += 1

@@ -50,13 +50,20 @@ class VLLMBackend:
         gpu = torch.cuda.is_available()
         share = model.gpu_memory_utilization or (0.9 if gpu else 0.3)
         dtype = resolve_dtype(model.dtype, "cuda" if gpu else "cpu")
+        extra = {}
+        if not gpu and model.tensor_parallel_size == 1:
+            # On a CPU the engine's own processes buy nothing (they share the same cores) and
+            # each costs a fresh import of torch and vLLM: in this process the engine starts
+            # in about 20 s instead of 60 s on 2 cores.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            extra["distributed_executor_backend"] = "uni"
         try:
             self.llm = vllm.LLM(
                 model=model.name_or_path, revision=model.revision,
                 trust_remote_code=model.trust_remote_code, dtype=str(dtype).removeprefix("torch."),
                 tensor_parallel_size=model.tensor_parallel_size, gpu_memory_utilization=share,
                 max_model_len=model.max_context, enable_prefix_caching=True,
-                enforce_eager=model.enforce_eager, seed=0, max_logprobs=TOP_LOGPROBS)
+                enforce_eager=model.enforce_eager, seed=0, max_logprobs=TOP_LOGPROBS, **extra)
         except (ValueError, RuntimeError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{model_key(what)}: vLLM cannot start '{model.name_or_path}': "
