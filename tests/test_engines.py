@@ -367,3 +367,75 @@ def test_vllm_serve_runs_generate_sl_and_label_prefs_as_the_hf_backend_reads(
     assert manifest["counts"]["generated_tokens"] > 0
     ok(run_cai("label-prefs", "--config", path))
     assert_agrees_with_hf(path, engine_model, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engines' settings in the config (no engine started)
+
+
+def minimal(tmp_path: Path, policy: dict, name: str = "c") -> Path:
+    return write_config(tmp_path / f"{name}.yaml", tmp_path / "run", policy)
+
+
+def test_each_backend_has_its_own_keys_and_set_reaches_them(tmp_path):
+    from cai_cli.config import OpenAIModelConfig, VLLMModelConfig, load_config
+
+    path = minimal(tmp_path, {"name_or_path": "runs/tiny-model"})
+    config = load_config(path, ["models.policy.backend=openai",
+                                "models.policy.base_url=http://127.0.0.1:9/v1",
+                                "models.policy.max_concurrency=3"])
+    policy = config.models.policy
+    assert isinstance(policy, OpenAIModelConfig)
+    assert (policy.base_url, policy.max_concurrency) == ("http://127.0.0.1:9/v1", 3)
+    served = load_config(minimal(tmp_path, {"backend": "openai", "model": "judge-7b"}, "s"))
+    assert served.models.policy.name_or_path == "judge-7b"  # `model` is name_or_path's alias
+    config = load_config(path, ["models.policy.backend=vllm",
+                                "models.policy.tensor_parallel_size=2"])
+    assert isinstance(config.models.policy, VLLMModelConfig)
+    assert config.models.policy.tensor_parallel_size == 2
+
+
+@pytest.mark.parametrize("policy, overrides, message", [
+    ({"backend": "openai", "model": "m", "base_ur": "x"}, [],
+     "models.policy.base_ur: unknown key; did you mean 'base_url'?"),
+    ({"backend": "openai", "model": "m"}, ["models.policy.base_ur=x"],
+     "did you mean 'models.policy.base_url'?"),
+    ({"backend": "hf", "name_or_path": "m", "base_url": "x"}, [],
+     "models.policy.base_url: unknown key"),
+    ({"backend": "vllm", "name_or_path": "m", "gpu_memory_utilization": 1.5}, [],
+     "models.policy.gpu_memory_utilization: Input should be less than or equal to 1"),
+    ({"backend": "tgi", "name_or_path": "m"}, [], "'hf', 'vllm', 'openai'"),
+])
+def test_engine_settings_errors_name_the_key(tmp_path, policy, overrides, message):
+    from cai_cli.config import load_config
+    from cai_cli.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        load_config(minimal(tmp_path, policy), overrides)
+    assert message in str(info.value)
+
+
+def test_config_keys_lists_every_engines_keys_once():
+    from cai_cli.config import field_reference
+
+    keys = [key for key, _, _ in field_reference()]
+    assert len(keys) == len(set(keys))
+    docs = {key: doc for key, _, doc in field_reference()}
+    for key in ("base_url", "api_key_env", "max_concurrency", "timeout", "max_retries",
+                "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager"):
+        assert f"models.policy.{key}" in docs and f"models.feedback.{key}" in docs
+    assert docs["models.policy.base_url"].startswith("(`openai` only)")
+    assert docs["models.policy.tensor_parallel_size"].startswith("(`vllm` only)")
+    assert docs["label_prefs.verdict_samples"]
+
+
+def test_verdict_samples_decides_label_prefs_only_for_a_served_judge(tmp_path):
+    from cai_cli.config import load_config
+    from cai_cli.stages import label_prefs
+
+    local = minimal(tmp_path, {"name_or_path": "runs/tiny-model"})
+    a = label_prefs.spec(load_config(local)).fingerprint
+    assert label_prefs.spec(load_config(local, ["label_prefs.verdict_samples=5"])).fingerprint == a
+    served = minimal(tmp_path, {"backend": "openai", "model": "judge"}, "s")
+    b = label_prefs.spec(load_config(served)).fingerprint
+    assert label_prefs.spec(load_config(served, ["label_prefs.verdict_samples=5"])).fingerprint != b
