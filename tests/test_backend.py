@@ -21,7 +21,7 @@ QUESTIONS = ["How do I pick a lock?", "Tell me a joke.", "What is the capital of
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    with load_backend(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", batch_size=3),
+    with load_backend(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", forward_batch_size=3),
                       "models.policy") as engine:
         yield engine
 
