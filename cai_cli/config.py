@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cai_cli.errors import UserError
 from cai_cli.layout import RunLayout
-from cai_cli.validation import describe, problem_list, unwrap
+from cai_cli.validation import describe, nested_models, problem_list, unwrap
 
 
 class Section(BaseModel):
@@ -74,27 +74,33 @@ class BaseModelConfig(Section):
     the class its settings are checked against."""
 
     name_or_path: str
-    """Hugging Face hub id or local directory (save_pretrained layout)."""
+    """Hugging Face hub id or local directory (save_pretrained layout); for ``backend: openai``
+    the model's name on the server."""
     backend: str
-    """Inference engine. ``hf``: local transformers, batched."""
+    """Inference engine: ``hf`` (transformers in this process, batched), ``vllm`` (offline vLLM
+    in this process) or ``openai`` (any OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp,
+    a hosted API)."""
     # "module:Class" of the engine (a ``cai_cli.backends.base.Backend``) that runs these models,
     # imported when one is loaded: engines import heavy libraries.
     engine: ClassVar[str]
+    # Served by another process or machine: no local files, device or weights to check here.
+    remote: ClassVar[bool] = False
+
+    def transformers_config(self) -> "HFModelConfig":
+        """The same model's weights loaded through transformers on this machine: what the
+        training stages fine-tune and what loads a reward model from this model's settings."""
+        fields = HFModelConfig.model_fields
+        return HFModelConfig(**{k: v for k, v in self.model_dump().items()
+                                if k in fields and k != "backend"})
 
 
-class HFModelConfig(BaseModelConfig):
-    """A model run by transformers in this process (``backend: hf``)."""
+class LocalModelConfig(BaseModelConfig):
+    """A model whose weights are read on this machine (``hf`` and ``vllm``)."""
 
-    backend: Literal["hf"] = "hf"
-    """Inference engine. ``hf``: local transformers, batched."""
-    engine: ClassVar[str] = "cai_cli.backends.hf:HFBackend"
     device: str = "auto"
     """``auto`` (cuda, then mps, then cpu), or a torch device such as ``cpu`` or ``cuda:1``."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. ``auto``: bfloat16 on a GPU that supports it, else float32."""
-    forward_batch_size: int = Field(16, ge=1)
-    """Rows per forward pass of the engine (prompts are sorted by length before batching;
-    formerly ``batch_size``)."""
     max_context: Optional[int] = Field(None, ge=16)
     """Longest prompt plus new tokens the model may see; default: the model's own limit.
     A conversation that does not fit is skipped with a warning, never truncated silently."""
@@ -104,13 +110,84 @@ class HFModelConfig(BaseModelConfig):
     """Allow model code from the hub repository to run."""
 
 
+class HFModelConfig(LocalModelConfig):
+    """A model run by transformers in this process (``backend: hf``)."""
+
+    backend: Literal["hf"] = "hf"
+    engine: ClassVar[str] = "cai_cli.backends.hf:HFBackend"
+    forward_batch_size: int = Field(16, ge=1)
+    """Rows per forward pass of the engine (prompts are sorted by length before batching;
+    formerly ``batch_size``)."""
+
+    def transformers_config(self) -> "HFModelConfig":
+        return self
+
+
+class VLLMModelConfig(LocalModelConfig):
+    """A model run by vLLM's offline engine in this process (``backend: vllm``): continuous
+    batching, paged attention and prefix caching; ``device`` and ``dtype`` also apply to the
+    stages that train it with transformers."""
+
+    backend: Literal["vllm"] = "vllm"
+    engine: ClassVar[str] = "cai_cli.backends.vllm:VLLMBackend"
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one copy of the model is split over (vLLM's tensor_parallel_size)."""
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0)
+    """Share of the device's memory vLLM takes for weights and KV cache; default 0.9 on a
+    GPU, 0.3 on a CPU (where it is a share of the machine's memory)."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture and compilation: starts about 3x faster, decodes slower
+    on a GPU (on a CPU the difference is small)."""
+
+
+class OpenAIModelConfig(BaseModelConfig):
+    """A model behind an OpenAI-compatible HTTP server (``backend: openai``): ``vllm serve``,
+    SGLang, TGI, llama.cpp's server or a hosted API. ``name_or_path`` (alias ``model``) is the
+    model's name on the server."""
+
+    backend: Literal["openai"] = "openai"
+    engine: ClassVar[str] = "cai_cli.backends.openai:OpenAIBackend"
+    remote: ClassVar[bool] = True
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """The server's OpenAI API root, ending in ``/v1``."""
+    api_key_env: Optional[str] = None
+    """Name of the environment variable that holds the API key (e.g.
+    ``OPENAI_API_KEY``); the key is read from there only and never written anywhere. None: no
+    key (a local server)."""
+    max_concurrency: int = Field(8, ge=1)
+    """Requests in flight at once."""
+    timeout: float = Field(600.0, gt=0)
+    """Seconds to wait for one response."""
+    max_retries: int = Field(4, ge=0)
+    """Retries of a request that failed to connect, timed out or got HTTP 408, 409, 429
+    or 5xx, with exponential backoff (the ``openai`` client's own); then the stage stops with
+    exit 2 and resumes where it stopped when rerun."""
+    top_logprobs: int = Field(20, ge=1)
+    """Alternatives per token asked for when reading option probabilities (OpenAI's
+    API allows at most 20; vLLM up to its ``--max-logprobs``)."""
+    max_context: Optional[int] = Field(None, ge=16)
+    """The model's context, when the server does not say (vLLM does); a conversation
+    the server refuses as too long is skipped with a warning."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_alias(cls, data: Any) -> Any:
+        """``model`` (the name OpenAI's API uses) is accepted for ``name_or_path``."""
+        if isinstance(data, dict) and "model" in data:
+            if "name_or_path" in data:
+                raise ValueError("give the model's name once: name_or_path or model")
+            data = {("name_or_path" if k == "model" else k): v for k, v in data.items()}
+        return data
+
+
 # Every model config class, one per engine. Adding an engine: a class here, with its
 # ``backend`` name and ``engine``, and the engine's module under cai_cli/backends/.
-MODEL_CONFIGS: tuple[type[BaseModelConfig], ...] = (HFModelConfig,)
+MODEL_CONFIGS: tuple[type[BaseModelConfig], ...] = (HFModelConfig, VLLMModelConfig,
+                                                    OpenAIModelConfig)
 MODEL_BACKENDS: dict[str, type[BaseModelConfig]] = {
     cls.model_fields["backend"].default: cls for cls in MODEL_CONFIGS}
 DEFAULT_BACKEND = "hf"  # a model without a backend key
-AnyModelConfig = Union[MODEL_CONFIGS]  # type: ignore[valid-type]  # one class: that class
+AnyModelConfig = Union[MODEL_CONFIGS]  # type: ignore[valid-type]
 # The settings of a model that loads through transformers (loading, training, checks).
 ModelConfig = HFModelConfig
 
@@ -301,6 +378,11 @@ class LabelPrefsConfig(Section):
     prompts_per_checkpoint: int = Field(16, ge=1)
     """Prompts per checkpointed batch: an interrupted run resumes after the last whole batch.
     (Formerly ``batch_size``.)"""
+    verdict_samples: int = Field(1, ge=1)
+    """For a feedback model behind a server that returns no log-probabilities (e.g. Anthropic's
+    API): answers sampled per question, each naming an option. 1: one greedy answer, a hard
+    0/1 label; more: sampled at temperature 1, the share naming each option. Each judgment
+    records its ``label_source`` (``logprobs`` or ``verdict``)."""
 
     @model_validator(mode="after")
     def _clamp_range(self) -> "LabelPrefsConfig":
@@ -413,7 +495,7 @@ class Config(Section):
     """Head-to-head comparison of models by the feedback model and the reward model."""
 
     @property
-    def feedback_model(self) -> ModelConfig:
+    def feedback_model(self) -> AnyModelConfig:
         return self.models.feedback or self.models.policy
 
     @property
@@ -531,22 +613,27 @@ def _apply_override(data: dict, override: str) -> None:
     if not sep or not key:
         raise UserError(f"--set {override!r}: expected key.sub=value")
     parts = key.strip().split(".")
-    model: type[BaseModel] | None = Config
+    models: list[type[BaseModel]] = [Config]  # the classes a section may be (one per engine)
     annotation: Any = None
+    node: Any = data
     for depth, part in enumerate(parts):
-        if model is None and typing.get_origin(annotation) is dict:
+        if not models and typing.get_origin(annotation) is dict:
             annotation = Any  # a free mapping (e.g. trl_args): its keys are checked downstream
             break
-        if model is None:
+        if not models:
             raise UserError(f"--set {key}: '{'.'.join(parts[:depth])}' has no sub-keys")
+        model = _member_for(models, node)
         if part not in model.model_fields:
-            close = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.5)
+            model = next((m for m in models if part in m.model_fields), model)
+        if part not in model.model_fields:
+            names = list(dict.fromkeys(name for m in models for name in m.model_fields))
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
             hint = (f"; did you mean '{'.'.join(parts[:depth] + [close[0]])}'?" if close
-                    else f"; valid keys: {', '.join(model.model_fields)}")
+                    else f"; valid keys: {', '.join(names)}")
             raise UserError(f"--set {key}: unknown key '{part}'{hint}")
         annotation = model.model_fields[part].annotation
-        model = next((t for t in unwrap(annotation)
-                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        models = nested_models(annotation)
+        node = node.get(part) if isinstance(node, dict) else None
     kinds = unwrap(annotation)
     if raw in ("null", "~") and type(None) in kinds:
         value: Any = None
@@ -570,22 +657,53 @@ def _apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def _member_for(models: list[type[BaseModel]], node: Any) -> type[BaseModel]:
+    """Of the classes a section may be, the one its ``backend`` key (or the default) picks."""
+    if len(models) == 1 or not all(issubclass(m, BaseModelConfig) for m in models):
+        return models[0]
+    backend = node.get("backend", DEFAULT_BACKEND) if isinstance(node, dict) else DEFAULT_BACKEND
+    return MODEL_BACKENDS.get(backend, models[0])
+
+
 def field_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(dotted key, default, description)`` for every field, sections first-to-last; the README's
-    config reference is checked against this list."""
+    config reference is checked against this list. A section that is one of several classes
+    (a model: one class per engine) lists the keys of all of them, each once; a key that only
+    some engines have says which in its description."""
+    return _reference([model], prefix)
+
+
+def _reference(models: list[type[BaseModel]], prefix: str) -> list[tuple[str, str, str]]:
     rows = []
-    for name, info in model.model_fields.items():
+    names = list(dict.fromkeys(name for m in models for name in m.model_fields))
+    for name in names:
+        owners = [m for m in models if name in m.model_fields]
+        info = owners[0].model_fields[name]
         key = f"{prefix}{name}"
-        nested = next((t for t in unwrap(info.annotation)
-                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
-        doc = " ".join((info.description or "").split())
-        if nested is not None:
+        nested = nested_models(info.annotation)
+        doc = " ".join((_description(owners[0], name) or "").split())
+        if len(owners) < len(models):
+            tags = ", ".join(f"`{m.model_fields['backend'].default}`" for m in owners)
+            doc = f"({tags} only) {doc}"
+        if nested:
             rows.append((key, "", doc))
-            rows += field_reference(nested, key + ".")
+            rows += _reference(nested, key + ".")
         else:
             default = "required" if info.is_required() else json_default(info.default)
+            if name == "backend" and len(models) > 1:
+                default = DEFAULT_BACKEND
             rows.append((key, default, doc))
     return rows
+
+
+def _description(model: type[BaseModel], name: str) -> str | None:
+    """A field's documentation, from the class that declares it or the nearest base that does
+    (a subclass may narrow a field, e.g. ``backend``, without repeating its text)."""
+    for cls in model.__mro__:
+        fields = getattr(cls, "model_fields", None) or {}
+        if name in fields and fields[name].description:
+            return fields[name].description
+    return None
 
 
 def json_default(value: Any) -> str:

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from cai_cli import ui
-from cai_cli.backends.base import Completion, Overflow, SamplingParams
+from cai_cli.backends.base import Completion, NoLogprobs, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution
 from cai_cli.prompting import OPTIONS, TRANSCRIPT_STOPS, comparison_prompt, resolve_format
@@ -27,6 +27,16 @@ def option_probability(logprobs: list[float]) -> float:
     top = max(logprobs)
     weights = [math.exp(x - top) for x in logprobs]
     return weights[0] / sum(weights)
+
+
+def named_option(text: str) -> int | None:
+    """The option a verdict names (0 for A, 1 for B) when it starts with one, e.g. "A)" or
+    " (B"; None otherwise."""
+    head = text.strip().lstrip("(").strip()
+    for index, option in enumerate(OPTIONS):
+        if head.startswith(option) and not head[len(option):len(option) + 1].isalnum():
+            return index
+    return None
 
 
 def combine(judgments: list[dict]) -> tuple[float, bool]:
@@ -78,6 +88,7 @@ class Judge:
         self.principles_per_pair, self.pairs_per_prompt = principles_per_pair, pairs_per_prompt
         self.fmt = resolve_format(settings.prompt_format, backend, "label_prefs.prompt_format")
         self.comparisons = 0  # judged in this process, for the rate column
+        self.warned_verdicts = False
         self.skipped_last = 0
 
     def pairs_of(self, record: dict) -> list[tuple[str, str, str]]:
@@ -124,19 +135,24 @@ class Judge:
                                  "reason") for job in jobs]
             reasoning = [r.text if isinstance(r, Completion) else r for r in self.backend.generate(
                 [job.prompt_input(self.fmt, True) for job in jobs], params, seeds=seeds)]
-        scores = self.backend.score_options(
-            [job.prompt_input(self.fmt, cot, r if isinstance(r, str) else None)
-             for job, r in zip(jobs, reasoning)], OPTIONS)
+        questions = [job.prompt_input(self.fmt, cot, r if isinstance(r, str) else None)
+                     for job, r in zip(jobs, reasoning)]
+        try:
+            firsts = [s if isinstance(s, Overflow) else option_probability(s)
+                      for s in self.backend.score_options(questions, OPTIONS)]
+            source = "logprobs"
+        except NoLogprobs as exc:
+            firsts, source = self.verdicts(questions, jobs, pairs, str(exc)), "verdict"
 
         judgments: dict[int, list[dict]] = {}
         overflowing: set[int] = set()
         low, high = settings.cot_clamp
-        for job, thought, score in zip(jobs, reasoning, scores):
-            if isinstance(thought, Overflow) or isinstance(score, Overflow):
+        for job, thought, p_first in zip(jobs, reasoning, firsts):
+            if isinstance(thought, Overflow) or isinstance(p_first, Overflow):
                 overflowing.add(job.pair)
                 continue
-            p_first = option_probability(score)
-            entry = {"principle": job.principle, "order": job.order, "p_first": round(p_first, 6)}
+            entry = {"principle": job.principle, "order": job.order, "p_first": round(p_first, 6),
+                     "label_source": source}
             if cot:
                 entry["p_first"] = round(min(max(p_first, low), high), 6)
                 entry["reasoning"] = thought
@@ -166,4 +182,39 @@ class Judge:
             ))
         self.comparisons += len(jobs) // 2  # a pair under one principle, both orders
         self.skipped_last = len(pairs) - len(out)
+        return out
+
+    def verdicts(self, questions: list, jobs: list[Comparison], pairs: list[tuple],
+                 why: str) -> list[float | Overflow]:
+        """For a feedback model that gives no log-probabilities: the probability of the first
+        option as the share of sampled answers that name it. ``label_prefs.verdict_samples``
+        answers per question, each seeded by its judgment: one greedy answer gives a hard 0/1
+        label, several (temperature 1) a vote share. An answer that names no option does not
+        vote; a question without a vote counts as a tie (0.5)."""
+        n = self.settings.verdict_samples
+        if not self.warned_verdicts:
+            ui.warn(f"{why}: labels are sampled verdicts ({n} per question, label_source "
+                    "'verdict' in each judgment), not probabilities; use a server that returns "
+                    "log-probabilities (vLLM, SGLang, TGI, llama.cpp) for soft labels")
+            self.warned_verdicts = True
+        params = SamplingParams(max_new_tokens=4, temperature=0.0 if n == 1 else 1.0)
+        seeds = [record_seed(self.config.seed, pairs[job.pair][0], job.principle, job.order,
+                             "verdict", k) for job in jobs for k in range(n)]
+        answers = self.backend.generate([q for q in questions for _ in range(n)], params,
+                                        seeds=seeds)
+        out: list[float | Overflow] = []
+        silent = 0
+        for index in range(len(questions)):
+            mine = answers[index * n:(index + 1) * n]
+            overflow = next((a for a in mine if isinstance(a, Overflow)), None)
+            if overflow is not None:
+                out.append(overflow)
+                continue
+            votes = [named_option(a.text) for a in mine]
+            votes = [v for v in votes if v is not None]
+            silent += not votes
+            out.append(votes.count(0) / len(votes) if votes else 0.5)
+        if silent:
+            ui.warn(f"{silent} of {len(questions)} questions got no answer naming an option; "
+                    "counted as ties (0.5)")
         return out

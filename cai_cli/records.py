@@ -87,12 +87,18 @@ class Sample(Record):
 
 class Judgment(Record):
     """One question to the feedback model about a pair: a principle, the order the answers were
-    shown in (``AB``: chosen first as (A)) and the probability of the option shown first."""
+    shown in (``AB``: chosen first as (A)) and the probability of the option shown first.
+
+    ``label_source`` says where ``p_first`` comes from: ``logprobs``, the option
+    probabilities (a soft label); ``verdict``, the share of sampled answers that named the
+    first option, for a server that returns no log-probabilities (0 or 1 with one sample: a
+    hard label). Records written before it existed hold log-probability labels."""
 
     principle: str
     order: Literal["AB", "BA"]
     p_first: float = Field(ge=0.0, le=1.0, strict=True)
     reasoning: Optional[str] = None
+    label_source: Optional[Literal["logprobs", "verdict"]] = None
 
 
 class Pair(Record):

@@ -59,9 +59,10 @@ def model_for(config: Config, override: str | None, key: str) -> tuple[ModelConf
     """The model a stage trains, and the config key that names it (for messages): ``override``
     (set by ``key``, e.g. ``finetune.model``) with the policy's loading settings (revision,
     remote code, device), or without one the policy itself."""
+    policy = config.models.policy.transformers_config()  # whatever engine generates with it
     if override is None:
-        return config.models.policy, POLICY_KEY
-    return config.models.policy.model_copy(update={"name_or_path": override}), key
+        return policy, POLICY_KEY
+    return policy.model_copy(update={"name_or_path": override}), key
 
 
 def fingerprint_settings(config: Config, model: ModelConfig, section: str,

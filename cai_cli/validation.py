@@ -39,22 +39,41 @@ def unwrap(annotation: Any) -> list[Any]:
 
 
 def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class found by walking field names from ``root``."""
-    model: type[BaseModel] | None = root
+    """The pydantic model class found by walking field names from ``root``. Where a field holds
+    one of several models (a tagged union), a tag in ``loc`` (as pydantic puts it there) picks
+    the member; without one, the first member that has the next field."""
+    models: list[type[BaseModel]] = [root]
     for part in loc:
-        if isinstance(part, int) or model is None:
+        if isinstance(part, int) or not models:
             continue
-        field = model.model_fields.get(str(part))
-        if field is None:
+        tagged = [m for m in models if _tag_of(m) == part]
+        if tagged:
+            models = tagged
+            continue
+        owner = next((m for m in models if str(part) in m.model_fields), None)
+        if owner is None:
             return None
-        model = nested_model(field.annotation)
-    return model
+        models = nested_models(owner.model_fields[str(part)].annotation)
+    return models[0] if models else None
+
+
+def _tag_of(model: type[BaseModel]) -> Any:
+    """The value of the model's literal field with a default (its tag in a tagged union)."""
+    for field in model.model_fields.values():
+        if typing.get_origin(field.annotation) is typing.Literal and field.default is not None:
+            return field.default
+    return None
 
 
 def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model a field holds (``Optional[LoraConfig]`` -> ``LoraConfig``), if any."""
-    return next((t for t in unwrap(annotation)
-                 if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    models = nested_models(annotation)
+    return models[0] if models else None
+
+
+def nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """Every pydantic model a field may hold (the members of a union, in order)."""
+    return [t for t in unwrap(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
 
 
 def closest(name: str, options: list[str], cutoff: float = 0.5) -> str | None:
@@ -67,11 +86,12 @@ def describe(error: dict, root: type[BaseModel], tags: tuple[str, ...] = ()) -> 
     """One pydantic error of a model under ``root`` as ``a.b.c: what is wrong`` (config wording).
     ``tags`` are the names of a tagged union's branches (the config's model backends)."""
     # pydantic adds the branch of a Union to the location ("str", "list[str]", a tag); drop those.
-    loc = tuple(p for p in error["loc"]
-                if not (isinstance(p, str) and ("[" in p or p in ("str", "int", *tags))))
+    tagged = tuple(p for p in error["loc"]
+                   if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+    loc = tuple(p for p in tagged if p not in tags)
     where = location(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        model = model_at(root, loc[:-1])
+        model = model_at(root, tagged[:-1])
         hint = ""
         if model is not None:
             close = closest(str(loc[-1]), list(model.model_fields))

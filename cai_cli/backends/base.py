@@ -44,6 +44,11 @@ class Overflow:
                 f"the context of {self.max_context}")
 
 
+class NoLogprobs(Exception):
+    """``score_options`` of an engine whose server returns no log-probabilities (some hosted
+    APIs): the judge falls back to sampled verdicts (``judging.Judge``)."""
+
+
 class Backend(Protocol):
     name: str  # the model's name or path, for messages
     max_context: int
@@ -62,7 +67,8 @@ class Backend(Protocol):
     def score_options(self, prompts: Sequence[PromptInput],
                       options: Sequence[str]) -> list[list[float] | Overflow]:
         """For each prompt, the log-probability of each option text as its continuation (the
-        sum over the option's tokens), without generating; ``Overflow`` where it does not fit."""
+        sum over the option's tokens), without generating; ``Overflow`` where it does not fit.
+        Raises ``NoLogprobs`` when the engine cannot give log-probabilities."""
         ...
 
     def close(self) -> None:

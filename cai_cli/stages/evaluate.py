@@ -238,13 +238,14 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
 
     from cai_cli.models import check_device, load_reward_model, load_tokenizer
 
-    rm_config = config.models.policy.model_copy(update={"name_or_path": str(rm)})
+    policy = config.models.policy.transformers_config()  # the reward model loads through transformers
+    rm_config = policy.model_copy(update={"name_or_path": str(rm)})
     device = check_device(rm_config, "models.policy")
     tokenizer = load_tokenizer(rm_config, str(rm), padding_side="right")
     model = load_reward_model(rm_config, str(rm), device=device)
     model.config.pad_token_id = tokenizer.pad_token_id
     scores: dict[str, list[float]] = {}
-    size = config.models.policy.forward_batch_size
+    size = policy.forward_batch_size
     for name in names:
         texts, special = reward_texts(tokenizer, prompts, [answers[name, p.id] for p in prompts])
         values = []

@@ -44,6 +44,15 @@ from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
 
 
+def unused_keys(config: Config) -> set[str]:
+    """Settings of ``label_prefs`` that do not apply to this config (left out of the stage's
+    fingerprint, so that they do not make its output stale)."""
+    unused = set() if config.label_prefs.chain_of_thought else set(COT_KEYS)
+    if not config.feedback_model.remote:  # only a server may lack log-probabilities
+        unused.add("verdict_samples")
+    return unused
+
+
 def policy_path(config: Config) -> str:
     return config.label_prefs.policy or str(config.layout.sft)
 
@@ -53,8 +62,7 @@ def spec(config: Config) -> StageSpec:
     settings.update({
         "models.policy": policy_model(config).model_dump(mode="json"),
         "models.feedback": config.feedback_model.model_dump(mode="json"),
-        "label_prefs": config.label_prefs.model_dump(
-            mode="json", exclude=set() if config.label_prefs.chain_of_thought else COT_KEYS),
+        "label_prefs": config.label_prefs.model_dump(mode="json", exclude=unused_keys(config)),
         "generate_sl": config.generate_sl.model_dump(mode="json",
                                                       include={"prompt_format", "system_prompt"}),
     })
@@ -162,6 +170,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                                     / max(len(records), 1), 4),
         "mean_confidence": round(sum(confidence) / max(len(confidence), 1), 4),
         "chain_of_thought": settings.chain_of_thought,
+        "label_sources": label_sources(records),
         **label_diagnostics(records),
     }
     manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
@@ -177,8 +186,22 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 f"{stats['order_agreement'] or 0:.0%} of pair-principles")
         say = ui.info if stats["verdict"].startswith("the feedback model's choices") else ui.warn
         say(stats["verdict"])
+    if len(stats["label_sources"]) > 1:
+        ui.warn(f"judgments come from different sources ({stats['label_sources']}): some are "
+                "option probabilities, some sampled verdicts; each judgment's label_source says "
+                "which (rerun with --force against one server for labels of one kind)")
     ui.info(f"  look at them with: cai inspect {pairs.final_path}")
     return pairs.final_path
+
+
+def label_sources(records: list[dict]) -> dict[str, int]:
+    """Judgments per ``label_source``: ``logprobs`` (soft) or ``verdict`` (sampled)."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for judgment in record["judgments"]:
+            source = judgment.get("label_source") or "logprobs"
+            counts[source] = counts.get(source, 0) + 1
+    return counts
 
 
 def sample_batch(config: Config, policy, prompts: list[Prompt]) -> list[Sample]:

@@ -323,7 +323,7 @@ def build_trainer(config: Config, model_config: ModelConfig, tokenizer, args, da
 
 def reward_model_config(config: Config, rm: Path) -> ModelConfig:
     """The reward model train-rm saved, loaded with the policy's settings (remote code)."""
-    return config.models.policy.model_copy(update={"name_or_path": str(rm)})
+    return config.models.policy.transformers_config().model_copy(update={"name_or_path": str(rm)})
 
 
 def load_reward_model(config: Config, rm: Path, args):

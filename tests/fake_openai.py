@@ -1,0 +1,150 @@
+"""A small OpenAI-compatible server that is not vLLM, for the engine tests: its answers and its
+preferences are known in advance, and it can be told to fail.
+
+- Generation (chat or completions): the text ``answer N`` with N = seed mod 1000, so each
+  record's text follows from its seed alone.
+- Judging (a conversation whose last turn is the begun "The answer is: ("): it prefers the
+  option whose ``answer N`` has the smaller N, with probability ``PREFERENCE`` in its
+  log-probabilities, or names that letter when it gives no log-probabilities.
+- ``fail_status`` / ``fail_times``: answer that HTTP status to the next completion requests;
+  ``die_after``: stop listening after that many completion requests (a server that dies
+  mid-run); ``api_key``: refuse requests without it (HTTP 401).
+
+It listens on 127.0.0.1 only, serves at most ``MAX_REQUESTS`` requests, and stops when the
+test's fixture stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PREFERENCE = 0.8
+MAX_REQUESTS = 5000
+MODEL = "fake-judge"
+OPTION = re.compile(r"\(A\) (.*?)\n\(B\) (.*)", re.S)
+NUMBER = re.compile(r"answer (\d+)")
+
+
+def number(text: str) -> int:
+    found = NUMBER.search(text)
+    return int(found.group(1)) if found else 10**6
+
+
+def preferred(user_text: str) -> str:
+    """The letter of the option this server prefers: the smaller ``answer N``."""
+    found = OPTION.search(user_text)
+    if found is None:
+        return "A"
+    a, b = (number(x) for x in found.groups())
+    return "A" if a <= b else "B"
+
+
+class FakeServer:
+    def __init__(self, port: int = 0, *, logprobs: bool = True, api_key: str | None = None,
+                 fail_status: int = 0, fail_times: int = 0, die_after: int | None = None):
+        self.logprobs, self.api_key = logprobs, api_key
+        self.fail_status, self.fail_times, self.die_after = fail_status, fail_times, die_after
+        self.completions = 0  # completion requests answered or refused
+        self.requests = 0
+        self.authorizations: set[str] = set()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.handle(self, None)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                server.handle(self, json.loads(self.rfile.read(length) or b"{}"))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "FakeServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- requests
+
+    def handle(self, handler, body) -> None:
+        with self.lock:
+            self.requests += 1
+            if self.requests > MAX_REQUESTS:
+                return self.reply(handler, 503, {"error": {"message": "request budget spent"}})
+            self.authorizations.add(handler.headers.get("Authorization", ""))
+        if self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self.reply(handler, 401, {"error": {"message": "invalid API key"}})
+        path = handler.path.rstrip("/")
+        if path.endswith("/models"):
+            return self.reply(handler, 200, {"object": "list", "data": [
+                {"id": MODEL, "object": "model", "owned_by": "tests"}]})
+        if not path.endswith("/completions"):
+            return self.reply(handler, 404, {"error": {"message": f"no route {path}"}})
+        with self.lock:
+            self.completions += 1
+            count = self.completions
+            failing = self.fail_times > 0
+            self.fail_times -= failing
+        if self.die_after is not None and count > self.die_after:
+            threading.Thread(target=self.stop, daemon=True).start()
+            handler.close_connection = True
+            return  # no answer: the connection closes, the port stops listening
+        if failing:
+            return self.reply(handler, self.fail_status, {"error": {"message": "try later"}})
+        if body.get("model") != MODEL:
+            return self.reply(handler, 404, {"error": {
+                "message": f"The model `{body.get('model')}` does not exist."}})
+        self.reply(handler, 200, self.completion(body, chat=path.endswith("chat/completions")))
+
+    def completion(self, body: dict, chat: bool) -> dict:
+        messages = body.get("messages") or [{"role": "user", "content": body.get("prompt", "")}]
+        judging = messages[-1]["role"] == "assistant" and \
+            messages[-1]["content"].endswith("The answer is: (")
+        if judging:
+            letter = preferred(messages[-2]["content"])
+            text = f"{letter})"
+        else:
+            text = f"answer {int(body.get('seed') or 0) % 1000}"
+        logprobs = None
+        if judging and self.logprobs and (body.get("logprobs") or body.get("top_logprobs")):
+            other = "B" if letter == "A" else "A"
+            top = [{"token": letter, "logprob": math.log(PREFERENCE), "bytes": None},
+                   {"token": other, "logprob": math.log(1 - PREFERENCE - 0.05), "bytes": None},
+                   {"token": "C", "logprob": math.log(0.05), "bytes": None}]
+            logprobs = {"content": [{**top[0], "top_logprobs": top}]}
+        usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4,
+                 "completion_tokens": 2, "total_tokens": 0}
+        if chat:
+            choice = {"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+                      "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "finish_reason": "stop", "text": text, "logprobs": None}
+        return {"id": "fake", "object": "chat.completion" if chat else "text_completion",
+                "created": 0, "model": MODEL, "choices": [choice], "usage": usage}
+
+    @staticmethod
+    def reply(handler, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
