@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -31,7 +32,8 @@ from cai_cli.seeding import record_seed
 from fake_openai import MODEL, PREFERENCE, FakeServer, number
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / ".venv-vllm" / "bin"
+VENV = ROOT / ".venv-vllm" / "bin"  # vLLM's own environment (`make vllm`)
+HERE = Path(sys.executable).parent  # this suite's environment: a served judge needs no vLLM
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
 CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
 LOCAL = "127.0.0.1,localhost"
@@ -48,13 +50,16 @@ VLLM_SETTINGS = {"enforce_eager": True, "gpu_memory_utilization": 0.1, "max_cont
 # over several hundredths, which the test checks too, so the tolerance can tell them apart.
 AGREEMENT = 1e-3
 
-pytestmark = pytest.mark.skipif(not (VENV / "cai").is_file(),
+needs_vllm = pytest.mark.skipif(not (VENV / "cai").is_file(),
                                 reason="no .venv-vllm: `make vllm` (make test builds it first)")
 
 
-def run_cai(*args, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``cai ARGS`` of the vLLM environment, as a user runs it, from the repository root."""
-    return subprocess.run([str(VENV / "cai"), *map(str, args)], capture_output=True, text=True,
+def run_cai(*args, env: dict | None = None, timeout: float = 900,
+            venv: Path = HERE) -> subprocess.CompletedProcess:
+    """``cai ARGS`` as a user runs it (``python -m cai_cli`` is the ``cai`` script), from the
+    repository root: this suite's environment, or ``venv=VENV`` for the one with vLLM."""
+    return subprocess.run([str(venv / "python"), "-m", "cai_cli", *map(str, args)],
+                          capture_output=True, text=True,
                           timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
 
 
@@ -286,6 +291,7 @@ def assert_agrees_with_hf(config_path: Path, model: Path, run_dir: Path) -> None
     assert max(got.values()) - min(got.values()) > 10 * AGREEMENT  # the check can fail
 
 
+@needs_vllm
 def test_vllm_offline_generate_sl_skips_what_does_not_fit_and_keeps_the_rest(
         tmp_path, engine_model):
     prompts = tmp_path / "prompts.jsonl"
@@ -295,7 +301,7 @@ def test_vllm_offline_generate_sl_skips_what_does_not_fit_and_keeps_the_rest(
     path = write_config(tmp_path / "c.yaml", tmp_path / "run",
                         {"backend": "vllm", "name_or_path": str(engine_model), **VLLM_SETTINGS},
                         prompts=prompts)
-    result = ok(run_cai("generate-sl", "--config", path))
+    result = ok(run_cai("generate-sl", "--config", path, venv=VENV))
     assert "skipped at the answer" in result.stderr and "exceed the context of 1024" in result.stderr
     chains = read(tmp_path / "run" / "sl" / "chains.jsonl")
     assert sorted(c["prompt"] for c in chains) == sorted(texts[:3])
@@ -304,12 +310,13 @@ def test_vllm_offline_generate_sl_skips_what_does_not_fit_and_keeps_the_rest(
     assert manifest["counts"]["skipped"] == 1 and manifest["counts"]["generated_tokens"] > 0
 
 
+@needs_vllm
 def test_vllm_offline_samples_and_judges_as_the_hf_backend_reads(tmp_path, engine_model):
     # both engines in the cai process, one after the other: the policy's is closed first
     engine = {"backend": "vllm", "name_or_path": str(engine_model), **VLLM_SETTINGS}
     path = write_config(tmp_path / "c.yaml", tmp_path / "run", engine, feedback=engine,
                         label_prefs={"policy": str(engine_model)})
-    ok(run_cai("label-prefs", "--config", path))
+    ok(run_cai("label-prefs", "--config", path, venv=VENV))
     samples = read(tmp_path / "run" / "prefs" / "samples.jsonl")
     assert len(samples) == 4 and all(len(set(s["responses"])) == 2 for s in samples)
     assert_agrees_with_hf(path, engine_model, tmp_path / "run")
@@ -356,16 +363,17 @@ def vllm_server(engine_model, tmp_path_factory):
             process.wait()
 
 
+@needs_vllm
 def test_vllm_serve_runs_generate_sl_and_label_prefs_as_the_hf_backend_reads(
         tmp_path, vllm_server, engine_model):
     path = write_config(tmp_path / "c.yaml", tmp_path / "run", served(vllm_server, engine_model),
                         label_prefs={"policy": str(engine_model)})
-    ok(run_cai("generate-sl", "--config", path))
+    ok(run_cai("generate-sl", "--config", path, venv=VENV))
     chains = read(tmp_path / "run" / "sl" / "chains.jsonl")
     assert len(chains) == 4 and all(c["initial"] and c["rounds"][0]["revision"] for c in chains)
     manifest = json.loads((tmp_path / "run" / "sl" / "manifest.json").read_text())
     assert manifest["counts"]["generated_tokens"] > 0
-    ok(run_cai("label-prefs", "--config", path))
+    ok(run_cai("label-prefs", "--config", path, venv=VENV))
     assert_agrees_with_hf(path, engine_model, tmp_path / "run")
 
 
