@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Scripts run more than once, with these arguments (the others once, without any).
+RUNS = {"smollm2.py": [[], ["--model", "runs/tiny-model", "--config", "configs/tiny.yaml",
+                            "--target", "4"]]}
 
 
 def machine() -> str:
@@ -33,14 +36,16 @@ def main() -> None:
     scripts = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
     sections = [f"# Benchmark results\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine()}\n"]
     failed = False
-    for script in scripts:
-        print(f"== {script.name}", flush=True)
-        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    for script, arguments in ((s, a) for s in scripts for a in RUNS.get(s.name, [[]])):
+        command = " ".join([f"benchmarks/{script.name}", *arguments])
+        print(f"== {command}", flush=True)
+        result = subprocess.run([sys.executable, str(script), *arguments], capture_output=True,
+                                text=True, cwd=HERE.parent)
         output = result.stdout + (f"\n(exit code {result.returncode})\n{result.stderr[-2000:]}"
                                   if result.returncode else "")
         failed |= result.returncode != 0
         print(output, flush=True)
-        sections.append(f"## {script.name}\n\n```text\n$ python benchmarks/{script.name}\n"
+        sections.append(f"## {command}\n\n```text\n$ python {command}\n"
                         f"{output.strip()}\n```\n")
     (HERE / "RESULTS.md").write_text("\n".join(sections))
     print(f"written: {HERE / 'RESULTS.md'}")

@@ -87,3 +87,25 @@ def test_close_releases_the_model_and_the_backend_refuses_work(tiny_model_dir):
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(prompts()[:1], SamplingParams(max_new_tokens=2))
     engine.close()  # a second close does nothing
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.2, 0.9), (1.0, 0.5), (3.0, 0.95), (10.0, 0.99)])
+def test_top_p_keeps_the_nucleus_transformers_keeps(temperature, top_p):
+    """The sampler's top-p looks among the likeliest tokens first; it keeps the same tokens as
+    transformers' warper, for narrow nuclei and for ones wider than where it looks first."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from cai_cli.backends.hf import TOP_P_CANDIDATES, gumbel_sampler
+
+    scores = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * 4 / temperature
+    ids = torch.zeros(8, 1, dtype=torch.long)
+    expected = TopPLogitsWarper(top_p)(ids, scores.clone())
+    top_p_step = gumbel_sampler(SamplingParams(max_new_tokens=1, temperature=temperature,
+                                               top_p=top_p))[1]
+    got = top_p_step(ids, scores.clone())
+    assert torch.equal(got, expected)
+    kept = (expected > float("-inf")).sum(-1)
+    assert kept.min() >= 1 and kept.max() < 4096
+    if temperature >= 3.0:
+        assert kept.max() > TOP_P_CANDIDATES  # the wide case was exercised

@@ -254,7 +254,8 @@ def test_a_kill_after_the_final_save_does_not_train_again(tmp_path, tiny_model_d
 
 
 def test_ctrl_c_after_force_says_how_to_resume(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, limit=16)
+    # 20 checkpoints: on a busy machine the interrupt still comes long before the last one
+    config = write_config(tmp_path, tiny_model_dir, limit=40)
     process = start("generate-sl", "--config", config, "--force")
     run = tmp_path / "run"
     progress = run / "sl" / ".chains.jsonl.progress.json"
@@ -263,6 +264,7 @@ def test_ctrl_c_after_force_says_how_to_resume(tmp_path, tiny_model_dir):
         if progress.is_file() and json.loads(progress.read_text() or "{}").get("batches", 0) >= 1:
             break
         time.sleep(0.05)
+    assert process.poll() is None, "generate-sl ended before it could be interrupted"
     process.send_signal(2)  # SIGINT, as Ctrl-C
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130

@@ -372,12 +372,36 @@ def gumbel_sampler(params: SamplingParams, generators: list | None = None):
             drawn = (scores.float() - torch.log(-torch.log(uniform))).argmax(dim=-1, keepdim=True)
             return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
+    class TopP(LogitsProcessor):
+        """``TopPLogitsWarper``'s nucleus (keep a token while the probability above it is
+        below ``top_p``), found among the ``TOP_P_CANDIDATES`` likeliest tokens instead of by
+        sorting the whole vocabulary, which was 7% of a SmolLM2 critique turn on a CPU; rows
+        whose nucleus is wider go through transformers' own warper."""
+
+        full = TopPLogitsWarper(params.top_p)
+
+        def __call__(self, input_ids, scores):
+            top, index = scores.topk(min(TOP_P_CANDIDATES, scores.shape[-1]), dim=-1)
+            probs = (top.float() - torch.logsumexp(scores.float(), -1, keepdim=True)).exp()
+            above = probs.cumsum(-1) - probs
+            keep = above < params.top_p
+            keep[:, 0] = True
+            out = torch.full_like(scores, float("-inf")).scatter_(
+                1, index, top.masked_fill(~keep, float("-inf")))
+            wide = (above[:, -1] + probs[:, -1]) < params.top_p  # the nucleus may go further
+            if wide.any():
+                out[wide] = self.full(input_ids[wide], scores[wide])
+            return out
+
     processors = [TemperatureLogitsWarper(params.temperature)]
     if params.top_k:
         processors.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
+        processors.append(TopP())
     return LogitsProcessorList([*processors, GumbelDraw()])
+
+
+TOP_P_CANDIDATES = 256  # top-p looks for its nucleus among these first
 
 
 # Shortest shared prefix worth caching: below this the extra forward pass costs more than it saves.

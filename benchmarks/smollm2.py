@@ -1,0 +1,178 @@
+"""A real model (SmolLM2-135M-Instruct): generate-sl's backend against plain batched generate.
+
+Critique turns with one worked example (about 560 prompt tokens each, most of them the same
+system prompt and example), ``--max-new-tokens`` new tokens each, through three engines on the
+same model in this one process (best of ``--repeats`` interleaved runs each):
+
+- our hf backend (shared-prefix groups, cascade attention, prefill in runs), ``--batch-size``
+  rows at a time;
+- plain batched ``model.generate``: the same conversations, left padding, the same batch size
+  and new tokens, transformers' own sdpa attention;
+- a one-conversation-at-a-time loop.
+
+End-of-turn stopping is off everywhere, so every turn generates exactly ``--max-new-tokens``
+and the work is the same; all sample with SmolLM2's recommended temperature 0.2 and top-p 0.9.
+Then label-prefs' judge scores ``--pairs`` answer pairs (few-shot comparison prompts, both
+orders) through the backend's ``score_options``, in comparisons per second.
+
+    python benchmarks/smollm2.py [--model runs/smollm2] [--turns 24] [--batch-size 24]
+    python benchmarks/smollm2.py --model runs/tiny-model --config configs/tiny.yaml --target 4
+
+Needs the imported model: ``make smollm2`` (or ``cai import-gguf ... runs/smollm2``). The second
+line runs the same work on the random tiny model (``cai tiny-model runs/tiny-model``), where the
+cache of shared prefixes matters more (its forward pass is cheap next to the attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEMPERATURE, TOP_P = 0.2, 0.9  # SmolLM2's model card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--model", default=str(ROOT / "runs" / "smollm2"))
+    parser.add_argument("--turns", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--target", type=float, default=2.5,
+                        help="the ratio to plain batched generate this model should reach")
+    parser.add_argument("--set", action="append", default=[], help="config override, as for cai")
+    args = parser.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"{args.model}: no model there; run `make smollm2` (or `cai tiny-model`) first")
+
+    import torch
+
+    from cai_cli.artifacts import read_jsonl
+    from cai_cli.backends.base import SamplingParams
+    from cai_cli.backends.hf import HFBackend
+    from cai_cli.config import load_config
+    from cai_cli.constitution import load_constitution
+    from cai_cli.data import load_prompts
+    from cai_cli.prompting import critique_prompt
+    from cai_cli.judging import Judge
+
+    config = load_config(args.config, [
+        f"models.policy.name_or_path={args.model}", f"models.feedback.name_or_path={args.model}",
+        f"models.policy.forward_batch_size={args.batch_size}", "generate_sl.few_shot=1",
+        "label_prefs.few_shot=1", "label_prefs.chain_of_thought=false", *args.set])
+    constitution = load_constitution(config.constitution_paths)
+    prompts = load_prompts(config.data.red_team.model_copy(update={"limit": args.turns}), config.seed)
+    # Real answer text of realistic length to critique: the helpful conversations' answers.
+    answers = [r["messages"][1]["content"] for r in read_jsonl(ROOT / "cai_cli/resources/helpful.jsonl")]
+    examples = constitution.few_shot[:1]
+    conversations = [critique_prompt(p.text, answers[i % len(answers)],
+                                     constitution.principles[i % len(constitution.principles)],
+                                     examples, "chat") for i, p in enumerate(prompts)]
+
+    backend = HFBackend(config.models.policy, "models.policy")
+    model, tokenizer = backend.model, backend.tokenizer
+    # No end-of-turn stopping on any side: every turn is max_new_tokens long, the same work.
+    backend.stop_token_ids = []
+    model.generation_config.eos_token_id = None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE,
+                            top_p=TOP_P, seed=0)
+    texts = [backend.render(c)[0] for c in conversations]
+    lengths = [len(ids) for ids in backend.tokenize_many([(t, False) for t in texts])]
+    backend.generate(conversations[:2], params)  # warm-up
+
+    def ours() -> tuple[int, float]:
+        backend.prefixes.clear()  # each run computes its shared prefixes afresh
+        start = time.perf_counter()
+        results = backend.generate(conversations, params)
+        return sum(r.tokens for r in results), time.perf_counter() - start
+
+    def generate_kwargs() -> dict:
+        return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                    do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
+                    pad_token_id=tokenizer.pad_token_id)
+
+    def plain_batched() -> tuple[int, float]:
+        """What a script that batches does: left-padded batches straight into generate."""
+        torch.manual_seed(0)
+        tokenizer.padding_side = "left"
+        start, tokens = time.perf_counter(), 0
+        with torch.inference_mode(), backend.plain_attention():
+            for first in range(0, len(texts), args.batch_size):
+                batch = tokenizer(texts[first:first + args.batch_size], padding=True,
+                                  add_special_tokens=False, return_tensors="pt")
+                out = model.generate(**batch, **generate_kwargs())
+                tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+        return tokens, time.perf_counter() - start
+
+    def one_at_a_time() -> tuple[int, float]:
+        torch.manual_seed(0)
+        start, tokens = time.perf_counter(), 0
+        with torch.inference_mode(), backend.plain_attention():
+            for text in texts:
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                out = model.generate(**ids, **generate_kwargs())
+                tokens += out.shape[1] - ids["input_ids"].shape[1]
+        return tokens, time.perf_counter() - start
+
+    # Best of the interleaved runs: the machine is shared, and a slow moment should not decide
+    # the ratio either way.
+    runs = []
+    for repeat in range(args.repeats):
+        runs.append(tuple(_timed(name, side, repeat) for name, side in (
+            ("ours", ours), ("plain batched", plain_batched), ("one at a time", one_at_a_time))))
+    best = [min((r[k] for r in runs), key=lambda r: r[1]) for k in range(3)]
+    rates = [tokens / seconds for tokens, seconds in best]
+    print(f"model: {Path(args.model).name}, critique turns: {len(conversations)}, prompt tokens: "
+          f"mean {sum(lengths) / len(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), "
+          f"new tokens per turn: {args.max_new_tokens}, batch size: {args.batch_size}, "
+          f"torch threads: {torch.get_num_threads()}")
+    for name, (tokens, seconds), rate in zip(
+            ("our hf backend (generate-sl)", "plain batched model.generate", "one at a time"), best, rates):
+        print(f"{name + ':':31} {tokens} tokens in {seconds:6.2f} s = {rate:7,.1f} tokens/s")
+    print(f"ratio: {rates[0] / rates[1]:.1f}x plain batched generate (target >= {args.target:g}x), "
+          f"{rates[0] / rates[2]:.1f}x one at a time")
+
+    # Labelling: the judge's few-shot comparison prompts, both orders, option log-probabilities.
+    pair_prompts = load_prompts(config.data.red_team.model_copy(update={"limit": args.pairs}), config.seed)
+    records = [{"id": p.id, "prompt": p.text,
+                "responses": [answers[i % len(answers)], answers[(i + 1) % len(answers)]]}
+               for i, p in enumerate(pair_prompts)]
+    judge_backend = backend  # the same model judges, as in the paper (models.feedback = policy)
+    judge_backend.config = config.feedback_model  # its batch size: comparison prompts are long
+    judge = Judge(config, constitution, judge_backend,
+                  principles_per_pair=config.label_prefs.principles_per_pair, pairs_per_prompt=None)
+    judge.batch(records[:1])  # warm-up
+    jobs = judge.comparisons_of(records)
+    judge_lengths = [len(judge_backend.encode(job.prompt_input(judge.fmt, False))) for job in jobs]
+    timings = []
+    for _ in range(args.repeats):
+        judge_backend.prefixes.clear()
+        start = time.perf_counter()
+        labelled = judge.batch(records)
+        timings.append(time.perf_counter() - start)
+        print(f"  run {len(timings)}, label-prefs: {timings[-1]:.2f} s", file=sys.stderr, flush=True)
+    comparisons = sum(len(p.judgments) for p in labelled) // 2
+    print(f"label-prefs: {len(records)} pairs x {config.label_prefs.principles_per_pair} principles "
+          f"= {comparisons} comparisons ({len(jobs)} prompts, both orders; prompt tokens mean "
+          f"{sum(judge_lengths) / len(judge_lengths):.0f}), feedback batch size "
+          f"{config.feedback_model.forward_batch_size}: {min(timings):.2f} s = "
+          f"{comparisons / min(timings):.2f} comparisons/s")
+    order_a = sum(j.p_first > 0.5 for p in labelled for j in p.judgments)
+    print(f"position bias: the option shown first won {order_a} of {2 * comparisons} judgments")
+
+
+def _timed(name: str, side, repeat: int) -> tuple[int, float]:
+    tokens, seconds = side()
+    print(f"  run {repeat + 1}, {name}: {tokens} tokens in {seconds:.2f} s", file=sys.stderr, flush=True)
+    return tokens, seconds
+
+
+if __name__ == "__main__":
+    main()
