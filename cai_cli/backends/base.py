@@ -81,3 +81,51 @@ class Backend(Protocol):
 
     def __exit__(self, *exc_info) -> None:
         ...
+
+
+class ChatPrompts:
+    """Prompts to token ids through a transformers tokenizer and its chat template, for the
+    engines that tokenise in this process (hf, vllm). Needs ``tokenizer``,
+    ``has_chat_template`` and ``name``."""
+
+    tokenizer: object
+    has_chat_template: bool
+    name: str
+
+    def render(self, prompt: PromptInput) -> tuple[str, bool]:
+        """The text of a prompt and whether the tokenizer should add its special tokens (a chat
+        template writes its own). A conversation ending in an assistant message is continued."""
+        if isinstance(prompt, str):
+            return prompt, True
+        if not self.has_chat_template:
+            from cai_cli.errors import UserError
+
+            raise UserError(f"model '{self.name}' has no chat template; use prompt_format: "
+                            "transcript for base models")
+        begun = prompt[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=not begun, continue_final_message=begun)
+        return text, False
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def tokenize_many(self, texts: Sequence[tuple[str, bool]]) -> list[list[int]]:
+        """``tokenize`` of many ``(text, special)`` at once (a fast tokenizer encodes a list
+        in one call per kind)."""
+        out: list = [None] * len(texts)
+        for special in (True, False):
+            indices = [i for i, (_, s) in enumerate(texts) if s is special]
+            if indices:
+                ids = self.tokenizer([texts[i][0] for i in indices],
+                                     add_special_tokens=special)["input_ids"]
+                for i, row in zip(indices, ids):
+                    out[i] = list(row)
+        return out
+
+    def encode(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a prompt, ready for the model's next token."""
+        return self.tokenize(*self.render(prompt))
+
+    def encode_many(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
+        return self.tokenize_many([self.render(prompt) for prompt in prompts])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-from cai_cli.backends.base import Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.backends.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
 from cai_cli.config import ModelConfig
 from cai_cli.errors import UserError
 from cai_cli.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
@@ -20,7 +20,7 @@ from cai_cli.models import (check_device, check_model_source, free_device_memory
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
-class HFBackend:
+class HFBackend(ChatPrompts):
     def __init__(self, model: ModelConfig, what: str):
         import torch
 
@@ -92,45 +92,13 @@ class HFBackend:
         ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
         return sorted(ids)
 
-    def render(self, prompt: PromptInput) -> tuple[str, bool]:
-        """The text of a prompt and whether the tokenizer should add its special tokens (a chat
-        template writes its own). A conversation ending in an assistant message is continued."""
-        if isinstance(prompt, str):
-            return prompt, True
-        if not self.has_chat_template:
-            raise UserError(f"model '{self.config.name_or_path}' has no chat template; use "
-                            "prompt_format: transcript for base models")
-        begun = prompt[-1]["role"] == "assistant"
-        text = self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=not begun, continue_final_message=begun)
-        return text, False
-
-    def tokenize(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-    def tokenize_many(self, texts: Sequence[tuple[str, bool]]) -> list[list[int]]:
-        """``tokenize`` of many ``(text, special)`` at once (a fast tokenizer encodes a list
-        in one call)."""
-        out: list = [None] * len(texts)
-        for special in (True, False):
-            indices = [i for i, (_, s) in enumerate(texts) if s is special]
-            if indices:
-                ids = self.tokenizer([texts[i][0] for i in indices], add_special_tokens=special)["input_ids"]
-                for i, row in zip(indices, ids):
-                    out[i] = row
-        return out
-
-    def encode(self, prompt: PromptInput) -> list[int]:
-        """Token ids of a prompt, ready for the model's next token."""
-        return self.tokenize(*self.render(prompt))
-
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:
         torch = self._torch
         self._require_open()
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        encoded = self.tokenize_many([self.render(prompt) for prompt in prompts])
+        encoded = self.encode_many(prompts)
         results: list[Completion | Overflow | None] = [None] * len(prompts)
         fitting = []
         for index, ids in enumerate(encoded):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cai_cli.backends.base import Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.backends.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
 from cai_cli.backends.hf import END_OF_TURN_TOKENS, cut_at_stop
 from cai_cli.config import VLLMModelConfig
 from cai_cli.errors import UserError
@@ -29,7 +29,7 @@ from cai_cli.seeding import record_seed
 TOP_LOGPROBS = 20
 
 
-class VLLMBackend:
+class VLLMBackend(ChatPrompts):
     def __init__(self, model: VLLMModelConfig, what: str):
         from cai_cli.models import check_model_source, model_key, quiet_transformers
 
@@ -104,40 +104,7 @@ class VLLMBackend:
         if self.llm is None:
             raise RuntimeError(f"the backend of '{self.name}' is closed")
 
-    # -- prompts
-
-    def render(self, prompt: PromptInput) -> tuple[str, bool]:
-        """The text of a prompt and whether the tokenizer adds its special tokens (a chat
-        template writes its own); a conversation ending in an assistant turn is continued."""
-        if isinstance(prompt, str):
-            return prompt, True
-        if not self.has_chat_template:
-            raise UserError(f"model '{self.name}' has no chat template; use prompt_format: "
-                            "transcript for base models")
-        begun = prompt[-1]["role"] == "assistant"
-        text = self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=not begun, continue_final_message=begun)
-        return text, False
-
-    def tokenize(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
-    def encode(self, prompt: PromptInput) -> list[int]:
-        return self.tokenize(*self.render(prompt))
-
-    def encode_many(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
-        """``encode`` of many prompts, tokenised in one call per kind (a fast tokenizer encodes
-        a list at once)."""
-        rendered = [self.render(prompt) for prompt in prompts]
-        out: list = [None] * len(prompts)
-        for special in (True, False):
-            indices = [i for i, (_, s) in enumerate(rendered) if s is special]
-            if indices:
-                ids = self.tokenizer([rendered[i][0] for i in indices],
-                                     add_special_tokens=special)["input_ids"]
-                for i, row in zip(indices, ids):
-                    out[i] = list(row)
-        return out
+    # -- requests
 
     def _sampling(self, params: SamplingParams, seed: int):
         return self._vllm.SamplingParams(
