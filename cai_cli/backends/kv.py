@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "cai_shared_prefix"
@@ -112,13 +112,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, dropout=0
         length = group.keys.shape[2]
         scores = _grouped(query[group.rows], group.keys[0].transpose(1, 2))
         prefix_scores[group.rows, :, :, :length] = scores * scaling
-    own_keys, own_values = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.cat([prefix_scores, torch.matmul(query, own_keys.transpose(2, 3)) * scaling], dim=-1)
+    # The rows' own columns, each kv head against its group of query heads, without copying
+    # the keys and values once per query head (``repeat_kv``): that copy, a step's whole own
+    # cache many times over, was the largest cost after the matrix products.
+    by_kv = query.reshape(rows, kv_heads, groups, dim)
+    own_scores = torch.matmul(by_kv, key.transpose(2, 3)).reshape(rows, heads, 1, -1)
+    scores = torch.cat([prefix_scores, own_scores * scaling], dim=-1)
     if attention_mask is not None:  # (rows, 1, 1, width + own)
         scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                   else scores + attention_mask)
     weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    output = torch.matmul(weights[..., width:], own_values)
+    output = torch.matmul(weights[..., width:].reshape(rows, kv_heads, groups, -1),
+                          value).reshape(rows, heads, 1, dim)
     for group in prefixes.groups:
         length = group.keys.shape[2]
         output[group.rows] += _grouped(weights[group.rows, :, :, :length], group.values[0])
