@@ -40,9 +40,10 @@ from cai_cli.artifacts import _fsync_dir, load_manifest, write_json_atomic
 from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.layout import RunLayout
+from cai_cli.stages import STAGES
 from cai_cli.stages.common import StageRun, StageSpec
 
-SHARDABLE = ("generate-sl", "label-prefs", "evaluate")
+SHARDABLE = tuple(name for name, stage in STAGES.items() if stage.shards)
 _PART_MANIFEST = re.compile(r"manifest\.(\d+)-of-(\d+)\.json")
 
 
