@@ -182,11 +182,11 @@ def test_two_greedy_shards_run_at_once_refuse_other_writers_and_merge_to_one_run
 
 
 def test_three_sampled_shards_one_killed_and_rerun_merge_to_one_run(tmp_path, tiny_model_dir):
-    reference = write_config(tmp_path, tiny_model_dir, "ref", limit=5)
-    sharded = write_config(tmp_path, tiny_model_dir, "sharded", limit=5)
+    reference = write_config(tmp_path, tiny_model_dir, "ref", limit=8)
+    sharded = write_config(tmp_path, tiny_model_dir, "sharded", limit=8)
     run = tmp_path / "sharded"
     others = [start("generate-sl", "--config", sharded, "--shard", f"{i}/3") for i in (0, 2)]
-    try:  # shard 1 of 3 (prompts 2 and 3) is killed after its first prompt
+    try:  # shard 1 of 3 (prompts 3 to 5) is killed after its first prompt
         kill_after_batches(["generate-sl", "--config", sharded, "--shard", "1/3"],
                            run / "sl" / "shards" / ".chains.1-of-3.jsonl.progress.json", 1)
     finally:
