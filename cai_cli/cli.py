@@ -36,6 +36,11 @@ PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False
                     help="After the stage completes, upload its model to this Hugging Face hub "
                     "repository (created private if missing), with the token in HF_TOKEN. Only "
                     "this flag uploads: a config cannot.")
+SHARD = typer.Option(None, "--shard", metavar="I/N", show_default=False,
+                     help="Run only shard I of N (I from 0 to N-1): the I-th contiguous slice of "
+                     "the prompts, as datasets' Dataset.shard(N, I) cuts them. Shards run at once "
+                     "as separate processes (a Slurm array, or & in a shell); the last one to "
+                     "finish merges them into the stage's files (or `cai merge STAGE`).")
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
@@ -61,12 +66,15 @@ def _root(
     """Options before the command; ``main`` reads ``--debug`` itself."""
 
 
-def _writing(command: str, config, force: bool, work) -> None:
-    """Run ``work()`` holding the run directory's lock, with the right advice on Ctrl-C."""
-    from cai_cli.runlock import run_lock
+def _writing(command: str, config, force: bool, work, shard=None) -> None:
+    """Run ``work()`` holding the run directory's lock (a shard: shared with the other shards,
+    and its own shard lock), with the right advice on Ctrl-C."""
+    from cai_cli.runlock import ShardLock, run_lock
 
+    lock = (ShardLock(config.run_dir, command, shard.index, shard.count) if shard is not None
+            else run_lock(config.run_dir, command))
     try:
-        with run_lock(config.run_dir, command):
+        with lock:
             work()
     except KeyboardInterrupt:
         again = ("rerun the same command without --force to resume where it stopped" if force
@@ -75,14 +83,21 @@ def _writing(command: str, config, force: bool, work) -> None:
         raise typer.Exit(130) from None
 
 
-def _stage_command(name: str, trains: bool):
+def _stage_command(name: str, trains: bool, shardable: bool):
     """The command of one stage in the table of ``cai_cli.stages``."""
 
-    def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str]) -> None:
+    def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str],
+                shard: Optional[str] = None) -> None:
         from cai_cli.pipeline import run_stage
 
+        part = None
+        if shard is not None:
+            from cai_cli.shards import Shard
+
+            part = Shard.parse(shard)
         loaded = _load(config, set_)
-        _writing(name, loaded, force, lambda: run_stage(name, loaded, force=force))
+        _writing(name, loaded, force, lambda: run_stage(name, loaded, force=force, shard=part),
+                 shard=part)
         if push:
             from cai_cli.hub import push_stage
 
@@ -92,6 +107,10 @@ def _stage_command(name: str, trains: bool):
         def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
                     force: bool = FORCE, push: Optional[str] = PUSH):
             run_one(config, set_, force, push)
+    elif shardable:
+        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
+                    force: bool = FORCE, shard: Optional[str] = SHARD):
+            run_one(config, set_, force, None, shard)
     else:
         def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
                     force: bool = FORCE):
@@ -100,7 +119,21 @@ def _stage_command(name: str, trains: bool):
 
 
 for _name, _stage in STAGES.items():
-    app.command(_name, help=_stage.help)(_stage_command(_name, _stage.trains))
+    app.command(_name, help=_stage.help)(_stage_command(_name, _stage.trains, _stage.shards))
+
+
+@app.command("merge")
+def merge(
+    stage: str = typer.Argument(..., metavar="STAGE", help="generate-sl, label-prefs or evaluate."),
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+):
+    """Merge the complete shards of a stage run with --shard I/N into its files (the last shard
+    to finish does this by itself); says which shards are missing otherwise."""
+    from cai_cli.shards import merge_by_hand
+
+    loaded = _load(config, set_)
+    _writing("merge", loaded, False, lambda: merge_by_hand(loaded, stage))
 
 
 @app.command("run")

@@ -11,6 +11,8 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/policy/                optimised policy
     <run_dir>/eval/report.json       evaluation; eval/answers.jsonl: the answers compared
     <run_dir>/<stage>/manifest.json  what produced each stage
+    <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
+                                     chains.I-of-N.jsonl ..., manifest.I-of-N.json
 
 No heavy imports here.
 """
@@ -30,6 +32,7 @@ STAGE_DIRS = {
     "evaluate": "eval",
 }
 TOOL_DIR = ".cai"  # files only the tool writes: resolved config, lock
+SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,19 @@ class RunLayout:
 
     def stage_dir(self, command: str) -> Path:
         return self.root / STAGE_DIRS[command]
+
+    # Sharded runs (generate-sl, label-prefs, evaluate with --shard I/N)
+    def shards_dir(self, command: str) -> Path:
+        return self.stage_dir(command) / SHARDS_DIR
+
+    def shard_file(self, command: str, name: str, index: int, count: int) -> Path:
+        """Shard ``index`` of ``count``'s part of the stage file ``name``:
+        ``chains.jsonl`` -> ``sl/shards/chains.0-of-4.jsonl``."""
+        stem, dot, suffix = name.partition(".")
+        return self.shards_dir(command) / f"{stem}.{index}-of-{count}{dot}{suffix}"
+
+    def shard_manifest(self, command: str, index: int, count: int) -> Path:
+        return self.shard_file(command, "manifest.json", index, count)
 
     # The tool's own files
     @property

@@ -38,7 +38,9 @@ def statuses(config: Config) -> list[StageStatus]:
         if state == "stale":
             reason = "changed: " + ", ".join(spec.changes()[:4])
         elif state == "partial":
-            reason = "interrupted: resumes where it stopped"
+            own = spec.manifest()
+            sharded = None if own and own.get("config_hash") == spec.fingerprint else spec.sharded()
+            reason = sharded or "interrupted: resumes where it stopped"
         elif state == "missing":
             reason = "not run yet"
         rerun = [stage for stage in spec.after if stage in will_run]
@@ -91,12 +93,16 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
         module.run(config, force=force or state == "stale")
 
 
-def run_stage(name: str, config: Config, *, force: bool = False) -> None:
+def run_stage(name: str, config: Config, *, force: bool = False, shard=None) -> None:
     """One stage command (``cai generate-sl`` ...): refused under several processes unless it
-    trains, checked up front like ``cai run`` does, then run."""
+    trains, checked up front like ``cai run`` does, then run (with ``shard``, one shard of it:
+    ``cai_cli.shards``)."""
     check_ranks([name])
     check_before_running(config, [name])
-    stage_module(name).run(config, force=force)
+    if shard is None:
+        stage_module(name).run(config, force=force)
+    else:
+        stage_module(name).run(config, force=force, shard=shard)
 
 
 def check_ranks(names: list[str]) -> None:
@@ -130,6 +136,12 @@ def print_status(config: Config) -> None:
     writer = holder(config.run_dir)
     if writer and writer.get("live") is not False:
         title += f"  (in use: {describe(writer)})"
+    from cai_cli.runlock import shard_holders
+
+    shards = shard_holders(config.run_dir)
+    if shards:
+        title += f"  ({len(shards)} shard{'s' if len(shards) > 1 else ''} running: " \
+            + ", ".join(f"{r['command']} {r.get('shard')} (pid {r['pid']})" for r in shards) + ")"
     table = Table(box=box.SIMPLE, title=title, title_justify="left")
     # Stage names and states never shrink; long paths and details wrap instead.
     table.add_column("stage", no_wrap=True, min_width=11)

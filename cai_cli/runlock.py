@@ -14,6 +14,12 @@ and start time, instead of waiting or silently sharing.
   the lock and records the job id; the other ranks take nothing but wait briefly until rank 0's
   record names their own job, and are refused if another job holds the directory.
 - Taking the lock again in the process that holds it (``cai run`` calling each stage) nests.
+- The shards of a sharded stage (``cai generate-sl --shard I/N``) run at once: each holds the
+  run directory's lock *shared* (``flock(LOCK_SH)``) and its own shard lock
+  (``lock.<command>.shard-I-of-N``) exclusively. Shards therefore run side by side while any
+  whole-directory writer (a plain stage command, ``cai run``, ``cai merge``), which needs the
+  lock exclusively, is refused, and the same shard cannot run twice. Shards that finish take
+  ``lock.<command>.merge`` in turn to merge (``ShardLock``, ``merge_lock``).
 
 No heavy imports: ``cai status`` and ``cai inspect`` use ``holder()``.
 """
@@ -37,6 +43,9 @@ from cai_cli import dist
 from cai_cli.errors import UserError
 from cai_cli.layout import RunLayout
 
+LOCK_NAME = RunLayout.of(".").lock.name  # the run directory's lock, in its tool folder
+HOLDER_SUFFIX = ".holder.json"  # next to a lock: who holds it (pid, host, command line, since when)
+
 RANK_WAIT_S = 30.0  # how long ranks other than 0 wait for rank 0 to take the lock
 _HOLDER_SETTLE_S = 1.0  # a refused writer waits this long for the holder's record to be written
 _POLL_S = 0.05
@@ -56,12 +65,21 @@ def lock_dir(run_dir: Path | str) -> Path:
     return RunLayout.of(run_dir).tool_dir
 
 
-def lock_path(run_dir: Path | str) -> Path:
-    return RunLayout.of(run_dir).lock
+def lock_path(run_dir: Path | str, name: str = LOCK_NAME) -> Path:
+    return lock_dir(run_dir) / name
 
 
-def holder_path(run_dir: Path | str) -> Path:
-    return RunLayout.of(run_dir).lock_holder
+def holder_path(run_dir: Path | str, name: str = LOCK_NAME) -> Path:
+    return lock_dir(run_dir) / (name + HOLDER_SUFFIX)
+
+
+def shard_lock_name(command: str, index: int, count: int) -> str:
+    """The lock of shard ``index`` of ``count`` of a stage."""
+    return f"{LOCK_NAME}.{command}.shard-{index}-of-{count}"
+
+
+def merge_lock_name(command: str) -> str:
+    return f"{LOCK_NAME}.{command}.merge"
 
 
 # --- who is this process -------------------------------------------------------------------
@@ -114,9 +132,9 @@ def _my_record(command: str, token: str) -> dict:
 
 # --- reading the holder record -------------------------------------------------------------
 
-def _read_record(run_dir: Path | str) -> dict | None:
+def _read_record(run_dir: Path | str, name: str = LOCK_NAME) -> dict | None:
     try:
-        record = json.loads(holder_path(run_dir).read_text())
+        record = json.loads(holder_path(run_dir, name).read_text())
     except (OSError, ValueError):
         return None  # missing, unreadable, or torn by a writer killed mid-write
     if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
@@ -150,8 +168,9 @@ def _liveness(record: dict) -> bool | None:
     return True
 
 
-def holder(run_dir: Path | str) -> dict | None:
-    """Who is writing ``run_dir`` now, for ``cai status`` / ``cai inspect``; None when nobody.
+def holder(run_dir: Path | str, name: str = LOCK_NAME) -> dict | None:
+    """Who is writing ``run_dir`` now, for ``cai status`` / ``cai inspect``; None when nobody
+    (``name``: of another lock than the run directory's, e.g. ``shard_lock_name(...)``).
 
     Never takes the lock and never waits: it reads the holder record and checks that the
     process it names still runs. The dict has pid, host, command ("finetune"), command_line,
@@ -159,7 +178,7 @@ def holder(run_dir: Path | str) -> dict | None:
     when checked on this host, None when the holder is on another host (cannot be checked
     from here; a record left by a killed process there stays until the next run replaces it).
     """
-    record = _read_record(run_dir)
+    record = _read_record(run_dir, name)
     if record is None:
         return None
     live = _liveness(record)
@@ -169,6 +188,19 @@ def holder(run_dir: Path | str) -> dict | None:
     record["live"] = live
     record["since"] = _human_time(record.get("started"))
     return record
+
+
+def shard_holders(run_dir: Path | str) -> list[dict]:
+    """The running shards of any stage in ``run_dir`` (see ``holder``), by lock name."""
+    directory = lock_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob(f"{LOCK_NAME}.*.shard-*{HOLDER_SUFFIX}")):
+        record = holder(run_dir, path.name.removesuffix(HOLDER_SUFFIX))
+        if record is not None:
+            found.append(record)
+    return found
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -199,6 +231,14 @@ def describe(record: dict) -> str:
 
 
 def _busy_message(run_dir: Path, record: dict | None) -> str:
+    if record is None or _liveness(record) is False:
+        shards = shard_holders(run_dir)
+        if shards:
+            return (f"run directory {run_dir} is in use by {len(shards)} running "
+                    f"shard{'s' if len(shards) > 1 else ''}: "
+                    + "; ".join(describe(r) for r in shards)
+                    + ". Wait for them to finish (the last one merges), or stop them, then run "
+                    "this again.")
     if record is None:
         return (f"run directory {run_dir} is in use: another process holds {lock_path(run_dir)} "
                 f"but has not said who it is (`fuser -v {lock_path(run_dir)}` shows it). "
@@ -228,20 +268,34 @@ def _unwritable(run_dir: Path, exc: OSError) -> UserError:
 
 # --- taking and releasing ------------------------------------------------------------------
 
-def _write_record(run_dir: Path, record: dict) -> None:
-    final = holder_path(run_dir)
+def _write_record(run_dir: Path, record: dict, name: str = LOCK_NAME) -> None:
+    final = holder_path(run_dir, name)
     tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, final)  # readers see the old record or the new one, never half of it
 
 
-def _remove_record_if_mine(run_dir: Path, token: str) -> None:
-    record = _read_record(run_dir)
+def _remove_record_if_mine(run_dir: Path, token: str, name: str = LOCK_NAME) -> None:
+    record = _read_record(run_dir, name)
     if record is not None and record.get("token") == token:
         try:
-            holder_path(run_dir).unlink()
+            holder_path(run_dir, name).unlink()
         except OSError:
             pass
+
+
+def _settled_record(run_dir: Path, name: str = LOCK_NAME) -> dict | None:
+    # The holder writes its record just after taking the lock: give it a moment, so the
+    # refusal names it rather than a stale record of a killed run or nobody. The shards that
+    # share the run directory's lock write no record of it: look for theirs as well.
+    deadline = time.monotonic() + _HOLDER_SETTLE_S
+    while True:
+        record = _read_record(run_dir, name)
+        if (record is not None and _liveness(record) is not False) \
+                or (name == LOCK_NAME and shard_holders(run_dir)) \
+                or time.monotonic() >= deadline:
+            return record
+        time.sleep(_POLL_S)
 
 
 class RunLock:
@@ -298,7 +352,7 @@ class RunLock:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(_busy_message(self.run_dir, self._settled_record())) from None
+            raise UserError(_busy_message(self.run_dir, _settled_record(self.run_dir))) from None
         except OSError as exc:
             raise _unwritable(self.run_dir, exc) from None
         token = secrets.token_hex(8)
@@ -311,17 +365,6 @@ class RunLock:
             lock.release()
             raise
         _held[self._key] = _Held(lock, token)
-
-    def _settled_record(self) -> dict | None:
-        # The holder writes its record just after taking the lock: give it a moment, so the
-        # refusal names it rather than a stale record of a killed run or nobody.
-        deadline = time.monotonic() + _HOLDER_SETTLE_S
-        while True:
-            record = _read_record(self.run_dir)
-            if (record is not None and _liveness(record) is not False) \
-                    or time.monotonic() >= deadline:
-                return record
-            time.sleep(_POLL_S)
 
     def _join_job(self) -> None:
         """Ranks > 0: proceed once rank 0 of this job holds the lock; refuse if another job does."""
@@ -384,3 +427,100 @@ def run_lock(run_dir: Path | str, command: str, *,
     """Hold the write lock of ``run_dir`` for the body; see RunLock."""
     with RunLock(run_dir, command, rank_wait_s=rank_wait_s) as lock:
         yield lock
+
+
+class ShardLock:
+    """What shard ``index`` of ``count`` of one stage holds from start to end: the run
+    directory's lock shared with the other shards (so a whole-directory writer is refused, and
+    refuses them) and its own shard lock exclusively (so the same shard cannot run twice).
+
+    ``with ShardLock(run_dir, "generate-sl", 0, 4):``. Raises UserError (exit 2) at once when
+    a whole-directory writer or the same shard holds what it needs. Unix only (``flock``).
+    """
+
+    def __init__(self, run_dir: Path | str, command: str, index: int, count: int):
+        self.run_dir = Path(run_dir)
+        self.command, self.index, self.count = command, index, count
+        self.name = shard_lock_name(command, index, count)
+        self._shared: int | None = None  # the descriptor holding the run directory's lock
+        self._own = None
+        self._token: str | None = None
+
+    def __enter__(self) -> "ShardLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "ShardLock":
+        import fcntl
+
+        from filelock import FileLock, Timeout
+
+        if self._shared is not None:
+            raise RuntimeError("ShardLock.acquire called twice; use one ShardLock per hold")
+        try:
+            lock_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path(self.run_dir), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _unwritable(self.run_dir, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(_busy_message(self.run_dir, _settled_record(self.run_dir))) from None
+        self._shared = fd
+        try:
+            own = FileLock(str(lock_path(self.run_dir, self.name)), thread_local=False)
+            try:
+                own.acquire(timeout=0)
+            except Timeout:
+                record = _settled_record(self.run_dir, self.name)
+                who = describe(record) if record else "another process"
+                raise UserError(
+                    f"shard {self.index}/{self.count} of {self.command} is already running in "
+                    f"{self.run_dir}: {who}. Wait for it to finish, or stop it, then run this "
+                    "again.") from None
+            self._own, self._token = own, secrets.token_hex(8)
+            record = _my_record(self.command, self._token)
+            record["shard"] = f"{self.index}/{self.count}"
+            _write_record(self.run_dir, record, self.name)
+        except OSError as exc:
+            self.release()
+            raise _unwritable(self.run_dir, exc) from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        import fcntl
+
+        own, self._own = self._own, None
+        if own is not None:
+            try:
+                _remove_record_if_mine(self.run_dir, self._token, self.name)
+            finally:
+                own.release()
+        fd, self._shared = self._shared, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+
+@contextmanager
+def merge_lock(run_dir: Path | str, command: str) -> Iterator[None]:
+    """Held by a shard while it looks whether all parts are complete and merges them: shards
+    finishing together merge one after the other (the later ones find the stage complete).
+    Waits for the shard merging now; merges are short."""
+    from filelock import FileLock
+
+    lock = FileLock(str(lock_path(run_dir, merge_lock_name(command))), thread_local=False)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

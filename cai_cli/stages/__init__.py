@@ -18,22 +18,24 @@ class Stage:
     module: str  # in cai_cli.stages
     help: str  # one line for --help
     trains: bool  # a training stage: may run under torchrun / accelerate launch, can be uploaded
+    shards: bool = False  # may run as shards (--shard I/N, cai merge): see cai_cli.shards
 
 
 # In pipeline order (the order of STAGE_DIRS).
 STAGES = {
     "generate-sl": Stage("generate_sl", "SL-CAI: answer red-team prompts, critique and revise "
-                         "each answer against principles.", trains=False),
+                         "each answer against principles.", trains=False, shards=True),
     "finetune": Stage("finetune", "Supervised fine-tuning on the SL-CAI revisions (TRL "
                       "SFTTrainer, full or LoRA).", trains=True),
     "label-prefs": Stage("label_prefs", "RLAIF labels: sample answer pairs, score them with the "
-                         "feedback model's option probabilities.", trains=False),
+                         "feedback model's option probabilities.", trains=False,
+                         shards=True),
     "train-rm": Stage("train_rm", "Train the reward model on the AI-labelled pairs (TRL "
                       "RewardTrainer, soft labels).", trains=True),
     "optimize": Stage("optimize", "Optimise the policy: DPO on the pairs, or GRPO / RLOO against "
                       "the reward model.", trains=True),
     "evaluate": Stage("evaluate", "Compare models head to head with the feedback model and the "
-                      "reward model.", trains=False),
+                      "reward model.", trains=False, shards=True),
 }
 assert list(STAGES) == list(STAGE_DIRS)
 

@@ -50,14 +50,21 @@ class StageSpec:
         return self._next() or load_manifest(self.directory)
 
     def state(self) -> str:
-        """``missing``, ``partial`` (started, not finished), ``done`` or ``stale`` (made from
-        other settings or inputs than the current config gives)."""
+        """``missing``, ``partial`` (started, not finished: by one run, or by shards of this
+        config not all complete and merged), ``done`` or ``stale`` (made from other settings or
+        inputs than the current config gives)."""
         manifest = self.manifest()
-        if manifest is None:
-            return "missing"
-        if manifest.get("config_hash") != self.fingerprint:
-            return "stale"
-        return "done" if manifest.get("status") == "complete" else "partial"
+        if manifest is not None and manifest.get("config_hash") == self.fingerprint:
+            return "done" if manifest.get("status") == "complete" else "partial"
+        if self.sharded() is not None:
+            return "partial"
+        return "missing" if manifest is None else "stale"
+
+    def sharded(self) -> str | None:
+        """A line describing a sharded run of this config that is not merged yet, or None."""
+        from cai_cli.shards import SHARDABLE, unmerged
+
+        return unmerged(self) if self.command in SHARDABLE else None
 
     def changes(self) -> list[str]:
         """What differs between the stored manifest and the current config, as dotted paths."""
@@ -139,12 +146,31 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
                 "(--force redoes it)")
         return None
     resuming = state == "partial" and not force
+    own = spec.manifest()
+    if resuming and (own is None or own.get("config_hash") != spec.fingerprint):
+        # Partial only because shards of this config are unfinished: finish those instead of
+        # redoing their work here, unless told to.
+        from cai_cli.shards import refuse_unmerged
+
+        refuse_unmerged(spec, "or rerun this with --force to do every record in this one run")
     if resuming:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
     if dist.is_main():
         remove_stale_temporaries(spec.directory)
         remove_stale_temporaries(config.layout.tool_dir)
-    return StageRun(spec, config, resuming)
+    run = StageRun(spec, config, resuming)
+    # This run does every record: parts of a sharded run left in the stage are obsolete once it
+    # completes (no shard runs now: this run holds the run directory's lock exclusively).
+    run.after_complete(lambda: _remove_shards(spec, config))
+    return run
+
+
+def _remove_shards(spec: StageSpec, config: Config) -> None:
+    import shutil
+
+    directory = config.layout.shards_dir(spec.command)
+    if dist.is_main() and directory.is_dir():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -164,6 +190,12 @@ def require_complete(config: Config, command: str, why: str = "", *,
     directory = config.layout.stage_dir(command)
     manifest = load_manifest(directory)
     if manifest is None or manifest.get("status") != "complete":
+        from cai_cli.shards import SHARDABLE, refuse_unmerged
+
+        if command in SHARDABLE:  # started in shards: name those that are not complete
+            from cai_cli.stages import stage_module
+
+            refuse_unmerged(stage_module(command).spec(config), why)
         state = "is missing" if manifest is None else "is unfinished"
         raise UserError(f"{directory} {state}: run `cai {command} --config ...` first"
                         + (f" ({why})" if why else ""))

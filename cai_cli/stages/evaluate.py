@@ -15,6 +15,7 @@ per model and example prompt ids; ``eval/answers.jsonl`` every answer.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import statistics
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from cai_cli import ui
 from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
-                               write_json_atomic)
+                               write_atomic, write_json_atomic)
 from cai_cli.backends.base import Completion, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import load_constitution
@@ -31,13 +32,16 @@ from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import EvalAnswer, Judgment
 from cai_cli.seeding import record_seed
-from cai_cli.stages.common import StageSpec, begin, red_team_inputs, require_complete
+from cai_cli.stages.common import StageRun, StageSpec, begin, red_team_inputs, require_complete
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
                 "cot_max_new_tokens"}
 # Names that stand for this run's checkpoints, and the command that makes each.
 RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
+# What a shard writes its part of (cai_cli.shards): the answers, and the judgments and reward
+# scores of its prompts, from which the merge builds the report.
+PARTS = ("answers.jsonl", "results.json")
 
 
 def model_paths(config: Config) -> dict[str, str]:
@@ -120,19 +124,38 @@ def check_inputs(config: Config) -> None:
                            f"evaluate.models ({name})")
 
 
-def run(config: Config, *, force: bool = False) -> Path | None:
+def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
+    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's prompts: answered by
+    every model, judged and scored; the merge of all shards writes the report."""
     stage = spec(config)
-    paths = model_paths(config)
     prompts = select_prompts(config)
     constitution = load_constitution(config.constitution_paths)
     check_inputs(config)
+    if shard is not None:
+        import sys
+
+        from cai_cli.shards import run_shard
+
+        return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
+                         produce=lambda run, part, out: produce(
+                             config, run, constitution, part, out, force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.report
-    started = time.perf_counter()
+    extra = produce(config, run, constitution, prompts,
+                    {"answers.jsonl": config.layout.eval_answers}, force=force)
+    return finish(config, run, extra)
 
+
+def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
+            out: dict[str, Path], *, force: bool) -> dict:
+    """Every model's answers to ``prompts`` into ``out["answers.jsonl"]`` (resumable), then the
+    judgments of every pair of models and the reward scores. These go to ``out["results.json"]``
+    when given (a shard), else they are returned for ``finish``."""
+    paths = model_paths(config)
+    started = time.perf_counter()
     # Answers: one checkpointed batch per model, so an interruption loses one model's work.
-    answers_file = ResumableJsonl(config.layout.eval_answers, stage.fingerprint)
+    answers_file = ResumableJsonl(out["answers.jsonl"], run.spec.fingerprint)
     done = answers_file.open(fresh=force)
     if not answers_file.finished:
         from cai_cli.backends import load_backend
@@ -145,21 +168,63 @@ def run(config: Config, *, force: bool = False) -> Path | None:
             answers_file.append_batch(answer_all(config, backend, prompts, name))
             backend.close()
         answers_file.finish()
+    run.after_complete(answers_file.cleanup)
     answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
 
     comparisons = judge_all(config, constitution, prompts, list(paths), answers)
     rewards = reward_scores(config, prompts, list(paths), answers) if config.evaluate.reward_model else None
-    report = build_report(config, prompts, paths, comparisons, rewards)
+    results = {"comparisons": [{"models": list(pair), "rows": rows}
+                               for pair, rows in comparisons.items()],
+               "rewards": rewards}
+    run.manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    if "results.json" in out:
+        write_json_atomic(out["results.json"], results)
+        return {}
+    return {"results": results}
+
+
+def merge_parts(config: Config, parts: list[dict[str, Path]], extras: list[dict]) -> dict:
+    """The shards' answers in the order one run writes them (model by model, each in prompt
+    order), and their judgments and reward scores joined in prompt order."""
+    names = list(model_paths(config))
+    lines: dict[str, list[bytes]] = {name: [] for name in names}
+    for files in parts:
+        for raw in files["answers.jsonl"].read_bytes().splitlines(keepends=True):
+            if raw.strip():
+                lines[json.loads(raw)["model"]].append(raw)
+    write_atomic(config.layout.eval_answers, b"".join(b"".join(lines[name]) for name in names))
+    merged: dict = {"comparisons": [], "rewards": None}
+    for number, files in enumerate(parts):
+        results = json.loads(files["results.json"].read_text())
+        if number == 0:
+            merged = results
+            continue
+        for into, more in zip(merged["comparisons"], results["comparisons"]):
+            into["rows"] += more["rows"]
+        if merged["rewards"] is not None and results["rewards"] is not None:
+            for name, scores in results["rewards"].items():
+                merged["rewards"][name] += scores
+        else:
+            merged["rewards"] = None
+    return {"results": merged}
+
+
+def finish(config: Config, run: StageRun, extra: dict) -> Path:
+    """Once every answer is judged (one run, or shards merged): the report, the manifest, the
+    stage complete."""
+    paths = model_paths(config)
+    prompts = select_prompts(config)
+    results = extra["results"]
+    comparisons = {tuple(c["models"]): c["rows"] for c in results["comparisons"]}
+    report = build_report(config, prompts, paths, comparisons, results["rewards"])
     write_json_atomic(config.layout.report, report)
 
     manifest = run.manifest
-    manifest.counts = {"models": len(paths), "prompts": len(prompts),
-                       "comparisons": sum(len(v) for v in comparisons.values())}
+    manifest.counts.update({"models": len(paths), "prompts": len(prompts),
+                            "comparisons": sum(len(v) for v in comparisons.values())})
     manifest.stats = {"win_rates": {f"{w['model']} > {w['over']}": w["win_rate"]
                                     for w in report["win_rates"]}}
-    manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     run.complete()
-    answers_file.cleanup()
     print_report(report)
     ui.info(f"evaluate: report in {config.layout.report}")
     return config.layout.report

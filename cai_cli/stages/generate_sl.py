@@ -4,8 +4,9 @@ answer against principles drawn from the constitution, ``num_revisions`` rounds.
 Prompts are processed in checkpointed batches: every step (answers, then each round's critiques,
 then its revisions) is one batched call to the backend for the whole batch, and the batch's
 chains are appended to ``sl/chains.jsonl.partial`` when it is done. Principle and example draws
-come from a generator seeded by (seed, prompt id), and each backend call is seeded by (seed,
-batch, step), so the output does not depend on whether the run was interrupted.
+come from a generator seeded by (seed, prompt id), and each prompt is sampled with the seed of
+(seed, prompt id, step), so the output does not depend on whether the run was interrupted, nor on
+the batch or the shard (``--shard I/N``, see ``cai_cli.shards``) a prompt ran in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import ResumableJsonl, model_fingerprint, write_jsonl_atomic
+from cai_cli.artifacts import ResumableJsonl, model_fingerprint, read_jsonl, write_jsonl_atomic
 from cai_cli.backends.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution, FewShotExample, Principle, load_constitution
@@ -26,7 +27,9 @@ from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
 from cai_cli.records import Chain, Message, SFTExample
 from cai_cli.seeding import draw, record_seed
-from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs
+from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs
+
+PARTS = ("chains.jsonl",)  # the record files a shard writes its part of (cai_cli.shards)
 
 
 def spec(config: Config) -> StageSpec:
@@ -49,27 +52,44 @@ class Plan:
             rng, constitution.few_shot, min(config.generate_sl.few_shot, len(constitution.few_shot)))
 
 
-def run(config: Config, *, force: bool = False) -> Path | None:
+def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
+    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's part of it."""
     stage = spec(config)
-    settings = config.generate_sl
     constitution = load_constitution(config.constitution_paths)
     prompts = load_prompts(config.data.red_team, config.seed)
-    if settings.few_shot and not constitution.few_shot:
+    if config.generate_sl.few_shot and not constitution.few_shot:
         ui.warn(f"constitution '{constitution.name}' has no worked examples; "
                 "generate_sl.few_shot is ignored")
 
-    from cai_cli.backends import load_backend
     from cai_cli.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
+    if shard is not None:
+        import sys
+
+        from cai_cli.shards import run_shard
+
+        return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
+                         produce=lambda run, part, out: produce(
+                             config, run, constitution, part, out["chains.jsonl"], force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.chains
+    extra = produce(config, run, constitution, prompts, config.layout.chains, force=force)
+    return finish(config, run, extra)
 
-    writer = ResumableJsonl(config.layout.chains, stage.fingerprint)
+
+def produce(config: Config, run: StageRun, constitution: Constitution, prompts: list[Prompt],
+            path: Path, *, force: bool) -> dict:
+    """The chains of ``prompts`` into ``path``, in checkpointed batches, resuming an interrupted
+    run; returns the counts ``finish`` reports."""
+    settings = config.generate_sl
+    writer = ResumableJsonl(path, run.spec.fingerprint)
     done_batches = writer.open(fresh=force)
     batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not writer.finished:
+        from cai_cli.backends import load_backend
+
         backend = load_backend(config.models.policy, "models.policy")
         run.producing()
         fmt = resolve_format(settings.prompt_format, backend, "generate_sl.prompt_format")
@@ -99,29 +119,36 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         backend.close()
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
+    run.after_complete(writer.cleanup)
+    return {"prompts": len(prompts), "skipped": writer.extra.get("skipped", 0),
+            "generated_tokens": writer.extra.get("tokens", 0)}
 
-    chains = writer.records()
+
+def finish(config: Config, run: StageRun, extra: dict) -> Path:
+    """Once ``sl/chains.jsonl`` is complete (one run, or shards merged): the SFT examples, the
+    manifest's counts and statistics, and the stage marked complete."""
+    layout = config.layout
+    chains = read_jsonl(layout.chains)
     sft = [SFTExample(id=chain["id"], prompt=[Message(role="user", content=chain["prompt"])],
                       completion=[Message(role="assistant", content=chain["final"])])
            for chain in chains]
-    write_jsonl_atomic(config.layout.sft_data, sft)
+    write_jsonl_atomic(layout.sft_data, sft)
 
     rounds = [r for chain in chains for r in chain["rounds"]]
     manifest = run.manifest
-    manifest.counts = {"prompts": len(prompts), "chains": len(chains),
-                       "skipped": writer.extra.get("skipped", 0), "rounds": len(rounds),
-                       "generated_tokens": writer.extra.get("tokens", 0)}
+    manifest.counts.update({"prompts": extra["prompts"], "chains": len(chains),
+                            "skipped": extra["skipped"], "rounds": len(rounds),
+                            "generated_tokens": extra["generated_tokens"]})
     manifest.stats = {
-        "constitution": constitution.name,
+        "constitution": load_constitution(config.constitution_paths).name,
         "prompt_format": chains[0]["format"] if chains else None,
         "revisions_changed": round(sum(r["changed"] for r in rounds) / max(len(rounds), 1), 4),
         "final_differs": round(sum(c["final"] != c["initial"] for c in chains) / max(len(chains), 1), 4),
     }
     run.complete()
-    writer.cleanup()
-    ui.info(f"generate-sl: {len(chains)} chains ({manifest.counts['skipped']} skipped) -> "
-            f"{writer.final_path}\n  look at them with: cai inspect {config.run_dir}")
-    return writer.final_path
+    ui.info(f"generate-sl: {len(chains)} chains ({extra['skipped']} skipped) -> "
+            f"{layout.chains}\n  look at them with: cai inspect {config.run_dir}")
+    return layout.chains
 
 
 class ChainGenerator:

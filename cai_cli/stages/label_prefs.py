@@ -27,10 +27,10 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import ResumableJsonl, model_fingerprint
+from cai_cli.artifacts import ResumableJsonl, model_fingerprint, read_jsonl
 from cai_cli.backends.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
-from cai_cli.constitution import load_constitution
+from cai_cli.constitution import Constitution, load_constitution
 from cai_cli.data import Prompt, load_prompts
 from cai_cli.diagnostics import label_diagnostics
 from cai_cli.errors import UserError
@@ -38,10 +38,12 @@ from cai_cli.judging import Judge
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import Sample
 from cai_cli.seeding import record_seed
-from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, red_team_inputs, require_complete
+from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs,
+                                   require_complete)
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
+PARTS = ("samples.jsonl", "pairs.jsonl")  # the record files a shard writes its part of
 
 
 def unused_keys(config: Config) -> set[str]:
@@ -106,18 +108,37 @@ def check_inputs(config: Config) -> None:
                        else "models.policy")
 
 
-def run(config: Config, *, force: bool = False) -> Path | None:
+def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
+    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's part of it: its
+    prompts sampled and their pairs judged."""
     stage = spec(config)
-    settings = config.label_prefs
     constitution = load_constitution(config.constitution_paths)
     prompts = select_prompts(config)
     check_inputs(config)
+    if shard is not None:
+        import sys
+
+        from cai_cli.shards import run_shard
+
+        return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
+                         produce=lambda run, part, out: produce(
+                             config, run, constitution, part, out, force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.pairs
-    started = time.perf_counter()
+    layout = config.layout
+    extra = produce(config, run, constitution, prompts,
+                    {"samples.jsonl": layout.samples, "pairs.jsonl": layout.pairs}, force=force)
+    return finish(config, run, extra)
 
-    samples = ResumableJsonl(config.layout.samples, stage.fingerprint)
+
+def produce(config: Config, run: StageRun, constitution: Constitution, prompts: list[Prompt],
+            out: dict[str, Path], *, force: bool) -> dict:
+    """Sample answers to ``prompts`` into ``out["samples.jsonl"]``, then judge their pairs into
+    ``out["pairs.jsonl"]``, each phase resumable; returns the counts ``finish`` reports."""
+    settings = config.label_prefs
+    started = time.perf_counter()
+    samples = ResumableJsonl(out["samples.jsonl"], run.spec.fingerprint)
     done = samples.open(fresh=force)
     batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not samples.finished:
@@ -135,7 +156,7 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         policy.close()
 
     sampled = samples.records()
-    pairs = ResumableJsonl(config.layout.pairs, stage.fingerprint)
+    pairs = ResumableJsonl(out["pairs.jsonl"], run.spec.fingerprint)
     done = pairs.open(fresh=force)
     groups = checkpoint_batches(sampled, settings.prompts_per_checkpoint)
     if not pairs.finished:
@@ -158,13 +179,23 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                 bar.update(task, advance=len(groups[index]), rate=f"{rate:,.1f} comparisons/s")
         feedback.close()
         pairs.finish()
+    run.manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
+    run.after_complete(samples.cleanup)
+    run.after_complete(pairs.cleanup)
+    return {"prompts": len(prompts), "skipped_pairs": pairs.extra.get("skipped", 0)}
 
-    records = pairs.records()
+
+def finish(config: Config, run: StageRun, extra: dict) -> Path:
+    """Once ``prefs/samples.jsonl`` and ``prefs/pairs.jsonl`` are complete (one run, or shards
+    merged): the manifest's counts, the label statistics and diagnostics, the stage complete."""
+    layout, settings = config.layout, config.label_prefs
+    sampled = read_jsonl(layout.samples)
+    records = read_jsonl(layout.pairs)
     confidence = [abs(r["p_chosen"] - 0.5) for r in records]
     manifest = run.manifest
-    manifest.counts = {"prompts": len(prompts), "sampled_prompts": len(sampled),
-                       "pairs": len(records), "skipped_pairs": pairs.extra.get("skipped", 0),
-                       "judgments": sum(len(r["judgments"]) for r in records)}
+    manifest.counts.update({"prompts": extra["prompts"], "sampled_prompts": len(sampled),
+                            "pairs": len(records), "skipped_pairs": extra["skipped_pairs"],
+                            "judgments": sum(len(r["judgments"]) for r in records)})
     manifest.stats = {
         "order_disagreement": round(sum(r["order_disagreement"] for r in records)
                                     / max(len(records), 1), 4),
@@ -173,13 +204,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         "label_sources": label_sources(records),
         **label_diagnostics(records),
     }
-    manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
     run.complete()
-    samples.cleanup()
-    pairs.cleanup()
     stats = manifest.stats
     ui.info(f"label-prefs: {len(records)} pairs, mean confidence {stats['mean_confidence']:.3f}, "
-            f"orders disagree on {stats['order_disagreement']:.0%} of pairs -> {pairs.final_path}")
+            f"orders disagree on {stats['order_disagreement']:.0%} of pairs -> {layout.pairs}")
     if stats["position_bias"] is not None:
         ui.info(f"  position bias (mean probability of the option shown first): "
                 f"{stats['position_bias']:.2f}; orders agree on "
@@ -190,8 +218,8 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         ui.warn(f"judgments come from different sources ({stats['label_sources']}): some are "
                 "option probabilities, some sampled verdicts; each judgment's label_source says "
                 "which (rerun with --force against one server for labels of one kind)")
-    ui.info(f"  look at them with: cai inspect {pairs.final_path}")
-    return pairs.final_path
+    ui.info(f"  look at them with: cai inspect {layout.pairs}")
+    return layout.pairs
 
 
 def label_sources(records: list[dict]) -> dict[str, int]:
