@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -55,8 +56,11 @@ def stage_files(run: Path) -> dict | None:
 
 
 def start(*args) -> subprocess.Popen:
+    # Ctrl-C reaches a command started from a terminal; a suite started in the background
+    # (`make test &`) has SIGINT ignored, and its children would inherit that.
     return subprocess.Popen([sys.executable, "-m", "cai_cli", *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_lock(run: Path, process: subprocess.Popen, timeout: float = 60) -> None:
@@ -265,7 +269,7 @@ def test_ctrl_c_after_force_says_how_to_resume(tmp_path, tiny_model_dir):
             break
         time.sleep(0.05)
     assert process.poll() is None, "generate-sl ended before it could be interrupted"
-    process.send_signal(2)  # SIGINT, as Ctrl-C
+    process.send_signal(signal.SIGINT)  # as Ctrl-C
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "without --force" in err
