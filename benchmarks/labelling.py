@@ -61,7 +61,7 @@ def main() -> None:
         backend.prefixes.clear()  # each run computes its shared prefixes afresh
         start = time.perf_counter()
         labelled = judge.batch(records)
-        return sum(len(r["judgments"]) for r in labelled) // 2, time.perf_counter() - start
+        return sum(len(p.judgments) for p in labelled) // 2, time.perf_counter() - start
 
     def generating_judge() -> float:
         """The baseline: the same comparison prompts, each order generated as a verdict, one

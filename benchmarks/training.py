@@ -117,11 +117,11 @@ def plain_sft(config) -> float:
 
     start = time.perf_counter()
     data = load_dataset("json", data_files=str(RUN_DIR / "sl" / "sft.jsonl"), split="train")
-    data = data.select_columns(["messages"])
+    data = data.select_columns(["prompt", "completion"])  # TRL masks the prompt itself
     model = AutoModelForCausalLM.from_pretrained(config.models.policy.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(config.models.policy.name_or_path)
     with tempfile.TemporaryDirectory() as out:
-        args = training_args(SFTConfig, config.finetune.training, out, assistant_only_loss=True)
+        args = training_args(SFTConfig, config.finetune.training, out)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # the log dicts disable_tqdm turns on
         trainer.train()
