@@ -129,3 +129,31 @@ class ChatPrompts:
 
     def encode_many(self, prompts: Sequence[PromptInput]) -> list[list[int]]:
         return self.tokenize_many([self.render(prompt) for prompt in prompts])
+
+    def option_starts(self, options: Sequence[str], prompt_ids: list[int],
+                      fulls: list[list[int]]) -> list[int]:
+        """Where each option's tokens begin in ``fulls`` (the prompt tokenised with each option
+        appended), after checking that each option comes out as its own, different tokens that
+        decode back to it."""
+        starts = [common_prefix(prompt_ids, full) for full in fulls]
+        tails = [full[start:] for full, start in zip(fulls, starts)]
+        decoded = [self.tokenizer.decode(tail).strip() for tail in tails]
+        if any(not tail for tail in tails) or len(set(map(tuple, tails))) < len(tails) or \
+                any(d != o.strip() for d, o in zip(decoded, options)):
+            from cai_cli.errors import UserError
+
+            raise UserError(
+                f"the tokenizer of '{self.name}' cannot represent the option labels "
+                f"{', '.join(map(repr, options))} (they tokenise to {tails}, which decode to "
+                f"{decoded}); use a feedback model whose tokenizer covers plain ASCII text")
+        return starts
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length

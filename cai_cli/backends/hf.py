@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-from cai_cli.backends.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.backends.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
+                                   common_prefix)
 from cai_cli.config import ModelConfig
-from cai_cli.errors import UserError
 from cai_cli.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
                             load_tokenizer, quiet_transformers)
 
@@ -247,8 +247,7 @@ class HFBackend(ChatPrompts):
                                       for suffix in ("", *options)])
         for index in range(len(prompts)):
             prompt_ids, fulls = encoded[index * width], encoded[index * width + 1:(index + 1) * width]
-            starts = [_common_prefix(prompt_ids, full) for full in fulls]
-            self._check_options(options, [full[start:] for full, start in zip(fulls, starts)])
+            starts = self.option_starts(options, prompt_ids, fulls)
             longest = max(len(full) for full in fulls)
             if longest > self.max_context:
                 results[index] = Overflow(len(prompt_ids), longest - len(prompt_ids), self.max_context)
@@ -271,16 +270,6 @@ class HFBackend(ChatPrompts):
         for index, values in scores.items():
             results[index] = values
         return results  # type: ignore[return-value]
-
-    def _check_options(self, options: Sequence[str], tails: list[list[int]]) -> None:
-        """Each option must come out as its own, different tokens that decode back to it."""
-        decoded = [self.tokenizer.decode(tail).strip() for tail in tails]
-        if any(not tail for tail in tails) or len(set(map(tuple, tails))) < len(tails) or \
-                any(d != o.strip() for d, o in zip(decoded, options)):
-            raise UserError(
-                f"the tokenizer of '{self.config.name_or_path}' cannot represent the option labels "
-                f"{', '.join(map(repr, options))} (they tokenise to {tails}, which decode to "
-                f"{decoded}); use a feedback model whose tokenizer covers plain ASCII text")
 
     def _last_logprobs(self, sequences: list[list[int]], keeps: list[int]) -> list:
         """Log-softmax over the vocabulary at the last ``keeps[i]`` positions of each sequence,
@@ -431,17 +420,9 @@ def _common_prefix_all(rows: list[list[int]]) -> int:
     length = min(len(row) for row in rows)
     first = rows[0]
     for row in rows[1:]:
-        length = _common_prefix(first[:length], row)
+        length = common_prefix(first[:length], row)
     return length
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -161,8 +161,7 @@ class VLLMBackend(ChatPrompts):
             text, special = self.render(prompt)
             prompt_ids = self.tokenize(text, special)
             fulls = [self.tokenize(text + option, special) for option in options]
-            starts = [_common_prefix(prompt_ids, full) for full in fulls]
-            self._check_options(options, [full[start:] for full, start in zip(fulls, starts)])
+            starts = self.option_starts(options, prompt_ids, fulls)
             longest = max(len(full) for full in fulls)
             if longest > self.max_context:
                 results[index] = Overflow(len(prompt_ids), longest - len(prompt_ids),
@@ -208,21 +207,3 @@ class VLLMBackend(ChatPrompts):
             read[context] = {t: float(found[t].logprob) for t in tokens}
         return read
 
-    def _check_options(self, options: Sequence[str], tails: list[list[int]]) -> None:
-        """Each option must come out as its own, different tokens that decode back to it."""
-        decoded = [self.tokenizer.decode(tail).strip() for tail in tails]
-        if any(not tail for tail in tails) or len(set(map(tuple, tails))) < len(tails) or \
-                any(d != o.strip() for d, o in zip(decoded, options)):
-            raise UserError(
-                f"the tokenizer of '{self.name}' cannot represent the option labels "
-                f"{', '.join(map(repr, options))} (they tokenise to {tails}, which decode to "
-                f"{decoded}); use a feedback model whose tokenizer covers plain ASCII text")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
