@@ -28,8 +28,24 @@ config_app = typer.Typer(help="Check or print a config without running anything.
 app.add_typer(config_app, name="config")
 
 CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config file.", show_default=False)
-SET = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key by dotted path, e.g. "
-                   "--set generate_sl.num_revisions=3 (repeatable).", show_default=False)
+
+
+def _set_option(example: str = "generate_sl.num_revisions=3"):
+    return typer.Option(None, "--set", metavar="KEY=VALUE", show_default=False,
+                        help=f"Override a config key by dotted path, e.g. --set {example} "
+                        "(repeatable; `cai config keys` lists them).")
+
+
+SET = _set_option()
+# Each stage's --help shows a key of its own section.
+SET_EXAMPLES = {
+    "generate-sl": "generate_sl.num_revisions=3",
+    "finetune": "finetune.training.learning_rate=1e-5",
+    "label-prefs": "label_prefs.principles_per_pair=2",
+    "train-rm": "train_rm.training.epochs=2",
+    "optimize": "optimize.beta=0.2",
+    "evaluate": "evaluate.limit=64",
+}
 FORCE = typer.Option(False, "--force", help="Redo the stage even if its output is complete, "
                      "replacing outputs made from another config.")
 PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False,
@@ -85,6 +101,7 @@ def _writing(command: str, config, force: bool, work, shard=None) -> None:
 
 def _stage_command(name: str, trains: bool, shardable: bool):
     """The command of one stage in the table of ``cai_cli.stages``."""
+    SET = _set_option(SET_EXAMPLES.get(name, "generate_sl.num_revisions=3"))
 
     def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str],
                 shard: Optional[str] = None) -> None:
@@ -177,7 +194,7 @@ def inspect(
 
 @app.command("tiny-model")
 def tiny_model(
-    out_dir: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Directory to write the model and tokenizer to."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
     hidden_size: int = typer.Option(256, "--hidden-size", help="Width of the model."),
     layers: int = typer.Option(4, "--layers", help="Number of decoder layers."),

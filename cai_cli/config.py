@@ -739,8 +739,9 @@ def print_keys(section: str | None, *, markdown: bool) -> None:
             cell = doc.replace("``", "`").replace("|", "\\|")
             print(f"| `{key}` | {f'`{default}`' if default else ''} | {cell} |")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from cai_cli import ui
 
     table = Table(box=None, pad_edge=False)
     table.add_column("key", no_wrap=True, style="bold")
@@ -748,4 +749,4 @@ def print_keys(section: str | None, *, markdown: bool) -> None:
     table.add_column("meaning", overflow="fold", ratio=1)
     for key, default, doc in rows:
         table.add_row(key, default, " ".join(doc.replace("``", "`").split()))
-    Console().print(table)
+    ui.stdout.print(table)

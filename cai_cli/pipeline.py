@@ -36,7 +36,7 @@ def statuses(config: Config) -> list[StageStatus]:
         state = spec.state()
         reason = ""
         if state == "stale":
-            reason = "changed: " + ", ".join(spec.changes()[:4])
+            reason = "changed: " + spec.describe_changes(4)
         elif state == "partial":
             own = spec.manifest()
             sharded = None if own and own.get("config_hash") == spec.fingerprint else spec.sharded()

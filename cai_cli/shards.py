@@ -227,7 +227,7 @@ def run_shard(module, config: Config, spec: StageSpec, shard: Shard, items: list
                 "(--force redoes this shard and merges again)")
         return None
     if state == "stale" and not force:
-        changed = ", ".join(spec.changes()[:6]) or "unknown"
+        changed = spec.describe_changes()
         raise UserError(
             f"{spec.directory} holds output made from a different config (changed: {changed}). "
             f"Start the shards with --force to replace it (a shard that fails is then rerun "

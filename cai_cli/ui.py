@@ -5,12 +5,52 @@ Stages print progress and messages to stderr, so stdout stays clean for data (``
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+
+
+class _Trimmed:
+    """Standard output without the spaces rich pads each line with to the console width, so a
+    piped ``inspect`` or ``status`` is plain text. Looks ``sys.stdout`` up at each write (tests
+    replace it)."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            sys.stdout.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.endswith(" "):  # an unfinished line: wait for the rest
+            return
+        sys.stdout.write(self._pending)
+        self._pending = ""
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", "utf-8") or "utf-8"
+
+
 console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)  # for reports the user may pipe: status tables
+# Reports the user may pipe: tables, inspect. Piped, rich would assume 80 columns; lines are
+# trimmed anyway, so a wider page keeps tables readable (COLUMNS still decides when set).
+_PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+stdout = Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
 
 
 def info(message: str) -> None:

@@ -27,6 +27,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from cai_cli import ui
 from cai_cli.artifacts import read_jsonl
 from cai_cli.diagnostics import label_diagnostics
 from cai_cli.errors import UserError
@@ -60,7 +61,7 @@ def run_inspect(path: Path, *, record_id: str | None = None, index: int | None =
         raise UserError("give --id or --index, not both")
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
-    console = Console(highlight=False)
+    console = ui.stdout
     artifacts = load_artifacts(Path(path))
     if record_id is not None or index is not None:
         show_records(console, artifacts, record_id, index, principle, grep)

@@ -63,6 +63,21 @@ def test_without_seeds_the_call_seed_reproduces_a_call(backend):
     assert [c.text for c in other] != [c.text for c in first]
 
 
+def test_progress_hears_of_every_decoding_step(backend):
+    """What the progress bars of generate-sl and evaluate count: tokens as they are made, not
+    only when a call returns."""
+    steps: list[int] = []
+    backend.on_tokens = steps.append
+    try:
+        params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+        completions = backend.generate(prompts(), params)
+    finally:
+        backend.on_tokens = None
+    assert len(steps) > 2  # many times in each of the two batches of three, not once per batch
+    assert all(0 < n <= 3 for n in steps)
+    assert sum(steps) == sum(c.tokens for c in completions)
+
+
 def test_seeds_must_match_the_prompts(backend):
     with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
         backend.generate(prompts()[:1], SamplingParams(max_new_tokens=4), seeds=[1, 2])

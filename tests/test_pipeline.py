@@ -65,6 +65,19 @@ def test_second_run_skips_everything(pipeline):
     assert mtimes(run_dir) == before
 
 
+def test_a_copied_run_directory_stays_done(pipeline, tmp_path):
+    import shutil
+
+    path, run_dir, _ = pipeline
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, symlinks=True)  # as `cp -a`
+    status = cai("status", "--config", path, "--set", f"run_dir={copy}")
+    assert status.returncode == 0
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()
+              if line.strip() and line.split()[0] in STAGE_DIRS}
+    assert states == dict.fromkeys(STAGE_DIRS, "done"), status.stdout
+
+
 def test_changed_optimize_setting_reruns_optimize_and_evaluate_only(pipeline):
     path, run_dir, _ = pipeline
     before = mtimes(run_dir)

@@ -9,7 +9,7 @@ continued from that text rather than answered with a new turn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 Message = dict[str, str]
 PromptInput = Union[list[Message], str]
@@ -53,6 +53,9 @@ class Backend(Protocol):
     name: str  # the model's name or path, for messages
     max_context: int
     has_chat_template: bool  # whether chat prompts (lists of messages) can be rendered
+    # Set by a stage to see generation move within a call (progress bars): called with the number
+    # of tokens just generated, at every decoding step (hf) or as requests finish (servers).
+    on_tokens: Optional[Callable[[int], None]]
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:

@@ -36,6 +36,7 @@ class HFBackend(ChatPrompts):
         self.max_context = model.max_context or self._model_context()
         self.stop_token_ids = self._stop_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id
+        self.on_tokens = None
         # transformers 5 renames the cache argument from past_key_values to cache
         import inspect
 
@@ -145,6 +146,8 @@ class HFBackend(ChatPrompts):
             kwargs["logits_processor"] = gumbel_sampler(params, generators)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if self.on_tokens is not None:
+            kwargs["streamer"] = _StepCounter(self.on_tokens, self.pad_token_id)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
@@ -297,6 +300,26 @@ class HFBackend(ChatPrompts):
             for row, i in enumerate(batch):
                 out[i] = logprobs[row, keep - keeps[i]:]
         return out
+
+
+class _StepCounter:
+    """A ``generate`` streamer that reports how many tokens each decoding step made: rows that
+    have finished get padding, which is not counted."""
+
+    def __init__(self, report, pad_token_id: int | None):
+        self.report, self.pad_token_id = report, pad_token_id
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        new = value.numel() if self.pad_token_id is None else int((value != self.pad_token_id).sum())
+        if new:
+            self.report(new)
+
+    def end(self) -> None:
+        pass
 
 
 def gumbel_sampler(params: SamplingParams, generators: list | None = None):

@@ -53,6 +53,7 @@ class OpenAIBackend:
         self.config, self.what, self.name = model, what, model.name_or_path
         self.url = model.base_url.rstrip("/")
         self.has_chat_template = True  # the server renders conversations with its template
+        self.on_tokens = None
         self.closed = False
         self.has_logprobs: bool | None = None  # unknown until the first score_options
         self.bounded = 0  # options read as "at most the last alternative" (see score_options)
@@ -211,8 +212,13 @@ class OpenAIBackend:
         if seeds is None:
             seeds = [record_seed(params.seed, index) for index in range(len(prompts))]
         # OpenAI's API takes seeds below 2**63; vLLM's below 2**64: ours are below 2**63.
-        calls = [lambda client, p=p, s=s: self._request(client, p, params, s)
-                 for p, s in zip(prompts, seeds)]
+        async def reported(client, prompt, seed):
+            reply = await self._request(client, prompt, params, seed)
+            if self.on_tokens is not None and not isinstance(reply, Overflow):
+                self.on_tokens(reply[1])
+            return reply
+
+        calls = [lambda client, p=p, s=s: reported(client, p, s) for p, s in zip(prompts, seeds)]
         replies = self._run(self._gather(calls))
         return [r if isinstance(r, Overflow) else Completion(r[0], r[1]) for r in replies]
 

@@ -71,6 +71,7 @@ class VLLMBackend(ChatPrompts):
                             f"{what}.max_context and {what}.tensor_parallel_size") from None
         self.tokenizer = self.llm.get_tokenizer()
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.on_tokens = None  # told once per call: the offline engine runs it as a whole
         self.max_context = self.llm.llm_engine.model_config.max_model_len
         vocab = self.tokenizer.get_vocab()
         self.stop_token_ids = sorted({vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
@@ -144,6 +145,8 @@ class VLLMBackend(ChatPrompts):
             sample = output.outputs[0]
             results[index] = Completion(cut_at_stop(sample.text, params.stop).strip(),
                                         len(sample.token_ids))
+        if self.on_tokens is not None:
+            self.on_tokens(sum(len(output.outputs[0].token_ids) for output in outputs))
         return results  # type: ignore[return-value]
 
     def score_options(self, prompts: Sequence[PromptInput],

@@ -34,6 +34,11 @@ class StageSpec:
     inputs: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
     after: tuple[str, ...] = ()  # earlier stages whose output this one reads
 
+    def __post_init__(self) -> None:
+        # Paths inside the run directory (an earlier stage's model) are kept relative to it, so
+        # a run directory that is copied or moved keeps its stages done.
+        self.settings = in_run_dir(self.settings, self.directory.parent)
+
     @property
     def fingerprint(self) -> str:
         return config_hash({"settings": self.settings, "inputs": self.inputs})
@@ -67,11 +72,31 @@ class StageSpec:
         return unmerged(self) if self.command in SHARDABLE else None
 
     def changes(self) -> list[str]:
-        """What differs between the stored manifest and the current config, as dotted paths."""
+        """What differs between the stored manifest and the current config, as dotted paths:
+        settings whose values changed first, then settings only one side has (e.g. keys that
+        apply only with another setting), then the inputs (files and models read)."""
         manifest = self.manifest() or {}
         old = {"settings": manifest.get("config", {}), "inputs": manifest.get("inputs", {})}
         new = {"settings": self.settings, "inputs": self.inputs}
-        return [key.removeprefix("settings.") for key in diff_keys(old, new)]
+        keys = diff_keys(old, new)
+
+        def on_both_sides(key: str) -> bool:
+            old_side, new_side = old, new
+            for part in key.split("."):
+                if not (isinstance(old_side, dict) and isinstance(new_side, dict)
+                        and part in old_side and part in new_side):
+                    return False
+                old_side, new_side = old_side[part], new_side[part]
+            return True
+
+        order = {key: (key.startswith("inputs."), not on_both_sides(key)) for key in keys}
+        return [key.removeprefix("settings.") for key in sorted(keys, key=order.__getitem__)]
+
+    def describe_changes(self, limit: int = 6) -> str:
+        """``changes()`` for a message: the first ``limit`` and how many more."""
+        changes = self.changes()
+        shown = ", ".join(changes[:limit]) or "unknown"
+        return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
 
 
 class StageRun:
@@ -137,7 +162,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     ``force``), and otherwise returns the run to record (``StageRun.producing``) and complete."""
     state = spec.state()
     if state == "stale" and not force:
-        changed = ", ".join(spec.changes()[:6]) or "unknown"
+        changed = spec.describe_changes()
         raise UserError(
             f"{spec.directory} holds output made from a different config (changed: {changed}). "
             f"Rerun with --force to replace it, or set run_dir to a new directory to keep it.")
@@ -205,8 +230,28 @@ def require_complete(config: Config, command: str, why: str = "", *,
         spec = stage_module(command).spec(config)
         if spec.state() == "stale":
             ui.warn(f"{spec.directory} was made from a different config (changed: "
-                    f"{', '.join(spec.changes()[:4])}); {stale_use}")
+                    f"{spec.describe_changes()}); {stale_use}")
     return directory
+
+
+RUN_DIR = "<run_dir>"
+
+
+def in_run_dir(value: Any, run_dir: Path) -> Any:
+    """``value`` (JSON-able settings) with every path inside ``run_dir`` written as
+    ``<run_dir>/...``."""
+    if isinstance(value, dict):
+        return {key: in_run_dir(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [in_run_dir(item, run_dir) for item in value]
+    if isinstance(value, str) and value:
+        path = Path(value)
+        # run_dir "." would claim every relative string: only absolute forms are matched then
+        roots = {run_dir.absolute(), run_dir.resolve()} | ({run_dir} if run_dir.parts else set())
+        for root in roots:
+            if path == root or root in path.parents:
+                return Path(RUN_DIR, path.relative_to(root)).as_posix().removesuffix("/.")
+    return value
 
 
 def red_team_inputs(config: Config) -> tuple[dict[str, Any], dict[str, str]]:

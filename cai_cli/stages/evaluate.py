@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from rich.progress import TextColumn
+
 from cai_cli import ui
 from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
                                write_atomic, write_json_atomic)
@@ -238,10 +240,23 @@ def answer_all(config: Config, backend, prompts: list[Prompt],
         max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k,
         stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
-    results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
-                                for p in prompts], params,
-                               seeds=[record_seed(config.seed, p.id, name, "evaluate")
-                                      for p in prompts])
+    # The bar moves at every decoding step, by the share of a prompt a token is at most.
+    started, streamed = time.perf_counter(), 0
+    with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task(f"answering ({name})", total=len(prompts), rate="")
+
+        def stepped(tokens: int) -> None:
+            nonlocal streamed
+            streamed += tokens
+            rate = streamed / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=tokens / params.max_new_tokens, rate=f"{rate:,.0f} tok/s")
+
+        backend.on_tokens = stepped
+        results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
+                                    for p in prompts], params,
+                                   seeds=[record_seed(config.seed, p.id, name, "evaluate")
+                                          for p in prompts])
+        bar.update(task, completed=len(prompts))
     # A prompt too long for this model gets an empty answer: it loses to any real one.
     return [EvalAnswer(model=name, id=p.id, answer=r.text if isinstance(r, Completion) else "")
             for p, r in zip(prompts, results)]

@@ -96,18 +96,32 @@ def produce(config: Config, run: StageRun, constitution: Constitution, prompts: 
         generator = ChainGenerator(config, constitution, backend, fmt)
         started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
         skipped = writer.extra.get("skipped", 0)
-        # The bar counts prompts and moves after every backend call (an answer, a critique or a
-        # revision turn of the batch), not only when a batch is saved: a fraction of a prompt
-        # per turn, with the tokens/s so far.
+        # The bar counts prompts. It moves at every decoding step (by the share of a prompt a
+        # token is at most) and is set right after every backend call (an answer, a critique or
+        # a revision turn of the batch) and every saved batch, with the tokens/s so far.
         turns = 1 + 2 * settings.num_revisions
+        per_token = 1 / (turns * settings.sampling.max_new_tokens)
+        streamed = 0  # tokens of the backend call under way
+
         with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
             done = sum(len(b) for b in batches[:done_batches])
             task = bar.add_task("generate-sl", total=len(prompts), rate="", completed=done)
 
-            def moved(calls: int) -> None:
-                rate = generator.tokens / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=calls / turns, rate=f"{rate:,.0f} tok/s")
+            def rate() -> str:
+                tokens_per_s = (generator.tokens + streamed) / max(time.perf_counter() - started, 1e-9)
+                return f"{tokens_per_s:,.0f} tok/s"
 
+            def stepped(tokens: int) -> None:
+                nonlocal streamed
+                streamed += tokens
+                bar.update(task, advance=tokens * per_token, rate=rate())
+
+            def moved(calls: int) -> None:
+                nonlocal streamed
+                advance, streamed = max(calls / turns - streamed * per_token, 0.0), 0
+                bar.update(task, advance=advance, rate=rate())
+
+            backend.on_tokens = stepped
             generator.on_call = moved
             for index in range(done_batches, len(batches)):
                 chains, batch_tokens, batch_skipped = generator.batch(batches[index])
