@@ -166,8 +166,9 @@ def test_long_texts_wrap_instead_of_being_cut(tmp_path):
     path = write_jsonl(tmp_path / "chains.jsonl", [chain])
     out = inspect(path, "--index", "0")
     assert "word0 " in out and "word299" in out
-    # Wrapped at the width (80 when piped); only the file path is left to the terminal.
-    assert all(len(line) <= 80 for line in out.splitlines() if str(path) not in line)
+    # Wrapped at the width (120 when piped); only the file path is left to the terminal.
+    assert all(len(line) <= 120 for line in out.splitlines() if str(path) not in line)
+    assert not any(line.endswith(" ") for line in out.splitlines())  # no padding to the width
 
 
 def test_filters_principle_grep_and_limit(run_dir):
