@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, not_found
 
 MANIFEST = "manifest.json"
 
@@ -48,7 +48,7 @@ def numbered_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterat
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a JSONL file")
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: file {not_found(path)}")
     with path.open("rb") as handle:
         lines = handle.read().split(b"\n")
     last_index = len(lines) - 1

@@ -192,6 +192,19 @@ def inspect(
     run_inspect(path, record_id=id, index=index, principle=principle, grep=grep, limit=limit)
 
 
+@app.command("init")
+def init(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write the files to (created if missing)."),
+    model: str = typer.Option("HuggingFaceTB/SmolLM2-135M-Instruct", "--model", metavar="NAME_OR_PATH",
+                              help="The helpful-only model the config names (a hub id or a local directory)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files of an earlier init."),
+):
+    """Write a starter config, the constitution and sample prompts into DIR, to edit and run."""
+    from cai_cli.starter import write_starter
+
+    write_starter(directory, model=model, force=force)
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Directory to write the model and tokenizer to."),

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, relative_note
 from cai_cli.layout import RunLayout
 from cai_cli.validation import describe, nested_models, problem_list, unwrap
 
@@ -516,7 +516,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML config, apply ``--set`` overrides, validate; UserError on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}{relative_note(path)}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as exc:

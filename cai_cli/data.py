@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from cai_cli.artifacts import iter_jsonl
 from cai_cli.config import PromptSource
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, not_found
 from cai_cli.transcripts import first_human_turn
 from cai_cli.transcripts import transcript_messages as transcript_messages  # stages import it here
 
@@ -81,9 +81,7 @@ def file_problem(path: Path) -> str | None:
         return "is a directory, not a file"
     if path.exists():
         return "is not a regular file"
-    # Relative paths are read from where cai runs, which need not be where the config lives.
-    where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
-    return f"not found{where}"
+    return not_found(path)
 
 
 def read_text(path: Path, *, newline: str | None = None) -> str:

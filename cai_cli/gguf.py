@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, not_found
 
 MARKER = "gguf_import.json"  # written last into the import: which file, which dtype
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,7 +96,7 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
 
 def _check_is_gguf(path: Path) -> None:
     if not path.exists():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: file {not_found(path)}")
     if not path.is_file():
         raise UserError(f"{path} is not a file; give the path of a .gguf file")
     with path.open("rb") as handle:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_cli.config import LoraConfig, ModelConfig
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, not_found, relative_note
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^[\w.-]+$")
 # Files that hold a save_pretrained directory's weights (full models, then peft adapters).
@@ -178,7 +178,7 @@ def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> No
         return
     path = Path(model.name_or_path).expanduser()
     if not path.exists():
-        raise UserError(f"{key}: model directory not found: {path} (build a test model with "
+        raise UserError(f"{key}: model directory not found: {path}{relative_note(path)} (build a test model with "
                         f"`cai tiny-model {model.name_or_path}`, or give a hub id)")
     if not path.is_dir():
         raise UserError(f"{key}: {path} is a file; expected a directory written by save_pretrained")
@@ -201,7 +201,7 @@ def check_model(model: ModelConfig, key: str) -> None:
         return
     path = Path(model.name_or_path).expanduser()
     if not (path / "config.json").is_file():
-        state = "has no config.json" if path.exists() else "does not exist"
+        state = "has no config.json" if path.exists() else f"is {not_found(path)}"
         raise UserError(f"{key}: {path} {state}; expected a directory written by "
                         "save_pretrained, or a hub id")
     check_weights(path, key)

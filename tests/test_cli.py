@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["optimize"], ["evaluate"],
-            ["run"], ["status"], ["inspect"], ["tiny-model"], ["config", "validate"], ["config", "show"]]
+            ["run"], ["status"], ["inspect"], ["tiny-model"], ["init"], ["merge"], ["import-gguf"],
+            ["config", "validate"], ["config", "show"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -53,6 +55,32 @@ def test_tiny_config_passes_config_validate(tiny_model_dir):
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "principles" in result.stderr and "prompts" in result.stderr and "config is valid" in result.stderr
+
+
+def test_init_writes_a_starter_that_validates_from_another_directory(tmp_path, tiny_model_dir):
+    """What a user who installed the package (no clone, no configs/) starts from."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    made = run("init", "project", "--model", tiny_model_dir)
+    assert made.returncode == 0, made.stderr
+    assert "cai run --config project/config.yaml" in made.stdout
+    checked = run("config", "validate", "--config", "project/config.yaml")
+    assert checked.returncode == 0, checked.stderr
+    assert "18 principles" in checked.stderr and "config is valid" in checked.stderr
+    (tmp_path / "project" / "constitution.yaml").write_text("mine")
+    again = run("init", "project")
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (tmp_path / "project" / "constitution.yaml").read_text() == "mine"  # not overwritten
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cai_cli", "status", "--config", "nowhere.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert f"nowhere.yaml (relative to the current directory, {tmp_path})" in result.stderr
 
 
 def test_config_validate_reports_every_missing_file_together(tmp_path):
