@@ -5,11 +5,17 @@ Stages print progress and messages to stderr, so stdout stays clean for data (``
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-console = Console(stderr=True, highlight=False)
+# Under torchrun / accelerate launch every process runs the same stage: only the main one
+# (global rank 0) prints, or each line would appear once per process. Errors still come from
+# every process (the command line prints them).
+console = Console(stderr=True, highlight=False,
+                  quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 stdout = Console(highlight=False)  # for reports the user may pipe: status tables
 
 
