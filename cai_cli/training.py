@@ -348,7 +348,12 @@ def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
     state_dict = None
     if sharded(trainer):
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
-        state_dict = trainer.accelerator.get_state_dict(engine)  # collective: every process
+        try:
+            state_dict = trainer.accelerator.get_state_dict(engine)  # every process takes part
+        except ValueError as exc:  # ZeRO-3 told not to gather the weights when saving
+            raise UserError(f"the trained weights cannot be gathered to save them: "
+                            f"{str(exc).splitlines()[0]} Then rerun the same command: it "
+                            "resumes from the last checkpoint") from None
     if not dist.is_main():
         return
     shutil.rmtree(out, ignore_errors=True)
