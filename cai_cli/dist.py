@@ -106,8 +106,14 @@ def refuse_multiprocess(command: str) -> None:
     """
     if not is_distributed():
         return
+    launched = (f"it was started as process {rank()} of {world_size()} (torchrun / accelerate "
+                f"launch)")
+    if ", " in command:  # `cai run` over a range that holds such stages
+        raise UserError(
+            f"`cai run` would run {command}, which run as a single process, but {launched}. Run "
+            f"it without the launcher, or under it only over training stages (e.g. `cai run "
+            f"--from train-rm --to optimize`).")
     raise UserError(
-        f"`cai {command}` runs as a single process, but it was started as process {rank()} of "
-        f"{world_size()} (torchrun / accelerate launch). Run it once without the launcher: "
-        f"`cai {command} --config ...`; only finetune, train-rm and optimize train across devices "
-        f"(for faster generation use a vllm or openai backend).")
+        f"`cai {command}` runs as a single process, but {launched}. Run it once without the "
+        f"launcher: `cai {command} --config ...`; only finetune, train-rm and optimize train "
+        f"across devices (for faster generation use a vllm or openai backend, or --shard).")

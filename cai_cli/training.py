@@ -112,8 +112,18 @@ def quiet_libraries() -> None:
 
 
 def use_cpu(model: ModelConfig) -> bool:
-    """Train where the model runs: ``cpu`` forces the CPU even when a GPU is there."""
-    return model.device == "cpu"
+    """Train where the model runs: ``cpu`` forces the CPU even when a GPU is there. Under a
+    multi-process launcher on a machine without a GPU, ``auto`` trains on the CPU too: told
+    nothing, accelerate would leave every process training alone on all the data."""
+    if model.device == "cpu":
+        return True
+    from cai_cli import dist
+
+    if model.device != "auto" or not dist.is_distributed():
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def precision(training: TrainingConfig, cpu: bool) -> str:
@@ -124,6 +134,50 @@ def precision(training: TrainingConfig, cpu: bool) -> str:
 
     gpu = not cpu and torch.cuda.is_available()
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the launch, once per process (the checks run before a stage and in it)."""
+    if message not in _warned:
+        _warned.add(message)
+        ui.warn(message)
+
+
+def launcher_checks(mode: str, cpu: bool, key: str) -> None:
+    """Make accelerate's settings agree with ours before the trainer reads them.
+
+    ``accelerate launch`` passes its config's ``mixed_precision`` to every process through
+    ACCELERATE_MIXED_PRECISION, which transformers applies whenever our bf16 / fp16 flags are
+    off; our ``precision`` (part of the stage's fingerprint, recorded in its manifest) decides
+    instead. And accelerate shards with FSDP or DeepSpeed only on GPUs: on the CPU it falls
+    back to plain data parallelism without a word.
+    """
+    from cai_cli import dist
+
+    wanted = {"fp32": "no"}.get(mode, mode)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", wanted):
+        _warn_once(f"the launcher asks for mixed precision {launcher} (accelerate's config or "
+                   f"--mixed_precision); {key}.precision decides and gives {mode}: set it to "
+                   f"{launcher} to train that way")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = wanted
+    engines = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"),
+                                           ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(variable, "false").lower() == "true"]
+    if engines and cpu and dist.is_distributed():
+        _warn_once(f"accelerate runs {engines[0]} only on GPUs: on the CPU each of the "
+                   f"{dist.world_size()} processes trains a full copy of the model (plain data "
+                   "parallelism), with the same result")
+    if ("DeepSpeed" in engines and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+            and not os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false") != "true"):
+        # Without it the finished weights stay split across the processes' checkpoints.
+        raise UserError("DeepSpeed ZeRO-3 is launched without zero3_save_16bit_model: true in "
+                        "accelerate's config, so the trained model could not be gathered and "
+                        "saved; add it under deepspeed_config (configs/accelerate/zero3.yaml has it)")
 
 
 def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: int,
@@ -182,7 +236,12 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
     if "tensorboard" in training.report_to:  # its event files outlive the checkpoints
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / LOGS))
 
+    launcher_checks(mode, cpu, key)
+
     arguments = {name: value for name, (value, _) in ours.items() if name in fields}
+    # Every parameter of the models trained here takes part in the loss; DDP's search for unused
+    # ones costs a pass over the graph each step (trl_args may turn it back on).
+    arguments["ddp_find_unused_parameters"] = False
     arguments.update(
         output_dir=str(output_dir / CHECKPOINTS),
         disable_tqdm=True,
@@ -265,20 +324,68 @@ def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None,
 # Loading and saving models
 
 
+def sharded(trainer) -> bool:
+    """Whether FSDP or DeepSpeed hold the trained weights, split across the processes (or, for
+    ZeRO-1/2, inside their engine): reading them back then takes every process."""
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
 def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
     """The trained model (merged full weights, or the peft adapter alone when ``lora.merge`` is
-    false) with its tokenizer and chat template, written to ``out``."""
-    shutil.rmtree(out, ignore_errors=True)
+    false) with its tokenizer and chat template, written to ``out`` by the main process.
+
+    Every process of a job calls it: under FSDP and DeepSpeed the full weights are gathered
+    from all of them (accelerate's ``get_state_dict``) before the main process writes them.
+    """
+    from cai_cli import dist
+
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if lora.enabled and lora.merge:
-        model = model.merge_and_unload()
     # The Trainer switches the KV cache off in the model config while training; generating
     # from the saved model wants it back.
     model.config.use_cache = True
     # A reward model scoring a batch finds each sequence's last token by the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
+    state_dict = None
+    if sharded(trainer):
+        engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+        try:
+            state_dict = trainer.accelerator.get_state_dict(engine)  # every process takes part
+        except ValueError as exc:  # ZeRO-3 told not to gather the weights when saving
+            raise UserError(f"the trained weights cannot be gathered to save them: "
+                            f"{str(exc).splitlines()[0]} Then rerun the same command: it "
+                            "resumes from the last checkpoint") from None
+    if not dist.is_main():
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    if lora.enabled and lora.merge:
+        model = (model.merge_and_unload() if state_dict is None
+                 else merged_from_gathered(model, state_dict, out / ".adapter"))
+        state_dict = None
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
+
+
+def merged_from_gathered(model, state_dict: dict, scratch: Path):
+    """LoRA merged into the base weights when the trained ones were split across processes:
+    the adapter is taken from the gathered ``state_dict`` and put on a fresh copy of the base
+    model (the same class, config and dtype, loaded on the CPU by this process alone)."""
+    import peft
+    import torch
+
+    model.save_pretrained(scratch, state_dict=state_dict)  # peft keeps the adapter's weights
+    base = model.get_base_model()
+    frozen = next((p.dtype for p in base.parameters() if not p.requires_grad), torch.float32)
+    adapter = model.peft_config[model.active_adapter]
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # ZeRO-3 would otherwise partition the copy across processes that are not loading it.
+    unset_hf_deepspeed_config()
+    fresh = type(base).from_pretrained(adapter.base_model_name_or_path, config=base.config,
+                                       dtype=frozen,
+                                       revision=getattr(base.config, "_commit_hash", None))
+    merged = peft.PeftModel.from_pretrained(fresh, scratch).merge_and_unload()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +481,8 @@ def fit(run, build_trainer, description: str):
     checkpoint = resume_point(run.directory, run.resuming)
     started = time.perf_counter()
     trainer = build_trainer()
+    # Counted before training: FSDP and DeepSpeed then split the parameters across processes.
+    run.manifest.stats["trainable_parameters"] = trainable_parameters(trainer.model)
     run.producing()
     result = train(trainer, description, checkpoint)
     run.manifest.timings["train_seconds"] = round(time.perf_counter() - started, 2)
@@ -385,8 +494,8 @@ def save(run, trainer, tokenizer, lora: LoraConfig, result, args, checkpoint) ->
     and record what every training stage records."""
     from cai_cli import dist
 
+    save_model(trainer, tokenizer, lora, run.directory / STAGING)
     if dist.is_main():
-        save_model(trainer, tokenizer, lora, run.directory / STAGING)
         put_in_place(run.directory)
         run.after_complete(lambda: shutil.rmtree(run.directory / CHECKPOINTS, ignore_errors=True))
     dist.barrier()
@@ -415,14 +524,19 @@ def logged(trainer, name: str) -> list[float]:
 
 
 def run_stats(trainer, result, args, lora: LoraConfig, checkpoint: Path | None) -> dict:
-    """What every training stage records: the last logged loss (the run's mean if none was
-    logged), the step it resumed from, the precision, LoRA and the trainable parameters."""
+    """What every training stage records besides the trainable parameters (``fit``): the last
+    logged loss (the run's mean if none was logged), the step it resumed from, the precision
+    and LoRA."""
     losses = logged(trainer, "loss")
     return {
         "final_loss": round(losses[-1] if losses else result.training_loss, 4) + 0.0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "lora": lora.enabled,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters()
-                                    if p.requires_grad),
     }
+
+
+def trainable_parameters(model) -> int:
+    """Parameters the optimiser updates (ZeRO-3 keeps a parameter's real size in ds_numel when
+    it loaded the model partitioned)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

@@ -46,7 +46,11 @@ class _Trimmed:
         return getattr(sys.stdout, "encoding", "utf-8") or "utf-8"
 
 
-console = Console(stderr=True, highlight=False)
+# Under torchrun / accelerate launch every process runs the same stage: only the main one
+# (global rank 0) prints, or each line would appear once per process. Errors still come from
+# every process (the command line prints them).
+console = Console(stderr=True, highlight=False,
+                  quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 # Reports the user may pipe: tables, inspect. Piped, rich would assume 80 columns; lines are
 # trimmed anyway, so a wider page keeps tables readable (COLUMNS still decides when set).
 _PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120

@@ -4,7 +4,6 @@ that fail, the user's files, uploads only on request, and checks that fail in se
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -273,33 +272,6 @@ def test_ctrl_c_after_force_says_how_to_resume(tmp_path, tiny_model_dir):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "without --force" in err
-
-
-def test_training_under_two_processes_writes_one_loadable_model(tmp_path, tiny_model_dir):
-    """torchrun with 2 CPU processes (gloo): rank 0 writes, the other waits; sft/ loads."""
-    config = write_config(tmp_path, tiny_model_dir, limit=4)
-    assert cai("generate-sl", "--config", config).returncode == 0
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29500 + os.getpid() % 1000), "-m", "cai_cli", "finetune",
-         "--config", str(config)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
-
-    sft = tmp_path / "run" / "sft"
-    model = AutoModelForCausalLM.from_pretrained(sft)
-    assert model.num_parameters() > 0
-    manifest = json.loads((sft / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 4
-
-    refused = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29600 + os.getpid() % 1000), "-m", "cai_cli", "generate-sl",
-         "--config", str(config), "--force"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "runs as a single process" in refused.stderr
 
 
 def test_a_full_disk_is_a_user_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
