@@ -246,22 +246,22 @@ def vllm_trl_args(config: Config) -> dict:
 
 
 def check_vllm_rollouts(config: Config, args) -> None:
-    """What TRL's vLLM rollouts need, checked before anything loads: vLLM installed, a server
-    address for server mode, and a CUDA GPU to train on."""
+    """What TRL's vLLM rollouts need, checked before anything loads: a server address for server
+    mode, vLLM installed, and a CUDA GPU to train on."""
     method = config.optimize.method
     why = ("models.policy.backend: vllm" if config.models.policy.backend == "vllm"
            else "optimize.training.trl_args.use_vllm: true")
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(f"{why}, so optimize.method {method} samples its "
-                        "completions with vLLM, but vLLM is not installed in this Python "
-                        "environment; `pip install vllm` on a CUDA machine, or sample with "
-                        "transformers: --set optimize.training.trl_args.use_vllm=false")
     trl_args = config.optimize.training.trl_args
     if args.vllm_mode == "server" and not (
             args.vllm_server_base_url or {"vllm_server_host", "vllm_server_port"} & set(trl_args)):
         raise UserError("optimize.vllm.server_url: required with optimize.vllm.mode: server: the "
                         "address of the rollout server, e.g. http://127.0.0.1:8000 (start it "
                         "with `trl vllm-serve --model MODEL`, see the README's `cai optimize`)")
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"{why}, so optimize.method {method} samples its "
+                        "completions with vLLM, but vLLM is not installed in this Python "
+                        "environment; `pip install vllm` on a CUDA machine, or sample with "
+                        "transformers: --set optimize.training.trl_args.use_vllm=false")
     problem = rollout_device_problem(args)
     if problem:
         raise UserError(f"{why}, so optimize.method {method} samples with "
