@@ -366,10 +366,6 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         data, helpful = online_prompts(config)
     training.quiet_libraries()
     args = trainer_args(config)
-    if settings.method != "dpo":
-        ui.info(f"optimize ({settings.method}): {describe_rollouts(args)}")
-        if args.use_vllm:
-            vllm_version_notice()
     # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
     # left padding, which generation wants.
     tokenizer = models.load_tokenizer(model, "optimize.model")
@@ -380,6 +376,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     run = begin(stage, config, force=force)
     if run is None:
         return stage.directory
+    if settings.method != "dpo":
+        ui.info(f"optimize ({settings.method}): {describe_rollouts(args)}")
+        if args.use_vllm:
+            vllm_version_notice()
     trainer, result, checkpoint = training.fit(
         run, lambda: build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer),
         f"optimize ({settings.method})")
