@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from cai_cli.errors import UserError, relative_note
 from cai_cli.layout import RunLayout
@@ -415,6 +416,44 @@ class TrainRMConfig(Section):
     """Parameter-efficient training (the reward head is always trained in full)."""
 
 
+class RolloutVLLMConfig(Section):
+    """How GRPO / RLOO sample their completions when ``models.policy.backend`` is ``vllm``: with
+    TRL's own vLLM integration, which hands vLLM the new weights after every optimiser step. It
+    needs CUDA GPUs. DPO samples nothing and ignores this section, as do the other backends
+    (their completions come from transformers' ``generate``)."""
+
+    mode: Literal["colocate", "server"] = "colocate"
+    """``colocate``: a vLLM engine inside each training process, sharing its GPU.
+    ``server``: a separate vLLM server on GPUs of its own (``trl vllm-serve``, see the
+    README), sent the new weights over NCCL."""
+    server_url: Optional[str] = None
+    """server: the root address of the rollout server, e.g. ``http://127.0.0.1:8000`` (no
+    ``/v1``); required with ``mode: server``."""
+    server_timeout: float = Field(240.0, gt=0)
+    """server: seconds to wait for the server to answer before giving up."""
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """colocate: share of each GPU's memory vLLM takes for weights and KV cache; the rest is
+    left to training (``models.policy.gpu_memory_utilization`` is for the stages where vLLM
+    has the GPU alone). For ``mode: server`` give it to the server's command instead."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """colocate: GPUs one vLLM copy is split over; must divide the number of training
+    processes. For ``mode: server`` give it to the server's command instead."""
+    sleep_mode: bool = False
+    """colocate: offload vLLM's weights and KV cache while the optimiser steps (less GPU
+    memory, slower steps)."""
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_root(cls, url: Optional[str]) -> Optional[str]:
+        if url is not None:
+            if not re.match(r"https?://[^/]", url):
+                raise ValueError(f"must start with http:// or https:// (got '{url}')")
+            if url.rstrip("/").endswith("/v1"):
+                raise ValueError(f"the server's root, without /v1 (got '{url}'): TRL adds the "
+                                 "paths it needs")
+        return url
+
+
 class OptimizeConfig(Section):
     method: Literal["dpo", "grpo", "rloo"] = "dpo"
     """``dpo``: TRL's DPOTrainer straight from the pairs. ``grpo`` / ``rloo``: online RL with
@@ -438,6 +477,8 @@ class OptimizeConfig(Section):
     """grpo/rloo: longest completion sampled."""
     include_helpful: bool = False
     """grpo/rloo: also train on the prompts of ``data.helpful``."""
+    vllm: RolloutVLLMConfig = RolloutVLLMConfig()
+    """grpo/rloo with ``models.policy.backend: vllm``: how vLLM samples the completions."""
     training: PolicyTrainingConfig = PolicyTrainingConfig()
     """Optimisation settings."""
     lora: LoraConfig = LoraConfig()

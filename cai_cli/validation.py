@@ -88,7 +88,9 @@ def describe(error: dict, root: type[BaseModel], tags: tuple[str, ...] = ()) -> 
     # pydantic adds the branch of a Union to the location ("str", "list[str]", a tag); drop those.
     tagged = tuple(p for p in error["loc"]
                    if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
-    loc = tuple(p for p in tagged if p not in tags)
+    # A tag is dropped where it picks a union's member, not where it is a key (optimize.vllm).
+    loc = tuple(p for i, p in enumerate(tagged)
+                if p not in tags or p in getattr(model_at(root, tagged[:i]), "model_fields", {}))
     where = location(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         model = model_at(root, tagged[:-1])

@@ -9,12 +9,16 @@
   way a server fails (nobody listening, wrong model name, no key, HTTP 429 / 500, a server that
   dies mid-run) ends in exit 2 naming its URL, and the stage resumes to the same output once the
   server is back.
+- **GRPO / RLOO sampling through TRL's vLLM integration** (``optimize.vllm``): the settings in
+  TRL's real GRPOConfig / RLOOConfig, and GRPO with TRL's colocated vLLM engine on the CPU,
+  its weight sync (which vLLM's CPU build cannot take) skipped.
 
 Nothing here contacts anything but 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -447,3 +451,204 @@ def test_verdict_samples_decides_label_prefs_only_for_a_served_judge(tmp_path):
     served = minimal(tmp_path, {"backend": "openai", "model": "judge"}, "s")
     b = label_prefs.spec(load_config(served)).fingerprint
     assert label_prefs.spec(load_config(served, ["label_prefs.verdict_samples=5"])).fingerprint != b
+
+
+# ---------------------------------------------------------------------------------------------
+# Online RL: GRPO / RLOO rollouts through TRL's vLLM integration (optimize.vllm)
+
+
+def rl_config(tmp_path: Path, model: Path, policy: dict | None = None, **optimize_) -> Path:
+    """GRPO on ``model`` with vLLM rollouts: two steps of 4 completions (2 prompts x 2)."""
+    policy = policy or {"backend": "vllm", **VLLM_SETTINGS, "max_context": 512}
+    policy = {**policy, "name_or_path": str(model), "device": "cpu"}
+    settings = {"model": str(model), "method": "grpo", "num_generations": 2,
+                "max_completion_length": 8, "vllm": {"gpu_memory_utilization": 0.1},
+                "training": {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 1e-3,
+                             "logging_steps": 1}}
+    for name, value in optimize_.items():
+        settings[name] = {**settings.get(name, {}), **value} if isinstance(value, dict) else value
+    return write_config(tmp_path / "rl.yaml", tmp_path / "run", policy, optimize=settings)
+
+
+def rl_trainer_args(path: Path, *overrides: str, monkeypatch=None, checked: list | None = None):
+    """The real GRPOConfig / RLOOConfig optimize builds; the checks of this machine (vLLM
+    installed, a CUDA GPU) recorded in ``checked`` instead of run."""
+    from cai_cli.config import load_config
+    from cai_cli.stages import optimize
+
+    monkeypatch.setattr(optimize, "check_vllm_rollouts",
+                        lambda config, args: checked.append(args.vllm_mode))
+    return optimize.trainer_args(load_config(path, list(overrides)))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_optimize_vllm_reaches_trls_vllm_fields_and_trl_args_override_them(
+        tmp_path, monkeypatch, method):
+    from trl import GRPOConfig, RLOOConfig
+
+    path = rl_config(tmp_path, tmp_path / "policy", method=method,
+                     vllm={"tensor_parallel_size": 2, "sleep_mode": True})
+    checked: list = []
+    args = rl_trainer_args(path, monkeypatch=monkeypatch, checked=checked)
+    assert type(args) is (GRPOConfig if method == "grpo" else RLOOConfig)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization,
+            args.vllm_tensor_parallel_size, args.vllm_enable_sleep_mode,
+            args.vllm_max_model_length) == (True, "colocate", 0.1, 2, True, 512)
+    assert checked == ["colocate"]
+
+    server = rl_trainer_args(path, "optimize.vllm.mode=server",
+                             "optimize.vllm.server_url=http://10.0.0.2:8000",
+                             "optimize.vllm.server_timeout=30",
+                             monkeypatch=monkeypatch, checked=checked)
+    assert (server.use_vllm, server.vllm_mode, server.vllm_server_base_url,
+            server.vllm_server_timeout) == (True, "server", "http://10.0.0.2:8000", 30.0)
+    assert checked[-1] == "server"
+
+    # trl_args win over optimize.vllm; use_vllm: false samples with transformers, unchecked
+    mine = rl_trainer_args(path, "optimize.training.trl_args.vllm_gpu_memory_utilization=0.5",
+                           monkeypatch=monkeypatch, checked=checked)
+    assert mine.vllm_gpu_memory_utilization == 0.5
+    off = rl_trainer_args(path, "optimize.training.trl_args.use_vllm=false",
+                          monkeypatch=monkeypatch, checked=checked)
+    assert not off.use_vllm and len(checked) == 3
+    hf = rl_config(tmp_path, tmp_path / "policy", policy={"backend": "hf"}, method=method)
+    assert not rl_trainer_args(hf, monkeypatch=monkeypatch, checked=checked).use_vllm
+    assert len(checked) == 3
+
+
+def test_the_rollout_engine_decides_an_online_policy_and_nothing_else_of_optimize_vllm(tmp_path):
+    from cai_cli.config import load_config
+    from cai_cli.stages import optimize
+
+    def fingerprint(*overrides: str, backend: str = "vllm") -> str:
+        policy = {"backend": backend, "name_or_path": str(tmp_path / "policy")}
+        path = write_config(tmp_path / f"{backend}.yaml", tmp_path / "run", policy,
+                            optimize={"model": str(tmp_path / "policy"), "method": "grpo"})
+        return optimize.spec(load_config(path, list(overrides))).fingerprint
+
+    vllm = fingerprint()
+    assert fingerprint(backend="hf") != vllm  # other samples, other weights
+    assert fingerprint("optimize.vllm.gpu_memory_utilization=0.5", "optimize.vllm.mode=server",
+                       "optimize.vllm.server_url=http://127.0.0.1:9") == vllm
+    # DPO samples nothing: neither the backend nor optimize.vllm changes its policy
+    dpo = fingerprint("optimize.method=dpo")
+    assert fingerprint("optimize.method=dpo", backend="hf") == dpo
+    assert fingerprint("optimize.method=dpo", "optimize.vllm.mode=server") == dpo
+
+
+def test_dpo_ignores_the_vllm_backend(tmp_path):
+    from trl import DPOConfig
+
+    from cai_cli.config import load_config
+    from cai_cli.stages import optimize
+
+    path = rl_config(tmp_path, tmp_path / "policy", method="dpo")
+    args = optimize.trainer_args(load_config(path))  # no vLLM check, whatever is installed
+    assert type(args) is DPOConfig and not hasattr(args, "use_vllm")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimize.vllm.mode=server"],
+     "optimize.vllm.server_url: required with optimize.vllm.mode: server"),
+    (["optimize.vllm.server_url=http://127.0.0.1:8000/v1"],
+     "optimize.vllm.server_url: the server's root, without /v1"),
+    (["optimize.vllm.server_url=127.0.0.1:8000"],
+     "optimize.vllm.server_url: must start with http:// or https://"),
+    (["optimize.vllm.mode=remote"], "optimize.vllm.mode: Input should be 'colocate' or 'server'"),
+])
+def test_vllm_rollout_settings_errors_name_the_key(tmp_path, overrides, message):
+    from cai_cli.config import load_config
+    from cai_cli.errors import UserError
+    from cai_cli.stages import optimize
+
+    with pytest.raises(UserError) as info:
+        optimize.trainer_args(load_config(rl_config(tmp_path, tmp_path / "policy"), overrides))
+    assert message in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_rollouts_without_vllm_installed_are_a_user_error(tmp_path):
+    from cai_cli.config import load_config
+    from cai_cli.errors import UserError
+    from cai_cli.stages import optimize
+
+    config = load_config(rl_config(tmp_path, tmp_path / "policy"))
+    with pytest.raises(UserError, match="vLLM is not installed in this Python environment.*"
+                                        "trl_args.use_vllm=false"):
+        optimize.trainer_args(config)
+
+
+# TRL's vLLM rollouts on the CPU: the engine starts and samples, but vLLM's CPU build repacks
+# each linear layer's weight for its kernels and drops the loadable copy, so TRL's weight sync
+# (load_weights after every step) fails there: AttributeError: 'Parameter' object has no
+# attribute 'weight_loader'. `cai optimize` refuses that up front (exit 2). This driver lets the
+# rest run on the CPU: the CUDA check passes and the sync only resets the prefix cache, so the
+# rollouts come from the starting weights; each call of TRL's vLLM generation is recorded.
+COLOCATED_ON_THE_CPU = """
+import json, sys
+calls = sys.argv[1]
+from cai_cli.stages import optimize
+optimize.quiet_vllm()
+optimize.rollout_device_problem = lambda args: None
+from trl.generation import vllm_generation
+vllm_generation.VLLMGeneration.sync_weights = lambda self: self.llm.reset_prefix_cache()
+generate = vllm_generation.VLLMGeneration.generate
+def recorded(self, *args, **kwargs):
+    out = generate(self, *args, **kwargs)
+    with open(calls, "a") as log:
+        log.write(json.dumps({"mode": self.mode, "completions": out[1]}) + "\\n")
+    return out
+vllm_generation.VLLMGeneration.generate = recorded
+from cai_cli.cli import main
+sys.argv = ["cai", *sys.argv[2:]]
+main()
+"""
+
+
+def reward_model(directory: Path, model: Path) -> Path:
+    """A finished ``rm/``: ``model`` under a fresh one-label head (random, but a fixed function
+    of the text, which is all GRPO needs)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_cli.artifacts import Manifest
+    from cai_cli.models import quiet_transformers
+
+    quiet_transformers()
+    AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(model).save_pretrained(directory)
+    manifest = Manifest(stage="train-rm", config_hash="made-by-hand", config={})
+    manifest.status = "complete"
+    manifest.save(directory)
+    return directory
+
+
+@needs_vllm
+def test_grpo_samples_with_trls_colocated_vllm_engine(tmp_path, tiny_model_dir):
+    import torch
+
+    from helpers import weights
+
+    path = rl_config(tmp_path, tiny_model_dir)
+    reward_model(tmp_path / "run" / "rm", tiny_model_dir)
+    refused = run_cai("optimize", "--config", path, venv=VENV)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "needs CUDA GPUs" in refused.stderr and "no CUDA GPU here" in refused.stderr
+    assert not (tmp_path / "run" / "policy").exists()
+
+    driver, calls = tmp_path / "driver.py", tmp_path / "calls.jsonl"
+    driver.write_text(COLOCATED_ON_THE_CPU)
+    result = subprocess.run([str(VENV / "python"), str(driver), str(calls), "optimize",
+                             "--config", str(path)], capture_output=True, text=True,
+                            timeout=900, env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    ok(result)
+    assert "completions sampled by vLLM, colocated in the training process" in result.stderr
+    assert result.stderr.count("TRL currently supports vLLM") <= 1  # said once, if at all
+    generated = read(calls)
+    assert [g["mode"] for g in generated] == ["colocate", "colocate"]  # one call per step
+    assert all(len(g["completions"]) == 4 and all(g["completions"]) for g in generated)
+    policy = tmp_path / "run" / "policy"
+    manifest = json.loads((policy / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 2
+    assert manifest["stats"]["rollouts"] == "vllm colocate"
+    before, after = weights(tiny_model_dir), weights(policy)
+    assert any(not torch.equal(before[name], after[name]) for name in before)

@@ -14,6 +14,11 @@ Three methods (``optimize.method``), all starting from the SL-CAI model in ``<ru
   more, and GRPO and RLOO are its PPO-family trainers: the same clipped policy-gradient update,
   with the other completions of the same prompt as the baseline instead of a learned critic.
 
+With ``models.policy.backend: vllm`` GRPO and RLOO sample through TRL's own vLLM integration
+(``optimize.vllm``: an engine colocated in each training process, or a separate server), which
+hands vLLM the new weights after every optimiser step; otherwise through transformers'
+``generate``. DPO samples nothing.
+
 Under LoRA the reference is the same model with its adapters switched off, so no second copy is
 held in memory. The result in ``<run_dir>/policy`` loads like ``sft/`` (merged weights, or with
 ``lora.merge: false`` the adapter alone, with the tokenizer and chat template either way).
@@ -25,6 +30,7 @@ anything is written to ``policy/``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
 from cai_cli import models, records, training, ui
@@ -39,6 +45,10 @@ from cai_cli.stages.common import StageSpec, begin, require_complete
 # fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
 DPO_ONLY = {"min_confidence", "soft_labels"}
 ONLINE_ONLY = {"num_generations", "max_completion_length", "include_helpful"}
+# How vLLM is reached and how much memory it takes do not change what is learned; which engine
+# samples (``rollout_engine``) does, and stands in the fingerprint instead.
+NOT_DECIDING = {"vllm"}
+VLLM_VERSION_NOTICE = "TRL currently supports vLLM versions"
 # DPOConfig fields that change the loss soft labels replace: they cannot be combined.
 SOFT_LOSS_FIELDS = ("loss_type", "loss_weights", "label_smoothing", "ld_alpha",
                     "f_divergence_type", "use_weighting")
@@ -58,7 +68,7 @@ def spec(config: Config) -> StageSpec:
     online = settings.method != "dpo"
     model = policy_model(config)
     decides = training.fingerprint_settings(config, model, "optimize",
-                                            DPO_ONLY if online else ONLINE_ONLY)
+                                            (DPO_ONLY if online else ONLINE_ONLY) | NOT_DECIDING)
     inputs = {"policy": model_fingerprint(model.name_or_path)}
     if not online:
         inputs["pairs"] = file_fingerprint(layout.pairs)
@@ -66,6 +76,9 @@ def spec(config: Config) -> StageSpec:
         decides["data.red_team"] = config.data.red_team.model_dump(mode="json")
         inputs["prompts"] = source_fingerprint(config.data.red_team)
         inputs["reward_model"] = model_fingerprint(str(layout.rm))
+        engine = rollout_engine(config)
+        if engine != "transformers":
+            decides["rollouts"] = engine.split()[0]
         if settings.include_helpful and config.data.helpful is not None:
             decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
             inputs["helpful"] = source_fingerprint(config.data.helpful)
@@ -150,6 +163,9 @@ def reward_model_dir(config: Config) -> Path:
 
 def trainer_args(config: Config):
     """The TRL config of the method, from our settings; UserError for what TRL would reject."""
+    with_vllm = config.optimize.method != "dpo" and rollout_engine(config) != "transformers"
+    if with_vllm:
+        quiet_vllm()  # before TRL first imports vLLM
     from trl import DPOConfig, GRPOConfig, RLOOConfig
 
     model = policy_model(config)
@@ -185,9 +201,125 @@ def trainer_args(config: Config):
             num_generations=(group, "optimize.num_generations"),
             max_completion_length=(settings.max_completion_length,
                                    "optimize.max_completion_length"))
-    return training.trl_config(config_cls, settings.training, "optimize.training",
+    training_settings = settings.training
+    if with_vllm:
+        # Passed as trl_args under the user's own, so that trl_args can still override them.
+        trl_args = {**vllm_trl_args(config), **training_settings.trl_args}
+        training_settings = training_settings.model_copy(update={"trl_args": trl_args})
+    args = training.trl_config(config_cls, training_settings, "optimize.training",
                                seed=config.seed, output_dir=config.layout.policy,
                                cpu=training.use_cpu(model), stage_args=stage_args)
+    if method != "dpo" and args.use_vllm:
+        check_vllm_rollouts(config, args)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts through TRL's vLLM integration
+
+
+def rollout_engine(config: Config) -> str:
+    """What samples GRPO / RLOO's completions: ``vllm colocate`` or ``vllm server`` when the
+    policy's backend is vllm (or ``trl_args.use_vllm`` says so), else ``transformers``. Cheap: no
+    library is imported."""
+    trl_args = config.optimize.training.trl_args
+    if not trl_args.get("use_vllm", config.models.policy.backend == "vllm"):
+        return "transformers"
+    return f"vllm {trl_args.get('vllm_mode', config.optimize.vllm.mode)}"
+
+
+def vllm_trl_args(config: Config) -> dict:
+    """TRL's vLLM fields (GRPOConfig and RLOOConfig have the same) from ``optimize.vllm``."""
+    settings = config.optimize.vllm
+    args = {"use_vllm": True, "vllm_mode": settings.mode}
+    if settings.mode == "server":
+        args.update(vllm_server_timeout=settings.server_timeout)
+        if settings.server_url is not None:
+            args["vllm_server_base_url"] = settings.server_url
+    else:
+        args.update(vllm_gpu_memory_utilization=settings.gpu_memory_utilization,
+                    vllm_tensor_parallel_size=settings.tensor_parallel_size,
+                    vllm_enable_sleep_mode=settings.sleep_mode,
+                    # the model's context, as in the stages that generate with it
+                    vllm_max_model_length=config.models.policy.max_context)
+    return args
+
+
+def check_vllm_rollouts(config: Config, args) -> None:
+    """What TRL's vLLM rollouts need, checked before anything loads: a server address for server
+    mode, vLLM installed, and a CUDA GPU to train on."""
+    method = config.optimize.method
+    why = ("models.policy.backend: vllm" if config.models.policy.backend == "vllm"
+           else "optimize.training.trl_args.use_vllm: true")
+    trl_args = config.optimize.training.trl_args
+    if args.vllm_mode == "server" and not (
+            args.vllm_server_base_url or {"vllm_server_host", "vllm_server_port"} & set(trl_args)):
+        raise UserError("optimize.vllm.server_url: required with optimize.vllm.mode: server: the "
+                        "address of the rollout server, e.g. http://127.0.0.1:8000 (start it "
+                        "with `trl vllm-serve --model MODEL`, see the README's `cai optimize`)")
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"{why}, so optimize.method {method} samples its "
+                        "completions with vLLM, but vLLM is not installed in this Python "
+                        "environment; `pip install vllm` on a CUDA machine, or sample with "
+                        "transformers: --set optimize.training.trl_args.use_vllm=false")
+    problem = rollout_device_problem(args)
+    if problem:
+        raise UserError(f"{why}, so optimize.method {method} samples with "
+                        "TRL's vLLM integration, which hands vLLM the new weights after every "
+                        "step and needs CUDA GPUs for it (vLLM's CPU build cannot take them); "
+                        f"{problem}. Sample with transformers instead: --set "
+                        "optimize.training.trl_args.use_vllm=false")
+
+
+def rollout_device_problem(args) -> str | None:
+    """Why TRL's vLLM rollouts cannot run here, or None. Colocated, vLLM's CPU kernels repack
+    the weights into a form new ones cannot be loaded into; served, the weights travel over
+    NCCL from a CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "there is no CUDA GPU here"
+    if args.vllm_mode == "server" and args.use_cpu:
+        return "models.policy.device is cpu, and server mode sends the weights from a GPU"
+    return None
+
+
+def quiet_vllm() -> None:
+    """No vLLM INFO lines or deprecation notices between the libraries, and not TRL's notice
+    about vLLM's version, which it repeats at every check (``vllm_version_notice`` says it
+    once); set before TRL imports vLLM."""
+    import os
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", message=VLLM_VERSION_NOTICE)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
+def vllm_version_notice() -> None:
+    """TRL's notice when the installed vLLM is outside the versions it was tested with, once."""
+    import warnings
+
+    from trl.import_utils import is_vllm_available
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        is_vllm_available()  # reads the version from the package metadata: no import of vLLM
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        if message.startswith(VLLM_VERSION_NOTICE):
+            ui.warn(message)
+
+
+def describe_rollouts(args) -> str:
+    """The line that says which engine samples the completions."""
+    if not args.use_vllm:
+        return "completions sampled by transformers (generate)"
+    if args.vllm_mode == "server":
+        where = args.vllm_server_base_url or f"{args.vllm_server_host}:{args.vllm_server_port}"
+        return f"completions sampled by the vLLM server at {where}"
+    return (f"completions sampled by vLLM, colocated in the training process "
+            f"(gpu_memory_utilization {args.vllm_gpu_memory_utilization}, tensor_parallel_size "
+            f"{args.vllm_tensor_parallel_size})")
 
 
 def preflight(config: Config) -> None:
@@ -244,6 +376,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
     run = begin(stage, config, force=force)
     if run is None:
         return stage.directory
+    if settings.method != "dpo":
+        ui.info(f"optimize ({settings.method}): {describe_rollouts(args)}")
+        if args.use_vllm:
+            vllm_version_notice()
     trainer, result, checkpoint = training.fit(
         run, lambda: build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer),
         f"optimize ({settings.method})")
@@ -253,6 +389,8 @@ def run(config: Config, *, force: bool = False) -> Path | None:
                                               dropped=dropped, helpful=helpful,
                                               loss=manifest.stats["final_loss"])
     manifest.stats.update(stats)
+    if settings.method != "dpo":
+        manifest.stats["rollouts"] = f"vllm {args.vllm_mode}" if args.use_vllm else "transformers"
     run.complete()
     what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
     ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
