@@ -57,12 +57,14 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
                      "l4, ...); default: each model's device setting, auto as found here"),
     "cpu_gflops": (120.0, "CPU: GFLOP/s of prompt processing (long forward passes)"),
     "cpu_decode_gflops": (50.0, "CPU: GFLOP/s of the per-row work of a decoding step"),
-    "cpu_bandwidth_gbs": (4.0, "CPU: GB/s at which a decoding step reads the weights"),
+    "cpu_bandwidth_gbs": (4.0, "CPU: GB/s at which a decoding step reads the weights and the "
+                               "KV cache"),
     "cpu_train_gflops": (55.0, "CPU: GFLOP/s of training (forward and backward)"),
     "layer_overhead_ms": (1.0, "framework overhead per layer per forward pass of the hf engine "
                                "(CPU; a GPU takes a third of it)"),
     "gpu_tflops": (None, "GPU: peak dense bf16 TFLOP/s; default from its name"),
-    "gpu_bandwidth_tbs": (None, "GPU: memory bandwidth in TB/s; default from its name"),
+    "gpu_bandwidth_tbs": (None, "GPU: memory bandwidth in TB/s (70% of it is reached); default "
+                                "from its name"),
     "mfu": (0.4, "GPU: share of peak FLOP/s reached by prompt processing"),
     "train_mfu": (0.3, "GPU: share of peak FLOP/s reached by training"),
     "decode_scale": (1.0, "factor on every decoding step's time (--calibrate sets it)"),
@@ -279,10 +281,11 @@ def cpu_device(assume: Assumptions, why: str) -> Device:
     return Device("cpu", False, assume["cpu_gflops"] * 1e9, assume["cpu_decode_gflops"] * 1e9,
                   assume["cpu_bandwidth_gbs"] * 1e9, assume["cpu_train_gflops"] * 1e9,
                   assume["layer_overhead_ms"] / 1e3,
-                  f"{why}: {assume['cpu_gflops']:g} GFLOP/s prompts, "
-                  f"{assume['cpu_decode_gflops']:g} GFLOP/s decoding rows, "
-                  f"{assume['cpu_bandwidth_gbs']:g} GB/s, {assume['cpu_train_gflops']:g} "
-                  "GFLOP/s training")
+                  f"{why}: {assume['cpu_gflops']:.3g} GFLOP/s prompts, "
+                  f"{assume['cpu_decode_gflops']:.3g} GFLOP/s decoding rows, "
+                  f"{assume['cpu_bandwidth_gbs']:.3g} GB/s, {assume['cpu_train_gflops']:.3g} "
+                  "GFLOP/s training" + (f", decoding steps x {assume['decode_scale']:.3g}"
+                                        if assume["decode_scale"] != 1 else ""))
 
 
 _found_gpu: list = []
@@ -310,9 +313,9 @@ def device_for(model: AnyModelConfig, assume: Assumptions) -> Device:
         return gpu_device(forced, assume, f"--assume device={forced}")
     if model.remote:
         here = local_gpu()
+        where = f"like this machine's ({here})" if here else "of its own"
         return gpu_device(here or ASSUMED_GPU, assume,
-                          f"server of {model.name_or_path}: assumed a GPU "
-                          f"{'like this machine' + chr(39) + 's' if here else 'of its own'}")
+                          f"behind a server: assumed on a GPU {where}")
     device = getattr(model, "device", "auto")
     if device == "cpu":
         return cpu_device(assume, "device: cpu")
@@ -439,20 +442,24 @@ class Engine:
     def weight_bytes(self) -> float:
         return self.size.params * self.bytes_per_param
 
+    @property
+    def context(self) -> int | None:
+        return getattr(self.config, "max_context", None) or self.size.context
+
 
 @dataclass
 class Cost:
-    """Seconds by where they go, and the token counts behind them."""
+    """Seconds of a stage, by where they go."""
 
     load: float = 0.0
-    prompts: float = 0.0
+    prefill: float = 0.0
     decode: float = 0.0
     train: float = 0.0
     setup: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.load + self.prompts + self.decode + self.train + self.setup
+        return self.load + self.prefill + self.decode + self.train + self.setup
 
 
 @dataclass
@@ -462,6 +469,7 @@ class Tally:
     generated_tokens: int = 0  # upper bound: rows x max_new_tokens
     decode_steps: int = 0
     train_tokens: int = 0
+    too_long: int = 0  # conversations that may not fit the model's context at their bound
 
 
 class Pricer:
@@ -506,6 +514,9 @@ class Pricer:
         if not prompts:
             return
         ids = engine.counter.encode_many(prompts)
+        if engine.context:
+            room = engine.context - max(max_new_tokens, 1)
+            tally.too_long += sum(len(row) + bound > room for row, bound in zip(ids, bounds))
         order = batch_order(list(range(len(ids))), ids)
         new = round(max_new_tokens * self.assume["answer_fraction"])
         for start in range(0, len(order), engine.batch):
@@ -517,7 +528,7 @@ class Pricer:
                          for members, length in _prefix_groups(rows, [1] * len(rows)))
             tally.prompt_tokens += total
             tally.computed_tokens += total - shared
-            cost.prompts += self.prefill(engine, total - shared)
+            cost.prefill += self.prefill(engine, total - shared)
             if max_new_tokens:
                 tally.generated_tokens += new * len(batch)
                 tally.decode_steps += new
@@ -893,7 +904,7 @@ class Planner:
             return out
         if not self.pairs_by_prompt:  # label-prefs is not planned: plan it for its counts
             self.label_prefs(StagePlan("label-prefs", False, ""))
-        stage.notes.append("pairs as label-prefs will make them (at most)")
+        stage.notes.append("pairs: as label-prefs will make them, at most")
         groups = [g for g, n in self.pairs_by_prompt.items() for _ in range(n)]
         return [{"group": g, "p_chosen": 1.0, "tokens": t}
                 for g, t in zip(groups, self.pair_tokens)]
@@ -926,7 +937,7 @@ class Planner:
         self._train(stage, engine, settings.training, settings.lora, lengths, extra=0,
                     rows_per_example=2, head=False)
         measured = sum(sum(p["tokens"]) for p in pairs)  # accuracy and calibration afterwards
-        stage.cost.prompts += self.price.prefill(engine, measured)
+        stage.cost.prefill += self.price.prefill(engine, measured)
         stage.tally.computed_tokens += measured
 
     def optimize(self, stage: StagePlan) -> None:
@@ -974,7 +985,7 @@ class Planner:
         from cai_cli.stages import train_rm
 
         rm = self.engine("optimize reward", train_rm.base_model(config)[0], "train_rm.model")
-        stage.cost.prompts += self.price.prefill(rm, stage.tally.train_tokens)
+        stage.cost.prefill += self.price.prefill(rm, stage.tally.train_tokens)
         stage.cost.load += self.price.load(rm)
         stage.notes.append(f"{new} tokens a completion (max_completion_length); TRL generates "
                            "with transformers unless its vLLM options are set")
@@ -1021,7 +1032,7 @@ class Planner:
                 for p in prompts]
             scored = sum(lengths) * len(paths)
             stage.cost.load += self.price.load(rm)
-            stage.cost.prompts += self.price.prefill(rm, scored)
+            stage.cost.prefill += self.price.prefill(rm, scored)
             stage.tally.computed_tokens += scored
         stage.counts = {"models": len(paths), "prompts": len(prompts),
                         "answers": len(paths) * len(prompts), "judge_passes": passes,
@@ -1087,10 +1098,10 @@ def calibrate(planner: Planner) -> list[str]:
     backend.score_options(long, ("A", "B"))
     scored = time.perf_counter() - started
     flops = 2 * policy.size.body * tally.computed_tokens / scored
-    # Decoding: a sampled generation of 24 tokens at most; its prompts priced at the rate above.
+    # Decoding: a sampled generation of 16 tokens at most; its prompts priced at the rate above.
     answers = [answer_prompt(p.text, fmt) for p in sample]
     started = time.perf_counter()
-    results = backend.generate(answers, SamplingParams(max_new_tokens=24, temperature=1.0),
+    results = backend.generate(answers, SamplingParams(max_new_tokens=16, temperature=1.0),
                                seeds=list(range(len(answers))))
     generated = time.perf_counter() - started
     backend.close()
@@ -1118,6 +1129,7 @@ def calibrate(planner: Planner) -> list[str]:
     price.decode_scale = assume["decode_scale"]
     planner.engines.clear()
     planner.roles.clear()
+    planner.devices.clear()
     planner.used.clear()
     return [f"model load {loaded:.1f} s",
             f"prompt processing: {tally.computed_tokens:,} tokens in {scored:.1f} s = "
@@ -1130,7 +1142,7 @@ def calibrate(planner: Planner) -> list[str]:
 
 def _time_training(planner: Planner) -> float:
     """FLOP/s of a training step of finetune's model at its micro-batch size and LoRA settings
-    (the second of two steps, so start-up is not counted), on 256-token rows."""
+    (the second of two steps, so start-up is not counted), on 128-token rows."""
     import torch
 
     from cai_cli import models, training
@@ -1146,7 +1158,7 @@ def _time_training(planner: Planner) -> float:
         import peft
 
         model = peft.get_peft_model(model, training.peft_config(settings.lora, "CAUSAL_LM"))
-    batch, length = settings.training.per_device_batch_size, min(256, settings.training.max_length)
+    batch, length = settings.training.per_device_batch_size, min(128, settings.training.max_length)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
@@ -1213,6 +1225,10 @@ def build_plan(config: Config, *, first: str | None = None, last: str | None = N
     for stage in stages:
         if stage.runs:
             builders[stage.name](stage)
+            if stage.tally.too_long:
+                stage.notes.append(f"{stage.tally.too_long:,} conversations may not fit their "
+                                   "model's context at their bound: those that do not are "
+                                   "skipped with a warning")
     lines = planner.lines()
     lines.append(f"generated tokens: max_new_tokens x {assumptions['answer_fraction']:g} "
                  "(answer_fraction): an upper bound, as decoding runs until every row of a batch "
@@ -1254,7 +1270,7 @@ def print_plan(config: Config, *, first: str | None = None, last: str | None = N
             table.add_row(stage.name, "", "", "", "", "", f"[dim]{stage.why}[/]")
             continue
         parts = sorted(((getattr(stage.cost, name), name) for name in
-                        ("load", "setup", "prompts", "decode", "train")), reverse=True)
+                        ("load", "setup", "prefill", "decode", "train")), reverse=True)
         split = ", ".join(f"{name} {_duration(sec)}" for sec, name in parts if sec >= 0.5)
         tally = stage.tally
         table.add_row(stage.name, _duration(stage.cost.total), _count(tally.prompt_tokens),

@@ -134,3 +134,10 @@ def test_plan_errors_are_short(tmp_path, tiny_model_dir, change, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_readme_lists_every_assumption():
+    from cai_cli.plan import DEFAULTS
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"| `{key}` |" in readme for key in DEFAULTS)
