@@ -72,12 +72,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
                              "bound; a model that stops early takes less)"),
     "prompt_tokens": (60, "tokens of a prompt from a dataset plan cannot read here"),
     "world_size": (None, "training processes (torchrun / accelerate); default: WORLD_SIZE or 1"),
-    "load_s": (3.0, "seconds to load a model, plus its bytes at 1 GB/s"),
+    "load_s": (2.0, "seconds to load a model, plus its bytes at 1 GB/s"),
     "engine_step_ms": (8.0, "vLLM and servers: overhead of each decoding step (scheduling, "
                             "sampling)"),
     "engine_start_s": (60.0, "seconds vLLM takes to start (graph capture, compilation; a "
                              "third with enforce_eager)"),
-    "trainer_setup_s": (4.0, "seconds to set up a training stage (trainer, tokenising), besides "
+    "trainer_setup_s": (2.0, "seconds to set up a training stage (trainer, tokenising), besides "
                              "loading and saving the model"),
 }
 ASSUMED_GPU = "a100"  # a GPU whose name is not in GPUS
