@@ -61,7 +61,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
                                "KV cache"),
     "cpu_train_gflops": (55.0, "CPU: GFLOP/s of training (forward and backward)"),
     "layer_overhead_ms": (1.0, "framework overhead per layer per forward pass of the hf engine "
-                               "(CPU; a GPU takes a third of it)"),
+                               "(CPU; on a GPU half of it)"),
     "gpu_tflops": (None, "GPU: peak dense bf16 TFLOP/s; default from its name"),
     "gpu_bandwidth_tbs": (None, "GPU: memory bandwidth in TB/s (70% of it is reached); default "
                                 "from its name"),
@@ -271,7 +271,7 @@ def gpu_device(name: str, assume: Assumptions, why: str) -> Device:
     bandwidth = assume["gpu_bandwidth_tbs"] or bandwidth
     flops = assume["mfu"] * peak * 1e12
     return Device(name, True, flops, flops, 0.7 * bandwidth * 1e12,
-                  assume["train_mfu"] * peak * 1e12, assume["layer_overhead_ms"] / 3e3,
+                  assume["train_mfu"] * peak * 1e12, assume["layer_overhead_ms"] / 2e3,
                   f"{why}: {peak:g} TFLOP/s peak x {assume['mfu']:.2g} (mfu) for prompts, "
                   f"x {assume['train_mfu']:.2g} (train_mfu) for training; {bandwidth:g} TB/s "
                   "x 0.7 for decoding")
