@@ -77,6 +77,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
                             "sampling)"),
     "engine_start_s": (60.0, "seconds vLLM takes to start (graph capture, compilation; a "
                              "third with enforce_eager)"),
+    "train_efficiency": (0.42, "--calibrate: the training stages' rate over a bare training "
+                               "step's (data, metrics, checkpoints; fitted on the demo)"),
     "trainer_setup_s": (2.0, "seconds to set up a training stage (trainer, tokenising), besides "
                              "loading and saving the model"),
 }
@@ -1070,7 +1072,7 @@ def calibrate(planner: Planner) -> list[str]:
     report, the last one the ``--assume`` options that reproduce the figures."""
     from cai_cli.backends import load_backend
     from cai_cli.backends.base import SamplingParams
-    from cai_cli.prompting import answer_prompt, critique_prompt
+    from cai_cli.prompting import critique_prompt
     from cai_cli.stages.generate_sl import Plan as Draws
 
     config, assume, price = planner.config, planner.assume, planner.price
@@ -1098,20 +1100,20 @@ def calibrate(planner: Planner) -> list[str]:
     backend.score_options(long, ("A", "B"))
     scored = time.perf_counter() - started
     flops = 2 * policy.size.body * tally.computed_tokens / scored
-    # Decoding: a sampled generation of 16 tokens at most; its prompts priced at the rate above.
-    answers = [answer_prompt(p.text, fmt) for p in sample]
+    # Decoding: 16 sampled tokens after the same prompts (a critique turn's context), the prompts
+    # priced at the rate just measured.
     started = time.perf_counter()
-    results = backend.generate(answers, SamplingParams(max_new_tokens=16, temperature=1.0),
-                               seeds=list(range(len(answers))))
+    results = backend.generate(long, SamplingParams(max_new_tokens=16, temperature=1.0),
+                               seeds=list(range(len(long))))
     generated = time.perf_counter() - started
     backend.close()
     steps = max(getattr(r, "tokens", 0) for r in results) or 1
-    prompt_tokens = sum(map(len, policy.counter.encode_many(answers)))
-    prefill = 2 * policy.size.body * prompt_tokens / flops
+    prefill = 2 * policy.size.body * tally.computed_tokens / flops
     step = max(generated - prefill, 1e-3) / steps
     price.decode_scale = 1.0
-    scale = step / price.decode_step(policy, rows, prompt_tokens + rows * steps // 2)
-    train_flops = _time_training(planner)
+    scale = step / price.decode_step(policy, rows, tally.computed_tokens + rows * steps // 2)
+    bare = _time_training(planner)
+    train_flops = bare * assume["train_efficiency"]
     # The measured figures replace the assumed ones for every model on this device.
     device, options = policy.device, []
     load = max(loaded - policy.weight_bytes / 1e9, 0.2)
@@ -1120,7 +1122,13 @@ def calibrate(planner: Planner) -> list[str]:
         updates = {"mfu": flops / peak, "train_mfu": train_flops / peak}
     else:
         updates = {"cpu_gflops": flops / 1e9, "cpu_train_gflops": train_flops / 1e9}
-    updates.update(decode_scale=scale, load_s=load)
+    updates["decode_scale"] = scale
+    if policy.kind == "vllm":  # the load was mostly vLLM starting: graph capture, compilation
+        start = load - assume["load_s"]
+        updates["engine_start_s"] = max(start * 3 if config.models.policy.enforce_eager
+                                        else start, 0.0)
+    else:
+        updates["load_s"] = load
     for key, value in updates.items():
         if key not in assume.given:
             assume.values[key] = value
@@ -1136,7 +1144,8 @@ def calibrate(planner: Planner) -> list[str]:
             f"{flops / 1e9:.0f} GFLOP/s",
             f"decoding: {steps} steps of {rows} rows in {generated - prefill:.1f} s = "
             f"{step * 1e3:.0f} ms a step ({scale:.2f}x the assumed figures)",
-            f"training: {train_flops / 1e9:.0f} GFLOP/s",
+            f"training: a bare step {bare / 1e9:.0f} GFLOP/s, x {assume['train_efficiency']:g} "
+            f"(train_efficiency) = {train_flops / 1e9:.0f} GFLOP/s in a stage",
             "reuse these figures without --calibrate: " + " ".join(options)]
 
 

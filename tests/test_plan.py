@@ -141,3 +141,15 @@ def test_readme_lists_every_assumption():
 
     readme = (ROOT / "README.md").read_text()
     assert all(f"| `{key}` |" in readme for key in DEFAULTS)
+
+
+def test_calibrate_times_the_tiny_model_and_says_how_to_reuse_it(tmp_path, tiny_model_dir):
+    from cai_cli.config import load_config
+    from cai_cli.plan import build_plan
+
+    plan = build_plan(load_config(write_config(tmp_path, tiny_model_dir)), last="finetune",
+                      calibrate_now=True).to_json()
+    assert plan["calibration"][-1].startswith("reuse these figures without --calibrate: ")
+    assert "--assume cpu_gflops=" in plan["calibration"][-1]
+    assert all(s["seconds"] > 0 for s in plan["stages"])
+    assert not (tmp_path / "run").exists()
