@@ -162,7 +162,8 @@ def run(
 def plan(
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
-    first: Optional[str] = typer.Option(None, "--from", metavar="STAGE", help="First stage to plan."),
+    first: Optional[str] = typer.Option(None, "--from", metavar="STAGE",
+                                        help="First stage to plan."),
     last: Optional[str] = typer.Option(None, "--to", metavar="STAGE", help="Last stage to plan."),
     force: bool = typer.Option(False, "--force", help="Plan every selected stage, even if fresh."),
     assume: Optional[List[str]] = typer.Option(

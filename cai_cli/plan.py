@@ -383,9 +383,6 @@ class ApproxCounter:
     def encode_many(self, prompts: Sequence[PromptInput]) -> list[list]:
         return [self._chunks(self._text(p)) for p in prompts]
 
-    def count(self, text: str) -> int:
-        return len(self._chunks(text))
-
     def conversation_tokens(self, messages: list[dict]) -> int:
         return len(self._chunks(self._text(messages)))
 
