@@ -160,13 +160,43 @@ def run(
     first: Optional[str] = typer.Option(None, "--from", metavar="STAGE", help="First stage to run (e.g. finetune)."),
     last: Optional[str] = typer.Option(None, "--to", metavar="STAGE", help="Last stage to run (e.g. label-prefs)."),
     force: bool = typer.Option(False, "--force", help="Rerun the selected stages even if fresh."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run and an estimate "
+                                 "of its time (`cai plan`) instead of running."),
 ):
     """Run the stages in order, skipping those whose output is fresh for this config."""
     from cai_cli.pipeline import run_pipeline
 
     loaded = _load(config, set_)
+    if dry_run:
+        from cai_cli.plan import print_plan
+
+        return print_plan(loaded, first=first, last=last, force=force)
     _writing("run", loaded, force,
              lambda: run_pipeline(loaded, first=first, last=last, force=force))
+
+
+@app.command("plan")
+def plan(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    first: Optional[str] = typer.Option(None, "--from", metavar="STAGE",
+                                        help="First stage to plan."),
+    last: Optional[str] = typer.Option(None, "--to", metavar="STAGE", help="Last stage to plan."),
+    force: bool = typer.Option(False, "--force", help="Plan every selected stage, even if fresh."),
+    assume: Optional[List[str]] = typer.Option(
+        None, "--assume", metavar="KEY=VALUE", show_default=False,
+        help="Change an assumption of the estimate, e.g. --assume device=h100 or --assume "
+        "params.policy=1.5e9 (repeatable; the plan lists them all)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Load the models and time a few "
+                                   "real batches and a training step, then estimate from those."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """What `cai run` would do and about how long it would take: prompts, generations, tokens,
+    training steps and time per stage, with the assumptions; loads no weights, writes nothing."""
+    from cai_cli.plan import print_plan
+
+    print_plan(_load(config, set_), first=first, last=last, force=force, assume=assume or [],
+               calibrate_now=calibrate, as_json=as_json)
 
 
 @app.command("status")
