@@ -47,8 +47,10 @@ demo: smollm2
 	@echo "  $(BIN)/cai inspect runs/demo --index 0           # one chain and one pair in full"
 	@echo "  runs/demo/eval/report.json                       # the win-rate table printed above"
 
+# Two workers (pytest-xdist), each test file on one of them, so a file's shared fixtures (one
+# pipeline run, one real-model run) are built once; the slowest tests are listed at the end.
 test: smollm2 $(VLLM_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check cai_cli tests benchmarks

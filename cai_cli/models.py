@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_cli.config import LoraConfig, ModelConfig
-from cai_cli.errors import UserError, not_found, relative_note
+from cai_cli.errors import UserError, relative_note
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^[\w.-]+$")
 # Files that hold a save_pretrained directory's weights (full models, then peft adapters).
@@ -201,7 +201,7 @@ def check_model(model: ModelConfig, key: str) -> None:
         return
     path = Path(model.name_or_path).expanduser()
     if not (path / "config.json").is_file():
-        state = "has no config.json" if path.exists() else f"is {not_found(path)}"
+        state = "has no config.json" if path.exists() else f"does not exist{relative_note(path)}"
         raise UserError(f"{key}: {path} {state}; expected a directory written by "
                         "save_pretrained, or a hub id")
     check_weights(path, key)
