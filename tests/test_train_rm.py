@@ -143,7 +143,7 @@ def test_console_shows_progress_and_one_summary_line(trained):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 2, result.stderr  # no tqdm bars, log dicts or library warnings
     assert "train-rm" in lines[0] and "12/12" in lines[0] and "loss" in lines[0]
-    assert lines[1].startswith("train-rm: 12 AI + 0 mixed pairs, 12 steps, loss ")
+    assert lines[1].startswith("train-rm: trained on 12 of 16 AI pairs + 0 mixed pairs, 12 steps, loss ")
     assert "held-out accuracy" in lines[1] and "ECE" in lines[1] and "(4 pairs)" in lines[1]
     assert lines[1].endswith(f"-> reward model in {rm}")
 

@@ -361,9 +361,10 @@ def run(config: Config, *, force: bool = False) -> Path | None:
         ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
                 f"({settings.training.max_length} tokens) were left out")
     measured = (f"held-out accuracy {stats['eval_accuracy']:.3f}, ECE {stats['eval_ece']:.3f} "
-                f"({held} pairs)" if held else "no held-out pairs")
+                f"({held} {'pair' if held == 1 else 'pairs'})" if held else "no held-out pairs")
     what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "reward model"
-    ui.info(f"train-rm: {len(kept)} AI + {len(mixed)} mixed pairs, {result.global_step} steps, "
+    ui.info(f"train-rm: trained on {len(kept)} of {len(pairs)} AI pairs + {len(mixed)} mixed "
+            f"{'pair' if len(mixed) == 1 else 'pairs'}, {result.global_step} steps, "
             f"loss {manifest.stats['final_loss']:.4f}; {measured}; train accuracy "
             f"{stats['train_accuracy']:.3f} -> {what} in {stage.directory}")
     return stage.directory
