@@ -406,8 +406,10 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     names = list(report["models"])
-    table = Table(box=box.SIMPLE, title=f"win rate of row over column ({report['prompts']} "
-                  "prompts, feedback model, 95% bootstrap interval)", title_justify="left")
+    # The title is a line of its own: as the table's title it would wrap at the table's width.
+    title = (f"win rate of row over column ({report['prompts']} prompts, feedback model, 95% "
+             "bootstrap interval)")
+    table = Table(box=box.SIMPLE)
     table.add_column("model", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right", no_wrap=True)
@@ -423,4 +425,5 @@ def print_report(report: dict) -> None:
         if report["reward_model"]:
             values.append(f"{report['reward_model']['mean_score'][row]:.3f}")
         table.add_row(row, *values)
+    ui.stdout.print(title, markup=False, soft_wrap=True)
     ui.stdout.print(table)
