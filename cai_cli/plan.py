@@ -51,15 +51,16 @@ from cai_cli.errors import UserError
 # Assumptions: every figure the estimate rests on, with the key that changes it
 
 # key -> (default, meaning). Device figures are effective rates of this code on the device, not
-# data-sheet peaks. The CPU figures are fitted to the demo (SmolLM2-135M, fp32, 2 cores).
+# data-sheet peaks. The CPU figures are fitted to the demo's stage times (SmolLM2-135M, fp32) on
+# an idle 2-core AMD EPYC without AVX-512, and agree with what --calibrate measures there.
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "device": (None, "device the local models run on: cpu, gpu, or a GPU name (h100, a100, "
                      "l4, ...); default: each model's device setting, auto as found here"),
-    "cpu_gflops": (120.0, "CPU: GFLOP/s of prompt processing (long forward passes)"),
-    "cpu_decode_gflops": (50.0, "CPU: GFLOP/s of the per-row work of a decoding step"),
-    "cpu_bandwidth_gbs": (4.0, "CPU: GB/s at which a decoding step reads the weights and the "
+    "cpu_gflops": (300.0, "CPU: GFLOP/s of prompt processing (long forward passes)"),
+    "cpu_decode_gflops": (150.0, "CPU: GFLOP/s of the per-row work of a decoding step"),
+    "cpu_bandwidth_gbs": (16.0, "CPU: GB/s at which a decoding step reads the weights and the "
                                "KV cache"),
-    "cpu_train_gflops": (55.0, "CPU: GFLOP/s of training (forward and backward)"),
+    "cpu_train_gflops": (95.0, "CPU: GFLOP/s of training (forward and backward)"),
     "layer_overhead_ms": (1.0, "framework overhead per layer per forward pass of the hf engine "
                                "(CPU; on a GPU half of it)"),
     "gpu_tflops": (None, "GPU: peak dense bf16 TFLOP/s; default from its name"),
@@ -72,14 +73,14 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
                              "bound; a model that stops early takes less)"),
     "prompt_tokens": (60, "tokens of a prompt from a dataset plan cannot read here"),
     "world_size": (None, "training processes (torchrun / accelerate); default: WORLD_SIZE or 1"),
-    "load_s": (2.0, "seconds to load a model, plus its bytes at 1 GB/s"),
+    "load_s": (1.0, "seconds to load a model, plus its bytes at 1 GB/s"),
     "engine_step_ms": (8.0, "vLLM and servers: overhead of each decoding step (scheduling, "
                             "sampling)"),
     "engine_start_s": (60.0, "seconds vLLM takes to start (graph capture, compilation; a "
                              "third with enforce_eager)"),
-    "train_efficiency": (0.42, "--calibrate: the training stages' rate over a bare training "
+    "train_efficiency": (0.67, "--calibrate: the training stages' rate over a bare training "
                                "step's (data, metrics, checkpoints; fitted on the demo)"),
-    "trainer_setup_s": (2.0, "seconds to set up a training stage (trainer, tokenising), besides "
+    "trainer_setup_s": (1.5, "seconds to set up a training stage (trainer, tokenising), besides "
                              "loading and saving the model"),
 }
 ASSUMED_GPU = "a100"  # a GPU whose name is not in GPUS
