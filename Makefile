@@ -1,11 +1,14 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# The CPU build of torch is installed first and pinned; a plain `pip install torch` would pull
-# several GB of CUDA packages.
+# torch is installed first, pinned, from TORCH_INDEX when set: which build `pip install
+# torch==2.13.0` gives depends on the machine's pip index (PyPI's Linux wheel is a CUDA build of
+# several GB); `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` asks for the CPU one.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench install vllm clean smollm2
@@ -13,7 +16,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(TORCH) $(TORCH_FROM)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -30,7 +33,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH) $(TORCH_FROM)
 	$(VLLM_VENV)/bin/pip install --quiet $(VLLM)
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e '.[dev]'
