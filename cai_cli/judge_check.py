@@ -38,8 +38,8 @@ from cai_cli import ui
 from cai_cli.artifacts import (ResumableJsonl, file_fingerprint, model_fingerprint, read_jsonl,
                                source_fingerprint, write_json_atomic)
 from cai_cli.config import Config, PromptSource
-from cai_cli.diagnostics import (expected_calibration_error, label_diagnostics, reliability_table,
-                                 wilson_interval)
+from cai_cli.diagnostics import (AGREEING, BIASED, expected_calibration_error, label_diagnostics,
+                                 reliability_table, wilson_interval)
 from cai_cli.errors import UserError
 from cai_cli.stages.common import StageSpec, begin, checkpoint_batches
 
@@ -66,7 +66,9 @@ def source(config: Config, pairs: str | None = None) -> PromptSource:
     from cai_cli.data import FILE_FORMATS
 
     local = Path(pairs).expanduser()
-    kind = "path" if local.exists() or local.suffix.lower() in FILE_FORMATS else "dataset"
+    # a file; a directory is a dataset saved to disk, anything else a dataset id
+    kind = "path" if local.is_file() or (not local.exists() and local.suffix.lower()
+                                         in FILE_FORMATS) else "dataset"
     return PromptSource(**rest, **{kind: pairs})
 
 
@@ -353,11 +355,13 @@ def verdict(report: dict) -> str:
         line = f"{shown}: this judge mostly picks the known better answer"
     position = report["position"]
     bias = position["mean_p_first"]
-    if bias is not None and (abs(bias - 0.5) > 0.15 or (position["order_consistency"] or 1) < 0.6):
+    consistency = position["order_consistency"]
+    if bias is not None and (abs(bias - 0.5) > BIASED
+                             or (consistency is not None and consistency < AGREEING)):
         line += (f". Its picks depend on the order the answers are shown in: the first option "
                  f"wins {position['first_wins']:.0%} of questions (mean probability "
                  f"{bias:.2f}) and its two orders pick the same answer for only "
-                 f"{position['order_consistency'] or 0:.0%} of pair-principles")
+                 f"{consistency or 0:.0%} of pair-principles")
     return line
 
 
@@ -380,7 +384,7 @@ def print_report(report: dict) -> None:
                       "picks the known better answer (95% Wilson interval; 0.50 is chance)")
     for name, entry in report["per_principle"].items():
         table.add_row(f"  {name}", f"{entry['agreement']:.2f} {ci(entry['ci95'])}",
-                      f"{entry['pairs']} pairs")
+                      f"{entry['pairs']} pair{'s' if entry['pairs'] != 1 else ''}")
     position = report["position"]
     if position["mean_p_first"] is not None:
         table.add_row("first option wins", f"{position['first_wins']:.2f}",
@@ -397,7 +401,8 @@ def print_report(report: dict) -> None:
         for row in calibration["reliability"]:
             table.add_row(f"  confidence {row['bin']}",
                           f"{row['accuracy']:.2f}",
-                          f"accuracy of {row['pairs']} pairs, mean confidence "
+                          f"accuracy of {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}, "
+                          "mean confidence "
                           f"{row['mean_confidence']:.2f}")
     cost = report["cost"]
     if cost["seconds_per_question"]:
