@@ -153,6 +153,25 @@ def merge(
     _writing("merge", loaded, False, lambda: merge_by_hand(loaded, stage))
 
 
+@app.command("judge-check")
+def judge_check(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = _set_option("judge_check.principles_per_pair=4"),
+    pairs: Optional[str] = typer.Option(
+        None, "--pairs", metavar="SOURCE", show_default=False,
+        help="Labelled preference pairs to check the judge on: a .jsonl/.json/.csv/.parquet file "
+        "or a dataset id, in TRL's preference format (prompt, chosen, rejected) or as HH "
+        "chosen/rejected transcripts (default: judge_check.pairs, else the shipped set)."),
+    force: bool = FORCE,
+):
+    """Measure the feedback model as a judge on pairs whose better answer is known: agreement,
+    per principle, position bias, calibration and the cost of labelling the configured run."""
+    from cai_cli.judge_check import run as check
+
+    loaded = _load(config, set_)
+    _writing("judge-check", loaded, force, lambda: check(loaded, pairs=pairs, force=force))
+
+
 @app.command("run")
 def run(
     config: Path = CONFIG,

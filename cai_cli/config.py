@@ -506,6 +506,21 @@ class EvaluateConfig(Section):
     """Bootstrap resamples for the 95% intervals of the win rates."""
 
 
+class JudgeCheckConfig(Section):
+    pairs: Optional[PromptSource] = None
+    """Preference pairs whose better answer is known: TRL's preference format (``prompt``,
+    ``chosen``, ``rejected``; text or chat messages) or Anthropic HH ``chosen`` / ``rejected``
+    transcripts. ``field`` is not used. Default: the small set shipped with cai_cli. ``cai
+    judge-check --pairs`` overrides the file or dataset."""
+    principles_per_pair: Optional[int] = Field(None, ge=1)
+    """Comparison principles drawn per pair, each judged in both orders; default:
+    ``label_prefs.principles_per_pair``, as the configured labelling asks."""
+    pairs_per_checkpoint: int = Field(8, ge=1)
+    """Pairs per checkpointed batch: an interrupted check resumes after the last whole batch."""
+    reliability_bins: int = Field(5, ge=1)
+    """Equal-width bins of the judge's confidence (0.5 to 1) for the reliability table and ECE."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Root
 
@@ -534,6 +549,8 @@ class Config(Section):
     """Policy optimisation: DPO from the pairs, or GRPO / RLOO against the reward model."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Head-to-head comparison of models by the feedback model and the reward model."""
+    judge_check: JudgeCheckConfig = JudgeCheckConfig()
+    """``cai judge-check``: the feedback model measured on pairs whose better answer is known."""
 
     @property
     def feedback_model(self) -> AnyModelConfig:

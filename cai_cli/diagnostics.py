@@ -85,3 +85,43 @@ def verdict(figures: dict) -> str:
             "signal. Use a larger or stronger feedback model (models.feedback), check it with "
             "more worked comparison examples (label_prefs.few_shot), or train on these labels "
             "only with train_rm.min_confidence / optimize.min_confidence filtering the near-ties.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against known labels (train-rm's held-out pairs, judge-check's labelled pairs)
+
+
+def reliability_table(predicted: list[float], target: list[float], bins: int = 10,
+                      low: float = 0.0) -> list[dict]:
+    """Equal-width bins of the predicted probability over [``low``, 1]: per filled bin its
+    range, ``count``, ``mean_predicted`` and ``mean_target`` (how often the prediction came
+    true, for 0/1 targets)."""
+    filled: dict[int, list[tuple[float, float]]] = {}
+    width = (1.0 - low) / bins
+    for q, p in zip(predicted, target):
+        filled.setdefault(max(0, min(int((q - low) / width), bins - 1)), []).append((q, p))
+    return [{"bin": f"{low + index * width:.2f}-{low + (index + 1) * width:.2f}",
+             "count": len(items),
+             "mean_predicted": fmean(q for q, _ in items),
+             "mean_target": fmean(p for _, p in items)}
+            for index, items in sorted(filled.items())]
+
+
+def expected_calibration_error(predicted: list[float], target: list[float], bins: int = 10,
+                               low: float = 0.0) -> float:
+    """ECE over ``bins`` equal-width bins of the predicted probability in [``low``, 1]:
+    sum over bins |bin| / N * |mean predicted - mean target|."""
+    return sum(row["count"] / len(predicted) * abs(row["mean_predicted"] - row["mean_target"])
+               for row in reliability_table(predicted, target, bins, low))
+
+
+def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 or ``total`` successes."""
+    if total == 0:
+        return 0.0, 1.0
+    share = successes / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    spread = (share * (1 - share) / total + z * z / (4 * total * total)) ** 0.5
+    half = z * spread / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)

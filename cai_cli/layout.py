@@ -10,6 +10,8 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/rm/                    reward model
     <run_dir>/policy/                optimised policy
     <run_dir>/eval/report.json       evaluation; eval/answers.jsonl: the answers compared
+    <run_dir>/judge/report.json      judge-check (not a pipeline stage): the feedback model on
+                                     pairs with known labels; judge/judgments.jsonl: its answers
     <run_dir>/<stage>/manifest.json  what produced each stage
     <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
                                      chains.I-of-N.jsonl ..., manifest.I-of-N.json
@@ -31,6 +33,10 @@ STAGE_DIRS = {
     "optimize": "policy",
     "evaluate": "eval",
 }
+# Commands that write a stage directory of their own but are not part of the pipeline.
+CHECK_DIRS = {
+    "judge-check": "judge",
+}
 TOOL_DIR = ".cai"  # files only the tool writes: resolved config, lock
 SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
 
@@ -44,7 +50,7 @@ class RunLayout:
         return cls(Path(run_dir))
 
     def stage_dir(self, command: str) -> Path:
-        return self.root / STAGE_DIRS[command]
+        return self.root / (STAGE_DIRS.get(command) or CHECK_DIRS[command])
 
     # Sharded runs (generate-sl, label-prefs, evaluate with --shard I/N)
     def shards_dir(self, command: str) -> Path:
@@ -126,3 +132,16 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.eval / "report.json"
+
+    # judge-check
+    @property
+    def judge(self) -> Path:
+        return self.stage_dir("judge-check")
+
+    @property
+    def judge_judgments(self) -> Path:
+        return self.judge / "judgments.jsonl"
+
+    @property
+    def judge_report(self) -> Path:
+        return self.judge / "report.json"

@@ -37,6 +37,7 @@ from cai_cli import models, records, training, ui
 from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, read_records, transcript_messages
+from cai_cli.diagnostics import expected_calibration_error
 from cai_cli.errors import UserError
 from cai_cli.prompting import transcript_pair
 from cai_cli.records import Pair, conversation
@@ -261,18 +262,6 @@ def pair_rewards(trainer, dataset, batch_size: int) -> list[tuple[float, float]]
 def accuracy(rewards: list[tuple[float, float]]) -> float:
     """Share of pairs whose chosen answer gets the higher reward (a tie counts as wrong)."""
     return sum(c > r for c, r in rewards) / len(rewards)
-
-
-def expected_calibration_error(predicted: list[float], target: list[float],
-                               bins: int = ECE_BINS) -> float:
-    """ECE over ``bins`` equal-width bins of the predicted probability in [0, 1]:
-    sum over bins |bin| / N * |mean predicted - mean target|."""
-    filled: dict[int, list[tuple[float, float]]] = {}
-    for q, p in zip(predicted, target):
-        filled.setdefault(min(int(q * bins), bins - 1), []).append((q, p))
-    return sum(len(items) / len(predicted) * abs(sum(q for q, _ in items) / len(items)
-                                                 - sum(p for _, p in items) / len(items))
-               for items in filled.values())
 
 
 def sigmoid(x: float) -> float:
