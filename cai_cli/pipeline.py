@@ -46,14 +46,23 @@ def statuses(config: Config) -> list[StageStatus]:
         rerun = [stage for stage in spec.after if stage in will_run]
         if rerun and state == "done":
             state, reason = "stale", f"reads the output of {rerun[0]}, which will run"
-        if state != "done":
+        off = name == OPTIONAL and not config.generate_prompts.enabled
+        if off and state == "missing":
+            reason = "off (generate_prompts.enabled: false)"
+        if state != "done" and not off:
             will_run.add(name)
         out.append(StageStatus(name, spec, state, reason))
     return out
 
 
-def select(first: str | None, last: str | None) -> list[str]:
+# Not part of `cai run` unless its section enables it, or --from names it.
+OPTIONAL = "generate-prompts"
+
+
+def select(first: str | None, last: str | None, config: Config | None = None) -> list[str]:
     names = list(STAGES)
+    if config is not None and not config.generate_prompts.enabled and first != OPTIONAL:
+        names.remove(OPTIONAL)
     for value, flag in ((first, "--from"), (last, "--to")):
         if value is not None and value not in STAGES:
             raise UserError(f"{flag} {value}: unknown stage; stages in order: {', '.join(names)}")
@@ -67,7 +76,7 @@ def select(first: str | None, last: str | None) -> list[str]:
 def run_pipeline(config: Config, *, first: str | None = None, last: str | None = None,
                  force: bool = False) -> None:
     """Run the selected stages in order, skipping those that are fresh (all, with ``force``)."""
-    selected = select(first, last)
+    selected = select(first, last, config)
     plan = {s.name: s for s in statuses(config)}
     will_run = [name for name in selected if force or plan[name].state != "done"]
     check_ranks(will_run)
