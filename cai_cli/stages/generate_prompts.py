@@ -104,14 +104,15 @@ def one_line(text: str) -> str:
 
 
 def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
-    """The new prompts in a model's reply: the numbered items after the examples' numbers (a
-    base model's continuation starts right after the open number), else non-empty lines."""
+    """The new prompts in a model's reply: the numbered items (a base model's continuation
+    starts right after the open number; a chat model may number its list from 1: the
+    seed-copy filter drops any example it repeats), else non-empty lines."""
     if fmt == "transcript":
         text = f"{shown + 1}.{text}"
     items = []
     for line in text.splitlines():
         match = NUMBERED.match(line)
-        if match and int(match.group(1)) > shown:
+        if match and (fmt == "chat" or int(match.group(1)) > shown):
             items.append(match.group(2))
     if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in text.splitlines()):
         items = [line for line in text.splitlines() if line.strip()]
