@@ -23,7 +23,7 @@ from cai_cli.stages.common import StageSpec
 class StageStatus:
     name: str
     spec: StageSpec
-    state: str  # missing / partial / done / stale
+    state: str  # missing / partial / done / stale; off: an optional stage not in cai run
     reason: str  # why it is not done, for the plan
 
 
@@ -47,8 +47,8 @@ def statuses(config: Config) -> list[StageStatus]:
         if rerun and state == "done":
             state, reason = "stale", f"reads the output of {rerun[0]}, which will run"
         off = name == OPTIONAL and not config.generate_prompts.enabled
-        if off and state == "missing":
-            reason = "off (generate_prompts.enabled: false)"
+        if off and state == "missing":  # not part of cai run, and never run
+            state, reason = "off", "not in cai run: generate_prompts.enabled is false"
         if state != "done" and not off:
             will_run.add(name)
         out.append(StageStatus(name, spec, state, reason))
@@ -138,7 +138,8 @@ def print_status(config: Config) -> None:
     from rich import box
     from rich.table import Table
 
-    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
+    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red",
+               "off": "dim"}
     from cai_cli.runlock import describe, holder
 
     title = f"run directory: {config.run_dir}"
@@ -159,10 +160,12 @@ def print_status(config: Config) -> None:
     table.add_column("artifact", no_wrap=True)  # relative to the run directory
     table.add_column("details", overflow="fold", ratio=1)
     for status in statuses(config):
+        if status.state == "off":
+            continue  # an optional stage never run: not part of this run directory
         manifest = status.spec.manifest() or {}
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
         seconds = (manifest.get("timings") or {}).get("seconds")
-        took = "" if seconds is None or status.state == "missing" else _duration(seconds)
+        took = "" if seconds is None or status.state in ("missing", "off") else _duration(seconds)
         details = "; ".join(part for part in (status.reason, counts) if part)
         table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
                       f"{status.spec.directory.name}/", details)

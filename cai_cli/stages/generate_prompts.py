@@ -21,7 +21,7 @@ from pathlib import Path
 from cai_cli import ui
 from cai_cli.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl, source_fingerprint,
                                write_jsonl_atomic)
-from cai_cli.backends.base import Completion, NoLogprobs, Overflow, SamplingParams
+from cai_cli.backends.base import NoLogprobs, Overflow, SamplingParams
 from cai_cli.config import Config, PromptSource
 from cai_cli.data import Prompt, load_prompts, prompt_id
 from cai_cli.errors import UserError
@@ -291,8 +291,9 @@ def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
         count = min(round(len(kept) * settings.mix_seeds), len(seeds))
         mixed = [{"id": p.id, "prompt": p.text, "seed_ids": [], "request": None}
                  for p in rng.sample(seeds, count)]
+    used |= {record["id"] for record in mixed}
     write_jsonl_atomic(layout.prompt_seeds, [{"id": p.id, "prompt": p.text} for p in seeds
-                                             if p.id in used or any(m["id"] == p.id for m in mixed)])
+                                             if p.id in used])
     write_jsonl_atomic(layout.generated_prompts, kept + mixed)
     run.manifest.counts.update({"seeds": len(seeds), "requests": len(candidates),
                                 "generated": generated, "kept": len(kept), **counts,
