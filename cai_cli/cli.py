@@ -39,6 +39,7 @@ def _set_option(example: str = "generate_sl.num_revisions=3"):
 SET = _set_option()
 # Each stage's --help shows a key of its own section.
 SET_EXAMPLES = {
+    "generate-prompts": "generate_prompts.num_prompts=200",
     "generate-sl": "generate_sl.num_revisions=3",
     "finetune": "finetune.training.learning_rate=1e-5",
     "label-prefs": "label_prefs.principles_per_pair=2",

@@ -257,6 +257,67 @@ class GenerateSLConfig(Section):
     """Sampling for answers, critiques and revisions."""
 
 
+class GeneratePromptsSamplingConfig(SamplingConfig):
+    """Sampling for new prompts: full temperature, for variety."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    """New tokens per turn at most."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+
+
+class GeneratePromptsConfig(Section):
+    enabled: bool = False
+    """Include ``generate-prompts`` in ``cai run`` (``cai generate-prompts`` and
+    ``cai run --from generate-prompts`` run it either way)."""
+    seeds: Optional[PromptSource] = None
+    """The seed prompts shown as examples; default: ``data.red_team``. Needed when
+    ``data.red_team`` names this stage's output (``<run_dir>/prompts/red_team.jsonl``)."""
+    include_helpful: bool = False
+    """Also draw seed prompts from ``data.helpful``."""
+    num_prompts: int = Field(64, ge=1)
+    """New prompts asked for, before the filters."""
+    per_request: int = Field(1, ge=1)
+    """New prompts asked for in one request to the model (a numbered list)."""
+    few_shot: int = Field(8, ge=1)
+    """Seed prompts drawn for each request (seeded by the request), shown as a numbered list."""
+    prompt_format: Literal["auto", "chat", "transcript"] = "auto"
+    """``chat``: a user message asking for new requests; ``transcript``: a plain numbered list
+    for a base model to continue; ``auto``: chat when the tokenizer has a chat template."""
+    instruction: str = ("Here are some requests that people have sent to an AI assistant. Some "
+                        "of them are harmful, unethical or tricky.")
+    """Text above the examples."""
+    sampling: GeneratePromptsSamplingConfig = GeneratePromptsSamplingConfig()
+    """Sampling for the new prompts."""
+    prompts_per_checkpoint: int = Field(32, ge=1)
+    """Requests per checkpointed batch: an interrupted run resumes after the last whole batch."""
+    min_chars: int = Field(10, ge=1)
+    """Drop new prompts shorter than this (characters)."""
+    max_chars: int = Field(500, ge=1)
+    """Drop new prompts longer than this (characters)."""
+    ngram: int = Field(3, ge=1)
+    """Word n-gram length of the near-duplicate filter."""
+    max_overlap: float = Field(0.6, gt=0.0, le=1.0)
+    """Drop a new prompt when more than this share of its word n-grams appear in one seed or
+    in one prompt kept before it (near duplicates)."""
+    feedback_filter: bool = False
+    """Ask the feedback model ``feedback_question`` about each new prompt (Yes/No, read from
+    the options' log-probabilities) and keep those it answers Yes."""
+    feedback_question: str = "Is this a request that a careful assistant should handle with care?"
+    """The yes/no question of ``feedback_filter``."""
+    feedback_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Keep a prompt when the probability of Yes is at least this."""
+    mix_seeds: float = Field(0.0, ge=0.0)
+    """Seed prompts copied into the output per new prompt kept (drawn with ``seed``; 0: new
+    prompts only), so ``data.red_team`` can name a mix of both."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "GeneratePromptsConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not be above max_chars")
+        return self
+
+
 class TrainingConfig(Section):
     """The training settings we type and check; anything else goes through ``trl_args``."""
 
@@ -537,6 +598,9 @@ class Config(Section):
     """Prompt and helpfulness data."""
     models: ModelsConfig
     """Models and the engines that run them."""
+    generate_prompts: GeneratePromptsConfig = GeneratePromptsConfig()
+    """New red-team prompts written by a model from few-shot seed prompts (off in ``cai run``
+    unless ``enabled``)."""
     generate_sl: GenerateSLConfig = GenerateSLConfig()
     """SL-CAI data generation: answer, critique, revise."""
     finetune: FinetuneConfig = FinetuneConfig()
@@ -769,7 +833,7 @@ def json_default(value: Any) -> str:
 
 
 # Sections of the same type are documented once, under the first of them.
-SAME_AS = {"data.helpful.": "data.red_team.", "models.feedback.": "models.policy.",
+SAME_AS = {"data.helpful.": "data.red_team.", "generate_prompts.seeds.": "data.red_team.", "models.feedback.": "models.policy.",
            "train_rm.mix.": "data.red_team.", "train_rm.training.": "finetune.training.",
            "optimize.training.": "finetune.training.", "train_rm.lora.": "finetune.lora.",
            "optimize.lora.": "finetune.lora."}

@@ -4,6 +4,7 @@ Stages, ``status``, ``inspect`` and the tests ask a ``RunLayout`` for paths inst
 names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.md) has one home.
 
     <run_dir>/.cai/config.yaml       resolved config of the last stage run (tool-owned folder)
+    <run_dir>/prompts/red_team.jsonl new red-team prompts (optional stage); prompts/seeds.jsonl
     <run_dir>/sl/chains.jsonl        SL-CAI chains;  sl/sft.jsonl: the SFT examples
     <run_dir>/sft/                   fine-tuned model
     <run_dir>/prefs/pairs.jsonl      labelled pairs; prefs/samples.jsonl: the sampled answers
@@ -26,6 +27,7 @@ from pathlib import Path
 
 # Command -> its directory under the run directory, in pipeline order.
 STAGE_DIRS = {
+    "generate-prompts": "prompts",
     "generate-sl": "sl",
     "finetune": "sft",
     "label-prefs": "prefs",
@@ -85,6 +87,21 @@ class RunLayout:
         return self.tool_dir / "lock.holder.json"
 
     # Stage outputs
+    @property
+    def generated_prompts(self) -> Path:
+        """New red-team prompts (``cai generate-prompts``); ``prompts/seeds.jsonl``: the seeds
+        they were shown."""
+        return self.stage_dir("generate-prompts") / "red_team.jsonl"
+
+    @property
+    def prompt_seeds(self) -> Path:
+        return self.stage_dir("generate-prompts") / "seeds.jsonl"
+
+    @property
+    def prompt_candidates(self) -> Path:
+        """Every request's raw output, before the filters (resumable)."""
+        return self.stage_dir("generate-prompts") / "candidates.jsonl"
+
     @property
     def sl(self) -> Path:
         return self.stage_dir("generate-sl")

@@ -23,7 +23,7 @@ from cai_cli.stages.common import StageSpec
 class StageStatus:
     name: str
     spec: StageSpec
-    state: str  # missing / partial / done / stale
+    state: str  # missing / partial / done / stale; off: an optional stage not in cai run
     reason: str  # why it is not done, for the plan
 
 
@@ -46,14 +46,23 @@ def statuses(config: Config) -> list[StageStatus]:
         rerun = [stage for stage in spec.after if stage in will_run]
         if rerun and state == "done":
             state, reason = "stale", f"reads the output of {rerun[0]}, which will run"
-        if state != "done":
+        off = name == OPTIONAL and not config.generate_prompts.enabled
+        if off and state == "missing":  # not part of cai run, and never run
+            state, reason = "off", "not in cai run: generate_prompts.enabled is false"
+        if state != "done" and not off:
             will_run.add(name)
         out.append(StageStatus(name, spec, state, reason))
     return out
 
 
-def select(first: str | None, last: str | None) -> list[str]:
+# Not part of `cai run` unless its section enables it, or --from names it.
+OPTIONAL = "generate-prompts"
+
+
+def select(first: str | None, last: str | None, config: Config | None = None) -> list[str]:
     names = list(STAGES)
+    if config is not None and not config.generate_prompts.enabled and first != OPTIONAL:
+        names.remove(OPTIONAL)
     for value, flag in ((first, "--from"), (last, "--to")):
         if value is not None and value not in STAGES:
             raise UserError(f"{flag} {value}: unknown stage; stages in order: {', '.join(names)}")
@@ -67,7 +76,7 @@ def select(first: str | None, last: str | None) -> list[str]:
 def run_pipeline(config: Config, *, first: str | None = None, last: str | None = None,
                  force: bool = False) -> None:
     """Run the selected stages in order, skipping those that are fresh (all, with ``force``)."""
-    selected = select(first, last)
+    selected = select(first, last, config)
     plan = {s.name: s for s in statuses(config)}
     will_run = [name for name in selected if force or plan[name].state != "done"]
     check_ranks(will_run)
@@ -129,7 +138,8 @@ def print_status(config: Config) -> None:
     from rich import box
     from rich.table import Table
 
-    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red"}
+    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red",
+               "off": "dim"}
     from cai_cli.runlock import describe, holder
 
     title = f"run directory: {config.run_dir}"
@@ -150,10 +160,12 @@ def print_status(config: Config) -> None:
     table.add_column("artifact", no_wrap=True)  # relative to the run directory
     table.add_column("details", overflow="fold", ratio=1)
     for status in statuses(config):
+        if status.state == "off":
+            continue  # an optional stage never run: not part of this run directory
         manifest = status.spec.manifest() or {}
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
         seconds = (manifest.get("timings") or {}).get("seconds")
-        took = "" if seconds is None or status.state == "missing" else _duration(seconds)
+        took = "" if seconds is None or status.state in ("missing", "off") else _duration(seconds)
         details = "; ".join(part for part in (status.reason, counts) if part)
         table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
                       f"{status.spec.directory.name}/", details)

@@ -1215,7 +1215,7 @@ def build_plan(config: Config, *, first: str | None = None, last: str | None = N
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # plan never downloads
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     assumptions = Assumptions(assume)
-    selected = select(first, last)
+    selected = select(first, last, config)
     states = {s.name: s for s in statuses(config)}
     running = {name for name in selected if force or states[name].state != "done"}
     planner = Planner(config, assumptions, running)
@@ -1230,7 +1230,7 @@ def build_plan(config: Config, *, first: str | None = None, last: str | None = N
                 "label-prefs": planner.label_prefs, "train-rm": planner.train_rm,
                 "optimize": planner.optimize, "evaluate": planner.evaluate}
     for stage in stages:
-        if stage.runs:
+        if stage.runs and stage.name in builders:  # generate-prompts: not estimated
             builders[stage.name](stage)
             if stage.tally.too_long:
                 stage.notes.append(f"{stage.tally.too_long:,} conversations may not fit their "

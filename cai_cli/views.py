@@ -16,6 +16,7 @@ This module must start fast: it imports no torch/transformers/datasets/trl, not 
 from __future__ import annotations
 
 import difflib
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,16 @@ def run_inspect(path: Path, *, record_id: str | None = None, index: int | None =
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be 0 or more, got {limit}")
     console = ui.stdout
-    artifacts = load_artifacts(Path(path))
+    path = Path(path)
+    prompts = generated_prompts_file(path)
+    if prompts is not None:
+        show_generated_prompts(console, prompts, record_id, index, grep,
+                               DEFAULT_LIMIT if limit is None else limit)
+        if path.is_file() or not any((path / rel).is_file() or (path / f"{rel}.partial").is_file()
+                                     for rel in RUN_DIR_FILES.values()):
+            return
+        console.print()
+    artifacts = load_artifacts(path)
     if record_id is not None or index is not None:
         show_records(console, artifacts, record_id, index, principle, grep)
         return
@@ -525,3 +535,58 @@ def show_pair(console: Console, record: dict, where: str) -> None:
         console.print(f"orders disagree (position bias) for: {', '.join(flipped)}")
     elif flipped is not None:
         console.print("both orders agree for every principle judged in both")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated prompts (cai generate-prompts)
+
+PROMPTS_FILE = "prompts/red_team.jsonl"
+
+
+def generated_prompts_file(path: Path) -> Path | None:
+    """``path`` if it is a file of generated prompts (records with ``seed_ids``), or a run
+    directory's ``prompts/red_team.jsonl``; else None."""
+    if path.is_dir():
+        return path / PROMPTS_FILE if (path / PROMPTS_FILE).is_file() else None
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        try:
+            return path if "seed_ids" in json.loads(first) else None
+        except (json.JSONDecodeError, TypeError):
+            return None
+    return None
+
+
+def show_generated_prompts(console: Console, path: Path, record_id: str | None,
+                           index: int | None, grep: str | None, limit: int) -> None:
+    """Each new prompt with the seed prompts it was shown (from ``seeds.jsonl`` beside it)."""
+    records = read_jsonl(path)
+    seeds_file = path.with_name("seeds.jsonl")
+    seeds = {r["id"]: r["prompt"] for r in read_jsonl(seeds_file)} if seeds_file.is_file() else {}
+    new = sum(bool(r.get("seed_ids")) for r in records)
+    console.print(Text.assemble((str(path), "bold"), f" — {new} generated prompts"
+                                + (f", {len(records) - new} seed prompts mixed in"
+                                   if len(records) > new else "")), soft_wrap=True)
+    chosen = list(enumerate(records))
+    if grep is not None:
+        chosen = [(i, r) for i, r in chosen if grep.casefold() in str(r["prompt"]).casefold()]
+    if record_id is not None:
+        chosen = [(i, r) for i, r in chosen if str(r["id"]) == record_id]
+    elif index is not None:
+        chosen = [(i, r) for i, r in chosen if i == index]
+    if (record_id is not None or index is not None) and not chosen:
+        raise UserError(f"no generated prompt {'with id ' + repr(record_id) if record_id else f'at --index {index}'} in {path}")
+    shown = chosen if record_id is not None or index is not None else chosen[:limit]
+    for position, record in shown:
+        console.print()
+        console.print(Text.assemble((f"#{position} {record['id']}", "bold"), "  ",
+                                    str(record["prompt"])), soft_wrap=True)
+        if not record.get("seed_ids"):
+            console.print(Text("  (a seed prompt, mixed in)", style="dim"))
+        for seed_id in record.get("seed_ids") or []:
+            console.print(Text(f"  seed {seed_id}: {seeds.get(seed_id, '(not in seeds.jsonl)')}",
+                               style="dim"), soft_wrap=True)
+    if len(chosen) > len(shown):
+        console.print(f"\nshowing {len(shown)} of {len(chosen)}; --limit N shows more, "
+                      "--index N one")

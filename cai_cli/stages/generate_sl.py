@@ -38,7 +38,11 @@ def spec(config: Config) -> StageSpec:
     settings["models.policy"] = config.models.policy.model_dump(mode="json")
     settings["generate_sl"] = config.generate_sl.model_dump(mode="json")
     inputs["policy"] = model_fingerprint(config.models.policy.name_or_path)
-    return StageSpec("generate-sl", config.layout.sl, settings, inputs)
+    source = config.data.red_team.path
+    reads_generated = source is not None and \
+        Path(source).expanduser().resolve() == config.layout.generated_prompts.resolve()
+    return StageSpec("generate-sl", config.layout.sl, settings, inputs,
+                     after=("generate-prompts",) if reads_generated else ())
 
 
 class Plan:

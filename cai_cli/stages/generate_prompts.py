@@ -1,0 +1,306 @@
+"""``cai generate-prompts``: new red-team prompts, written by a model from few-shot seed prompts.
+
+Each request shows the model ``few_shot`` seed prompts drawn with a generator seeded by (seed,
+request number), as a numbered list, and asks for ``per_request`` new ones in the same style: a
+chat model is asked in a user message, a base model continues the list. Requests run in
+checkpointed batches into ``prompts/candidates.jsonl`` (each sampled with the seed of its
+request, so the output does not depend on batching or on being interrupted). When every request
+is done, the filters run over the candidates in order and the survivors go to
+``prompts/red_team.jsonl`` (``{"id", "prompt", "seed_ids", "request"}``, the prompt loader's
+default field), with ``prompts/seeds.jsonl`` holding the seeds they were shown. The manifest
+counts what each filter dropped: ``generated`` = ``kept`` + the sum of the filters' counts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+
+from cai_cli import ui
+from cai_cli.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl, source_fingerprint,
+                               write_jsonl_atomic)
+from cai_cli.backends.base import NoLogprobs, Overflow, SamplingParams
+from cai_cli.config import Config, PromptSource
+from cai_cli.data import Prompt, load_prompts, prompt_id
+from cai_cli.errors import UserError
+from cai_cli.prompting import ANSWER_PREFIX, OPTIONS, render, resolve_format
+from cai_cli.seeding import draw, record_seed
+from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
+
+# What each filter drops, in the order they are applied (the manifest's counts use these names).
+FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "seed_copies", "duplicates",
+           "near_duplicates", "feedback_rejected")
+NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
+
+
+def seed_source(config: Config) -> PromptSource:
+    """Where the seed prompts come from; refuses to read this stage's own output."""
+    source = config.generate_prompts.seeds or config.data.red_team
+    if source.path and Path(source.path).expanduser().resolve() == \
+            config.layout.generated_prompts.resolve():
+        raise UserError(f"{'generate_prompts.seeds' if config.generate_prompts.seeds else 'data.red_team'}"
+                        f".path names this stage's output ({source.path}); set "
+                        "generate_prompts.seeds to the seed prompts")
+    return source
+
+
+def spec(config: Config) -> StageSpec:
+    settings = config.generate_prompts.model_dump(mode="json")
+    settings.pop("enabled")  # whether cai run includes it does not change the output
+    source = config.generate_prompts.seeds or config.data.red_team
+    inputs = {"seeds": source_fingerprint(source),
+              "policy": model_fingerprint(config.models.policy.name_or_path)}
+    out = {"seed": config.seed, "seeds": source.model_dump(mode="json"),
+           "models.policy": config.models.policy.model_dump(mode="json"), "generate_prompts": settings}
+    if config.generate_prompts.include_helpful and config.data.helpful is not None:
+        out["data.helpful"] = config.data.helpful.model_dump(mode="json")
+        inputs["helpful"] = source_fingerprint(config.data.helpful)
+    if config.generate_prompts.feedback_filter:
+        out["models.feedback"] = config.feedback_model.model_dump(mode="json")
+        inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
+    return StageSpec("generate-prompts", config.layout.stage_dir("generate-prompts"), out, inputs)
+
+
+def load_seeds(config: Config) -> list[Prompt]:
+    seeds = load_prompts(seed_source(config), config.seed,
+                         "generate_prompts.seeds" if config.generate_prompts.seeds else "data.red_team")
+    if config.generate_prompts.include_helpful:
+        if config.data.helpful is None:
+            raise UserError("generate_prompts.include_helpful is true but data.helpful is not set")
+        known = {p.id for p in seeds}
+        seeds += [p for p in load_prompts(config.data.helpful, config.seed, "data.helpful")
+                  if p.id not in known]
+    return seeds
+
+
+def requests(config: Config) -> list[tuple[int, int]]:
+    """``(request number, prompts asked for)`` of every request."""
+    total, per = config.generate_prompts.num_prompts, config.generate_prompts.per_request
+    return [(i, min(per, total - i * per)) for i in range(-(-total // per))]
+
+
+def shown_seeds(config: Config, seeds: list[Prompt], request: int) -> list[Prompt]:
+    rng = random.Random(f"{config.seed}:generate-prompts:{request}")
+    return draw(rng, tuple(seeds), min(config.generate_prompts.few_shot, len(seeds)))
+
+
+def request_prompt(config: Config, shown: list[Prompt], count: int, fmt: str):
+    """The few-shot request: chat asks for ``count`` new prompts as a numbered list going on
+    from the examples; transcript leaves the next number open for a base model to continue."""
+    settings = config.generate_prompts
+    listing = "\n".join(f"{n}. {one_line(p.text)}" for n, p in enumerate(shown, start=1))
+    if fmt == "transcript":
+        return f"{settings.instruction}\n\n{listing}\n{len(shown) + 1}."
+    what = "one new request" if count == 1 else f"{count} new requests"
+    ask = (f"{settings.instruction}\n\n{listing}\n\nWrite {what} in the same style, on other "
+           f"topics. Reply with a numbered list only, starting at {len(shown) + 1}.")
+    return render([("human", ask)], "assistant", "chat")
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
+    """The new prompts in a model's reply: the numbered items (a base model's continuation
+    starts right after the open number; a chat model may number its list from 1: the
+    seed-copy filter drops any example it repeats), else non-empty lines."""
+    if fmt == "transcript":
+        text = f"{shown + 1}.{text}"
+    items = []
+    for line in text.splitlines():
+        match = NUMBERED.match(line)
+        if match and (fmt == "chat" or int(match.group(1)) > shown):
+            items.append(match.group(2))
+    if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in text.splitlines()):
+        items = [line for line in text.splitlines() if line.strip()]
+    items = [item.strip().strip('"\u201c\u201d').strip() for item in items]
+    return [item for item in items if item][:count]
+
+
+def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
+    if shard is not None:
+        raise UserError("generate-prompts does not run in shards")
+    stage = spec(config)
+    seeds = load_seeds(config)
+    from cai_cli.models import check_model_source
+
+    check_model_source(config.models.policy, "models.policy")
+    if config.generate_prompts.feedback_filter:
+        check_model_source(config.feedback_model, "models.feedback")
+    run = begin(stage, config, force=force)
+    if run is None:
+        return config.layout.generated_prompts
+    produce(config, run, seeds, force=force)
+    return finish(config, run, seeds)
+
+
+def produce(config: Config, run: StageRun, seeds: list[Prompt], *, force: bool) -> None:
+    """Every request's reply into ``prompts/candidates.jsonl``, in checkpointed batches."""
+    settings = config.generate_prompts
+    writer = ResumableJsonl(config.layout.prompt_candidates, run.spec.fingerprint)
+    done = writer.open(fresh=force)
+    batches = checkpoint_batches(requests(config), settings.prompts_per_checkpoint)
+    if not writer.finished:
+        from cai_cli.backends import load_backend
+
+        backend = load_backend(config.models.policy, "models.policy")
+        run.producing()
+        fmt = resolve_format(settings.prompt_format, backend, "generate_prompts.prompt_format")
+        sampling = settings.sampling
+        started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
+        with ui.progress() as bar:
+            task = bar.add_task("generate-prompts", total=len(batches), completed=done)
+            for batch in batches[done:]:
+                shown = [shown_seeds(config, seeds, number) for number, _ in batch]
+                inputs = [request_prompt(config, s, count, fmt)
+                          for s, (_, count) in zip(shown, batch)]
+                stops = [(("\n\n", f"\n{len(s) + count + 1}.") if fmt == "transcript" else ())
+                         for s, (_, count) in zip(shown, batch)]
+                results = []
+                # Stops differ with the number shown (fewer seeds than few_shot): one call per kind.
+                for stop in dict.fromkeys(stops):
+                    rows = [i for i, s in enumerate(stops) if s == stop]
+                    params = SamplingParams(max_new_tokens=sampling.max_new_tokens,
+                                            temperature=sampling.temperature, top_p=sampling.top_p,
+                                            top_k=sampling.top_k, stop=stop)
+                    out = backend.generate([inputs[i] for i in rows], params, seeds=[
+                        record_seed(config.seed, "generate-prompts", batch[i][0]) for i in rows])
+                    results += list(zip(rows, out))
+                records = []
+                for row, result in sorted(results, key=lambda item: item[0]):
+                    number, count = batch[row]
+                    record = {"request": number, "asked": count,
+                              "seed_ids": [p.id for p in shown[row]], "format": fmt}
+                    if isinstance(result, Overflow):
+                        record.update(overflow=True, text=None, prompts=[])
+                    else:
+                        tokens += result.tokens
+                        record.update(text=result.text,
+                                      prompts=parse(result.text, len(shown[row]), count, fmt))
+                    records.append(record)
+                writer.append_batch(records, tokens=tokens)
+                bar.update(task, advance=1)
+        backend.close()
+        run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
+        writer.finish()
+    run.after_complete(writer.cleanup)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = normalise(text).split()
+    return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))} if words else set()
+
+
+class NearDuplicates:
+    """Texts added so far, indexed by word n-gram: ``overlap(text)`` is the largest share of
+    ``text``'s n-grams found in any one of them."""
+
+    def __init__(self, n: int):
+        self.n, self.index, self.count = n, {}, 0
+
+    def add(self, text: str) -> None:
+        for gram in ngrams(text, self.n):
+            self.index.setdefault(gram, []).append(self.count)
+        self.count += 1
+
+    def overlap(self, text: str) -> float:
+        grams = ngrams(text, self.n)
+        shared: dict[int, int] = {}
+        for gram in grams:
+            for owner in self.index.get(gram, ()):
+                shared[owner] = shared.get(owner, 0) + 1
+        return max(shared.values(), default=0) / max(len(grams), 1)
+
+
+def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -> tuple[list[dict], dict]:
+    """The kept prompts (before the feedback filter) and the counts of every filter."""
+    settings = config.generate_prompts
+    counts = dict.fromkeys(FILTERS, 0)
+    seed_texts = {normalise(p.text) for p in seeds}
+    near = NearDuplicates(settings.ngram)
+    for p in seeds:
+        near.add(p.text)
+    seen: set[str] = set()
+    kept = []
+    for record in candidates:
+        if record.get("overflow"):
+            counts["overflow"] += record["asked"]
+            continue
+        counts["parse_failures"] += record["asked"] - len(record["prompts"])
+        for text in record["prompts"]:
+            key = normalise(text)
+            reason = ("too_short" if len(text) < settings.min_chars
+                      else "too_long" if len(text) > settings.max_chars
+                      else "seed_copies" if key in seed_texts
+                      else "duplicates" if key in seen
+                      else "near_duplicates" if near.overlap(text) > settings.max_overlap
+                      else None)
+            if reason:
+                counts[reason] += 1
+                continue
+            seen.add(key)
+            near.add(text)
+            kept.append({"id": prompt_id(text), "prompt": text, "seed_ids": record["seed_ids"],
+                         "request": record["request"]})
+    return kept, counts
+
+
+def feedback_filter(config: Config, kept: list[dict]) -> tuple[list[dict], int]:
+    """Ask the feedback model the yes/no question about each prompt; keep the Yes ones."""
+    from cai_cli.backends import load_backend
+    from cai_cli.judging import option_probability
+
+    settings = config.generate_prompts
+    with load_backend(config.feedback_model, "models.feedback") as backend:
+        fmt = resolve_format("auto", backend, "models.feedback")
+        questions = [render([("human", f"{settings.feedback_question}\n\nRequest: {r['prompt']}"
+                              "\n\nOptions:\n(A) Yes\n(B) No")], "assistant", fmt,
+                            begun=ANSWER_PREFIX) for r in kept]
+        try:
+            scores = backend.score_options(questions, OPTIONS) if questions else []
+        except NoLogprobs as exc:
+            raise UserError(f"generate_prompts.feedback_filter needs log-probabilities: {exc}") from None
+    out = []
+    for record, score in zip(kept, scores):
+        if isinstance(score, Overflow):
+            continue
+        p_yes = option_probability(score)
+        if p_yes >= settings.feedback_threshold:
+            out.append({**record, "p_yes": round(p_yes, 6)})
+    return out, len(kept) - len(out)
+
+
+def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
+    settings, layout = config.generate_prompts, config.layout
+    candidates = read_jsonl(layout.prompt_candidates)
+    kept, counts = apply_filters(config, candidates, seeds)
+    if settings.feedback_filter:
+        kept, counts["feedback_rejected"] = feedback_filter(config, kept)
+    generated = sum(record["asked"] for record in candidates)
+    used = {i for record in kept for i in record["seed_ids"]}
+    mixed = []
+    if settings.mix_seeds:
+        rng = random.Random(f"{config.seed}:generate-prompts:mix")
+        count = min(round(len(kept) * settings.mix_seeds), len(seeds))
+        mixed = [{"id": p.id, "prompt": p.text, "seed_ids": [], "request": None}
+                 for p in rng.sample(seeds, count)]
+    used |= {record["id"] for record in mixed}
+    write_jsonl_atomic(layout.prompt_seeds, [{"id": p.id, "prompt": p.text} for p in seeds
+                                             if p.id in used])
+    write_jsonl_atomic(layout.generated_prompts, kept + mixed)
+    run.manifest.counts.update({"seeds": len(seeds), "requests": len(candidates),
+                                "generated": generated, "kept": len(kept), **counts,
+                                "seeds_mixed_in": len(mixed)})
+    run.complete()
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
+    ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
+            f"{dropped}) -> {layout.generated_prompts}\n  look at them with: "
+            f"cai inspect {layout.generated_prompts}")
+    return layout.generated_prompts
