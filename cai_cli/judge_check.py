@@ -42,6 +42,7 @@ from cai_cli.diagnostics import (AGREEING, BIASED, expected_calibration_error, l
                                  reliability_table, wilson_interval)
 from cai_cli.errors import UserError
 from cai_cli.stages.common import StageSpec, begin, checkpoint_batches
+from cai_cli.transcripts import ROLES
 
 COMMAND = "judge-check"
 SHIPPED = Path(__file__).parent / "resources" / "judge_pairs.jsonl"
@@ -77,7 +78,7 @@ def as_text(messages: list[dict]) -> str:
     Human:/Assistant: transcript."""
     if len(messages) == 1:
         return messages[0]["content"]
-    labels = {"user": "Human", "assistant": "Assistant"}
+    labels = {role: label for label, role in ROLES.items()}  # user -> Human, as HH writes it
     return "\n\n".join(f"{labels.get(m['role'], m['role'].title())}: {m['content']}"
                        for m in messages)
 

@@ -165,14 +165,8 @@ def print_status(config: Config) -> None:
         manifest = status.spec.manifest() or {}
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
         seconds = (manifest.get("timings") or {}).get("seconds")
-        took = "" if seconds is None or status.state in ("missing", "off") else _duration(seconds)
+        took = "" if seconds is None or status.state == "missing" else ui.duration(seconds)
         details = "; ".join(part for part in (status.reason, counts) if part)
         table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
                       f"{status.spec.directory.name}/", details)
     ui.stdout.print(table)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1278,12 +1278,12 @@ def print_plan(config: Config, *, first: str | None = None, last: str | None = N
             continue
         parts = sorted(((getattr(stage.cost, name), name) for name in
                         ("load", "setup", "prefill", "decode", "train")), reverse=True)
-        split = ", ".join(f"{name} {_duration(sec)}" for sec, name in parts if sec >= 0.5)
+        split = ", ".join(f"{name} {ui.duration(sec)}" for sec, name in parts if sec >= 0.5)
         tally = stage.tally
-        table.add_row(stage.name, _duration(stage.cost.total), _count(tally.prompt_tokens),
+        table.add_row(stage.name, ui.duration(stage.cost.total), _count(tally.prompt_tokens),
                       _count(tally.generated_tokens), _count(tally.train_tokens),
                       _count(stage.steps), split)
-    table.add_row("[bold]total[/]", f"[bold]{_duration(plan.seconds)}[/]", "", "", "", "", "")
+    table.add_row("[bold]total[/]", f"[bold]{ui.duration(plan.seconds)}[/]", "", "", "", "", "")
     ui.stdout.print(table)
     ui.stdout.print("Work:", markup=False)
     for stage in plan.stages:
@@ -1308,10 +1308,3 @@ def _count(value: int) -> str:
     if not value:
         return ""
     return _human(value) if value >= 10_000 else f"{value:,}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -57,6 +57,13 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
 stdout = Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
 
 
+def duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour: the time column of status and plan."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def info(message: str) -> None:
     console.print(message, soft_wrap=True, markup=False)
 
