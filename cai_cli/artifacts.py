@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cai_cli.errors import UserError, not_found
+from cai_cli.layout import PLOTS_DIR
 
 MANIFEST = "manifest.json"
 
@@ -225,15 +226,19 @@ CONTENT_HASH_LIMIT = 64 << 20
 
 def file_fingerprint(path: Path | str) -> str:
     """Hash of a file, or of a directory's files (names and contents; large files by size and
-    modification time). Hidden files (our temporary and progress files) are left out."""
+    modification time). Hidden files (our temporary and progress files) and the ``plots/``
+    folder are left out."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
         files = [path]
         root = path.parent
     elif path.is_dir():
+        # A stage's plots (drawn after it completes, and again by `cai report`) are not part
+        # of what it made: drawing them must not make the stages that read it stale.
         files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                       and p.relative_to(path).parts[0] != PLOTS_DIR)
         root = path
     else:
         return "missing"

@@ -227,6 +227,21 @@ def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     print_status(_load(config, set_))
 
 
+@app.command("report")
+def report(
+    config: Path = CONFIG,
+    set_: Optional[List[str]] = SET,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="PATH",
+                                          help="Markdown file to write (default: "
+                                          "<run_dir>/report.md)."),
+):
+    """One Markdown page about the run: each stage's figures and plots, example critiques and
+    preference pairs, judge-check and the evaluation's tables and verdict."""
+    from cai_cli.report import write_report
+
+    write_report(_load(config, set_), output)
+
+
 @app.command("inspect")
 def inspect(
     path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl / pairs.jsonl file."),

@@ -2,8 +2,8 @@
 leaves the machine. A config cannot ask for it (``trl_args.push_to_hub`` is refused), so a
 shared config never publishes someone's model with their token.
 
-The upload holds the model files only: the manifest (local paths, timings) and hidden files
-(checkpoints, progress) stay home.
+The upload holds the model files only: the manifest (local paths, timings), logs, plots and
+hidden files (checkpoints, progress) stay home.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def push_stage(config: Config, command: str, repo_id: str) -> None:
     try:
         api.create_repo(repo_id, private=True, exist_ok=True)
         api.upload_folder(folder_path=str(directory), repo_id=repo_id,
-                          ignore_patterns=["manifest.json", ".*", ".*/**", "logs/**"],
+                          ignore_patterns=["manifest.json", ".*", ".*/**", "logs/**", "plots/**"],
                           commit_message=f"cai {command}")
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -14,6 +14,8 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/judge/report.json      judge-check (not a pipeline stage): the feedback model on
                                      pairs with known labels; judge/judgments.jsonl: its answers
     <run_dir>/<stage>/manifest.json  what produced each stage
+    <run_dir>/<stage>/plots/*.png    the stage's plots (``cai_cli.plots``); left out of the
+                                     stage directory's fingerprint
     <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
                                      chains.I-of-N.jsonl ..., manifest.I-of-N.json
 
@@ -41,6 +43,7 @@ CHECK_DIRS = {
 }
 TOOL_DIR = ".cai"  # files only the tool writes: resolved config, lock
 SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
+PLOTS_DIR = "plots"  # inside a stage directory: its PNG plots
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class RunLayout:
 
     def shard_manifest(self, command: str, index: int, count: int) -> Path:
         return self.shard_file(command, "manifest.json", index, count)
+
+    def plots(self, command: str) -> Path:
+        """The folder of the stage's PNG plots."""
+        return self.stage_dir(command) / PLOTS_DIR
 
     # The tool's own files
     @property

@@ -159,14 +159,39 @@ def print_status(config: Config) -> None:
     table.add_column("time", no_wrap=True, justify="right")
     table.add_column("artifact", no_wrap=True)  # relative to the run directory
     table.add_column("details", overflow="fold", ratio=1)
-    for status in statuses(config):
+    found = statuses(config)
+    for status in found:
         if status.state == "off":
             continue  # an optional stage never run: not part of this run directory
         manifest = status.spec.manifest() or {}
-        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
+        counts = describe_counts(manifest)
         seconds = (manifest.get("timings") or {}).get("seconds")
         took = "" if seconds is None or status.state == "missing" else ui.duration(seconds)
         details = "; ".join(part for part in (status.reason, counts) if part)
         table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
                       f"{status.spec.directory.name}/", details)
     ui.stdout.print(table)
+    print_plots(config, [status.name for status in found] + ["judge-check"])
+
+
+def describe_counts(manifest: dict) -> str:
+    """A manifest's counts in words: ``8 prompts, 8 chains, 16 rounds``."""
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
+
+
+def print_plots(config: Config, commands: list[str]) -> None:
+    """Each stage's plot files, one line a stage, relative to the run directory."""
+    from rich.text import Text
+
+    from cai_cli.plots import listed
+
+    lines = []
+    for command in commands:
+        files = listed(config, command)
+        if files:
+            folder = files[0].parent.relative_to(config.layout.root).as_posix()
+            lines.append(Text(f"  {command:<13} {folder}/: " + ", ".join(f.name for f in files)))
+    if lines:
+        ui.stdout.print("plots (PNG; `cai report --config ...` puts them on one page):")
+        for line in lines:
+            ui.stdout.print(line)

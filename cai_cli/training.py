@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import MANIFEST
+from cai_cli.artifacts import MANIFEST, write_json_atomic
 from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
 from cai_cli.errors import UserError
 
@@ -45,6 +45,7 @@ _MANAGED = {
     "hub_private_repo": "--push-to-hub creates a private repository",
 }
 LOGS = "logs"  # trackers' local files (tensorboard), kept beside the model in the stage directory
+LOG_HISTORY = "log_history.json"  # in LOGS: the trainer's log history, every logged step
 # TrainingConfig keys that do not change the trained weights: a stage's fingerprint leaves them
 # out, so e.g. logging more often does not make a finished model stale.
 NOT_DECIDING = frozenset({"logging_steps", "save_steps", "report_to"})
@@ -497,6 +498,8 @@ def save(run, trainer, tokenizer, lora: LoraConfig, result, args, checkpoint) ->
     save_model(trainer, tokenizer, lora, run.directory / STAGING)
     if dist.is_main():
         put_in_place(run.directory)
+        # The log history (loss, margins per step) outlives the checkpoints, for the plots.
+        write_json_atomic(run.directory / LOGS / LOG_HISTORY, trainer.state.log_history)
         run.after_complete(lambda: shutil.rmtree(run.directory / CHECKPOINTS, ignore_errors=True))
     dist.barrier()
     run.manifest.stats.update(run_stats(trainer, result, args, lora, checkpoint))

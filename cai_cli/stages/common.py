@@ -154,6 +154,9 @@ class StageRun:
         (self.directory / NEXT_MANIFEST).unlink(missing_ok=True)
         for cleanup in self._after:
             cleanup()
+        from cai_cli import plots
+
+        plots.draw(self.config, self.spec.command)  # <stage dir>/plots/; warns, never fails
 
 
 def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:

@@ -37,7 +37,7 @@ from cai_cli import models, records, training, ui
 from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data import chat_messages, read_records, transcript_messages
-from cai_cli.diagnostics import expected_calibration_error
+from cai_cli.diagnostics import expected_calibration_error, reliability_table
 from cai_cli.errors import UserError
 from cai_cli.prompting import transcript_pair
 from cai_cli.records import Pair, conversation
@@ -369,8 +369,13 @@ def measure(trainer, batch_size: int) -> dict:
     if held_out is not None and len(held_out):
         rewards = pair_rewards(trainer, held_out, batch_size)
         stats["eval_accuracy"] = round(accuracy(rewards), 4)
-        stats["eval_ece"] = round(expected_calibration_error(
-            [sigmoid(c - r) for c, r in rewards], held_out[TARGET]), 4)
+        predicted, target = [sigmoid(c - r) for c, r in rewards], list(held_out[TARGET])
+        stats["eval_ece"] = round(expected_calibration_error(predicted, target), 4)
+        # Per bin, for the reliability diagram (rm/plots/calibration.png).
+        stats["eval_reliability"] = [
+            {**row, "mean_predicted": round(row["mean_predicted"], 4),
+             "mean_target": round(row["mean_target"], 4)}
+            for row in reliability_table(predicted, target, ECE_BINS)]
     return stats
 
 
