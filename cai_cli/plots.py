@@ -49,10 +49,17 @@ def enabled() -> bool:
     return os.environ.get("CAI_PLOTS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# The order plots are listed and shown in (the main figure of a stage first); others by name.
+ORDER = ("p_chosen.png", "position_bias.png", "training.png", "calibration.png",
+         "win_rates.png", "rates.png", "per_principle.png", "agreement.png")
+
+
 def listed(config_or_layout, command: str) -> list[Path]:
-    """The stage's plot files, by name."""
+    """The stage's plot files, in ``ORDER``."""
     folder = layout_of(config_or_layout).plots(command)
-    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+    found = folder.glob("*.png") if folder.is_dir() else []
+    return sorted(found, key=lambda path: (ORDER.index(path.name) if path.name in ORDER
+                                           else len(ORDER), path.name))
 
 
 def draw(config_or_layout, command: str) -> list[Path]:
@@ -133,6 +140,7 @@ def label_prefs(layout: RunLayout, plt) -> dict:
     ax.set_xlim(0.5, 1.0)
     ax.set_xlabel("p_chosen: probability of the chosen answer (both orders, all principles)")
     ax.set_ylabel("pairs")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"label-prefs: p_chosen of {len(labels)} pairs (near 0.5: little signal)")
     ax.legend()
     figures["p_chosen.png"] = fig
@@ -156,6 +164,7 @@ def label_prefs(layout: RunLayout, plt) -> dict:
         ax.set_xlim(0, 1)
         ax.set_xlabel("probability the judge gave the option shown first")
         ax.set_ylabel("judgments")
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_title(f"label-prefs: position bias, {len(every)} judgments: mean p(first) "
                      f"{mean:.2f} (0.50 = none)")
         ax.legend(fontsize=8)
@@ -168,10 +177,12 @@ def label_prefs(layout: RunLayout, plt) -> dict:
 
 # The panels of a training plot: (title, y label, log keys; the first one logged is drawn).
 PANELS = (
-    ("loss", "loss", ("loss",)),
-    ("reward margin", "chosen - rejected reward", ("rewards/margins", "margin")),
-    ("mean reward", "reward-model score", ("reward",)),
-    ("accuracy", "share", ("rewards/accuracies", "accuracy", "mean_token_accuracy")),
+    ("training loss", "loss", ("loss",)),
+    ("reward margin", "reward of chosen - rejected", ("rewards/margins", "margin")),
+    ("mean reward of the completions", "reward-model score", ("reward",)),
+    ("reward accuracy", "share of pairs with chosen > rejected",
+     ("rewards/accuracies", "accuracy")),
+    ("next-token accuracy", "share of tokens", ("mean_token_accuracy",)),
 )
 
 
@@ -210,7 +221,7 @@ def training_curves(command: str) -> Callable:
                 ax.plot([s for s, _ in evaluated], [v for _, v in evaluated], marker="s",
                         markersize=3, color=SECOND, label="held out")
                 ax.legend(fontsize=8)
-            ax.set_title(f"{title} ({key})")
+            ax.set_title(f"{title} ({key})" if key not in title else title)
             ax.set_xlabel("optimiser step")
             ax.set_ylabel(unit)
         steps = counts.get("steps", max(entry["step"] for entry in history))
@@ -239,11 +250,11 @@ def reliability_figure(plt, rows: list[dict], *, low: float, xlabel: str, ylabel
     ax.plot(xs, ys, color=BAR, linewidth=1)
     ax.scatter(xs, ys, s=[30 + 220 * row["count"] / largest for row in rows], color=BAR,
                zorder=3, label="bins (area: count)")
-    for x, y, row in zip(xs, ys, rows):
-        ax.annotate(f"n={row['count']}", (x, y), textcoords="offset points", xytext=(6, -12),
-                    fontsize=8)
+    for index, (x, y, row) in enumerate(zip(xs, ys, rows)):  # alternate sides: bins sit close
+        ax.annotate(f"n={row['count']}", (x, y), textcoords="offset points",
+                    xytext=(6, -14) if index % 2 == 0 else (-30, 8), fontsize=8)
     ax.set_xlim(low, 1)
-    ax.set_ylim(0 if low else 0, 1)
+    ax.set_ylim(0, 1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -315,6 +326,7 @@ def interval_bars(plt, labels: list[str], values: list[float], intervals: list, 
     colours = [SECOND if highlight_first and i == 0 else BAR for i in range(len(labels))]
     ax.barh(positions, values, color=colours, height=0.6, xerr=[lows, highs],
             error_kw={"ecolor": "black", "capsize": 3, "elinewidth": 1})
+    ax.plot(values, positions, "o", color="black", markersize=3)  # a value of 0 shows too
     ax.set_yticks(positions, labels)
     ax.set_xlim(0, 1)
     if reference is not None:
@@ -419,8 +431,8 @@ def principle_figure(plt, report: dict, per_principle: dict, judge: str):
     ax.set_yticks([len(names) - 1 - i for i in range(len(names))], names)
     ax.set_xlim(0, 1)
     ax.axvline(0.5, color=MUTED, linestyle=":")
-    ax.set_xlabel("win rate under the principle (n = comparisons judged; too few for an "
-                  "interval)")
+    ax.set_xlabel("win rate under the principle (n: comparisons judged under it; no interval "
+                  "recorded)")
     ax.set_title(f"evaluate: win rate per principle, {report.get('prompts', '?')} red-team "
                  f"prompts{judge}")
     ax.legend(fontsize=8, loc="lower right")

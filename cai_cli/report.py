@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cai_cli.errors import UserError
 from cai_cli.views import as_text, same_text
 
 REPORT = "report.md"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 EXAMPLES = 3  # chains and pairs shown
 LONGEST = 1200  # characters of one quoted text before it is cut
 TITLES = {
@@ -349,8 +351,10 @@ SECTIONS = {
 
 
 def escape(text: str) -> str:
-    """Text that Markdown shows as written: no HTML, emphasis, code or table breaks."""
-    text = (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Text that Markdown shows as written: no HTML, emphasis, code or table breaks, no
+    control characters (a random model writes any byte)."""
+    text = CONTROL.sub("\ufffd", str(text))
+    text = (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
             .replace("`", "\\`"))
     return "\\" + text if text.startswith("#") else text
