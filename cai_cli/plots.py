@@ -50,8 +50,8 @@ def enabled() -> bool:
 
 
 # The order plots are listed and shown in (the main figure of a stage first); others by name.
-ORDER = ("p_chosen.png", "position_bias.png", "training.png", "calibration.png",
-         "win_rates.png", "rates.png", "per_principle.png", "agreement.png")
+ORDER = ("p_chosen.png", "position_bias.png", "training.png", "agreement.png", "calibration.png",
+         "win_rates.png", "rates.png", "per_principle.png")
 
 
 def listed(config_or_layout, command: str) -> list[Path]:
@@ -100,7 +100,7 @@ def _draw(layout: RunLayout, command: str, drawers: list[Callable]) -> list[Path
     for old in listed(layout, command):
         if old not in written:
             old.unlink()
-    return written
+    return listed(layout, command)
 
 
 STYLE = {

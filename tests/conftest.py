@@ -8,6 +8,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every stage a test runs would draw its plots (a second or so each); tests/test_plots.py turns
+# them back on where they are the point.
+os.environ.setdefault("CAI_PLOTS", "0")
 
 import hashlib
 import importlib.util

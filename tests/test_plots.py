@@ -1,0 +1,133 @@
+"""Plots: each stage's PNGs from what it recorded, drawn when it completes (a failure only
+warns), listed by ``cai status``, never making a finished stage stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_cli import plots
+from cai_cli.artifacts import file_fingerprint, load_manifest
+from cai_cli.config import load_config
+from cai_cli.layout import RunLayout
+from fake_run import finished_run, write_json, write_jsonl
+from helpers import cai
+
+EXPECTED = {
+    "label-prefs": ["p_chosen.png", "position_bias.png"],
+    "finetune": ["training.png"],
+    "train-rm": ["training.png", "calibration.png"],
+    "optimize": ["training.png"],
+    "evaluate": ["win_rates.png", "rates.png", "per_principle.png"],
+    "judge-check": ["agreement.png", "calibration.png"],
+}
+
+
+@pytest.fixture(autouse=True)
+def drawing(monkeypatch):
+    monkeypatch.setenv("CAI_PLOTS", "1")  # the suite turns plots off elsewhere
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, decoded in full (a broken file raises)."""
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    return pixels.shape[1], pixels.shape[0]
+
+
+def test_every_stage_draws_readable_pngs(tmp_path):
+    _, run = finished_run(tmp_path)
+    layout = RunLayout.of(run)
+    for command, names in EXPECTED.items():
+        written = plots.draw(layout, command)
+        assert [p.name for p in written] == names, command
+        for path in written:
+            assert path.parent == layout.stage_dir(command) / "plots"
+            width, height = image_size(path)
+            assert width > 300 and height > 200, path
+        assert plots.listed(layout, command) == written  # listed in the same order
+
+
+def test_only_what_was_recorded_is_drawn(tmp_path):
+    """A run made before train-rm kept its reliability table and the trainers their log
+    history, and an evaluation report without the harmful-compliance and helpfulness figures:
+    those plots are left out, the rest drawn; an old plot that no longer applies goes."""
+    _, run = finished_run(tmp_path, recorded=False, new_report=False)
+    layout = RunLayout.of(run)
+    (layout.plots("evaluate")).mkdir(parents=True)
+    (layout.plots("evaluate") / "rates.png").write_bytes(b"old")
+    for command in ("finetune", "train-rm", "optimize"):
+        assert plots.draw(layout, command) == []
+    assert [p.name for p in plots.draw(layout, "evaluate")] == ["win_rates.png",
+                                                                "per_principle.png"]
+    assert not (layout.plots("evaluate") / "rates.png").exists()
+
+
+def test_status_lists_the_plots(tmp_path):
+    config, run = finished_run(tmp_path)
+    for command in EXPECTED:
+        plots.draw(RunLayout.of(run), command)
+    result = cai("status", "--config", config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    for command, names in EXPECTED.items():
+        folder = RunLayout.of(Path(".")).plots(command).as_posix()  # relative to the run
+        assert f"  {command:<13} {folder}/: {', '.join(names)}" in lines
+
+
+def test_plots_do_not_change_a_model_fingerprint(tmp_path):
+    """Drawing into sft/plots after the stages that read sft/ ran must leave them fresh."""
+    _, run = finished_run(tmp_path)
+    before = file_fingerprint(run / "sft")
+    assert plots.draw(RunLayout.of(run), "finetune")
+    assert file_fingerprint(run / "sft") == before
+
+
+def test_a_failing_plot_warns_and_the_stage_completes(tmp_path, monkeypatch, capsys):
+    from cai_cli.stages.common import StageRun, StageSpec
+
+    def broken(layout, plt):
+        raise ValueError("no data to draw")
+
+    monkeypatch.setitem(plots.DRAWERS, "label-prefs", [broken])
+    config = load_config(finished_run(tmp_path, stages=())[0])
+    run = StageRun(StageSpec("label-prefs", config.layout.prefs, {"x": 1}), config,
+                   resuming=False)
+    run.complete()
+    assert load_manifest(config.layout.prefs)["status"] == "complete"
+    err = capsys.readouterr().err
+    assert "warning: label-prefs: could not draw its plots (ValueError: no data to draw)" in err
+
+
+def test_a_training_stage_keeps_its_log_and_draws_its_curves(tmp_path, tiny_model_dir):
+    """The real finetune stage: its log history outlives the checkpoints, and its loss curve is
+    drawn when it completes."""
+    run = tmp_path / "run"
+    write_jsonl(run / "sl" / "sft.jsonl", [
+        {"id": str(n), "prompt": [{"role": "user", "content": f"Question {n}?"}],
+         "completion": [{"role": "assistant", "content": f"A careful answer {n}."}]}
+        for n in range(4)])
+    write_json(run / "sl" / "manifest.json", {"stage": "generate-sl", "status": "complete",
+                                              "config_hash": "", "config": {}, "inputs": {}})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run), "constitution": str(Path(__file__).parents[1] / "constitutions"
+                                                 / "harmless.yaml"),
+        "data": {"red_team": {"path": str(Path(__file__).parents[1] / "cai_cli" / "resources"
+                                          / "red_team_prompts.jsonl"), "limit": 4}},
+        "models": {"policy": {"name_or_path": str(tiny_model_dir), "device": "cpu"}},
+        "finetune": {"training": {"max_steps": 2, "per_device_batch_size": 2, "max_length": 64,
+                                  "logging_steps": 1, "save_steps": 100}}}))
+    from cai_cli.stages import finetune
+
+    finetune.run(load_config(config))
+    history = json.loads((run / "sft" / "logs" / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2]
+    assert not (run / "sft" / ".checkpoints").exists()
+    (plot,) = plots.listed(RunLayout.of(run), "finetune")
+    assert plot.name == "training.png" and image_size(plot)[0] > 300
