@@ -180,7 +180,9 @@ def describe_counts(manifest: dict) -> str:
 
 
 def print_plots(config: Config, commands: list[str]) -> None:
-    """Each stage's plot files, one line a stage, relative to the run directory."""
+    """Each stage's plot files, one line a stage: its plots folder (relative to the run
+    directory; the table's artifact column names the stage's folder) and the files. A line
+    starts with the folder, not the stage, so the table's rows stay the only ones that do."""
     from rich.text import Text
 
     from cai_cli.plots import listed
@@ -189,8 +191,8 @@ def print_plots(config: Config, commands: list[str]) -> None:
     for command in commands:
         files = listed(config, command)
         if files:
-            folder = files[0].parent.relative_to(config.layout.root).as_posix()
-            lines.append(Text(f"  {command:<13} {folder}/: " + ", ".join(f.name for f in files)))
+            folder = files[0].parent.relative_to(config.layout.root).as_posix() + "/"
+            lines.append(Text(f"  {folder:<15} " + ", ".join(f.name for f in files)))
     if lines:
         ui.stdout.print("plots (PNG; `cai report --config ...` puts them on one page):")
         for line in lines:

@@ -19,7 +19,7 @@ from helpers import cai
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["optimize"], ["evaluate"],
             ["run"], ["status"], ["inspect"], ["tiny-model"], ["init"], ["plan"], ["judge-check"], ["generate-prompts"], ["merge"], ["import-gguf"],
-            ["config", "validate"], ["config", "show"]]
+            ["config", "validate"], ["config", "show"], ["report"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -76,8 +76,8 @@ def test_status_lists_the_plots(tmp_path):
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 120
     for command, names in EXPECTED.items():
-        folder = RunLayout.of(Path(".")).plots(command).as_posix()  # relative to the run
-        assert f"  {command:<13} {folder}/: {', '.join(names)}" in lines
+        folder = RunLayout.of(Path(".")).plots(command).as_posix() + "/"  # relative to the run
+        assert f"  {folder:<15} {', '.join(names)}" in lines
 
 
 def test_plots_do_not_change_a_model_fingerprint(tmp_path):
