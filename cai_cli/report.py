@@ -292,7 +292,7 @@ class Page:
                  "the judge prefers its answer (0.50: no difference; the other way round it is "
                  "one minus this), with a 95% bootstrap interval over prompts.", "")
         self.table(["model", "over", "win rate", "95% interval", "prompts"],
-                   [[r["model"], r["over"], f"{r['win_rate']:.3f}", interval(r.get("ci95")),
+                   [[r["model"], r["over"], f"{r['win_rate']:.3f}", interval(r.get("ci95"), 3),
                      r.get("prompts", "")] for r in rows], "llrrr")
 
     def rates(self, heading: str, rates: dict | None) -> None:
@@ -300,7 +300,7 @@ class Page:
             return
         self.add(f"### {heading}", "")
         self.table(["model", "rate", "95% interval", "n"],
-                   [[model, f"{row['rate']:.3f}", interval(row.get("ci95")), row.get("n", "")]
+                   [[model, f"{row['rate']:.3f}", interval(row.get("ci95"), 3), row.get("n", "")]
                     for model, row in rates.items()], "lrrr")
 
     def judge_check(self, manifest: dict) -> None:
@@ -376,8 +376,8 @@ def quoted(text) -> str:
     return "\n".join(f"> {escape(line)}" if line.strip() else ">" for line in text.splitlines())
 
 
-def interval(ci) -> str:
-    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+def interval(ci, digits: int = 2) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
 
 
 def counted(manifest: dict) -> list[tuple[str, object]]:

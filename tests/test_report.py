@@ -49,7 +49,7 @@ def test_report_of_a_finished_run(tmp_path):
     assert "`pair4`: p_chosen 0.900" in text and "| privacy | AB | 0.500 |" in text
     # judge-check and the evaluation: tables with intervals, and the verdict
     assert "| agreement (95% Wilson interval; 0.50 is chance) | 0.70 [0.40, 0.89] | 10 |" in text
-    assert "| sft | base | 0.600 | [0.50, 0.70] | 20 |" in text
+    assert "| sft | base | 0.600 | [0.500, 0.700] | 20 |" in text
     assert "| base | sft |" not in text  # each pair once, the later model over the earlier
     assert "Over-refusal on the benign prompts" in text
     assert "policy is more harmless than base and no less helpful" in text
