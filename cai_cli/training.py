@@ -233,8 +233,9 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise UserError(f"{key}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
-    if "tensorboard" in training.report_to:  # its event files outlive the checkpoints
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / LOGS))
+    from cai_cli.trackers import point_tensorboard
+
+    point_tensorboard(training.report_to, output_dir / LOGS)  # outlives the checkpoints
 
     launcher_checks(mode, cpu, key)
 
