@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cai_cli import dist, ui
+from cai_cli.config import dump_config
 
 LOGS = "logs"  # trackers' local files, kept in the stage directory (as training.LOGS)
 PROJECT = "huggingface"  # the project transformers' trackers log training runs to by default
@@ -60,6 +61,16 @@ def check(report_to: list[str], key: str) -> None:
     found = problems(report_to, key)
     if found:
         raise UserError("\n".join(found))
+
+
+def stage_problems(config, command: str) -> list[str]:
+    """``problems`` of a non-training stage whose config section has a ``report_to``
+    (``label_prefs``, ``evaluate``), for the checks before a run starts."""
+    key = command.replace("-", "_")
+    section = getattr(config, key, None)
+    if section is None or "report_to" not in type(section).model_fields:
+        return []
+    return problems(section.report_to, f"{key}.report_to")
 
 
 def resolve(report_to: list[str]) -> list[str]:
@@ -122,7 +133,6 @@ def _tracker(name: str, directory: Path, run_name: str):
         tracker = cls(PROJECT, directory / LOGS)
     else:
         tracker = cls(PROJECT)
-    tracker.main_process_only = False  # log_stage runs on the main process only
     return tracker
 
 
@@ -136,8 +146,11 @@ def log_stage(report_to: list[str], directory: Path, stage: str, metrics: dict,
     names = resolve(report_to)
     if not names or not dist.is_main():
         return []
+    from accelerate import PartialState
+
+    PartialState()  # the trackers ask it which process is the main one (here: this one)
     values = numbers(metrics, stage)
-    settings = _settings(config)
+    settings = _settings(config)  # for the trackers that store a run's settings
     run_name = f"{Path(config.run_dir).name}-{stage}"
     logged = []
     for name in names:
@@ -145,11 +158,9 @@ def log_stage(report_to: list[str], directory: Path, stage: str, metrics: dict,
             tracker = _tracker(name, Path(directory), run_name)
             tracker.start()
             if name == "tensorboard":
-                # as transformers logs a trainer's arguments: one text entry, no run per setting
-                import yaml
-
-                tracker.log({"config": "```\n" + yaml.safe_dump(settings, sort_keys=False)
-                             + "```"})
+                # as transformers logs a trainer's arguments: one text entry (hparams would
+                # add a run folder per call)
+                tracker.log({"config": f"```yaml\n{dump_config(config)}```"})
             else:
                 tracker.store_init_configuration(settings)
             tracker.log(values)
