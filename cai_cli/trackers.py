@@ -116,17 +116,18 @@ def _settings(config) -> dict[str, Any]:
 
 def _tracker(name: str, directory: Path, run_name: str):
     """Accelerate's tracker ``name``, set up as transformers sets up its own for a training
-    run: tensorboard writing into ``directory/logs``, wandb into ``WANDB_PROJECT``, the others
-    into transformers' default project; wandb, trackio and mlflow runs named ``run_name``."""
+    run: tensorboard writing into ``directory/logs``, wandb and trackio into ``WANDB_PROJECT`` /
+    ``TRACKIO_PROJECT``, the others into transformers' default project; wandb, trackio and
+    mlflow runs named ``run_name``."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     cls = LOGGER_TYPE_TO_CLASS[name]
-    if name == "tensorboard":
-        tracker = cls("", directory / LOGS)  # logs/ itself, not a folder per run inside it
+    if name == "tensorboard":  # into logs/ itself, not a folder per run inside it
+        tracker = cls("", _user_tensorboard_dir() or directory / LOGS)
     elif name == "wandb":
         tracker = cls(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name)
     elif name == "trackio":
-        tracker = cls(PROJECT, name=run_name)
+        tracker = cls(os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name)
     elif name == "mlflow":
         tracker = cls(None, run_name=run_name)  # MLFLOW_EXPERIMENT_NAME or mlflow's default
     elif cls.requires_logging_directory:  # accelerate's own convention for the others
@@ -169,9 +170,16 @@ def log_stage(report_to: list[str], directory: Path, stage: str, metrics: dict,
         except Exception as exc:  # noqa: BLE001 - a tracker's failure must not fail the stage
             ui.warn(f"{stage}: could not log to {name}: {type(exc).__name__}: {exc}")
     if logged:
+        where = _user_tensorboard_dir() or directory / LOGS
         ui.info(f"  {len(values)} figures logged to {', '.join(logged)}"
-                + (f" ({directory / LOGS})" if "tensorboard" in logged else ""))
+                + (f" ({where})" if "tensorboard" in logged else ""))
     return logged
+
+
+def _user_tensorboard_dir() -> str | None:
+    """``TENSORBOARD_LOGGING_DIR`` when the user set it (not when ``point_tensorboard`` did)."""
+    current = os.environ.get(_TENSORBOARD_DIR)
+    return current if current != _our_tensorboard_dir else None
 
 
 def point_tensorboard(report_to: list[str], directory: Path) -> None:
@@ -183,6 +191,5 @@ def point_tensorboard(report_to: list[str], directory: Path) -> None:
     global _our_tensorboard_dir
     if "tensorboard" not in report_to and "all" not in report_to:
         return
-    current = os.environ.get(_TENSORBOARD_DIR)
-    if current is None or current == _our_tensorboard_dir:
+    if _user_tensorboard_dir() is None:
         _our_tensorboard_dir = os.environ[_TENSORBOARD_DIR] = str(directory)
