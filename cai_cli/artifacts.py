@@ -224,21 +224,19 @@ def config_hash(section: Any) -> str:
 CONTENT_HASH_LIMIT = 64 << 20
 
 
-def file_fingerprint(path: Path | str) -> str:
+def file_fingerprint(path: Path | str, skip: frozenset[str] = frozenset()) -> str:
     """Hash of a file, or of a directory's files (names and contents; large files by size and
-    modification time). Hidden files (our temporary and progress files) and the ``plots/``
-    folder are left out."""
+    modification time). Hidden files (our temporary and progress files) are left out, and so
+    are the directory's top-level entries named in ``skip``."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
         files = [path]
         root = path.parent
     elif path.is_dir():
-        # A stage's plots (drawn after it completes, and again by `cai report`) are not part
-        # of what it made: drawing them must not make the stages that read it stale.
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                       and p.relative_to(path).parts[0] != PLOTS_DIR)
+                       and p.relative_to(path).parts[0] not in skip)
         root = path
     else:
         return "missing"
@@ -260,10 +258,13 @@ def source_fingerprint(source) -> str:
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """A local model directory is fingerprinted by content; a hub id by its name."""
+    """A local model directory is fingerprinted by content, less its trackers' ``logs/``
+    (training.LOGS: not the model, and a later forced run that fails adds to them) and its
+    ``plots/`` (drawn after the stage completes, and again by ``cai report``: drawing them must
+    not make the stages that read the model stale); a hub id by its name."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return file_fingerprint(path)
+        return file_fingerprint(path, skip=frozenset({"logs", PLOTS_DIR}))
     return f"hub:{name_or_path}"
 
 

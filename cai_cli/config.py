@@ -445,6 +445,10 @@ class LabelPrefsConfig(Section):
     API): answers sampled per question, each naming an option. 1: one greedy answer, a hard
     0/1 label; more: sampled at temperature 1, the share naming each option. Each judgment
     records its ``label_source`` (``logprobs`` or ``verdict``)."""
+    report_to: list[str] = ["none"]
+    """Experiment trackers that receive the stage's figures (pairs, mean p_chosen, order
+    disagreement, position bias, timings...) when it ends, e.g. ``[tensorboard]`` (event files
+    in ``prefs/logs/``) or ``[wandb]``; ``[none]`` for none. As ``training.report_to``."""
 
     @model_validator(mode="after")
     def _clamp_range(self) -> "LabelPrefsConfig":

@@ -70,8 +70,10 @@ def check_config(config: Config) -> None:
 
 def training_problems(config: Config, names: list[str]) -> list[str]:
     """Build the trainer arguments of every training stage in ``names`` (unknown ``trl_args``,
-    values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed): what
-    would otherwise fail only once the stage starts, maybe hours into ``cai run``."""
+    values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed), and
+    check the trackers of the other stages: what would otherwise fail only once the stage
+    starts, maybe hours into ``cai run``."""
+    from cai_cli import trackers
     from cai_cli.stages import STAGES, stage_module
 
     problems = []
@@ -81,4 +83,6 @@ def training_problems(config: Config, names: list[str]) -> list[str]:
                 stage_module(name).preflight(config)
             except UserError as exc:
                 problems.append(f"{name}: {exc}")
+        else:
+            problems += [f"{name}: {problem}" for problem in trackers.stage_problems(config, name)]
     return problems

@@ -81,15 +81,26 @@ def fingerprint_settings(config: Config, model: ModelConfig, section: str,
 
 
 def tracker_problems(report_to: list[str], key: str) -> list[str]:
-    """Experiment trackers named in ``report_to`` that are not installed."""
+    """Experiment trackers named in ``report_to`` that transformers does not know or that are
+    not installed."""
     wanted = [name for name in report_to if name not in ("none", "all")]
     if not wanted:
         return []
     from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     available = set(get_available_reporting_integrations())
-    return [f"{key}: '{name}' is not installed here; `pip install {name}` or remove it"
-            for name in wanted if name not in available]
+    problems = []
+    for name in wanted:
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, sorted(INTEGRATION_TO_CALLBACK), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else \
+                f"known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            problems.append(f"{key}: '{name}' is not a tracker that transformers knows; {hint}")
+        elif name not in available:
+            problems.append(f"{key}: '{name}' is not installed here; `pip install {name}` or "
+                            "remove it")
+    return problems
 
 
 def quiet_libraries() -> None:
@@ -234,8 +245,9 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise UserError(f"{key}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
-    if "tensorboard" in training.report_to:  # its event files outlive the checkpoints
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / LOGS))
+    from cai_cli.trackers import point_tensorboard
+
+    point_tensorboard(training.report_to, output_dir / LOGS)  # outlives the checkpoints
 
     launcher_checks(mode, cpu, key)
 

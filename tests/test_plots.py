@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cai_cli import plots
-from cai_cli.artifacts import file_fingerprint, load_manifest
+from cai_cli.artifacts import load_manifest, model_fingerprint
 from cai_cli.config import load_config
 from cai_cli.layout import RunLayout
 from fake_run import finished_run, write_json, write_jsonl
@@ -83,9 +83,9 @@ def test_status_lists_the_plots(tmp_path):
 def test_plots_do_not_change_a_model_fingerprint(tmp_path):
     """Drawing into sft/plots after the stages that read sft/ ran must leave them fresh."""
     _, run = finished_run(tmp_path)
-    before = file_fingerprint(run / "sft")
+    before = model_fingerprint(str(run / "sft"))
     assert plots.draw(RunLayout.of(run), "finetune")
-    assert file_fingerprint(run / "sft") == before
+    assert model_fingerprint(str(run / "sft")) == before
 
 
 def test_a_failing_plot_warns_and_the_stage_completes(tmp_path, monkeypatch, capsys):

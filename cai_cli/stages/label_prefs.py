@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.progress import TextColumn
 
-from cai_cli import ui
+from cai_cli import trackers, ui
 from cai_cli.artifacts import ResumableJsonl, model_fingerprint, read_jsonl
 from cai_cli.backends.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
@@ -43,6 +43,7 @@ from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batche
 
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
+NOT_DECIDING = {"report_to"}  # where the figures are logged does not change the labels
 PARTS = ("samples.jsonl", "pairs.jsonl")  # the record files a shard writes its part of
 
 
@@ -64,7 +65,8 @@ def spec(config: Config) -> StageSpec:
     settings.update({
         "models.policy": policy_model(config).model_dump(mode="json"),
         "models.feedback": config.feedback_model.model_dump(mode="json"),
-        "label_prefs": config.label_prefs.model_dump(mode="json", exclude=unused_keys(config)),
+        "label_prefs": config.label_prefs.model_dump(
+            mode="json", exclude=unused_keys(config) | NOT_DECIDING),
         "generate_sl": config.generate_sl.model_dump(mode="json",
                                                       include={"prompt_format", "system_prompt"}),
     })
@@ -97,9 +99,11 @@ def select_prompts(config: Config) -> list[Prompt]:
 
 
 def check_inputs(config: Config) -> None:
-    """The default policy is the SL-CAI model: it must be there and finished."""
+    """The default policy is the SL-CAI model: it must be there and finished; the trackers
+    must be installed."""
     from cai_cli.models import check_model_source
 
+    trackers.check(config.label_prefs.report_to, "label_prefs.report_to")
     if config.label_prefs.policy is None:
         require_complete(config, "finetune",
                          "or set label_prefs.policy to a model to sample from")
@@ -200,6 +204,7 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
         "order_disagreement": round(sum(r["order_disagreement"] for r in records)
                                     / max(len(records), 1), 4),
         "mean_confidence": round(sum(confidence) / max(len(confidence), 1), 4),
+        "mean_p_chosen": round(sum(r["p_chosen"] for r in records) / max(len(records), 1), 4),
         "chain_of_thought": settings.chain_of_thought,
         "label_sources": label_sources(records),
         **label_diagnostics(records),
@@ -219,6 +224,8 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
                 "option probabilities, some sampled verdicts; each judgment's label_source says "
                 "which (rerun with --force against one server for labels of one kind)")
     ui.info(f"  look at them with: cai inspect {layout.pairs}")
+    trackers.log_stage(settings.report_to, layout.prefs, "label-prefs",
+                       {**manifest.counts, **stats, **manifest.timings}, config)
     return layout.pairs
 
 
