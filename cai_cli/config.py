@@ -295,6 +295,14 @@ class GeneratePromptsConfig(Section):
     """Drop new prompts shorter than this (characters)."""
     max_chars: int = Field(500, ge=1)
     """Drop new prompts longer than this (characters)."""
+    min_readable: float = Field(0.8, ge=0.0, le=1.0)
+    """Drop new prompts in which less than this share of the characters (spaces aside) are in
+    plain words or numbers: letters only, with an ordinary shape of capitals, punctuation around
+    them allowed. Byte noise, run-together words (``coldWhydam``, ``x.x.X``), markup and
+    addresses are not; a control or replacement character makes the whole prompt unreadable.
+    0 turns this off."""
+    min_words: int = Field(3, ge=0)
+    """Drop new prompts with fewer plain words than this (headings and fragments of a list)."""
     ngram: int = Field(3, ge=1)
     """Word n-gram length of the near-duplicate filter."""
     max_overlap: float = Field(0.6, gt=0.0, le=1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import unicodedata
 from pathlib import Path
 
 from cai_cli import ui
@@ -30,9 +31,13 @@ from cai_cli.seeding import draw, record_seed
 from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
-FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "seed_copies", "duplicates",
-           "near_duplicates", "feedback_rejected")
+FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
+           "duplicates", "near_duplicates", "feedback_rejected")
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
+INLINE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d+)[.)](?=\s)")
+NUMBER = re.compile(r"[$\u20ac\u00a3]?\d+(?:[.,:/]\d+)*(?:%|st|nd|rd|th|s|am|pm)?")
+WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # letters' case: l lower, u upper
+WORD_PUNCTUATION = "\"'\u201c\u201d\u2018\u2019.,;:!?()[]{}*_`~-\u2013\u2014\u2026"
 
 
 def seed_source(config: Config) -> PromptSource:
@@ -106,18 +111,86 @@ def one_line(text: str) -> str:
 def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
     """The new prompts in a model's reply: the numbered items (a base model's continuation
     starts right after the open number; a chat model may number its list from 1: the
-    seed-copy filter drops any example it repeats), else non-empty lines."""
+    seed-copy filter drops any example it repeats), else non-empty lines. A list run together
+    on one line ("... 1. How do I ...? 2. What is ...?") is split at its numbers."""
     if fmt == "transcript":
         text = f"{shown + 1}.{text}"
+    lines = [item for line in text.splitlines() for item in split_inline(line)]
     items = []
-    for line in text.splitlines():
+    for line in lines:
         match = NUMBERED.match(line)
         if match and (fmt == "chat" or int(match.group(1)) > shown):
             items.append(match.group(2))
-    if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in text.splitlines()):
-        items = [line for line in text.splitlines() if line.strip()]
+    if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in lines):
+        items = [line for line in lines if line.strip()]
     items = [item.strip().strip('"\u201c\u201d').strip() for item in items]
     return [item for item in items if item][:count]
+
+
+def split_inline(line: str) -> list[str]:
+    """``line`` cut before each number of a run of consecutive ones (``1.``, ``2.``, ... each
+    after a space and before one); the text before the first is a line of its own. A single
+    number inside a line ("in 20 years.") is left alone."""
+    marks = list(INLINE_NUMBER.finditer(line))
+    cuts, expected = [], None
+    for mark in marks:
+        number = int(mark.group(1))
+        if expected is None or number == expected:
+            cuts.append(mark.start(1))
+            expected = number + 1
+    if len(cuts) < 2:
+        return [line]
+    pieces = [line[:cuts[0]]] + [line[a:b] for a, b in zip(cuts, cuts[1:] + [len(line)])]
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+# A character no readable request holds: control characters (but tabs and line ends), the
+# replacement character of undecodable bytes, private-use and unassigned code points.
+def _garbage(char: str) -> bool:
+    return char == "\ufffd" or (unicodedata.category(char) in ("Cc", "Co", "Cn", "Cs")
+                                 and char not in "\t\n\r")
+
+
+def _kind(part: str) -> str | None:
+    """``word`` (letters in a plain shape), ``number`` ("20", "$500", "5th", "3D", "MP3"), or
+    None (anything else)."""
+    if NUMBER.fullmatch(part) or (len(part) <= 6 and part.isalnum() and part.upper() == part
+                                  and any(c.isdigit() for c in part)):
+        return "number"
+    shape = "".join("u" if char.isupper() else "l" for char in part)
+    if part.isalpha() and len(part) <= 20 and WORD_SHAPE.fullmatch(shape):
+        return "word"
+    return None
+
+
+def readability(text: str) -> tuple[float, int]:
+    """``(share, words)``: the share of ``text``'s non-space characters that are in plain words
+    or numbers, and how many plain words it has. A plain word is letters only (an apostrophe
+    inside allowed, the parts of a hyphenated word each checked, punctuation around it ignored),
+    in lower case, capitalised, all capitals or in capitalised parts ("YouTube", "iPhone"), at
+    most 20 letters: what a sentence
+    is made of, not the noise of a weak model ("coldWhydam", "x.x.X.S", "friends<br>You"),
+    markup or addresses. Text with a control or replacement character scores 0."""
+    if any(_garbage(char) for char in text):
+        return 0.0, 0
+    total = plain = words = 0
+    for token in text.split():
+        total += len(token)
+        core = token.strip(WORD_PUNCTUATION)
+        if not core:
+            plain += len(token)  # punctuation on its own ("-", "...")
+            continue
+        parts = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core).split("-")  # it's, 3D-printed
+        kinds = [_kind(part) for part in parts]
+        if all(kinds):
+            plain += len(token)
+            words += "word" in kinds
+    return (plain / total if total else 0.0), words
+
+
+def readable(text: str, settings) -> bool:
+    share, words = readability(text)
+    return share >= settings.min_readable and words >= settings.min_words
 
 
 def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
@@ -238,6 +311,7 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
             key = normalise(text)
             reason = ("too_short" if len(text) < settings.min_chars
                       else "too_long" if len(text) > settings.max_chars
+                      else "unreadable" if not readable(text, settings)
                       else "seed_copies" if key in seed_texts
                       else "duplicates" if key in seen
                       else "near_duplicates" if near.overlap(text) > settings.max_overlap
