@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cai_cli.config import load_config
@@ -128,3 +129,51 @@ def test_parser_and_filters(tmp_path, tiny_model_dir):
     assert counts == {**dict.fromkeys(FILTERS, 0), "parse_failures": 2, "too_short": 1,
                       "too_long": 1, "unreadable": 2, "seed_copies": 1, "duplicates": 1,
                       "near_duplicates": 1}
+
+
+def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_model_dir,
+                                                              monkeypatch):
+    """The yes/no filter through option log-probabilities: its answers in feedback.jsonl, its
+    count in the manifest; killed after two scored batches, the rerun scores only the rest and
+    writes the bytes of an uninterrupted run."""
+    from cai_cli.backends.hf import HFBackend
+    from cai_cli.stages import generate_prompts
+
+    # the random model's P(Yes) lies around 0.44-0.49: a threshold that keeps some
+    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.485}
+    reference = load_config(write_config(tmp_path, tiny_model_dir, "ref.yaml", **filtered))
+    generate_prompts.run(reference)
+    out = tmp_path / "run" / "prompts"
+    answers = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert len(answers) > 4 and all(0 <= a["p_yes"] <= 1 for a in answers)  # three batches or more
+    rejected = sum(a["p_yes"] < 0.485 for a in answers)
+    assert counts["feedback_rejected"] == rejected and counts["kept"] == len(answers) - rejected
+    assert 0 < rejected < len(answers)
+    assert counts["generated"] == counts["kept"] + sum(counts[name] for name in FILTERS)
+
+    scored, score = [], HFBackend.score_options
+
+    def killed_after_two(self, prompts, options):
+        if len(scored) == 2:
+            raise KeyboardInterrupt  # as a kill would leave it: two batches on disk
+        scored.append(len(prompts))
+        return score(self, prompts, options)
+
+    other = write_config(tmp_path, tiny_model_dir, "int.yaml", **filtered)
+    other.write_text(other.read_text().replace(str(tmp_path / "run"), str(tmp_path / "int")))
+    monkeypatch.setattr(HFBackend, "score_options", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate_prompts.run(load_config(other))
+    assert (tmp_path / "int" / "prompts" / "feedback.jsonl.partial").is_file()
+    assert not (tmp_path / "int" / "prompts" / "red_team.jsonl").exists()
+    monkeypatch.setattr(HFBackend, "score_options",
+                        lambda self, prompts, options: scored.append(len(prompts))
+                        or score(self, prompts, options))
+    generate_prompts.run(load_config(other))
+    assert sum(scored) == len(answers)  # each prompt scored once over both runs
+    for name in ("candidates.jsonl", "feedback.jsonl", "red_team.jsonl", "manifest.json"):
+        if name == "manifest.json":
+            assert json.loads((tmp_path / "int" / "prompts" / name).read_text())["counts"] == counts
+        else:
+            assert (tmp_path / "int" / "prompts" / name).read_bytes() == (out / name).read_bytes()

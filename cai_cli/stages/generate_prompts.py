@@ -206,6 +206,8 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.generated_prompts
+    if force:  # redo the feedback filter's answers too
+        ResumableJsonl(config.layout.prompt_feedback, "").state_path.unlink(missing_ok=True)
     produce(config, run, seeds, force=force)
     return finish(config, run, seeds)
 
@@ -326,28 +328,55 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
     return kept, counts
 
 
-def feedback_filter(config: Config, kept: list[dict]) -> tuple[list[dict], int]:
-    """Ask the feedback model the yes/no question about each prompt; keep the Yes ones."""
-    from cai_cli.backends import load_backend
+def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[list[dict], int]:
+    """Ask the feedback model the yes/no question about each prompt; keep the Yes ones.
+
+    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes"}``, in the order of
+    ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its last
+    whole batch. Its fingerprint is the stage's and the candidates' bytes: the same prompts to
+    the same model, whose scores do not depend on the batch they ran in."""
+    from cai_cli.artifacts import sha256_bytes
     from cai_cli.judging import option_probability
 
-    settings = config.generate_prompts
-    with load_backend(config.feedback_model, "models.feedback") as backend:
-        fmt = resolve_format("auto", backend, "models.feedback")
-        questions = [render([("human", f"{settings.feedback_question}\n\nRequest: {r['prompt']}"
-                              "\n\nOptions:\n(A) Yes\n(B) No")], "assistant", fmt,
-                            begun=ANSWER_PREFIX) for r in kept]
-        try:
-            scores = backend.score_options(questions, OPTIONS) if questions else []
-        except NoLogprobs as exc:
-            raise UserError(f"generate_prompts.feedback_filter needs log-probabilities: {exc}") from None
-    out = []
-    for record, score in zip(kept, scores):
-        if isinstance(score, Overflow):
-            continue
-        p_yes = option_probability(score)
-        if p_yes >= settings.feedback_threshold:
-            out.append({**record, "p_yes": round(p_yes, 6)})
+    settings, layout = config.generate_prompts, config.layout
+    candidates = sha256_bytes(layout.prompt_candidates.read_bytes())[:16]
+    writer = ResumableJsonl(layout.prompt_feedback, f"{run.spec.fingerprint}:{candidates}")
+    done = writer.open()
+    batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
+    if not writer.finished:
+        from cai_cli.backends import load_backend
+
+        with load_backend(config.feedback_model, "models.feedback") as backend, \
+                ui.progress() as bar:
+            fmt = resolve_format("auto", backend, "models.feedback")
+            task = bar.add_task("feedback filter", total=len(kept),
+                                completed=sum(len(b) for b in batches[:done]))
+            for batch in batches[done:]:
+                questions = [render([("human", f"{settings.feedback_question}\n\nRequest: "
+                                      f"{r['prompt']}\n\nOptions:\n(A) Yes\n(B) No")],
+                                    "assistant", fmt, begun=ANSWER_PREFIX) for r in batch]
+                try:
+                    scores = backend.score_options(questions, OPTIONS)
+                except NoLogprobs as exc:
+                    raise UserError("generate_prompts.feedback_filter needs log-probabilities: "
+                                    f"{exc}") from None
+                writer.append_batch([{"id": r["id"], "p_yes": None if isinstance(s, Overflow)
+                                      else round(option_probability(s), 6)}
+                                     for r, s in zip(batch, scores)])
+                bar.update(task, advance=len(batch))
+        writer.finish()
+    run.after_complete(writer.cleanup)
+    answers = writer.records()
+    assert [a["id"] for a in answers] == [r["id"] for r in kept], "feedback.jsonl out of step"
+    out, overflow = [], 0
+    for record, answer in zip(kept, answers):
+        if answer["p_yes"] is None:
+            overflow += 1
+        elif answer["p_yes"] >= settings.feedback_threshold:
+            out.append({**record, "p_yes": answer["p_yes"]})
+    if overflow:
+        ui.warn(f"feedback filter: {overflow} prompts did not fit the feedback model's context "
+                "and are dropped (counted as feedback_rejected)")
     return out, len(kept) - len(out)
 
 
@@ -356,7 +385,9 @@ def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
     candidates = read_jsonl(layout.prompt_candidates)
     kept, counts = apply_filters(config, candidates, seeds)
     if settings.feedback_filter:
-        kept, counts["feedback_rejected"] = feedback_filter(config, kept)
+        kept, counts["feedback_rejected"] = feedback_filter(config, run, kept)
+    else:  # left by an earlier run with the filter on: not this output's
+        layout.prompt_feedback.unlink(missing_ok=True)
     generated = sum(record["asked"] for record in candidates)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
