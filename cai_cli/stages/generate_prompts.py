@@ -4,8 +4,9 @@ Each request shows the model ``few_shot`` seed prompts drawn with a generator se
 request number), as a numbered list, and asks for ``per_request`` new ones in the same style: a
 chat model is asked in a user message, a base model continues the list. Requests run in
 checkpointed batches into ``prompts/candidates.jsonl`` (each sampled with the seed of its
-request, so the output does not depend on batching or on being interrupted). When every request
-is done, the filters run over the candidates in order and the survivors go to
+request, so the output does not depend on batching, on being interrupted or on the shard it ran
+in: ``--shard I/N`` cuts the requests as ``cai_cli.shards`` says). When every request is done
+(the shards merged), the filters run over the candidates in order and the survivors go to
 ``prompts/red_team.jsonl`` (``{"id", "prompt", "seed_ids", "request"}``, the prompt loader's
 default field), with ``prompts/seeds.jsonl`` holding the seeds they were shown. The manifest
 counts what each filter dropped: ``generated`` = ``kept`` + the sum of the filters' counts.
@@ -31,6 +32,7 @@ from cai_cli.seeding import draw, record_seed
 from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
+PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.shards)
 FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
            "duplicates", "near_duplicates", "feedback_rejected")
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
@@ -194,8 +196,8 @@ def readable(text: str, settings) -> bool:
 
 
 def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
-    if shard is not None:
-        raise UserError("generate-prompts does not run in shards")
+    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's range of requests;
+    the shard that completes last merges the parts and runs the filters."""
     stage = spec(config)
     seeds = load_seeds(config)
     from cai_cli.models import check_model_source
@@ -203,21 +205,32 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     check_model_source(config.models.policy, "models.policy")
     if config.generate_prompts.feedback_filter:
         check_model_source(config.feedback_model, "models.feedback")
+    if shard is not None:
+        import sys
+
+        from cai_cli.shards import run_shard
+
+        return run_shard(sys.modules[__name__], config, stage, shard, requests(config),
+                         force=force, produce=lambda run, part, out: produce(
+                             config, run, seeds, part, out["candidates.jsonl"], force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.generated_prompts
     if force:  # redo the feedback filter's answers too
         ResumableJsonl(config.layout.prompt_feedback, "").state_path.unlink(missing_ok=True)
-    produce(config, run, seeds, force=force)
-    return finish(config, run, seeds)
+    extra = produce(config, run, seeds, requests(config), config.layout.prompt_candidates,
+                    force=force)
+    return finish(config, run, extra)
 
 
-def produce(config: Config, run: StageRun, seeds: list[Prompt], *, force: bool) -> None:
-    """Every request's reply into ``prompts/candidates.jsonl``, in checkpointed batches."""
+def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple[int, int]],
+            path: Path, *, force: bool) -> dict:
+    """The replies to the requests ``todo`` into ``path`` (``prompts/candidates.jsonl``, or a
+    shard's part of it), in checkpointed batches; returns what ``finish`` reports."""
     settings = config.generate_prompts
-    writer = ResumableJsonl(config.layout.prompt_candidates, run.spec.fingerprint)
+    writer = ResumableJsonl(path, run.spec.fingerprint)
     done = writer.open(fresh=force)
-    batches = checkpoint_batches(requests(config), settings.prompts_per_checkpoint)
+    batches = checkpoint_batches(todo, settings.prompts_per_checkpoint)
     if not writer.finished:
         from cai_cli.backends import load_backend
 
@@ -262,6 +275,9 @@ def produce(config: Config, run: StageRun, seeds: list[Prompt], *, force: bool) 
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
     run.after_complete(writer.cleanup)
+    return {"generated_tokens": writer.extra.get("tokens", 0)}
+
+
 
 
 def normalise(text: str) -> str:
@@ -380,8 +396,11 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
     return out, len(kept) - len(out)
 
 
-def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
+def finish(config: Config, run: StageRun, extra: dict) -> Path:
+    """Once ``prompts/candidates.jsonl`` is complete (one run, or shards merged): the filters,
+    the output files, the manifest's counts and the stage marked complete."""
     settings, layout = config.generate_prompts, config.layout
+    seeds = load_seeds(config)
     candidates = read_jsonl(layout.prompt_candidates)
     kept, counts = apply_filters(config, candidates, seeds)
     if settings.feedback_filter:
@@ -402,7 +421,8 @@ def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
     write_jsonl_atomic(layout.generated_prompts, kept + mixed)
     run.manifest.counts.update({"seeds": len(seeds), "requests": len(candidates),
                                 "generated": generated, "kept": len(kept), **counts,
-                                "seeds_mixed_in": len(mixed)})
+                                "seeds_mixed_in": len(mixed),
+                                "generated_tokens": extra["generated_tokens"]})
     run.complete()
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
