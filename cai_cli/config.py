@@ -290,7 +290,8 @@ class GeneratePromptsConfig(Section):
     sampling: GeneratePromptsSamplingConfig = GeneratePromptsSamplingConfig()
     """Sampling for the new prompts."""
     prompts_per_checkpoint: int = Field(32, ge=1)
-    """Requests per checkpointed batch: an interrupted run resumes after the last whole batch."""
+    """Requests per checkpointed batch, and prompts per batch of the feedback filter: an
+    interrupted run resumes after the last whole batch."""
     min_chars: int = Field(10, ge=1)
     """Drop new prompts shorter than this (characters)."""
     max_chars: int = Field(500, ge=1)
