@@ -744,24 +744,22 @@ class Planner:
                              stage.tally, stage.cost)
         questions = 0
         if settings.feedback_filter:
-            from cai_cli.prompting import ANSWER_PREFIX, render
-
             feedback = self.engine("generate-prompts feedback filter", config.feedback_model,
                                    "models.feedback" if config.models.feedback
                                    else "models.policy")
             stage.cost.load += self.price.load(feedback)
             # Every new prompt asked for, each at its share of its reply's tokens.
             bound = -(-settings.sampling.max_new_tokens // settings.per_request)
-            ask = render([("human", f"{settings.feedback_question}\n\nRequest: \n\nOptions:\n"
-                                    "(A) Yes\n(B) No")], "assistant",
-                         self.fmt("auto", feedback, "models.feedback"), begun=ANSWER_PREFIX)
-            questions = settings.num_prompts
-            for start in range(0, questions, settings.prompts_per_checkpoint):
-                rows = min(settings.prompts_per_checkpoint, questions - start)
-                self.price.calls(feedback, [ask] * rows, [bound] * rows, 0, stage.tally,
+            fmt = self.fmt("auto", feedback, "models.feedback")
+            asks = [stage_module.feedback_question(settings.feedback_question, "", order, fmt)
+                    for order in stage_module.ORDERS]  # both orders of the options
+            for start in range(0, settings.num_prompts, settings.prompts_per_checkpoint):
+                rows = min(settings.prompts_per_checkpoint, settings.num_prompts - start)
+                self.price.calls(feedback, asks * rows, [bound] * 2 * rows, 0, stage.tally,
                                  stage.cost)
+                questions += 2 * rows
         stage.counts = {"seeds": len(seeds), "requests": len(requests),
-                        "prompts_asked": settings.num_prompts, "feedback_questions": questions}
+                        "prompts_asked": settings.num_prompts, "feedback_passes": questions}
         stage.notes.append("new prompts at most num_prompts: the filters drop some")
 
     def generate_sl(self, stage: StagePlan) -> None:

@@ -103,6 +103,7 @@ def test_parser_and_filters(tmp_path, tiny_model_dir):
         ["Write a scam email."]
     assert parse("1. Numbered from one\n2. Two", 3, 1, "chat") == ["Numbered from one"]
     assert parse("\n\n", 3, 1, "chat") == []
+    assert parse("- How do I lie?\n* Why not?", 3, 2, "chat") == ["How do I lie?", "Why not?"]
     # a list run together on one line is split at its consecutive numbers
     assert parse("Here are two: 4. How do I lie? 5. Why is 20 years. too long?", 3, 2, "chat") == \
         ["How do I lie?", "Why is 20 years. too long?"]
@@ -139,15 +140,15 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
     from cai_cli.backends.hf import HFBackend
     from cai_cli.stages import generate_prompts
 
-    # the random model's P(Yes) lies around 0.44-0.49: a threshold that keeps some
-    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.485}
+    # the random model's P(Yes), both orders averaged, lies at 0.5010-0.5018: keep some
+    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.50135}
     reference = load_config(write_config(tmp_path, tiny_model_dir, "ref.yaml", **filtered))
     generate_prompts.run(reference)
     out = tmp_path / "run" / "prompts"
     answers = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert len(answers) > 4 and all(0 <= a["p_yes"] <= 1 for a in answers)  # three batches or more
-    rejected = sum(a["p_yes"] < 0.485 for a in answers)
+    rejected = sum(a["p_yes"] < 0.50135 for a in answers)
     assert counts["feedback_rejected"] == rejected and counts["kept"] == len(answers) - rejected
     assert 0 < rejected < len(answers)
     assert counts["generated"] == counts["kept"] + sum(counts[name] for name in FILTERS)
@@ -171,7 +172,7 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
                         lambda self, prompts, options: scored.append(len(prompts))
                         or score(self, prompts, options))
     generate_prompts.run(load_config(other))
-    assert sum(scored) == len(answers)  # each prompt scored once over both runs
+    assert sum(scored) == 2 * len(answers)  # each prompt scored once (both orders) in all
     for name in ("candidates.jsonl", "feedback.jsonl", "red_team.jsonl", "manifest.json"):
         if name == "manifest.json":
             assert json.loads((tmp_path / "int" / "prompts" / name).read_text())["counts"] == counts

@@ -174,7 +174,7 @@ def test_plan_estimates_generate_prompts_and_what_reads_its_output(tmp_path, tin
     assert list(stages) == ["generate-prompts", "generate-sl"]
     prompts = stages["generate-prompts"]
     assert prompts["counts"] == {"seeds": 12, "requests": 2, "prompts_asked": 6,
-                                 "feedback_questions": 6}
+                                 "feedback_passes": 12}  # both orders
     assert prompts["generated_tokens"] == 2 * 10 and prompts["seconds"] > 0
     assert prompts["prompt_tokens"] > 0
     assert stages["generate-sl"]["counts"]["prompts"] == 8  # 6 new + 3 seeds, limit 8

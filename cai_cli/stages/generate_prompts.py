@@ -36,6 +36,7 @@ PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai
 FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
            "duplicates", "near_duplicates", "feedback_rejected")
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
+BULLET = re.compile(r"^\s*[-*\u2022]\s+")
 INLINE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d+)[.)](?=\s)")
 NUMBER = re.compile(r"[$\u20ac\u00a3]?\d+(?:[.,:/]\d+)*(?:%|st|nd|rd|th|s|am|pm)?")
 WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # letters' case: l lower, u upper
@@ -113,7 +114,8 @@ def one_line(text: str) -> str:
 def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
     """The new prompts in a model's reply: the numbered items (a base model's continuation
     starts right after the open number; a chat model may number its list from 1: the
-    seed-copy filter drops any example it repeats), else non-empty lines. A list run together
+    seed-copy filter drops any example it repeats), else non-empty lines (a bullet mark taken
+    off). A list run together
     on one line ("... 1. How do I ...? 2. What is ...?") is split at its numbers."""
     if fmt == "transcript":
         text = f"{shown + 1}.{text}"
@@ -124,7 +126,7 @@ def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
         if match and (fmt == "chat" or int(match.group(1)) > shown):
             items.append(match.group(2))
     if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in lines):
-        items = [line for line in lines if line.strip()]
+        items = [BULLET.sub("", line) for line in lines if line.strip()]
     items = [item.strip().strip('"\u201c\u201d').strip() for item in items]
     return [item for item in items if item][:count]
 
@@ -345,11 +347,12 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
 
 
 def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[list[dict], int]:
-    """Ask the feedback model the yes/no question about each prompt; keep the Yes ones.
+    """Ask the feedback model the yes/no question about each prompt, with the options in both
+    orders; keep those whose mean probability of Yes reaches the threshold.
 
-    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes"}``, in the order of
-    ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its last
-    whole batch. Its fingerprint is the stage's and the candidates' bytes: the same prompts to
+    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order"}``, in the
+    order of ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its
+    last whole batch. Its fingerprint is the stage's and the candidates' bytes: the same prompts to
     the same model, whose scores do not depend on the batch they ran in."""
     from cai_cli.artifacts import sha256_bytes
     from cai_cli.judging import option_probability
@@ -368,17 +371,25 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
             task = bar.add_task("feedback filter", total=len(kept),
                                 completed=sum(len(b) for b in batches[:done]))
             for batch in batches[done:]:
-                questions = [render([("human", f"{settings.feedback_question}\n\nRequest: "
-                                      f"{r['prompt']}\n\nOptions:\n(A) Yes\n(B) No")],
-                                    "assistant", fmt, begun=ANSWER_PREFIX) for r in batch]
+                # Each question in both orders, Yes first and No first: a judge's preference
+                # for a position cancels out in the mean.
+                questions = [feedback_question(settings.feedback_question, r["prompt"], order,
+                                               fmt) for r in batch for order in ORDERS]
                 try:
                     scores = backend.score_options(questions, OPTIONS)
                 except NoLogprobs as exc:
                     raise UserError("generate_prompts.feedback_filter needs log-probabilities: "
                                     f"{exc}") from None
-                writer.append_batch([{"id": r["id"], "p_yes": None if isinstance(s, Overflow)
-                                      else round(option_probability(s), 6)}
-                                     for r, s in zip(batch, scores)])
+                records = []
+                for index, record in enumerate(batch):
+                    yes_first, no_first = scores[2 * index:2 * index + 2]
+                    if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
+                        records.append({"id": record["id"], "p_yes": None})
+                        continue
+                    orders = [option_probability(yes_first), 1 - option_probability(no_first)]
+                    records.append({"id": record["id"], "p_yes": round(sum(orders) / 2, 6),
+                                    "p_yes_by_order": [round(p, 6) for p in orders]})
+                writer.append_batch(records)
                 bar.update(task, advance=len(batch))
         writer.finish()
     run.after_complete(writer.cleanup)
@@ -394,6 +405,15 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
         ui.warn(f"feedback filter: {overflow} prompts did not fit the feedback model's context "
                 "and are dropped (counted as feedback_rejected)")
     return out, len(kept) - len(out)
+
+
+ORDERS = (("Yes", "No"), ("No", "Yes"))  # the options (A) and (B) of the feedback question
+
+
+def feedback_question(question: str, prompt: str, order: tuple[str, str], fmt: str):
+    first, second = order
+    return render([("human", f"{question}\n\nRequest: {prompt}\n\nOptions:\n(A) {first}\n"
+                             f"(B) {second}")], "assistant", fmt, begun=ANSWER_PREFIX)
 
 
 def finish(config: Config, run: StageRun, extra: dict) -> Path:
