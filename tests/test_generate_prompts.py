@@ -178,3 +178,19 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
             assert json.loads((tmp_path / "int" / "prompts" / name).read_text())["counts"] == counts
         else:
             assert (tmp_path / "int" / "prompts" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_seeds_may_include_the_helpful_prompts(tmp_path, tiny_model_dir):
+    from cai_cli.errors import UserError
+    from cai_cli.stages.generate_prompts import load_seeds
+
+    helpful = ROOT / "cai_cli" / "resources" / "helpful.jsonl"
+    path = write_config(tmp_path, tiny_model_dir, include_helpful=True)
+    with pytest.raises(UserError, match="data.helpful is not set"):
+        load_seeds(load_config(path))
+    config = load_config(path, [f"data.helpful.path={helpful}", "data.helpful.field=messages"])
+    seeds = load_seeds(config)
+    assert len(seeds) == 10 + len(helpful.read_text().splitlines())
+    first_turns = {json.loads(line)["messages"][0]["content"]
+                   for line in helpful.read_text().splitlines()}
+    assert first_turns <= {p.text for p in seeds}
