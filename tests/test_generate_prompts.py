@@ -84,6 +84,15 @@ def test_seeds_cannot_be_the_output(tmp_path, tiny_model_dir):
                  f"data.red_team.path={tmp_path / 'run' / 'prompts' / 'red_team.jsonl'}")
     assert result.returncode == 2 and "generate_prompts.seeds" in result.stderr
 
+    # generate-sl reading the output before it is made says which stage to run
+    from cai_cli.errors import UserError
+    from cai_cli.stages import generate_sl
+
+    config = load_config(path, [f"data.red_team.path={tmp_path / 'run/prompts/red_team.jsonl'}",
+                                f"generate_prompts.seeds.path={PROMPTS}"])
+    with pytest.raises(UserError, match="run `cai generate-prompts --config ...` first"):
+        generate_sl.run(config)
+
 
 def test_run_leaves_the_stage_out_unless_enabled(tmp_path, tiny_model_dir):
     from cai_cli.pipeline import select
