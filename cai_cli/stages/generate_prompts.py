@@ -352,14 +352,14 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
 
     The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order"}``, in the
     order of ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its
-    last whole batch. Its fingerprint is the stage's and the candidates' bytes: the same prompts to
-    the same model, whose scores do not depend on the batch they ran in."""
+    last whole batch. Its fingerprint is the stage's and the prompts': the same questions to the
+    same model, whose scores do not depend on the batch they ran in."""
     from cai_cli.artifacts import sha256_bytes
     from cai_cli.judging import option_probability
 
     settings, layout = config.generate_prompts, config.layout
-    candidates = sha256_bytes(layout.prompt_candidates.read_bytes())[:16]
-    writer = ResumableJsonl(layout.prompt_feedback, f"{run.spec.fingerprint}:{candidates}")
+    asked = sha256_bytes("\n".join(r["prompt"] for r in kept).encode())[:16]
+    writer = ResumableJsonl(layout.prompt_feedback, f"{run.spec.fingerprint}:{asked}")
     done = writer.open()
     batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
     if not writer.finished:
