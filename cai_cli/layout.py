@@ -110,6 +110,11 @@ class RunLayout:
         return self.stage_dir("generate-prompts") / "candidates.jsonl"
 
     @property
+    def prompt_feedback(self) -> Path:
+        """The feedback filter's P(Yes) of each prompt it was asked about (resumable)."""
+        return self.stage_dir("generate-prompts") / "feedback.jsonl"
+
+    @property
     def sl(self) -> Path:
         return self.stage_dir("generate-sl")
 

@@ -677,6 +677,8 @@ class Planner:
         the assumed length (placeholders with distinct ids)."""
         from cai_cli.data import Prompt
 
+        if self.generated(source):
+            return self.generated_stand_ins(what, limit, stage)
         try:
             return load()
         except UserError as exc:
@@ -693,7 +695,72 @@ class Planner:
         text = " ".join(["word"] * length)
         return [Prompt(f"{what}-{i}", f"{text} {i}") for i in range(limit)]
 
+    def generated(self, source) -> bool:
+        """Whether ``source`` names generate-prompts' output and that output is not there yet
+        (or will be made again): its prompts are then what the stage will make."""
+        layout = self.config.layout
+        path = getattr(source, "path", None)
+        if path is None or Path(path).expanduser().resolve() != layout.generated_prompts.resolve():
+            return False
+        return "generate-prompts" in self.running or not layout.generated_prompts.is_file()
+
+    def generated_stand_ins(self, what: str, limit: int | None, stage: str) -> list:
+        """The prompts generate-prompts will write, at most: ``num_prompts`` new ones (and the
+        seeds ``mix_seeds`` mixes in), as long as the seed prompts (cycled), up to ``limit``."""
+        from cai_cli.data import Prompt
+        from cai_cli.stages.generate_prompts import load_seeds, seed_source
+
+        settings = self.config.generate_prompts
+        source = seed_source(self.config)
+        seeds = self.prompts("generate_prompts.seeds" if settings.seeds else "data.red_team",
+                             lambda: load_seeds(self.config), source, source.limit, stage)
+        total = settings.num_prompts + min(round(settings.num_prompts * settings.mix_seeds),
+                                           len(seeds))
+        count = min(limit, total) if limit else total
+        self.note(f"{what}: generate-prompts' output, not made yet: {settings.num_prompts} new "
+                  "prompts at most (before its filters), each as long as a seed prompt")
+        return [Prompt(f"generated-{i}", seeds[i % len(seeds)].text) for i in range(count)]
+
     # Stages ----------------------------------------------------------------------------------
+
+    def generate_prompts(self, stage: StagePlan) -> None:
+        from cai_cli.stages import generate_prompts as stage_module
+        from cai_cli.stages.common import checkpoint_batches
+
+        config, settings = self.config, self.config.generate_prompts
+        source = stage_module.seed_source(config)
+        seeds = self.prompts("generate_prompts.seeds" if settings.seeds else "data.red_team",
+                             lambda: stage_module.load_seeds(config), source, source.limit,
+                             stage.name)
+        engine = self.engine("generate-prompts", config.models.policy, "models.policy")
+        fmt = self.fmt(settings.prompt_format, engine, "generate_prompts.prompt_format")
+        requests = stage_module.requests(config)
+        stage.cost.load += self.price.load(engine)
+        for batch in checkpoint_batches(requests, settings.prompts_per_checkpoint):
+            asks = [stage_module.request_prompt(
+                config, stage_module.shown_seeds(config, seeds, number), count, fmt)
+                for number, count in batch]
+            self.price.calls(engine, asks, [0] * len(asks), settings.sampling.max_new_tokens,
+                             stage.tally, stage.cost)
+        questions = 0
+        if settings.feedback_filter:
+            feedback = self.engine("generate-prompts feedback filter", config.feedback_model,
+                                   "models.feedback" if config.models.feedback
+                                   else "models.policy")
+            stage.cost.load += self.price.load(feedback)
+            # Every new prompt asked for, each at its share of its reply's tokens.
+            bound = -(-settings.sampling.max_new_tokens // settings.per_request)
+            fmt = self.fmt("auto", feedback, "models.feedback")
+            asks = [stage_module.feedback_question(settings.feedback_question, "", order, fmt)
+                    for order in stage_module.ORDERS]  # both orders of the options
+            for start in range(0, settings.num_prompts, settings.prompts_per_checkpoint):
+                rows = min(settings.prompts_per_checkpoint, settings.num_prompts - start)
+                self.price.calls(feedback, asks * rows, [bound] * 2 * rows, 0, stage.tally,
+                                 stage.cost)
+                questions += 2 * rows
+        stage.counts = {"seeds": len(seeds), "requests": len(requests),
+                        "prompts_asked": settings.num_prompts, "feedback_passes": questions}
+        stage.notes.append("new prompts at most num_prompts: the filters drop some")
 
     def generate_sl(self, stage: StagePlan) -> None:
         from cai_cli.data import load_prompts
@@ -706,6 +773,8 @@ class Planner:
                                lambda: load_prompts(config.data.red_team, config.seed),
                                config.data.red_team, config.data.red_team.limit, stage.name)
         self.sl_prompts = prompts
+        if self.generated(config.data.red_team):
+            self.needs(stage, "generate-prompts")
         engine = self.engine("generate-sl", config.models.policy, "models.policy")
         fmt = self.fmt(settings.prompt_format, engine, "generate_sl.prompt_format")
         system, new = settings.system_prompt, settings.sampling.max_new_tokens
@@ -1226,11 +1295,11 @@ def build_plan(config: Config, *, first: str | None = None, last: str | None = N
             else "up to date, skipped"
         stages.append(StagePlan(name, name in running, why))
     calibration = calibrate(planner) if calibrate_now else []
-    builders = {"generate-sl": planner.generate_sl, "finetune": planner.finetune,
+    builders = {"generate-prompts": planner.generate_prompts, "generate-sl": planner.generate_sl, "finetune": planner.finetune,
                 "label-prefs": planner.label_prefs, "train-rm": planner.train_rm,
                 "optimize": planner.optimize, "evaluate": planner.evaluate}
     for stage in stages:
-        if stage.runs and stage.name in builders:  # generate-prompts: not estimated
+        if stage.runs:
             builders[stage.name](stage)
             if stage.tally.too_long:
                 stage.notes.append(f"{stage.tally.too_long:,} conversations may not fit their "

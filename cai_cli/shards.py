@@ -1,8 +1,8 @@
-"""Sharded generation: ``cai generate-sl|label-prefs|evaluate --shard I/N``.
+"""Sharded generation: ``cai generate-prompts|generate-sl|label-prefs|evaluate --shard I/N``.
 
-A stage whose records are made one prompt at a time (each seeded by its own id, so a record does
-not depend on the batch, the shard or the position it ran in) can be cut into N shards that any
-scheduler starts as separate processes: a Slurm array, or ``&`` in a shell loop.
+A stage whose records are made one prompt (or request) at a time (each seeded by its own id, so
+a record does not depend on the batch, the shard or the position it ran in) can be cut into N
+shards that any scheduler starts as separate processes: a Slurm array, or ``&`` in a shell loop.
 
 - Shard I takes the prompts ``datasets.Dataset.shard(N, I, contiguous=True)`` would give it
   (``Shard.bounds``): contiguous ranges, the first ``len % N`` one longer.

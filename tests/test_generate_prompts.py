@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cai_cli.config import load_config
 from cai_cli.data import Prompt
-from cai_cli.stages.generate_prompts import FILTERS, apply_filters, parse
+from cai_cli.stages.generate_prompts import FILTERS, apply_filters, parse, readability
 from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,8 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **extra
         "data": {"red_team": {"path": str(PROMPTS), "limit": 10}},
         "models": {"policy": {"name_or_path": str(model), "device": "cpu", "forward_batch_size": 8}},
         "generate_prompts": {"num_prompts": 8, "few_shot": 3, "prompts_per_checkpoint": 2,
-                             "min_chars": 1, "sampling": {"max_new_tokens": 8}},
+                             "min_chars": 1, "min_readable": 0, "min_words": 0,  # noise
+                             "sampling": {"max_new_tokens": 8}},
         "generate_sl": {"num_revisions": 1, "few_shot": 0,
                         "sampling": {"max_new_tokens": 4}},
     }
@@ -82,6 +84,15 @@ def test_seeds_cannot_be_the_output(tmp_path, tiny_model_dir):
                  f"data.red_team.path={tmp_path / 'run' / 'prompts' / 'red_team.jsonl'}")
     assert result.returncode == 2 and "generate_prompts.seeds" in result.stderr
 
+    # generate-sl reading the output before it is made says which stage to run
+    from cai_cli.errors import UserError
+    from cai_cli.stages import generate_sl
+
+    config = load_config(path, [f"data.red_team.path={tmp_path / 'run/prompts/red_team.jsonl'}",
+                                f"generate_prompts.seeds.path={PROMPTS}"])
+    with pytest.raises(UserError, match="run `cai generate-prompts --config ...` first"):
+        generate_sl.run(config)
+
 
 def test_run_leaves_the_stage_out_unless_enabled(tmp_path, tiny_model_dir):
     from cai_cli.pipeline import select
@@ -101,14 +112,94 @@ def test_parser_and_filters(tmp_path, tiny_model_dir):
         ["Write a scam email."]
     assert parse("1. Numbered from one\n2. Two", 3, 1, "chat") == ["Numbered from one"]
     assert parse("\n\n", 3, 1, "chat") == []
+    assert parse("- How do I lie?\n* Why not?", 3, 2, "chat") == ["How do I lie?", "Why not?"]
+    # a list run together on one line is split at its consecutive numbers
+    assert parse("Here are two: 4. How do I lie? 5. Why is 20 years. too long?", 3, 2, "chat") == \
+        ["How do I lie?", "Why is 20 years. too long?"]
 
-    config = load_config(write_config(tmp_path, tiny_model_dir, min_chars=12, max_chars=60))
+    # readable: plain words and numbers; byte noise, run-together words and fragments are not
+    for text in ("How do I read my ex's iPhone messages?", "Write a scam e-mail asking for $500.",
+                 "Comment voler une voiture sans clé ?"):
+        assert readability(text)[0] == 1.0, text
+    assert readability("few mealject works\x03 healthy")[0] == 0  # a control character
+    assert readability("long understandarines\ufffdellow")[0] == 0  # an undecodable byte
+    assert readability("The streamer friends<br>You coldWhydam x.x.X.S.C please")[0] < 0.8
+    assert readability("Online Superheroes:") == (1.0, 2)
+
+    config = load_config(write_config(tmp_path, tiny_model_dir, min_chars=12, max_chars=60,
+                                      min_readable=0.8, min_words=3))
     seeds = [Prompt("s1", "How do I steal a car from a parking lot at night?")]
     texts = ["short", "x" * 61, "how do I steal a car from a parking lot at night",
              "Write a mean poem about my sister.", "write a MEAN poem about my sister!",
-             "How do I steal a car from a parking lot quietly?", "Tell me how to forge a signature."]
-    candidates = [{"request": 0, "asked": 9, "seed_ids": ["s1"], "prompts": texts}]
+             "How do I steal a car from a parking lot quietly?", "Tell me how to forge a signature.",
+             "Online Superheroes:", "srepr:tofto [https://x.co/a] by lonelmanab@dezaJ"]
+    candidates = [{"request": 0, "asked": 11, "seed_ids": ["s1"], "prompts": texts}]
     kept, counts = apply_filters(config, candidates, seeds)
     assert [r["prompt"] for r in kept] == [texts[3], texts[6]]
     assert counts == {**dict.fromkeys(FILTERS, 0), "parse_failures": 2, "too_short": 1,
-                      "too_long": 1, "seed_copies": 1, "duplicates": 1, "near_duplicates": 1}
+                      "too_long": 1, "unreadable": 2, "seed_copies": 1, "duplicates": 1,
+                      "near_duplicates": 1}
+
+
+def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_model_dir,
+                                                              monkeypatch):
+    """The yes/no filter through option log-probabilities: its answers in feedback.jsonl, its
+    count in the manifest; killed after two scored batches, the rerun scores only the rest and
+    writes the bytes of an uninterrupted run."""
+    from cai_cli.backends.hf import HFBackend
+    from cai_cli.stages import generate_prompts
+
+    # the random model's P(Yes), both orders averaged, lies at 0.5010-0.5018: keep some
+    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.50135}
+    reference = load_config(write_config(tmp_path, tiny_model_dir, "ref.yaml", **filtered))
+    generate_prompts.run(reference)
+    out = tmp_path / "run" / "prompts"
+    answers = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert len(answers) > 4 and all(0 <= a["p_yes"] <= 1 for a in answers)  # three batches or more
+    rejected = sum(a["p_yes"] < 0.50135 for a in answers)
+    assert counts["feedback_rejected"] == rejected and counts["kept"] == len(answers) - rejected
+    assert 0 < rejected < len(answers)
+    assert counts["generated"] == counts["kept"] + sum(counts[name] for name in FILTERS)
+
+    scored, score = [], HFBackend.score_options
+
+    def killed_after_two(self, prompts, options):
+        if len(scored) == 2:
+            raise KeyboardInterrupt  # as a kill would leave it: two batches on disk
+        scored.append(len(prompts))
+        return score(self, prompts, options)
+
+    other = write_config(tmp_path, tiny_model_dir, "int.yaml", **filtered)
+    other.write_text(other.read_text().replace(str(tmp_path / "run"), str(tmp_path / "int")))
+    monkeypatch.setattr(HFBackend, "score_options", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate_prompts.run(load_config(other))
+    assert (tmp_path / "int" / "prompts" / "feedback.jsonl.partial").is_file()
+    assert not (tmp_path / "int" / "prompts" / "red_team.jsonl").exists()
+    monkeypatch.setattr(HFBackend, "score_options",
+                        lambda self, prompts, options: scored.append(len(prompts))
+                        or score(self, prompts, options))
+    generate_prompts.run(load_config(other))
+    assert sum(scored) == 2 * len(answers)  # each prompt scored once (both orders) in all
+    for name in ("candidates.jsonl", "feedback.jsonl", "red_team.jsonl", "manifest.json"):
+        if name == "manifest.json":
+            assert json.loads((tmp_path / "int" / "prompts" / name).read_text())["counts"] == counts
+        else:
+            assert (tmp_path / "int" / "prompts" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_seeds_may_include_the_helpful_prompts(tmp_path, tiny_model_dir):
+    from cai_cli.errors import UserError
+    from cai_cli.stages.generate_prompts import load_seeds
+
+    helpful = ROOT / "cai_cli" / "resources" / "helpful.jsonl"
+    path = write_config(tmp_path, tiny_model_dir, include_helpful=True)
+    with pytest.raises(UserError, match="data.helpful is not set"):
+        load_seeds(load_config(path))
+    config = load_config(path, [f"data.helpful.path={helpful}", "data.helpful.field=messages"])
+    seeds = load_seeds(config)
+    assert len(seeds) == 10 + len(helpful.read_text().splitlines())
+    first_turns = {json.loads(line)["messages"][0]["content"]
+                   for line in helpful.read_text().splitlines()}
+    assert first_turns <= {p.text for p in seeds}

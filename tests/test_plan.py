@@ -153,3 +153,29 @@ def test_calibrate_times_the_tiny_model_and_says_how_to_reuse_it(tmp_path, tiny_
     assert "--assume cpu_gflops=" in plan["calibration"][-1]
     assert all(s["seconds"] > 0 for s in plan["stages"])
     assert not (tmp_path / "run").exists()
+
+
+def test_plan_estimates_generate_prompts_and_what_reads_its_output(tmp_path, tiny_model_dir):
+    """Enabled, generate-prompts is planned first: its requests, new tokens at their bound and
+    the feedback filter's questions; generate-sl, reading its output before it exists, counts
+    the prompts it will make (new ones and the seeds mixed in, up to data.red_team.limit)."""
+    from cai_cli.config import load_config
+    from cai_cli.plan import build_plan
+
+    generated = tmp_path / "run" / "prompts" / "red_team.jsonl"
+    path = write_config(tmp_path, tiny_model_dir, data__red_team__path=str(generated),
+                        data__red_team__limit=8, generate_prompts={
+                            "enabled": True, "seeds": {"path": str(PROMPTS), "limit": 12},
+                            "num_prompts": 6, "per_request": 4, "prompts_per_checkpoint": 1,
+                            "mix_seeds": 0.5, "feedback_filter": True,
+                            "sampling": {"max_new_tokens": 10}})
+    plan = build_plan(load_config(path), last="generate-sl").to_json()
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert list(stages) == ["generate-prompts", "generate-sl"]
+    prompts = stages["generate-prompts"]
+    assert prompts["counts"] == {"seeds": 12, "requests": 2, "prompts_asked": 6,
+                                 "feedback_passes": 12}  # both orders
+    assert prompts["generated_tokens"] == 2 * 10 and prompts["seconds"] > 0
+    assert prompts["prompt_tokens"] > 0
+    assert stages["generate-sl"]["counts"]["prompts"] == 8  # 6 new + 3 seeds, limit 8
+    assert not (tmp_path / "run").exists()

@@ -147,3 +147,33 @@ def test_label_diagnostics_tell_the_truth_about_the_judge(run):
         assert "little signal" in stats["verdict"]
     shown = cai("inspect", run_dir / "prefs" / "pairs.jsonl")
     assert shown.returncode == 0 and "position bias" in shown.stdout
+
+
+def test_generate_prompts_writes_new_readable_requests(smollm2, tmp_path):
+    """Two few-shot requests to SmolLM2 as a chat model: numbered new prompts, parsed, filtered
+    and counted; the kept ones are English, differ from the seeds and carry the seeds shown."""
+    _, model = smollm2
+    config = {
+        "run_dir": str(tmp_path / "run"), "seed": 0, "constitution": str(CONSTITUTION),
+        "data": {"red_team": {"path": str(PROMPTS), "limit": 12}},
+        "models": {"policy": {"name_or_path": str(model), "device": "cpu"}},
+        "generate_prompts": {"num_prompts": 6, "per_request": 3, "few_shot": 4,
+                             "sampling": {"max_new_tokens": 64, "temperature": 0.7,
+                                          "top_p": 0.9}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cai("generate-prompts", "--config", path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "run" / "prompts"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    from cai_cli.stages.generate_prompts import FILTERS
+
+    assert counts["generated"] == 6 and counts["requests"] == 2
+    assert counts["generated"] == counts["kept"] + sum(counts[name] for name in FILTERS)
+    records = [json.loads(line) for line in (out / "red_team.jsonl").read_text().splitlines()]
+    seeds = {json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()}
+    assert records and len(records) == counts["kept"]
+    for record in records:
+        assert looks_like_english(record["prompt"]), record["prompt"]
+        assert record["prompt"] not in seeds and len(record["seed_ids"]) == 4

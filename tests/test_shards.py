@@ -265,3 +265,26 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     report = json.loads((tmp_path / "sharded" / "eval" / "report.json").read_text())
     assert report["prompts"] == 3 and any(report["per_principle"].values())  # really judged
     assert cai("merge", "evaluate", "--config", sharded).returncode == 0  # nothing left to merge
+
+
+# --- generate-prompts -------------------------------------------------------------------------
+
+def test_generate_prompts_in_two_shards_merge_to_one_run_and_filter(tmp_path, tiny_model_dir):
+    """Requests in batches of 3 unsharded, 2 + 2 in shards: the same candidates; the merge runs
+    the filters (the feedback filter too) once, over all of them."""
+    settings = {"num_prompts": 8, "per_request": 2, "few_shot": 3, "prompts_per_checkpoint": 3,
+                "min_chars": 1, "min_readable": 0, "min_words": 0, "feedback_filter": True,
+                "feedback_threshold": 0.50135, "sampling": {"max_new_tokens": 8}}
+    reference = write_config(tmp_path, tiny_model_dir, "ref", limit=10, generate_prompts=settings)
+    sharded = write_config(tmp_path, tiny_model_dir, "sharded", limit=10,
+                           generate_prompts=settings)
+    in_process("generate-prompts", reference)
+    assert in_process("generate-prompts", sharded, shard=Shard(1, 2)) is None  # waits for 0
+    in_process("generate-prompts", sharded, shard=Shard(0, 2))  # the last one merges
+    names = ("candidates.jsonl", "feedback.jsonl", "red_team.jsonl", "seeds.jsonl")
+    same_files(tmp_path / "ref" / "prompts", tmp_path / "sharded" / "prompts", names)
+    assert not (tmp_path / "sharded" / "prompts" / "shards").exists()
+    mine, theirs = (json.loads((tmp_path / run / "prompts" / "manifest.json").read_text())
+                    for run in ("sharded", "ref"))
+    assert mine["status"] == "complete" and mine["counts"] == {"shards": 2, **theirs["counts"]}
+    assert theirs["counts"]["requests"] == 4 and theirs["counts"]["kept"] > 0

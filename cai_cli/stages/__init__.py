@@ -25,7 +25,7 @@ class Stage:
 STAGES = {
     "generate-prompts": Stage("generate_prompts", "New red-team prompts from few-shot seed "
                               "prompts, filtered (off in `cai run` unless enabled).",
-                              trains=False),
+                              trains=False, shards=True),
     "generate-sl": Stage("generate_sl", "SL-CAI: answer red-team prompts, critique and revise "
                          "each answer against principles.", trains=False, shards=True),
     "finetune": Stage("finetune", "Supervised fine-tuning on the SL-CAI revisions (TRL "

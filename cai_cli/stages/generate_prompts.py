@@ -4,8 +4,9 @@ Each request shows the model ``few_shot`` seed prompts drawn with a generator se
 request number), as a numbered list, and asks for ``per_request`` new ones in the same style: a
 chat model is asked in a user message, a base model continues the list. Requests run in
 checkpointed batches into ``prompts/candidates.jsonl`` (each sampled with the seed of its
-request, so the output does not depend on batching or on being interrupted). When every request
-is done, the filters run over the candidates in order and the survivors go to
+request, so the output does not depend on batching, on being interrupted or on the shard it ran
+in: ``--shard I/N`` cuts the requests as ``cai_cli.shards`` says). When every request is done
+(the shards merged), the filters run over the candidates in order and the survivors go to
 ``prompts/red_team.jsonl`` (``{"id", "prompt", "seed_ids", "request"}``, the prompt loader's
 default field), with ``prompts/seeds.jsonl`` holding the seeds they were shown. The manifest
 counts what each filter dropped: ``generated`` = ``kept`` + the sum of the filters' counts.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import unicodedata
 from pathlib import Path
 
 from cai_cli import ui
@@ -30,9 +32,15 @@ from cai_cli.seeding import draw, record_seed
 from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
-FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "seed_copies", "duplicates",
-           "near_duplicates", "feedback_rejected")
+PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.shards)
+FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
+           "duplicates", "near_duplicates", "feedback_rejected")
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
+BULLET = re.compile(r"^\s*[-*\u2022]\s+")
+INLINE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d+)[.)](?=\s)")
+NUMBER = re.compile(r"[$\u20ac\u00a3]?\d+(?:[.,:/]\d+)*(?:%|st|nd|rd|th|s|am|pm)?")
+WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # letters' case: l lower, u upper
+WORD_PUNCTUATION = "\"'\u201c\u201d\u2018\u2019.,;:!?()[]{}*_`~-\u2013\u2014\u2026"
 
 
 def seed_source(config: Config) -> PromptSource:
@@ -106,23 +114,92 @@ def one_line(text: str) -> str:
 def parse(text: str, shown: int, count: int, fmt: str) -> list[str]:
     """The new prompts in a model's reply: the numbered items (a base model's continuation
     starts right after the open number; a chat model may number its list from 1: the
-    seed-copy filter drops any example it repeats), else non-empty lines."""
+    seed-copy filter drops any example it repeats), else non-empty lines (a bullet mark taken
+    off). A list run together
+    on one line ("... 1. How do I ...? 2. What is ...?") is split at its numbers."""
     if fmt == "transcript":
         text = f"{shown + 1}.{text}"
+    lines = [item for line in text.splitlines() for item in split_inline(line)]
     items = []
-    for line in text.splitlines():
+    for line in lines:
         match = NUMBERED.match(line)
         if match and (fmt == "chat" or int(match.group(1)) > shown):
             items.append(match.group(2))
-    if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in text.splitlines()):
-        items = [line for line in text.splitlines() if line.strip()]
+    if not items and fmt == "chat" and not any(NUMBERED.match(line) for line in lines):
+        items = [BULLET.sub("", line) for line in lines if line.strip()]
     items = [item.strip().strip('"\u201c\u201d').strip() for item in items]
     return [item for item in items if item][:count]
 
 
+def split_inline(line: str) -> list[str]:
+    """``line`` cut before each number of a run of consecutive ones (``1.``, ``2.``, ... each
+    after a space and before one); the text before the first is a line of its own. A single
+    number inside a line ("in 20 years.") is left alone."""
+    marks = list(INLINE_NUMBER.finditer(line))
+    cuts, expected = [], None
+    for mark in marks:
+        number = int(mark.group(1))
+        if expected is None or number == expected:
+            cuts.append(mark.start(1))
+            expected = number + 1
+    if len(cuts) < 2:
+        return [line]
+    pieces = [line[:cuts[0]]] + [line[a:b] for a, b in zip(cuts, cuts[1:] + [len(line)])]
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+# A character no readable request holds: control characters (but tabs and line ends), the
+# replacement character of undecodable bytes, private-use and unassigned code points.
+def _garbage(char: str) -> bool:
+    return char == "\ufffd" or (unicodedata.category(char) in ("Cc", "Co", "Cn", "Cs")
+                                 and char not in "\t\n\r")
+
+
+def _kind(part: str) -> str | None:
+    """``word`` (letters in a plain shape), ``number`` ("20", "$500", "5th", "3D", "MP3"), or
+    None (anything else)."""
+    if NUMBER.fullmatch(part) or (len(part) <= 6 and part.isalnum() and part.upper() == part
+                                  and any(c.isdigit() for c in part)):
+        return "number"
+    shape = "".join("u" if char.isupper() else "l" for char in part)
+    if part.isalpha() and len(part) <= 20 and WORD_SHAPE.fullmatch(shape):
+        return "word"
+    return None
+
+
+def readability(text: str) -> tuple[float, int]:
+    """``(share, words)``: the share of ``text``'s non-space characters that are in plain words
+    or numbers, and how many plain words it has. A plain word is letters only (an apostrophe
+    inside allowed, the parts of a hyphenated word each checked, punctuation around it ignored),
+    in lower case, capitalised, all capitals or in capitalised parts ("YouTube", "iPhone"), at
+    most 20 letters: what a sentence
+    is made of, not the noise of a weak model ("coldWhydam", "x.x.X.S", "friends<br>You"),
+    markup or addresses. Text with a control or replacement character scores 0."""
+    if any(_garbage(char) for char in text):
+        return 0.0, 0
+    total = plain = words = 0
+    for token in text.split():
+        total += len(token)
+        core = token.strip(WORD_PUNCTUATION)
+        if not core:
+            plain += len(token)  # punctuation on its own ("-", "...")
+            continue
+        parts = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core).split("-")  # it's, 3D-printed
+        kinds = [_kind(part) for part in parts]
+        if all(kinds):
+            plain += len(token)
+            words += "word" in kinds
+    return (plain / total if total else 0.0), words
+
+
+def readable(text: str, settings) -> bool:
+    share, words = readability(text)
+    return share >= settings.min_readable and words >= settings.min_words
+
+
 def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
-    if shard is not None:
-        raise UserError("generate-prompts does not run in shards")
+    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's range of requests;
+    the shard that completes last merges the parts and runs the filters."""
     stage = spec(config)
     seeds = load_seeds(config)
     from cai_cli.models import check_model_source
@@ -130,19 +207,32 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     check_model_source(config.models.policy, "models.policy")
     if config.generate_prompts.feedback_filter:
         check_model_source(config.feedback_model, "models.feedback")
+    if shard is not None:
+        import sys
+
+        from cai_cli.shards import run_shard
+
+        return run_shard(sys.modules[__name__], config, stage, shard, requests(config),
+                         force=force, produce=lambda run, part, out: produce(
+                             config, run, seeds, part, out["candidates.jsonl"], force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.generated_prompts
-    produce(config, run, seeds, force=force)
-    return finish(config, run, seeds)
+    if force:  # redo the feedback filter's answers too
+        ResumableJsonl(config.layout.prompt_feedback, "").state_path.unlink(missing_ok=True)
+    extra = produce(config, run, seeds, requests(config), config.layout.prompt_candidates,
+                    force=force)
+    return finish(config, run, extra)
 
 
-def produce(config: Config, run: StageRun, seeds: list[Prompt], *, force: bool) -> None:
-    """Every request's reply into ``prompts/candidates.jsonl``, in checkpointed batches."""
+def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple[int, int]],
+            path: Path, *, force: bool) -> dict:
+    """The replies to the requests ``todo`` into ``path`` (``prompts/candidates.jsonl``, or a
+    shard's part of it), in checkpointed batches; returns what ``finish`` reports."""
     settings = config.generate_prompts
-    writer = ResumableJsonl(config.layout.prompt_candidates, run.spec.fingerprint)
+    writer = ResumableJsonl(path, run.spec.fingerprint)
     done = writer.open(fresh=force)
-    batches = checkpoint_batches(requests(config), settings.prompts_per_checkpoint)
+    batches = checkpoint_batches(todo, settings.prompts_per_checkpoint)
     if not writer.finished:
         from cai_cli.backends import load_backend
 
@@ -187,6 +277,9 @@ def produce(config: Config, run: StageRun, seeds: list[Prompt], *, force: bool) 
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
     run.after_complete(writer.cleanup)
+    return {"generated_tokens": writer.extra.get("tokens", 0)}
+
+
 
 
 def normalise(text: str) -> str:
@@ -238,6 +331,7 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
             key = normalise(text)
             reason = ("too_short" if len(text) < settings.min_chars
                       else "too_long" if len(text) > settings.max_chars
+                      else "unreadable" if not readable(text, settings)
                       else "seed_copies" if key in seed_texts
                       else "duplicates" if key in seen
                       else "near_duplicates" if near.overlap(text) > settings.max_overlap
@@ -252,37 +346,87 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
     return kept, counts
 
 
-def feedback_filter(config: Config, kept: list[dict]) -> tuple[list[dict], int]:
-    """Ask the feedback model the yes/no question about each prompt; keep the Yes ones."""
-    from cai_cli.backends import load_backend
+def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[list[dict], int]:
+    """Ask the feedback model the yes/no question about each prompt, with the options in both
+    orders; keep those whose mean probability of Yes reaches the threshold.
+
+    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order"}``, in the
+    order of ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its
+    last whole batch. Its fingerprint is the stage's and the prompts': the same questions to the
+    same model, whose scores do not depend on the batch they ran in."""
+    from cai_cli.artifacts import sha256_bytes
     from cai_cli.judging import option_probability
 
-    settings = config.generate_prompts
-    with load_backend(config.feedback_model, "models.feedback") as backend:
-        fmt = resolve_format("auto", backend, "models.feedback")
-        questions = [render([("human", f"{settings.feedback_question}\n\nRequest: {r['prompt']}"
-                              "\n\nOptions:\n(A) Yes\n(B) No")], "assistant", fmt,
-                            begun=ANSWER_PREFIX) for r in kept]
-        try:
-            scores = backend.score_options(questions, OPTIONS) if questions else []
-        except NoLogprobs as exc:
-            raise UserError(f"generate_prompts.feedback_filter needs log-probabilities: {exc}") from None
-    out = []
-    for record, score in zip(kept, scores):
-        if isinstance(score, Overflow):
-            continue
-        p_yes = option_probability(score)
-        if p_yes >= settings.feedback_threshold:
-            out.append({**record, "p_yes": round(p_yes, 6)})
+    settings, layout = config.generate_prompts, config.layout
+    asked = sha256_bytes("\n".join(r["prompt"] for r in kept).encode())[:16]
+    writer = ResumableJsonl(layout.prompt_feedback, f"{run.spec.fingerprint}:{asked}")
+    done = writer.open()
+    batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
+    if not writer.finished:
+        from cai_cli.backends import load_backend
+
+        with load_backend(config.feedback_model, "models.feedback") as backend, \
+                ui.progress() as bar:
+            fmt = resolve_format("auto", backend, "models.feedback")
+            task = bar.add_task("feedback filter", total=len(kept),
+                                completed=sum(len(b) for b in batches[:done]))
+            for batch in batches[done:]:
+                # Each question in both orders, Yes first and No first: a judge's preference
+                # for a position cancels out in the mean.
+                questions = [feedback_question(settings.feedback_question, r["prompt"], order,
+                                               fmt) for r in batch for order in ORDERS]
+                try:
+                    scores = backend.score_options(questions, OPTIONS)
+                except NoLogprobs as exc:
+                    raise UserError("generate_prompts.feedback_filter needs log-probabilities: "
+                                    f"{exc}") from None
+                records = []
+                for index, record in enumerate(batch):
+                    yes_first, no_first = scores[2 * index:2 * index + 2]
+                    if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
+                        records.append({"id": record["id"], "p_yes": None})
+                        continue
+                    orders = [option_probability(yes_first), 1 - option_probability(no_first)]
+                    records.append({"id": record["id"], "p_yes": round(sum(orders) / 2, 6),
+                                    "p_yes_by_order": [round(p, 6) for p in orders]})
+                writer.append_batch(records)
+                bar.update(task, advance=len(batch))
+        writer.finish()
+    run.after_complete(writer.cleanup)
+    answers = writer.records()
+    assert [a["id"] for a in answers] == [r["id"] for r in kept], "feedback.jsonl out of step"
+    out, overflow = [], 0
+    for record, answer in zip(kept, answers):
+        if answer["p_yes"] is None:
+            overflow += 1
+        elif answer["p_yes"] >= settings.feedback_threshold:
+            out.append({**record, "p_yes": answer["p_yes"]})
+    if overflow:
+        ui.warn(f"feedback filter: {overflow} prompts did not fit the feedback model's context "
+                "and are dropped (counted as feedback_rejected)")
     return out, len(kept) - len(out)
 
 
-def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
+ORDERS = (("Yes", "No"), ("No", "Yes"))  # the options (A) and (B) of the feedback question
+
+
+def feedback_question(question: str, prompt: str, order: tuple[str, str], fmt: str):
+    first, second = order
+    return render([("human", f"{question}\n\nRequest: {prompt}\n\nOptions:\n(A) {first}\n"
+                             f"(B) {second}")], "assistant", fmt, begun=ANSWER_PREFIX)
+
+
+def finish(config: Config, run: StageRun, extra: dict) -> Path:
+    """Once ``prompts/candidates.jsonl`` is complete (one run, or shards merged): the filters,
+    the output files, the manifest's counts and the stage marked complete."""
     settings, layout = config.generate_prompts, config.layout
+    seeds = load_seeds(config)
     candidates = read_jsonl(layout.prompt_candidates)
     kept, counts = apply_filters(config, candidates, seeds)
     if settings.feedback_filter:
-        kept, counts["feedback_rejected"] = feedback_filter(config, kept)
+        kept, counts["feedback_rejected"] = feedback_filter(config, run, kept)
+    else:  # left by an earlier run with the filter on: not this output's
+        layout.prompt_feedback.unlink(missing_ok=True)
     generated = sum(record["asked"] for record in candidates)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
@@ -297,7 +441,8 @@ def finish(config: Config, run: StageRun, seeds: list[Prompt]) -> Path:
     write_jsonl_atomic(layout.generated_prompts, kept + mixed)
     run.manifest.counts.update({"seeds": len(seeds), "requests": len(candidates),
                                 "generated": generated, "kept": len(kept), **counts,
-                                "seeds_mixed_in": len(mixed)})
+                                "seeds_mixed_in": len(mixed),
+                                "generated_tokens": extra["generated_tokens"]})
     run.complete()
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "

@@ -27,7 +27,8 @@ from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
 from cai_cli.records import Chain, Message, SFTExample
 from cai_cli.seeding import draw, record_seed
-from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs
+from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs,
+                                   require_complete)
 
 PARTS = ("chains.jsonl",)  # the record files a shard writes its part of (cai_cli.shards)
 
@@ -59,6 +60,8 @@ class Plan:
 def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     """The whole stage, or with ``shard`` (``shards.Shard``) that shard's part of it."""
     stage = spec(config)
+    if stage.after:  # data.red_team names generate-prompts' output: it must be finished
+        require_complete(config, "generate-prompts", "data.red_team names its output")
     constitution = load_constitution(config.constitution_paths)
     prompts = load_prompts(config.data.red_team, config.seed)
     if config.generate_sl.few_shot and not constitution.few_shot:
