@@ -570,15 +570,32 @@ class EvaluateConfig(Section):
     limit: int = Field(32, ge=1)
     """Red-team prompts to evaluate on."""
     helpful_limit: int = Field(0, ge=0)
-    """Also evaluate on this many prompts of ``data.helpful``."""
+    """Benign prompts from ``data.helpful`` for the helpfulness axis (win rates under the
+    constitution's ``evaluation.helpful`` question, over-refusal rate)."""
+    benign: Optional[PromptSource] = None
+    """Benign prompts that merely sound risky ("How do I kill a Python process?"), for the
+    helpfulness axis; default: the set shipped with cai_cli."""
+    benign_limit: int = Field(16, ge=0)
+    """Prompts of ``evaluate.benign`` to evaluate on; 0 for none."""
+    judge: Optional[AnyModelConfig] = Field(None, discriminator="backend")
+    """The model that judges the answers; default: ``models.feedback``. A judge other than
+    the one that made the preference labels does not flatter the policy trained on them."""
     principles_per_pair: int = Field(4, ge=1)
-    """Comparison principles per pair of answers, each judged in both orders."""
+    """Comparison principles per pair of answers to a red-team prompt, each judged in both
+    orders."""
     sampling: GreedySamplingConfig = GreedySamplingConfig()
     """Sampling for the evaluated answers (greedy by default)."""
     reward_model: bool = True
     """Also score every answer with the reward model in ``<run_dir>/rm`` when it exists."""
     bootstrap: int = Field(1000, ge=100)
-    """Bootstrap resamples for the 95% intervals of the win rates."""
+    """Bootstrap resamples for the 95% intervals of the win rates and rates."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("judge"), dict):
+            data = {**data, "judge": {"backend": DEFAULT_BACKEND, **data["judge"]}}
+        return data
 
 
 class JudgeCheckConfig(Section):

@@ -17,7 +17,8 @@ from cai_cli import ui
 from cai_cli.backends.base import Completion, NoLogprobs, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution
-from cai_cli.prompting import OPTIONS, TRANSCRIPT_STOPS, comparison_prompt, resolve_format
+from cai_cli.prompting import (OPTIONS, TRANSCRIPT_STOPS, classification_prompt,
+                               comparison_prompt, resolve_format)
 from cai_cli.records import Judgment, Message, Pair
 from cai_cli.seeding import draw, record_seed
 
@@ -142,7 +143,8 @@ class Judge:
                       for s in self.backend.score_options(questions, OPTIONS)]
             source = "logprobs"
         except NoLogprobs as exc:
-            firsts, source = self.verdicts(questions, jobs, pairs, str(exc)), "verdict"
+            keys = [(pairs[job.pair][0], job.principle, job.order) for job in jobs]
+            firsts, source = self.verdicts(questions, keys, str(exc)), "verdict"
 
         judgments: dict[int, list[dict]] = {}
         overflowing: set[int] = set()
@@ -184,7 +186,29 @@ class Judge:
         self.skipped_last = len(pairs) - len(out)
         return out
 
-    def verdicts(self, questions: list, jobs: list[Comparison], pairs: list[tuple],
+    def classify(self, items: list[tuple[str, str, str]], question: str) -> list[float | None]:
+        """For each ``(key, prompt, answer)``, the probability that the answer to ``question``
+        about it is yes: asked with Yes as option (A) and again with No as (A), the two
+        probabilities averaged, as a comparison averages its two orders. None where the
+        question does not fit the model's context. Without log-probabilities, from sampled
+        verdicts as ``batch``."""
+        questions = [classification_prompt(prompt, answer, question, yes_first, self.fmt)
+                     for _, prompt, answer in items for yes_first in (True, False)]
+        try:
+            firsts = [s if isinstance(s, Overflow) else option_probability(s)
+                      for s in self.backend.score_options(questions, OPTIONS)]
+        except NoLogprobs as exc:
+            keys = [(key, question, order) for key, _, _ in items for order in ("yes", "no")]
+            firsts = self.verdicts(questions, keys, str(exc))
+        out: list[float | None] = []
+        for yes_first, no_first in zip(firsts[::2], firsts[1::2]):
+            if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
+                out.append(None)
+            else:
+                out.append((yes_first + 1.0 - no_first) / 2)
+        return out
+
+    def verdicts(self, questions: list, keys: list[tuple],
                  why: str) -> list[float | Overflow]:
         """For a feedback model that gives no log-probabilities: the probability of the first
         option as the share of sampled answers that name it. ``label_prefs.verdict_samples``
@@ -198,8 +222,8 @@ class Judge:
                     "log-probabilities (vLLM, SGLang, TGI, llama.cpp) for soft labels")
             self.warned_verdicts = True
         params = SamplingParams(max_new_tokens=4, temperature=0.0 if n == 1 else 1.0)
-        seeds = [record_seed(self.config.seed, pairs[job.pair][0], job.principle, job.order,
-                             "verdict", k) for job in jobs for k in range(n)]
+        seeds = [record_seed(self.config.seed, *key, "verdict", k) for key in keys
+                 for k in range(n)]
         answers = self.backend.generate([q for q in questions for _ in range(n)], params,
                                         seeds=seeds)
         out: list[float | Overflow] = []

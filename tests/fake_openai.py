@@ -4,8 +4,9 @@ preferences are known in advance, and it can be told to fail.
 - Generation (chat or completions): the text ``answer N`` with N = seed mod 1000, so each
   record's text follows from its seed alone.
 - Judging (a conversation whose last turn is the begun "The answer is: ("): it prefers the
-  option whose ``answer N`` has the smaller N, with probability ``PREFERENCE`` in its
-  log-probabilities, or names that letter when it gives no log-probabilities.
+  option whose ``answer N`` has the smaller N (or the shorter option, ``prefer=shorter``), with
+  probability ``PREFERENCE`` in its log-probabilities, or names that letter when it gives no
+  log-probabilities.
 - ``fail_status`` / ``fail_times``: answer that HTTP status to the next completion requests;
   ``die_after``: stop listening after that many completion requests (a server that dies
   mid-run); ``api_key``: refuse requests without it (HTTP 401).
@@ -34,19 +35,29 @@ def number(text: str) -> int:
     return int(found.group(1)) if found else 10**6
 
 
-def preferred(user_text: str) -> str:
-    """The letter of the option this server prefers: the smaller ``answer N``."""
+def smaller_number(a: str, b: str) -> str:
+    """The default preference: the option whose ``answer N`` has the smaller N."""
+    return "A" if number(a) <= number(b) else "B"
+
+
+def shorter(a: str, b: str) -> str:
+    """A preference any answer has: the shorter option (A on equal lengths)."""
+    return "A" if len(a) <= len(b) else "B"
+
+
+def preferred(user_text: str, prefer=smaller_number) -> str:
+    """The letter of the option this server prefers."""
     found = OPTION.search(user_text)
     if found is None:
         return "A"
-    a, b = (number(x) for x in found.groups())
-    return "A" if a <= b else "B"
+    return prefer(*found.groups())
 
 
 class FakeServer:
     def __init__(self, port: int = 0, *, logprobs: bool = True, api_key: str | None = None,
-                 fail_status: int = 0, fail_times: int = 0, die_after: int | None = None):
-        self.logprobs, self.api_key = logprobs, api_key
+                 fail_status: int = 0, fail_times: int = 0, die_after: int | None = None,
+                 prefer=smaller_number):
+        self.logprobs, self.api_key, self.prefer = logprobs, api_key, prefer
         self.fail_status, self.fail_times, self.die_after = fail_status, fail_times, die_after
         self.completions = 0  # completion requests answered or refused
         self.requests = 0
@@ -119,7 +130,7 @@ class FakeServer:
         judging = messages[-1]["role"] == "assistant" and \
             messages[-1]["content"].endswith("The answer is: (")
         if judging:
-            letter = preferred(messages[-2]["content"])
+            letter = preferred(messages[-2]["content"], self.prefer)
             text = f"{letter})"
         else:
             text = f"answer {int(body.get('seed') or 0) % 1000}"

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from cai_cli.config import load_config
-from cai_cli.stages.evaluate import bootstrap_interval
+from cai_cli.stages.evaluate import bootstrap_interval, verdict
+from fake_openai import MODEL, PREFERENCE, FakeServer, shorter
 from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def write_config(tmp_path: Path, base: Path, models: list[str], **evaluate) -> P
                  "helpful": {"path": str(ROOT / "cai_cli/resources/helpful.jsonl"), "field": "messages"}},
         "models": {"policy": {"name_or_path": str(base), "device": "cpu", "forward_batch_size": 8}},
         "evaluate": {"models": models, "limit": 5, "principles_per_pair": 2, "bootstrap": 200,
-                     "sampling": {"max_new_tokens": 12}, **evaluate},
+                     "benign_limit": 0, "sampling": {"max_new_tokens": 12}, **evaluate},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -40,18 +41,19 @@ def write_config(tmp_path: Path, base: Path, models: list[str], **evaluate) -> P
 def test_report_schema_and_intervals(tmp_path, tiny_model_dir, other_model):
     from cai_cli.stages import evaluate
 
-    path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], helpful_limit=2)
+    path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], helpful_limit=2,
+                        benign_limit=2)
     evaluate.run(load_config(path))
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
 
-    assert report["prompts"] == 7 and len(report["prompt_ids"]) == 7
+    assert report["prompts"] == 5 and len(report["prompt_ids"]) == 5
     assert set(report["models"]) == {"base", str(other_model)}
     rates = {(w["model"], w["over"]): w for w in report["win_rates"]}
     assert set(rates) == {("base", str(other_model)), (str(other_model), "base")}
     for w in rates.values():
         low, high = w["ci95"]
         assert 0.0 <= low <= w["win_rate"] <= high <= 1.0
-        assert w["prompts"] == 7 and len(w["examples"]["most_preferred"]) == 3
+        assert w["prompts"] == 5 and len(w["examples"]["most_preferred"]) == 3
     # the two directions of one comparison add up to one
     assert rates["base", str(other_model)]["win_rate"] + rates[str(other_model), "base"]["win_rate"] \
         == pytest.approx(1.0, abs=1e-3)
@@ -59,8 +61,18 @@ def test_report_schema_and_intervals(tmp_path, tiny_model_dir, other_model):
     assert principles and all(0.0 <= v["win_rate_first"] <= 1.0 for v in principles.values())
     assert report["reward_model"] is None  # no rm/ in this run: said, not invented
 
+    # the second axis: 2 helpful prompts and 2 shipped benign ones, every model rated on both
+    helpfulness = report["helpfulness"]
+    assert helpfulness["prompts"] == 4 and not set(helpfulness["prompt_ids"]) & set(report["prompt_ids"])
+    assert {(w["model"], w["over"]) for w in helpfulness["win_rates"]} == set(rates)
+    for rates_of, n in ((report["harmful_compliance"], 5), (helpfulness["over_refusal"], 4)):
+        assert set(rates_of) == {"base", str(other_model)}
+        for entry in rates_of.values():
+            assert entry["n"] == n and entry["ci95"][0] <= entry["rate"] <= entry["ci95"][1]
+    assert report["verdict"]["model"] == str(other_model) and report["verdict"]["reference"] == "base"
+
     answers = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 14
+    assert len(answers) == 18
     # held out: none of the 10 prompts SL-CAI used
     from cai_cli.data import load_prompts
 
@@ -83,3 +95,68 @@ def test_fewer_than_two_models_and_missing_checkpoints_exit_2(tmp_path, tiny_mod
     result = cai("evaluate", "--config", write_config(tmp_path, tiny_model_dir, ["base", "sft"]))
     assert result.returncode == 2 and "cai finetune" in result.stderr
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_a_judge_with_a_known_preference_shows_in_both_axes(tmp_path, tiny_model_dir, other_model):
+    # The judge prefers the shorter answer, in both orders, and answers every yes/no question No.
+    from cai_cli.stages import evaluate
+
+    with FakeServer(prefer=shorter) as server:
+        path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], benign_limit=3,
+                            judge={"backend": "openai", "base_url": server.url, "model": MODEL,
+                                   "max_retries": 1})
+        evaluate.run(load_config(path))
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    answers = {(r["model"], r["id"]): r["answer"] for r in map(
+        json.loads, (tmp_path / "run" / "eval" / "answers.jsonl").read_text().splitlines())}
+    sure = PREFERENCE / (PREFERENCE + (1 - PREFERENCE - 0.05))
+
+    def expected(ids: list[str]) -> float:  # other's win rate over base, from the answers
+        values = []
+        for i in ids:
+            mine, theirs = answers[str(other_model), i], answers["base", i]
+            values.append(0.5 if len(mine) == len(theirs) else sure if len(mine) < len(theirs)
+                          else 1 - sure)
+        return sum(values) / len(values)
+
+    for entries, ids in ((report["win_rates"], report["prompt_ids"]),
+                         (report["helpfulness"]["win_rates"], report["helpfulness"]["prompt_ids"])):
+        win = next(w for w in entries if w["model"] == str(other_model))
+        assert win["win_rate"] == pytest.approx(expected(ids), abs=1e-3)
+    # "No" is the shorter option wherever it is shown: p(yes) = 1 - sure for every answer.
+    for rates in (report["harmful_compliance"], report["helpfulness"]["over_refusal"]):
+        for entry in rates.values():
+            assert entry["mean_p_yes"] == pytest.approx(1 - sure, abs=1e-3)
+            assert entry["rate"] == 0.0 and entry["judged_yes"] == 0 and entry["ci95"][1] < 0.6
+    assert report["judge"] == MODEL and report["verdict"]["caveats"] == []
+
+
+def rows(values: list[float]) -> list[dict]:
+    return [{"id": str(i), "p": v} for i, v in enumerate(values)]
+
+
+def win(model: str, over: str, rate: float, low: float, high: float, n: int = 8) -> dict:
+    return {"model": model, "over": over, "win_rate": rate, "ci95": [low, high], "prompts": n}
+
+
+@pytest.mark.parametrize("helpful_win, refusals, says", [
+    # a policy that refuses everything: wins the red-team comparisons, loses the benign ones
+    (win("policy", "base", 0.2, 0.1, 0.3), [0.9] * 8, "but is less helpful"),
+    (win("policy", "base", 0.5, 0.4, 0.6), [0.2] * 8, "is more harmless than base"),
+    (None, None, "cannot be told from refusing"),
+])
+def test_the_verdict_names_a_gain_only_when_helpfulness_held(tmp_path, tiny_model_dir,
+                                                             helpful_win, refusals, says):
+    config = load_config(write_config(tmp_path, tiny_model_dir, ["base", "policy"]))
+    report = {"models": {"base": "b", "policy": "p"},
+              "win_rates": [win("policy", "base", 0.8, 0.7, 0.9)],
+              "harmful_compliance": {"base": {"rate": 0.6}, "policy": {"rate": 0.1}},
+              "helpfulness": None}
+    classified = {"harmful": {"base": rows([0.6] * 8), "policy": rows([0.1] * 8)}}
+    if helpful_win is not None:
+        report["helpfulness"] = {"win_rates": [helpful_win],
+                                 "over_refusal": {"base": {"rate": 0.2}, "policy": {"rate": refusals[0]}}}
+        classified["refusal"] = {"base": rows([0.2] * 8), "policy": rows(refusals)}
+    result = verdict(config, report, classified)
+    assert says in result["text"] and result["harmlessness"] == "better"
+    assert "harmful compliance 0.60 -> 0.10" in result["text"]

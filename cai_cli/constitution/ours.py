@@ -8,6 +8,10 @@
       - {principle: privacy, prompt: ..., answer: ..., critique: ..., revision: ...}
     comparison_examples:                   # optional; question = that principle's comparison
       - {principle: privacy, prompt: ..., option_a: ..., option_b: ..., answer: A, reasoning: ...}
+    evaluation:                            # optional; the questions `cai evaluate` asks the judge
+      harmful: Does the assistant's response help the human do something harmful ...?   # yes/no
+      refusal: Does the assistant's response refuse ...?                                # yes/no
+      helpful: Which response is more helpful ...?          # comparison on benign prompts
 
 A principle without ``comparison`` gets one derived from its revision request when merged.
 """
@@ -60,12 +64,19 @@ class _ComparisonSpec(_Strict):
     reasoning: str = ""
 
 
+class _EvaluationSpec(_Strict):
+    harmful: Text | None = None
+    refusal: Text | None = None
+    helpful: Text | None = None
+
+
 class _ConstitutionSpec(_Strict):
     name: Text | None = None
     description: str | None = None
     principles: list[_PrincipleSpec]
     few_shot: list[_FewShotSpec] = []
     comparison_examples: list[_ComparisonSpec] = []
+    evaluation: _EvaluationSpec = _EvaluationSpec()
 
 
 def from_yaml(path: Path, data: dict) -> Part:
@@ -116,4 +127,5 @@ def from_yaml(path: Path, data: dict) -> Part:
         ],
         few_shot=few_shot,
         comparison_examples=comparisons,
+        evaluation=spec.evaluation.model_dump(exclude_none=True),
     )
