@@ -589,6 +589,9 @@ class EvaluateConfig(Section):
     """Also score every answer with the reward model in ``<run_dir>/rm`` when it exists."""
     bootstrap: int = Field(1000, ge=100)
     """Bootstrap resamples for the 95% intervals of the win rates and rates."""
+    report_to: list[str] = ["none"]
+    """Experiment trackers that receive the report's figures (win rates, rates, mean rewards),
+    e.g. ``[tensorboard]`` (files in ``eval/logs/``) or ``[wandb]``; ``[none]`` for none."""
 
     @model_validator(mode="before")
     @classmethod

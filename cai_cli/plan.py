@@ -1060,14 +1060,21 @@ class Planner:
                            "with transformers unless its vLLM options are set")
 
     def evaluate(self, stage: StagePlan) -> None:
+        from cai_cli.constitution import Principle
         from cai_cli.judging import Judge
-        from cai_cli.prompting import answer_prompt
+        from cai_cli.prompting import answer_prompt, classification_prompt
         from cai_cli.stages import evaluate
 
         config, settings = self.config, self.config.evaluate
         prompts = self.prompts("data.red_team", lambda: evaluate.select_prompts(config),
-                               config.data.red_team, settings.limit + settings.helpful_limit,
+                               config.data.red_team,
+                               settings.limit + settings.helpful_limit + settings.benign_limit,
                                stage.name)
+        try:
+            red_count = len(evaluate.prompt_sets(config)[0])
+        except UserError:  # placeholders for a dataset that is not here: red-team ones first
+            red_count = settings.limit
+        red, benign = prompts[:red_count], prompts[red_count:]
         paths = evaluate.model_paths(config)
         for name in paths:
             if name in evaluate.RUN_MODELS:
@@ -1081,16 +1088,31 @@ class Planner:
             self.price.calls(engine, [answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                       for p in prompts], [0] * len(prompts), new, stage.tally,
                              stage.cost)
-        feedback = self.engine("evaluate judge", config.feedback_model,
-                               "models.feedback" if config.models.feedback else "models.policy")
+        judge_config, key = evaluate.judge_model(config)
+        if key == "models.feedback" and not config.models.feedback:
+            key = "models.policy"
+        feedback = self.engine("evaluate judge", judge_config, key)
         stage.cost.load += self.price.load(feedback)
         judge = Judge(config, self.constitution, feedback.counter,
                       principles_per_pair=settings.principles_per_pair, pairs_per_prompt=None)
-        records = [{"id": p.id, "prompt": p.text, "responses": ["a", "b"]} for p in prompts]
+        # helpfulness: one question per pair of answers to a benign prompt
+        helpful = Judge(config, dataclasses.replace(
+            self.constitution, principles=(Principle("helpful", "", "", "helpful"),),
+            comparison_examples=()), feedback.counter, principles_per_pair=1,
+            pairs_per_prompt=None)
         model_pairs = len(paths) * (len(paths) - 1) // 2
         passes = 0
-        for _ in range(model_pairs):
-            passes += self._judge(feedback, judge, judge.plan(records)[1], 2 * new, stage)
+        for asking, those in ((judge, red), (helpful, benign)):
+            records = [{"id": p.id, "prompt": p.text, "responses": ["a", "b"]} for p in those]
+            for _ in range(model_pairs):
+                passes += self._judge(feedback, asking, asking.plan(records)[1], 2 * new, stage)
+        # the yes/no questions: each answer, both orders of the options
+        questions = self.constitution.evaluation
+        asked = [classification_prompt(p.text, "", question, yes_first, judge.fmt)
+                 for question, those in ((questions.harmful, red), (questions.refusal, benign))
+                 for p in those for yes_first in (True, False)] * len(paths)
+        self.price.calls(feedback, asked, [new] * len(asked), 0, stage.tally, stage.cost)
+        passes += len(asked)
         scored = 0
         if settings.reward_model and ("train-rm" in self.running or _complete(config, "train-rm")):
             from cai_cli.stages import train_rm
@@ -1103,7 +1125,7 @@ class Planner:
             stage.cost.load += self.price.load(rm)
             stage.cost.prefill += self.price.prefill(rm, scored)
             stage.tally.computed_tokens += scored
-        stage.counts = {"models": len(paths), "prompts": len(prompts),
+        stage.counts = {"models": len(paths), "prompts": len(red), "benign_prompts": len(benign),
                         "answers": len(paths) * len(prompts), "judge_passes": passes,
                         "reward_scores": len(paths) * len(prompts) if scored else 0}
         stage.notes.append("judge passes at most: identical answers are a tie, not judged")

@@ -104,7 +104,7 @@ def test_a_judge_with_a_known_preference_shows_in_both_axes(tmp_path, tiny_model
     with FakeServer(prefer=shorter) as server:
         path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], benign_limit=3,
                             judge={"backend": "openai", "base_url": server.url, "model": MODEL,
-                                   "max_retries": 1})
+                                   "max_retries": 1}, report_to=["tensorboard"])
         evaluate.run(load_config(path))
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     answers = {(r["model"], r["id"]): r["answer"] for r in map(
@@ -129,6 +129,15 @@ def test_a_judge_with_a_known_preference_shows_in_both_axes(tmp_path, tiny_model
             assert entry["mean_p_yes"] == pytest.approx(1 - sure, abs=1e-3)
             assert entry["rate"] == 0.0 and entry["judged_yes"] == 0 and entry["ci95"][1] < 0.6
     assert report["judge"] == MODEL and report["verdict"]["caveats"] == []
+    # the figures reached the tracker
+    from test_trackers import scalars
+
+    logged = scalars(tmp_path / "run" / "eval" / "logs")
+    for w in report["win_rates"] + report["helpfulness"]["win_rates"]:
+        figure = "win_rate" if w in report["win_rates"] else "helpful_win_rate"
+        assert logged[f"evaluate/{figure}/{w['model']}_over_{w['over']}"] == \
+            pytest.approx(w["win_rate"], abs=1e-6)
+    assert logged["evaluate/over_refusal/base"] == 0.0 and logged["evaluate/benign_prompts"] == 3
 
 
 def rows(values: list[float]) -> list[dict]:

@@ -37,7 +37,7 @@ def write_config(tmp_path: Path, model, **changes) -> Path:
                         "sampling": {"max_new_tokens": 6}},
         "train_rm": {"eval_fraction": 0.25, "training": {**training, "epochs": 1}},
         "optimize": {"training": {**training, "per_device_batch_size": 2}},
-        "evaluate": {"limit": 3, "helpful_limit": 1, "principles_per_pair": 2,
+        "evaluate": {"limit": 3, "helpful_limit": 1, "benign_limit": 2, "principles_per_pair": 2,
                      "sampling": {"max_new_tokens": 6}},
     }
     for key, value in changes.items():
@@ -91,8 +91,10 @@ def test_plan_counts_what_every_stage_does_and_writes_nothing(tmp_path, tiny_mod
     assert stages["optimize"]["steps"] == math.ceil(pairs / 2) * 2
 
     ev = stages["evaluate"]["counts"]
-    assert (ev["models"], ev["prompts"], ev["answers"]) == (3, 4, 12)
-    assert ev["judge_passes"] == 3 * 4 * 2 * 2  # model pairs x prompts x principles x orders
+    assert (ev["models"], ev["prompts"], ev["benign_prompts"], ev["answers"]) == (3, 3, 3, 18)
+    # model pairs x (red-team prompts x principles + benign prompts x 1 question) x orders,
+    # and each model's answers asked one yes/no question in both orders of the options
+    assert ev["judge_passes"] == 3 * (3 * 2 + 3 * 1) * 2 + 3 * 6 * 2
     assert plan["total_seconds"] == pytest.approx(sum(s["seconds"] for s in plan["stages"]),
                                                   abs=0.5)
     assert any("safetensors" in line for line in plan["assumptions"])

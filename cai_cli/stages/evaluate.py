@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rich.progress import TextColumn
 
-from cai_cli import ui
+from cai_cli import trackers, ui
 from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
                                write_atomic, write_json_atomic)
 from cai_cli.backends.base import Completion, SamplingParams
@@ -104,7 +104,8 @@ def spec(config: Config) -> StageSpec:
         # the held-out prompts and how the judge is asked
         "label_prefs": config.label_prefs.model_dump(mode="json", include=JUDGING_KEYS),
         "models.policy": config.models.policy.model_dump(mode="json"),
-        "evaluate": config.evaluate.model_dump(mode="json", exclude={"judge"}),
+        # where the figures are logged does not change them
+        "evaluate": config.evaluate.model_dump(mode="json", exclude={"judge", "report_to"}),
         "model_paths": paths,
     })
     inputs.update({f"model:{name}": model_fingerprint(path) for name, path in paths.items()})
@@ -173,6 +174,7 @@ def check_inputs(config: Config) -> None:
         check_model_source(config.models.policy.model_copy(update={"name_or_path": path}),
                            f"evaluate.models ({name})")
     check_model_source(*judge_model(config))
+    trackers.check(config.evaluate.report_to, "evaluate.report_to")
 
 
 def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
@@ -289,6 +291,8 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
         manifest.stats["over_refusal"] = {name: entry["rate"] for name, entry
                                           in helpfulness["over_refusal"].items()}
     run.complete()
+    trackers.log_stage(config.evaluate.report_to, config.layout.eval, "evaluate",
+                       tracked_figures(report), config)
     print_report(report)
     ui.info(f"evaluate: report in {config.layout.report}")
     return config.layout.report
@@ -658,6 +662,25 @@ def build_report(config: Config, red: list[Prompt], benign: list[Prompt], paths:
                                    for name, v in rewards.items()} if benign else None),
         }
     return report
+
+
+def tracked_figures(report: dict) -> dict:
+    """The report's numbers for the trackers, named ``<figure>/<model>`` or ``<figure>/<a>_over_<b>``."""
+    figures: dict = {"win_rate": {f"{w['model']}_over_{w['over']}": w["win_rate"]
+                                  for w in report["win_rates"]},
+                     "harmful_compliance": {name: entry["rate"]
+                                            for name, entry in report["harmful_compliance"].items()},
+                     "prompts": report["prompts"]}
+    if report["helpfulness"]:
+        helpfulness = report["helpfulness"]
+        figures["helpful_win_rate"] = {f"{w['model']}_over_{w['over']}": w["win_rate"]
+                                       for w in helpfulness["win_rates"]}
+        figures["over_refusal"] = {name: entry["rate"]
+                                   for name, entry in helpfulness["over_refusal"].items()}
+        figures["benign_prompts"] = helpfulness["prompts"]
+    if report["reward_model"]:
+        figures["mean_reward"] = report["reward_model"]["mean_score"]
+    return figures
 
 
 def matrix(title: str, names: list[str], entries: list[dict], extra: dict[str, list[str]]):
