@@ -646,7 +646,7 @@ class Config(Section):
     optimize: OptimizeConfig = OptimizeConfig()
     """Policy optimisation: DPO from the pairs, or GRPO / RLOO against the reward model."""
     evaluate: EvaluateConfig = EvaluateConfig()
-    """Head-to-head comparison of models by the feedback model and the reward model."""
+    """Models compared on harmlessness and helpfulness by a judge model and the reward model."""
     judge_check: JudgeCheckConfig = JudgeCheckConfig()
     """``cai judge-check``: the feedback model measured on pairs whose better answer is known."""
 

@@ -608,6 +608,12 @@ def judge_caveats(config: Config, report: dict) -> list[str]:
     if key == "models.feedback":
         caveats.append("judged by the feedback model that labelled the preferences the policy "
                        "was trained on, which flatters it; set evaluate.judge to another model")
+    helpfulness = report["helpfulness"]
+    rates = list(report["harmful_compliance"].values())
+    refusals = list(helpfulness["over_refusal"].values()) if helpfulness else []
+    if rates and refusals and min(e["rate"] for e in rates + refusals) >= 0.8:
+        caveats.append("the judge says yes to nearly every yes/no question, harmful and refusing "
+                       "alike: its rates carry no signal; use a stronger judge (evaluate.judge)")
     check = config.layout.stage_dir("judge-check") / "report.json"
     if check.is_file():
         measured = json.loads(check.read_text())
