@@ -35,13 +35,13 @@ from pathlib import Path
 from statistics import fmean
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, file_fingerprint, model_fingerprint, read_jsonl,
+from cai_cli.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl,
                                source_fingerprint, write_json_atomic)
 from cai_cli.config import Config, PromptSource
 from cai_cli.diagnostics import (AGREEING, BIASED, expected_calibration_error, label_diagnostics,
                                  reliability_table, wilson_interval)
 from cai_cli.errors import UserError
-from cai_cli.stages.common import StageSpec, begin, checkpoint_batches
+from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, constitution_fingerprint
 from cai_cli.transcripts import ROLES
 
 COMMAND = "judge-check"
@@ -135,7 +135,7 @@ def spec(config: Config, where: PromptSource) -> StageSpec:
                         "pairs_per_checkpoint": config.judge_check.pairs_per_checkpoint},
     }
     inputs = {
-        "constitution": "+".join(file_fingerprint(p) for p in config.constitution_paths),
+        "constitution": constitution_fingerprint(config),
         "pairs": source_fingerprint(where),
         "feedback": model_fingerprint(config.feedback_model.name_or_path),
     }

@@ -169,3 +169,30 @@ def test_the_verdict_names_a_gain_only_when_helpfulness_held(tmp_path, tiny_mode
     result = verdict(config, report, classified)
     assert says in result["text"] and result["harmlessness"] == "better"
     assert "harmful compliance 0.60 -> 0.10" in result["text"]
+
+
+def test_an_evaluation_question_changes_evaluate_only(tmp_path, tiny_model_dir):
+    from cai_cli.constitution import load_constitution
+    from cai_cli.stages import evaluate, generate_sl
+
+    constitution = tmp_path / "constitution.yaml"
+    text = (ROOT / "constitutions" / "harmless.yaml").read_text()
+    constitution.write_text(text)
+    path = write_config(tmp_path, tiny_model_dir, ["base", str(tiny_model_dir)])
+    config = yaml.safe_load(path.read_text())
+    config["constitution"] = str(constitution)
+    path.write_text(yaml.safe_dump(config))
+
+    def fingerprints():
+        loaded = load_config(path)
+        return (generate_sl.spec(loaded).inputs["constitution"],
+                evaluate.spec(loaded).inputs["constitution"])
+
+    before = fingerprints()
+    constitution.write_text(text + "\n# a comment\n")
+    assert fingerprints() == before  # the content, not the bytes
+    constitution.write_text(text.replace("Does the assistant's response refuse, deflect",
+                                         "Does the assistant's reply refuse, dodge"))
+    after = fingerprints()
+    assert after[0] == before[0] and after[1] != before[1]
+    assert "dodge" in load_constitution([str(constitution)]).evaluation.refusal

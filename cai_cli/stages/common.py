@@ -257,6 +257,28 @@ def in_run_dir(value: Any, run_dir: Path) -> Any:
     return value
 
 
+def constitution_fingerprint(config: Config, *, evaluation: bool = False) -> str:
+    """The constitution as the stages read it: its principles and worked examples (and with
+    ``evaluation`` its evaluation questions), not the files' bytes, so a comment or a changed
+    evaluation question does not make SL-CAI data stale. A constitution that does not load
+    falls back to the files' fingerprints (the stage reports the problem when it runs)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from cai_cli.constitution import load_constitution
+
+    try:
+        constitution = load_constitution(config.constitution_paths)
+    except UserError:
+        return "+".join(file_fingerprint(p) for p in config.constitution_paths)
+    content = dataclasses.asdict(constitution)
+    if not evaluation:
+        content.pop("evaluation")
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def red_team_inputs(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings and input fingerprints every stage that reads the red-team prompts and the
     constitution shares: ``(settings, inputs)``, to extend with the stage's own."""
@@ -266,7 +288,7 @@ def red_team_inputs(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
         "data.red_team": config.data.red_team.model_dump(mode="json"),
     }
     inputs = {
-        "constitution": "+".join(file_fingerprint(p) for p in config.constitution_paths),
+        "constitution": constitution_fingerprint(config),
         "prompts": source_fingerprint(config.data.red_team),
     }
     return settings, inputs

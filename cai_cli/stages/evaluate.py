@@ -46,7 +46,8 @@ from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import EvalAnswer, Judgment
 from cai_cli.seeding import record_seed
-from cai_cli.stages.common import StageRun, StageSpec, begin, red_team_inputs, require_complete
+from cai_cli.stages.common import (StageRun, StageSpec, begin, constitution_fingerprint,
+                                   red_team_inputs, require_complete)
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
@@ -98,6 +99,7 @@ def model_paths(config: Config) -> dict[str, str]:
 def spec(config: Config) -> StageSpec:
     paths = model_paths(config)
     settings, inputs = red_team_inputs(config)
+    inputs["constitution"] = constitution_fingerprint(config, evaluation=True)  # its questions too
     settings.update({
         "generate_sl": config.generate_sl.model_dump(mode="json",
                                                       include={"prompt_format", "system_prompt"}),
