@@ -588,7 +588,8 @@ class EvaluateConfig(Section):
     reward_model: bool = True
     """Also score every answer with the reward model in ``<run_dir>/rm`` when it exists."""
     bootstrap: int = Field(1000, ge=100)
-    """Bootstrap resamples for the 95% intervals of the win rates and rates."""
+    """Bootstrap resamples for the 95% intervals of the win rates and of the paired differences
+    in the verdict (rates have Wilson intervals)."""
     report_to: list[str] = ["none"]
     """Experiment trackers that receive the report's figures (win rates, rates, mean rewards),
     e.g. ``[tensorboard]`` (files in ``eval/logs/``) or ``[wandb]``; ``[none]`` for none."""

@@ -1097,7 +1097,8 @@ class Planner:
                       principles_per_pair=settings.principles_per_pair, pairs_per_prompt=None)
         # helpfulness: one question per pair of answers to a benign prompt
         helpful = Judge(config, dataclasses.replace(
-            self.constitution, principles=(Principle("helpful", "", "", "helpful"),),
+            self.constitution,
+            principles=(Principle("helpful", "", "", self.constitution.evaluation.helpful),),
             comparison_examples=()), feedback.counter, principles_per_pair=1,
             pairs_per_prompt=None)
         model_pairs = len(paths) * (len(paths) - 1) // 2

@@ -120,6 +120,8 @@ class Page:
         report = read_json(self.layout.report)
         if report and (report.get("verdict") or {}).get("text"):
             found.append(("evaluation", report["verdict"]["text"]))
+            found += [("evaluation, caveat", caveat)
+                      for caveat in report["verdict"].get("caveats") or []]
         judge = read_json(self.layout.judge_report)
         if judge and judge.get("verdict"):
             found.append(("judge-check", judge["verdict"]))
@@ -267,9 +269,11 @@ class Page:
                  + ", ".join(f"{name} `{path}`" for name, path in
                              (report.get("models") or {}).items())
                  + f"), judged by `{judge}`" + (f", in {took[0][1]}" if took else "") + ".", "")
-        verdict = (report.get("verdict") or {}).get("text")
-        if verdict:
-            self.add(f"> **Verdict**: {escape(verdict)}", "")
+        verdict = report.get("verdict") or {}
+        if verdict.get("text"):
+            self.add(f"> **Verdict**: {escape(verdict['text'])}", "")
+            for caveat in verdict.get("caveats") or []:
+                self.add(f"> **Caveat**: {escape(caveat)}", "")
         self.win_rates(f"### Harmlessness: win rates on {report.get('prompts', '?')} red-team "
                        "prompts", plots.ordered_pairs(report, report.get("win_rates") or []))
         self.rates("Harmful compliance on the red-team prompts", report.get("harmful_compliance"))

@@ -81,7 +81,8 @@ def eval_report(new_shape: bool) -> dict:
             "helpfulness": {"prompts": 12, "prompt_ids": [],
                             "win_rates": [{**r, "prompts": 12} for r in rates],
                             "over_refusal": {"base": band, "sft": band, "policy": band}},
-            "verdict": {"text": "policy is more harmless than base and no less helpful"}})
+            "verdict": {"text": "policy is more harmless than base and no less helpful",
+                        "caveats": ["the judge is undecided on the yes/no questions"]}})
     return report
 
 

@@ -196,3 +196,33 @@ def test_an_evaluation_question_changes_evaluate_only(tmp_path, tiny_model_dir):
     after = fingerprints()
     assert after[0] == before[0] and after[1] != before[1]
     assert "dodge" in load_constitution([str(constitution)]).evaluation.refusal
+
+
+def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_dir, other_model,
+                                                            monkeypatch):
+    from cai_cli.stages import evaluate
+
+    path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2)
+    evaluate.run(load_config(path))
+    answers = (tmp_path / "run" / "eval" / "answers.jsonl").read_bytes()
+    first = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+
+    def answering(*args, **kwargs):
+        raise AssertionError("the models answered again")
+
+    monkeypatch.setattr(evaluate, "answer_all", answering)
+    changed = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2,
+                           principles_per_pair=1)
+    evaluate.run(load_config(changed), force=True)
+    assert (tmp_path / "run" / "eval" / "answers.jsonl").read_bytes() == answers
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+
+    def judged(report: dict) -> int:  # pair-principles judged: prompts x principles per pair
+        return sum(v["judged"] for p in report["per_principle"].values() for v in p.values())
+
+    assert (judged(first), judged(report)) == (2 * 2, 2 * 1)
+    # what the answers depend on has changed: they are made again
+    other = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2,
+                         sampling={"max_new_tokens": 8})
+    with pytest.raises(AssertionError, match="answered again"):
+        evaluate.run(load_config(other), force=True)

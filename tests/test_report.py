@@ -53,6 +53,8 @@ def test_report_of_a_finished_run(tmp_path):
     assert "| base | sft |" not in text  # each pair once, the later model over the earlier
     assert "Over-refusal on the benign prompts" in text
     assert "policy is more harmless than base and no less helpful" in text
+    # the judge's caveats come with the verdict, at the top and in the evaluation's section
+    assert text.count("the judge is undecided on the yes/no questions") == 2
 
 
 def test_missing_stages_are_said_plainly_and_output_elsewhere(tmp_path):

@@ -243,8 +243,10 @@ def other_model(tmp_path_factory):
 
 def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_model_dir,
                                                               other_model, monkeypatch):
-    evaluate = {"models": ["base", str(other_model)], "limit": 3, "principles_per_pair": 1,
-                "bootstrap": 100, "reward_model": False, "sampling": {"max_new_tokens": 6}}
+    # 3 red-team and 3 benign prompts: each shard holds the prompts of one axis only
+    evaluate = {"models": ["base", str(other_model)], "limit": 3, "benign_limit": 3,
+                "principles_per_pair": 1, "bootstrap": 100, "reward_model": False,
+                "sampling": {"max_new_tokens": 6}}
     reference = write_config(tmp_path, tiny_model_dir, "ref", evaluate=evaluate)
     sharded = write_config(tmp_path, tiny_model_dir, "sharded", evaluate=evaluate)
     in_process("evaluate", reference)
@@ -264,6 +266,7 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
                ("answers.jsonl", "report.json"))
     report = json.loads((tmp_path / "sharded" / "eval" / "report.json").read_text())
     assert report["prompts"] == 3 and any(report["per_principle"].values())  # really judged
+    assert report["helpfulness"]["prompts"] == 3 and len(report["harmful_compliance"]) == 2
     assert cai("merge", "evaluate", "--config", sharded).returncode == 0  # nothing left to merge
 
 
