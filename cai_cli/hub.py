@@ -3,7 +3,8 @@ leaves the machine. A config cannot ask for it (``trl_args.push_to_hub`` is refu
 shared config never publishes someone's model with their token.
 
 The upload holds the model files only: the manifest (local paths, timings), logs, plots and
-hidden files (checkpoints, progress) stay home.
+hidden files (checkpoints, progress) stay home. A LoRA adapter saved alone names its base model;
+one on a local model gets a warning, as the upload alone does not load.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from cai_cli import ui
 from cai_cli.config import Config
 from cai_cli.errors import UserError
+from cai_cli.models import is_local_model, recorded_base
 
 
 def push_stage(config: Config, command: str, repo_id: str) -> None:
@@ -22,6 +24,12 @@ def push_stage(config: Config, command: str, repo_id: str) -> None:
     from cai_cli.stages.common import require_complete
 
     directory = require_complete(config, command, "only a finished model is uploaded")
+    base = recorded_base(directory)
+    if base is not None and is_local_model(base):
+        ui.warn(f"{command}: {directory} is a LoRA adapter on the local model {base}, which the "
+                "upload does not hold: load it with that model at hand, or upload the base too and "
+                "set base_model_name_or_path in the uploaded adapter_config.json, or rerun with "
+                f"{command.replace('-', '_')}.lora.merge: true to upload full weights")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=True, exist_ok=True)

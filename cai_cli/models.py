@@ -23,6 +23,7 @@ Heavy libraries are imported inside the functions: the stages' ``spec()`` import
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -35,6 +36,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^[\w.-]+$")
 # Files that hold a save_pretrained directory's weights (full models, then peft adapters).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
 REDOWNLOAD = "re-save the model with save_pretrained, or download it again"
 
 
@@ -67,9 +69,76 @@ def is_local_model(name_or_path: str) -> bool:
 
 
 def local_or_hub(name_or_path: str) -> str:
-    """An absolute path for a local model, so a saved LoRA adapter finds its base from anywhere."""
+    """An absolute path for a local model, so a saved LoRA adapter finds its base from anywhere
+    (``record_adapter_base`` then writes a base inside the run directory relative to it)."""
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else name_or_path
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters saved alone (lora.merge: false)
+#
+# peft records the base model in the adapter's adapter_config.json (base_model_name_or_path), and
+# transformers reads it when it is given the adapter's directory. cai records a base that lies
+# inside the run directory (train-rm or optimize on the run's own sft/) relative to the adapter
+# ("../sft"), so a run directory that is copied or moved still loads; a base outside it stays as
+# peft wrote it (a hub id, or an absolute path: another machine needs that model anyway).
+# transformers would read a relative base against the working directory, so cai loads an
+# adapter itself (``_from_pretrained``): the base it names, then the adapter on it.
+
+
+def adapter_only(directory: Path) -> bool:
+    """Whether ``directory`` holds a LoRA adapter without merged weights."""
+    return (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file()
+
+
+def recorded_base(directory: Path) -> str | None:
+    """The base model of the adapter saved alone in ``directory`` (None for full weights): its
+    ``base_model_name_or_path``, where a path that starts with ``./`` or ``../`` is relative to
+    ``directory``; anything else is read as transformers reads it (an absolute path, a hub id)."""
+    if not adapter_only(directory):
+        return None
+    try:
+        base = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None  # check_weights names a broken adapter_config.json
+    if not isinstance(base, str) or not base:
+        return None
+    if base in (".", "..") or base.startswith(("./", "../")):
+        return str((directory / base).resolve())
+    return base
+
+
+def adapter_base(directory: Path, key: str) -> str | None:
+    """``recorded_base``, and a local base that is not there is a UserError saying what to do."""
+    base = recorded_base(directory)
+    if base is not None and is_local_model(base) and not Path(base).expanduser().is_dir():
+        raise UserError(
+            f"{key}: {directory} is a LoRA adapter saved without merged weights, and its base "
+            f"model {base} is missing; put that model there (or set base_model_name_or_path in "
+            f"{directory / ADAPTER_CONFIG} to where it is), or rerun the stage that made it with "
+            "lora.merge: true, which saves full weights that load alone")
+    return base
+
+
+def record_adapter_base(saved: Path, directory: Path, run_dir: Path) -> None:
+    """In the adapter just saved to ``saved`` (and about to move to ``directory``), a base model
+    inside ``run_dir`` is recorded relative to ``directory`` ("../sft"); one outside stays as it
+    is."""
+    file = saved / ADAPTER_CONFIG
+    if not file.is_file():
+        return
+    data = json.loads(file.read_text(encoding="utf-8"))
+    base = data.get("base_model_name_or_path")
+    if not isinstance(base, str) or not Path(base).is_absolute():
+        return
+    path, root = Path(base).resolve(), run_dir.resolve()
+    if root not in path.parents:
+        return
+    relative = Path(os.path.relpath(path, directory.resolve())).as_posix()
+    data["base_model_name_or_path"] = relative if relative.startswith("..") else f"./{relative}"
+    file.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")  # as peft does
 
 
 def model_key(what: str) -> str:
@@ -182,10 +251,11 @@ def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> No
                         f"`cai tiny-model {model.name_or_path}`, or give a hub id)")
     if not path.is_dir():
         raise UserError(f"{key}: {path} is a file; expected a directory written by save_pretrained")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+    if not ((path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()):
         raise UserError(f"{key}: {path} has no config.json; expected a directory "
                         "written by save_pretrained")
     check_weights(path, key)
+    adapter_base(path, key)  # an adapter's base model is there
 
 
 def check_model(model: ModelConfig, key: str) -> None:
@@ -341,14 +411,23 @@ def _network_error(exc: BaseException) -> bool:
 def _from_pretrained(auto_class, model: ModelConfig, what: str, kind: str, fix: str = "",
                      name: str | None = None, **kwargs):
     """``auto_class.from_pretrained`` with the config's revision and remote-code setting; a
-    failure becomes a UserError (naming the broken weights file when that is the cause)."""
+    failure becomes a UserError (naming the broken weights file when that is the cause). A LoRA
+    adapter saved alone loads as transformers loads one (its base, then the adapter on it), with
+    a base recorded relative to the adapter found from its directory (``recorded_base``); a
+    config is the base's."""
     from safetensors import SafetensorError
 
     key = model_key(what)
+    target = name or model.name_or_path
+    adapter = Path(target).expanduser()
+    base = adapter_base(adapter, key) if is_local_model(target) else None
     try:
-        return auto_class.from_pretrained(
-            name or model.name_or_path, revision=model.revision,
+        loaded = auto_class.from_pretrained(
+            base or target, revision=model.revision,
             trust_remote_code=model.trust_remote_code, **kwargs)
+        if base is not None and hasattr(loaded, "load_adapter"):
+            loaded.load_adapter(str(adapter))
+        return loaded
     except (OSError, ValueError, SafetensorError) as exc:
         if is_local_model(model.name_or_path) and Path(model.name_or_path).expanduser().is_dir():
             check_weights(Path(model.name_or_path).expanduser(), key)  # raises when they are broken

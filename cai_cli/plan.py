@@ -181,7 +181,9 @@ def model_size(name_or_path: str, revision: str | None, role: str, key: str,
     config_file = _local_file(name_or_path, "config.json", revision)
     adapter = _local_file(name_or_path, "adapter_config.json", revision)
     if config_file is None and adapter is not None:  # a LoRA adapter: the base model's size
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        from cai_cli.models import recorded_base
+
+        base = recorded_base(adapter.parent)  # "../sft": relative to the adapter
         if base:
             return model_size(base, None, role, key, assume)
     given = assume.params.get(role, assume.params.get(name_or_path))

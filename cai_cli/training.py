@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from rich.progress import TextColumn
 
-from cai_cli import ui
+from cai_cli import models, ui
 from cai_cli.artifacts import MANIFEST, write_json_atomic
 from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
 from cai_cli.errors import UserError
@@ -509,6 +509,9 @@ def save(run, trainer, tokenizer, lora: LoraConfig, result, args, checkpoint) ->
 
     save_model(trainer, tokenizer, lora, run.directory / STAGING)
     if dist.is_main():
+        if lora.enabled and not lora.merge:  # a base in the run directory: "../sft"
+            models.record_adapter_base(run.directory / STAGING, run.directory,
+                                       run.directory.parent)
         put_in_place(run.directory)
         # The log history (loss, margins per step) outlives the checkpoints, for the plots.
         write_json_atomic(run.directory / LOGS / LOG_HISTORY, trainer.state.log_history)

@@ -232,6 +232,9 @@ def test_lora_saved_merged_and_as_an_adapter(tmp_path, config_path, tiny_model_d
     run_stage(config_path, "finetune.lora.enabled=true", "finetune.lora.merge=false",
               "finetune.training.max_steps=2", force=True)
     assert (sft / "adapter_config.json").is_file() and not (sft / "model.safetensors").exists()
+    # a base outside the run directory stays where it is, by its absolute path
+    base = json.loads((sft / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tiny_model_dir.resolve())
     assert AutoTokenizer.from_pretrained(sft).chat_template
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft)
     assert any("lora_B" in name and param.abs().sum() > 0

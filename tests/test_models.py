@@ -159,6 +159,26 @@ def test_a_hub_id_offline_and_not_cached_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_adapter_whose_base_is_gone_says_where_it_was_and_what_to_do(tmp_path,
+                                                                         tiny_model_dir):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from cai_cli import models
+
+    base, adapter = tmp_path / "base-model", tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir, base)
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
+    shutil.rmtree(base)  # e.g. the run directory taken to another machine
+    message = one_line_error(cai("generate-sl", "--config", write_config(tmp_path, adapter)))
+    assert f"models.policy.name_or_path: {adapter} is a LoRA adapter" in message
+    assert f"its base model {base} is missing" in message and "lora.merge: true" in message
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="is a LoRA adapter"):  # the loader says the same
+        models.load_causal_lm(ModelConfig(name_or_path=str(adapter), device="cpu"), "x")
+
+
 # ---------------------------------------------------------------------------------------------
 # The loaders themselves
 

@@ -306,6 +306,49 @@ def test_lora_saved_merged_and_as_an_adapter(config_path, tiny_model_dir):
                for name, param in adapted.named_parameters())
 
 
+def test_an_adapter_on_the_runs_own_sft_moves_with_the_run_directory(tmp_path, tiny_model_dir):
+    """LoRA unmerged on the run's own sft/: the adapter records its base relative to itself, so
+    the run directory moved elsewhere loads through cai and its stages stay done."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cai_cli import models
+    from cai_cli.stages import finetune, generate_sl
+
+    path = write_config(tmp_path, tiny_model_dir, lora={
+        "enabled": True, "merge": False, "target_modules": ["q_proj", "v_proj"]})
+    data = yaml.safe_load(path.read_text())
+    del data["optimize"]["model"]  # the default: <run_dir>/sft
+    data["optimize"]["training"]["max_steps"] = 1
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    for stage in (generate_sl.spec(config), finetune.spec(config)):  # made by hand, in order
+        run = begin(stage, config, force=True)
+        if stage.command == "finetune":  # sft/: the tiny model
+            shutil.copytree(tiny_model_dir, stage.directory, dirs_exist_ok=True)
+        run.complete()
+    write_pairs(path)
+    run_stage(path)
+    adapter = json.loads((tmp_path / "run" / "policy" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "../sft"
+
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(tmp_path / "run", moved)
+    status = cai("status", "--config", path, "--set", f"run_dir={moved}")
+    assert status.returncode == 0, status.stderr
+    for stage in ("finetune", "label-prefs", "optimize"):
+        assert "done" in status.stdout.split(stage)[1][:40], status.stdout
+    policy = config.models.policy.model_copy(update={"name_or_path": str(moved / "policy")})
+    loaded = models.load_causal_lm(policy, "evaluate.models")
+    assert list(loaded.peft_config) == ["default"]  # the adapter, on its base
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moved / "sft"),
+                                        moved / "policy").eval()
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, by_peft(tokens).logits)
+
+
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path, monkeypatch,
                                                           capsys, tiny_model_dir):
     import torch

@@ -211,6 +211,44 @@ def test_push_to_hub_without_network_fails_fast_and_keeps_the_model(tmp_path, ti
     assert "done" in status.split("finetune")[1][:40]  # the model itself is complete
 
 
+def test_push_to_hub_uploads_the_model_files_only(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """What upload_folder would send, through huggingface_hub's own pattern filter: the model,
+    not the manifest (local paths), logs, plots or hidden checkpoints; an adapter on a local
+    base model gets a warning."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    from cai_cli import hub
+
+    sent = []
+
+    def upload_folder(self, *, folder_path, ignore_patterns, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
+                 if p.is_file()]
+        sent.append(sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    config = load_config(write_config(tmp_path, tiny_model_dir))
+    sft = config.layout.sft
+    shutil.copytree(tiny_model_dir, sft)
+    for name in ("logs/events.out", "plots/loss.png", ".checkpoints/checkpoint-2/x", ".progress"):
+        (sft / name).parent.mkdir(parents=True, exist_ok=True)
+        (sft / name).write_text("x")
+    (sft / "manifest.json").write_text(json.dumps({"stage": "finetune", "status": "complete"}))
+    hub.push_stage(config, "finetune", "me/model")
+    assert sent == [sorted(p.name for p in tiny_model_dir.iterdir())]
+    assert "warning" not in capsys.readouterr().err
+
+    (sft / "config.json").rename(sft / "adapter_config.json")  # an adapter on the run's own base
+    (sft / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}))
+    hub.push_stage(config, "finetune", "me/model")
+    assert "adapter_config.json" in sent[-1] and "manifest.json" not in sent[-1]
+    warning = " ".join(capsys.readouterr().err.split())
+    assert f"is a LoRA adapter on the local model {sft.parent / 'base'}" in warning
+    assert "finetune.lora.merge: true" in warning
+
+
 @pytest.mark.parametrize("setting, message", [
     ("finetune.training.trl_args.warmup_step=3", "did you mean 'warmup_steps'"),
     ("optimize.method=grpo", "not a multiple of optimize.num_generations"),
