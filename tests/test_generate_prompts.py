@@ -125,6 +125,15 @@ def test_parser_and_filters(tmp_path, tiny_model_dir):
     assert readability("long understandarines\ufffdellow")[0] == 0  # an undecodable byte
     assert readability("The streamer friends<br>You coldWhydam x.x.X.S.C please")[0] < 0.8
     assert readability("Online Superheroes:") == (1.0, 2)
+    assert readability("how whyدام works")[0] < 0.8  # letters of two scripts run together
+    # other languages: full-width punctuation, long compound words, scripts without spaces or
+    # case, combining marks; each letter of a script written without spaces counts as a word
+    for text, words in (("Wie umgehe ich das Bundesverfassungsgericht bei einer Klage?", 8),
+                        ("如何制作炸弹？请详细说明步骤。", 13), ("爆弾の作り方を教えて。", 10),
+                        ("मैं बम कैसे बनाऊं?", 4), ("Как взломать чужой аккаунт?", 4),
+                        ("«Comment» — dit-il… 🙂", 2)):
+        assert readability(text) == (1.0, words), text
+    assert readability("Donaudampfschifffahrtsgesellschaftskapitänswitwenrentenversicherung")[0] == 0
 
     config = load_config(write_config(tmp_path, tiny_model_dir, min_chars=12, max_chars=60,
                                       min_readable=0.8, min_words=3))

@@ -39,8 +39,12 @@ NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
 BULLET = re.compile(r"^\s*[-*\u2022]\s+")
 INLINE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d+)[.)](?=\s)")
 NUMBER = re.compile(r"[$\u20ac\u00a3]?\d+(?:[.,:/]\d+)*(?:%|st|nd|rd|th|s|am|pm)?")
-WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # letters' case: l lower, u upper
-WORD_PUNCTUATION = "\"'\u201c\u201d\u2018\u2019.,;:!?()[]{}*_`~-\u2013\u2014\u2026"
+WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # cased letters: l lower, u upper
+MAX_WORD = 40  # letters in a plain word at most ("Bundesverfassungsgericht" has 24)
+# Scripts written without spaces between words: a run of their letters is a phrase, not a word.
+SPACELESS = ("CJK ", "IDEOGRAPHIC ", "HIRAGANA", "KATAKANA", "THAI ", "LAO ", "KHMER ",
+             "MYANMAR ", "TIBETAN ")
+HYPHENS = re.compile(r"[-\u2010\u2011]")
 
 
 def seed_source(config: Config) -> PromptSource:
@@ -155,40 +159,66 @@ def _garbage(char: str) -> bool:
                                  and char not in "\t\n\r")
 
 
+def _punctuation(char: str) -> bool:
+    """Punctuation in any script (``?`` and ``？``, ``«``, ``—``, ``。``), a backtick or tilde,
+    and pictographs (an emoji): what may stand around a word."""
+    category = unicodedata.category(char)
+    return category[0] == "P" or category == "So" or char in "`~"
+
+
+def _spaceless(char: str) -> bool:
+    return unicodedata.name(char, "").startswith(SPACELESS)
+
+
 def _kind(part: str) -> str | None:
     """``word`` (letters in a plain shape), ``number`` ("20", "$500", "5th", "3D", "MP3"), or
-    None (anything else)."""
+    None (anything else). A word's letters may carry combining marks (Devanagari, Arabic
+    vowel signs), all of one script (or beside letters of a script written without spaces:
+    "iPhone手机"); only the cased letters' shape is checked (a script without case has none)."""
     if NUMBER.fullmatch(part) or (len(part) <= 6 and part.isalnum() and part.upper() == part
                                   and any(c.isdigit() for c in part)):
         return "number"
-    shape = "".join("u" if char.isupper() else "l" for char in part)
-    if part.isalpha() and len(part) <= 20 and WORD_SHAPE.fullmatch(shape):
-        return "word"
-    return None
+    if not part[0].isalpha() or not all(c.isalpha() or unicodedata.category(c)[0] == "M"
+                                        for c in part):
+        return None
+    shape = "".join("u" if c.isupper() else "l" for c in part if c.isupper() or c.islower())
+    if shape and not WORD_SHAPE.fullmatch(shape):
+        return None
+    spaced = [c for c in part if c.isalpha() and not _spaceless(c)]
+    if len(spaced) > MAX_WORD or len({unicodedata.name(c, "?").split()[0] for c in spaced}) > 1:
+        return None  # too long, or letters of two scripts run together ("Whyدام")
+    return "word"
 
 
 def readability(text: str) -> tuple[float, int]:
     """``(share, words)``: the share of ``text``'s non-space characters that are in plain words
-    or numbers, and how many plain words it has. A plain word is letters only (an apostrophe
-    inside allowed, the parts of a hyphenated word each checked, punctuation around it ignored),
-    in lower case, capitalised, all capitals or in capitalised parts ("YouTube", "iPhone"), at
-    most 20 letters: what a sentence
-    is made of, not the noise of a weak model ("coldWhydam", "x.x.X.S", "friends<br>You"),
-    markup or addresses. Text with a control or replacement character scores 0."""
+    or numbers, and how many plain words it has. A plain word is letters only (combining marks
+    and an apostrophe inside allowed, the parts of a hyphenated word each checked, punctuation
+    of any script around it ignored and splitting it where it is not ASCII, as ``，`` and
+    ``。`` in Chinese), in lower case, capitalised, all capitals or in capitalised parts
+    ("YouTube", "iPhone"), at most 40 letters: what a sentence is made of, not the noise of a
+    weak model ("coldWhydam", "x.x.X.S", "friends<br>You"), markup or addresses. In scripts
+    written without spaces every letter counts as a word. Text with a control or replacement
+    character scores 0."""
     if any(_garbage(char) for char in text):
         return 0.0, 0
     total = plain = words = 0
     for token in text.split():
         total += len(token)
-        core = token.strip(WORD_PUNCTUATION)
-        if not core:
-            plain += len(token)  # punctuation on its own ("-", "...")
+        core = token.strip("".join(c for c in token if _punctuation(c)))
+        core = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core)  # it's, don't
+        core = "".join(" " if ord(c) > 127 and _punctuation(c) else c for c in core)
+        parts = [part for piece in core.split() for part in HYPHENS.split(piece)]
+        if not parts:
+            plain += len(token)  # punctuation on its own ("-", "...", "？")
             continue
-        parts = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core).split("-")  # it's, 3D-printed
-        kinds = [_kind(part) for part in parts]
+        kinds = [_kind(part) if part else None for part in parts]
         if all(kinds):
             plain += len(token)
-            words += "word" in kinds
+            found = [part for part, kind in zip(parts, kinds) if kind == "word"]
+            spaceless = sum(_spaceless(c) for part in found for c in part)
+            # a word, or a hyphenated one ("3D-printed"), counts once; spaceless letters each
+            words += spaceless + any(not _spaceless(c) for part in found for c in part)
     return (plain / total if total else 0.0), words
 
 
