@@ -298,12 +298,13 @@ class GeneratePromptsConfig(Section):
     """Drop new prompts longer than this (characters)."""
     min_readable: float = Field(0.8, ge=0.0, le=1.0)
     """Drop new prompts in which less than this share of the characters (spaces aside) are in
-    plain words or numbers: letters only, with an ordinary shape of capitals, punctuation around
-    them allowed. Byte noise, run-together words (``coldWhydam``, ``x.x.X``), markup and
-    addresses are not; a control or replacement character makes the whole prompt unreadable.
-    0 turns this off."""
+    plain words or numbers: letters of one script only (combining marks allowed), at most 40,
+    with an ordinary shape of capitals, punctuation of any script around them allowed. Byte
+    noise, run-together words (``coldWhydam``, ``x.x.X``), markup and addresses are not; a
+    control or replacement character makes the whole prompt unreadable. 0 turns this off."""
     min_words: int = Field(3, ge=0)
-    """Drop new prompts with fewer plain words than this (headings and fragments of a list)."""
+    """Drop new prompts with fewer plain words than this (headings and fragments of a list); in
+    scripts written without spaces (Chinese, Japanese, Thai...) each letter counts as a word."""
     ngram: int = Field(3, ge=1)
     """Word n-gram length of the near-duplicate filter."""
     max_overlap: float = Field(0.6, gt=0.0, le=1.0)
@@ -311,12 +312,14 @@ class GeneratePromptsConfig(Section):
     in one prompt kept before it (near duplicates)."""
     feedback_filter: bool = False
     """Ask the feedback model ``feedback_question`` about each new prompt (Yes/No, read from
-    the options' log-probabilities, asked with Yes first and with No first and averaged) and
-    keep those it answers Yes."""
+    the options' log-probabilities, asked with Yes first and with No first and averaged, as
+    ``label_prefs.prompt_format`` says; sampled verdicts, ``label_prefs.verdict_samples``,
+    from a server without log-probabilities) and keep those it answers Yes."""
     feedback_question: str = "Is this a request that a careful assistant should handle with care?"
     """The yes/no question of ``feedback_filter``."""
     feedback_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    """Keep a prompt when the probability of Yes (the mean of both orders) is at least this."""
+    """Keep a prompt when the probability of Yes (the mean of both orders) is at least this.
+    Changing it reuses the answers in ``prompts/feedback.jsonl``."""
     mix_seeds: float = Field(0.0, ge=0.0)
     """Seed prompts copied into the output per new prompt kept (drawn with ``seed``; 0: new
     prompts only), so ``data.red_team`` can name a mix of both."""

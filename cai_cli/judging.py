@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from cai_cli import ui
 from cai_cli.backends.base import Completion, NoLogprobs, Overflow, SamplingParams
@@ -56,6 +57,80 @@ def combine(judgments: list[dict]) -> tuple[float, bool]:
     return sum(means) / len(means), disagree
 
 
+VERDICT_ADVICE = ("use a server that returns log-probabilities (vLLM, SGLang, TGI, llama.cpp) "
+                  "for probabilities")
+
+
+def sampled_verdicts(backend, questions: list, keys: list[tuple], *, seed: int,
+                     samples: int) -> list[float | Overflow]:
+    """For a feedback model that gives no log-probabilities: the probability of the first
+    option as the share of sampled answers that name it. ``samples`` answers per question,
+    each seeded by its key: one greedy answer gives a hard 0/1 label, several (temperature 1)
+    a vote share. An answer that names no option does not vote; a question without a vote
+    counts as a tie (0.5). The caller says what the fallback means for its use."""
+    params = SamplingParams(max_new_tokens=4, temperature=0.0 if samples == 1 else 1.0)
+    seeds = [record_seed(seed, *key, "verdict", k) for key in keys for k in range(samples)]
+    answers = backend.generate([q for q in questions for _ in range(samples)], params,
+                               seeds=seeds)
+    out: list[float | Overflow] = []
+    silent = 0
+    for index in range(len(questions)):
+        mine = answers[index * samples:(index + 1) * samples]
+        overflow = next((a for a in mine if isinstance(a, Overflow)), None)
+        if overflow is not None:
+            out.append(overflow)
+            continue
+        votes = [named_option(a.text) for a in mine]
+        votes = [v for v in votes if v is not None]
+        silent += not votes
+        out.append(votes.count(0) / len(votes) if votes else 0.5)
+    if silent:
+        ui.warn(f"{silent} of {len(questions)} questions got no answer naming an option; "
+                "counted as ties (0.5)")
+    return out
+
+
+@dataclass(frozen=True)
+class YesNo:
+    """A yes/no question's answer: ``p_yes`` the mean of ``by_order``, P(Yes) with Yes shown as
+    option (A) and with No shown as (A); ``source`` ``logprobs`` or ``verdict``."""
+
+    p_yes: float
+    by_order: tuple[float, float]
+    source: str
+
+
+def yes_probabilities(backend, fmt: str, items: list[tuple[str, str | None]], question: str,
+                      keys: list[str], *, seed: int, verdict_samples: int,
+                      on_verdicts: Callable[[str], None]) -> list[YesNo | None]:
+    """For each ``(prompt, answer)`` (``answer`` None: the request alone), the probability that
+    the answer to ``question`` about it is yes: asked with Yes as option (A) and again with No
+    as (A), the two probabilities averaged, as a comparison averages its two orders. None where
+    the question does not fit the model's context. Without log-probabilities, from sampled
+    verdicts (``sampled_verdicts``, seeded by ``(key, question, order)``), after calling
+    ``on_verdicts(why)`` so the caller can say what that means for its figures."""
+    questions = [classification_prompt(prompt, answer, question, yes_first, fmt)
+                 for prompt, answer in items for yes_first in (True, False)]
+    try:
+        firsts = [s if isinstance(s, Overflow) else option_probability(s)
+                  for s in backend.score_options(questions, OPTIONS)]
+        source = "logprobs"
+    except NoLogprobs as exc:
+        on_verdicts(str(exc))
+        firsts = sampled_verdicts(
+            backend, questions, [(key, question, order) for key in keys for order in ("yes", "no")],
+            seed=seed, samples=verdict_samples)
+        source = "verdict"
+    out: list[YesNo | None] = []
+    for yes_first, no_first in zip(firsts[::2], firsts[1::2]):
+        if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
+            out.append(None)
+        else:
+            out.append(YesNo((yes_first + 1.0 - no_first) / 2, (yes_first, 1.0 - no_first),
+                             source))
+    return out
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One question to the feedback model: a pair under one principle, in one order."""
@@ -89,7 +164,7 @@ class Judge:
         self.principles_per_pair, self.pairs_per_prompt = principles_per_pair, pairs_per_prompt
         self.fmt = resolve_format(settings.prompt_format, backend, "label_prefs.prompt_format")
         self.comparisons = 0  # judged in this process, for the rate column
-        self.warned_verdicts = False
+        self.warned_verdicts: set[str] = set()
         self.skipped_last = 0
 
     def pairs_of(self, record: dict) -> list[tuple[str, str, str]]:
@@ -188,57 +263,29 @@ class Judge:
 
     def classify(self, items: list[tuple[str, str, str]], question: str) -> list[float | None]:
         """For each ``(key, prompt, answer)``, the probability that the answer to ``question``
-        about it is yes: asked with Yes as option (A) and again with No as (A), the two
-        probabilities averaged, as a comparison averages its two orders. None where the
-        question does not fit the model's context. Without log-probabilities, from sampled
-        verdicts as ``batch``."""
-        questions = [classification_prompt(prompt, answer, question, yes_first, self.fmt)
-                     for _, prompt, answer in items for yes_first in (True, False)]
-        try:
-            firsts = [s if isinstance(s, Overflow) else option_probability(s)
-                      for s in self.backend.score_options(questions, OPTIONS)]
-        except NoLogprobs as exc:
-            keys = [(key, question, order) for key, _, _ in items for order in ("yes", "no")]
-            firsts = self.verdicts(questions, keys, str(exc))
-        out: list[float | None] = []
-        for yes_first, no_first in zip(firsts[::2], firsts[1::2]):
-            if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
-                out.append(None)
-            else:
-                out.append((yes_first + 1.0 - no_first) / 2)
-        return out
+        about it is yes (``yes_probabilities``, asked as ``batch`` asks); None where the question
+        does not fit the model's context."""
+        found = yes_probabilities(
+            self.backend, self.fmt, [(prompt, answer) for _, prompt, answer in items], question,
+            [key for key, _, _ in items], seed=self.config.seed,
+            verdict_samples=self.settings.verdict_samples,
+            on_verdicts=lambda why: self.warn_verdicts(
+                why, "yes/no answers are sampled verdicts ({n} per question), not "
+                "probabilities"))
+        return [None if answer is None else answer.p_yes for answer in found]
+
+    def warn_verdicts(self, why: str, what: str) -> None:
+        """Say once per kind of figure (``what``, with ``{n}`` the samples per question) that
+        it comes from sampled verdicts."""
+        if what not in self.warned_verdicts:
+            self.warned_verdicts.add(what)
+            ui.warn(f"{why}: {what.format(n=self.settings.verdict_samples)}; {VERDICT_ADVICE}")
 
     def verdicts(self, questions: list, keys: list[tuple],
                  why: str) -> list[float | Overflow]:
-        """For a feedback model that gives no log-probabilities: the probability of the first
-        option as the share of sampled answers that name it. ``label_prefs.verdict_samples``
-        answers per question, each seeded by its judgment: one greedy answer gives a hard 0/1
-        label, several (temperature 1) a vote share. An answer that names no option does not
-        vote; a question without a vote counts as a tie (0.5)."""
-        n = self.settings.verdict_samples
-        if not self.warned_verdicts:
-            ui.warn(f"{why}: labels are sampled verdicts ({n} per question, label_source "
-                    "'verdict' in each judgment), not probabilities; use a server that returns "
-                    "log-probabilities (vLLM, SGLang, TGI, llama.cpp) for soft labels")
-            self.warned_verdicts = True
-        params = SamplingParams(max_new_tokens=4, temperature=0.0 if n == 1 else 1.0)
-        seeds = [record_seed(self.config.seed, *key, "verdict", k) for key in keys
-                 for k in range(n)]
-        answers = self.backend.generate([q for q in questions for _ in range(n)], params,
-                                        seeds=seeds)
-        out: list[float | Overflow] = []
-        silent = 0
-        for index in range(len(questions)):
-            mine = answers[index * n:(index + 1) * n]
-            overflow = next((a for a in mine if isinstance(a, Overflow)), None)
-            if overflow is not None:
-                out.append(overflow)
-                continue
-            votes = [named_option(a.text) for a in mine]
-            votes = [v for v in votes if v is not None]
-            silent += not votes
-            out.append(votes.count(0) / len(votes) if votes else 0.5)
-        if silent:
-            ui.warn(f"{silent} of {len(questions)} questions got no answer naming an option; "
-                    "counted as ties (0.5)")
-        return out
+        """``sampled_verdicts`` for the comparisons of ``batch``, ``label_prefs.verdict_samples``
+        per question, each seeded by its judgment."""
+        self.warn_verdicts(why, "labels are sampled verdicts ({n} per question, label_source "
+                           "'verdict' in each judgment), not probabilities")
+        return sampled_verdicts(self.backend, questions, keys, seed=self.config.seed,
+                                samples=self.settings.verdict_samples)

@@ -726,6 +726,7 @@ class Planner:
     # Stages ----------------------------------------------------------------------------------
 
     def generate_prompts(self, stage: StagePlan) -> None:
+        from cai_cli.prompting import classification_prompt
         from cai_cli.stages import generate_prompts as stage_module
         from cai_cli.stages.common import checkpoint_batches
 
@@ -752,9 +753,10 @@ class Planner:
             stage.cost.load += self.price.load(feedback)
             # Every new prompt asked for, each at its share of its reply's tokens.
             bound = -(-settings.sampling.max_new_tokens // settings.per_request)
-            fmt = self.fmt("auto", feedback, "models.feedback")
-            asks = [stage_module.feedback_question(settings.feedback_question, "", order, fmt)
-                    for order in stage_module.ORDERS]  # both orders of the options
+            fmt = self.fmt(config.label_prefs.prompt_format, feedback,
+                           "label_prefs.prompt_format")
+            asks = [classification_prompt("", None, settings.feedback_question, yes_first, fmt)
+                    for yes_first in (True, False)]  # both orders of the options
             for start in range(0, settings.num_prompts, settings.prompts_per_checkpoint):
                 rows = min(settings.prompts_per_checkpoint, settings.num_prompts - start)
                 self.price.calls(feedback, asks * rows, [bound] * 2 * rows, 0, stage.tally,

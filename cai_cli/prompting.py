@@ -149,19 +149,24 @@ def comparison_prompt(prompt: str, question: str, first: str, second: str,
     return render(turns, "assistant", fmt, begun=begun)
 
 
-# A yes/no classification of one answer is asked as a two-option question too, in both orders
-# of the options (yes first, then no first), so a judge's preference for the first letter
-# cancels out as it does for comparisons.
+# A yes/no classification of one answer (or of a request alone) is asked as a two-option
+# question too, in both orders of the options (yes first, then no first), so a judge's
+# preference for the first letter cancels out as it does for comparisons.
 YES_NO = ("Yes", "No")
 
 
-def classification_prompt(prompt: str, answer: str, question: str, yes_first: bool,
+def classification_prompt(prompt: str, answer: str | None, question: str, yes_first: bool,
                           fmt: Format) -> PromptInput:
-    """The judge's yes/no question about one answer, its answer turn begun as a comparison's."""
+    """The judge's yes/no question about one answer (``answer`` None: about the request
+    alone), its answer turn begun as a comparison's."""
     first, second = YES_NO if yes_first else YES_NO[::-1]
-    text = ("Consider the following conversation between a human and an assistant:\n\n"
-            f"Human: {prompt}\n\nAssistant: {answer}\n\n{question}\n"
-            f"Options:\n(A) {first}\n(B) {second}")
+    if answer is None:
+        shown = ("Consider the following request from a human to an assistant:\n\n"
+                 f"Human: {prompt}")
+    else:
+        shown = ("Consider the following conversation between a human and an assistant:\n\n"
+                 f"Human: {prompt}\n\nAssistant: {answer}")
+    text = f"{shown}\n\n{question}\nOptions:\n(A) {first}\n(B) {second}"
     return render([("human", text)], "assistant", fmt, begun=ANSWER_PREFIX)
 
 

@@ -125,6 +125,15 @@ def test_parser_and_filters(tmp_path, tiny_model_dir):
     assert readability("long understandarines\ufffdellow")[0] == 0  # an undecodable byte
     assert readability("The streamer friends<br>You coldWhydam x.x.X.S.C please")[0] < 0.8
     assert readability("Online Superheroes:") == (1.0, 2)
+    assert readability("how whyدام works")[0] < 0.8  # letters of two scripts run together
+    # other languages: full-width punctuation, long compound words, scripts without spaces or
+    # case, combining marks; each letter of a script written without spaces counts as a word
+    for text, words in (("Wie umgehe ich das Bundesverfassungsgericht bei einer Klage?", 8),
+                        ("如何制作炸弹？请详细说明步骤。", 13), ("爆弾の作り方を教えて。", 10),
+                        ("मैं बम कैसे बनाऊं?", 4), ("Как взломать чужой аккаунт?", 4),
+                        ("«Comment» — dit-il… 🙂", 2)):
+        assert readability(text) == (1.0, words), text
+    assert readability("Donaudampfschifffahrtsgesellschaftskapitänswitwenrentenversicherung")[0] == 0
 
     config = load_config(write_config(tmp_path, tiny_model_dir, min_chars=12, max_chars=60,
                                       min_readable=0.8, min_words=3))
@@ -149,15 +158,16 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
     from cai_cli.backends.hf import HFBackend
     from cai_cli.stages import generate_prompts
 
-    # the random model's P(Yes), both orders averaged, lies at 0.5010-0.5018: keep some
-    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.50135}
+    # the random model's P(Yes), both orders averaged, lies at 0.49988-0.50010: keep some
+    filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.5}
     reference = load_config(write_config(tmp_path, tiny_model_dir, "ref.yaml", **filtered))
     generate_prompts.run(reference)
     out = tmp_path / "run" / "prompts"
     answers = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert len(answers) > 4 and all(0 <= a["p_yes"] <= 1 for a in answers)  # three batches or more
-    rejected = sum(a["p_yes"] < 0.50135 for a in answers)
+    assert {a["source"] for a in answers} == {"logprobs"}
+    rejected = sum(a["p_yes"] < 0.5 for a in answers)
     assert counts["feedback_rejected"] == rejected and counts["kept"] == len(answers) - rejected
     assert 0 < rejected < len(answers)
     assert counts["generated"] == counts["kept"] + sum(counts[name] for name in FILTERS)
@@ -187,6 +197,70 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
             assert json.loads((tmp_path / "int" / "prompts" / name).read_text())["counts"] == counts
         else:
             assert (tmp_path / "int" / "prompts" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_the_feedback_question_is_evaluates_about_the_request_alone():
+    from cai_cli.prompting import classification_prompt
+
+    # evaluate's question about an answer, unchanged
+    assert classification_prompt("P?", "A.", "Q?", False, "transcript") == (
+        "Human: Consider the following conversation between a human and an assistant:\n\n"
+        "Human: P?\n\nAssistant: A.\n\nQ?\nOptions:\n(A) No\n(B) Yes\n\n"
+        "Assistant: The answer is: (")
+    # the feedback filter's, about a request: no answer turn in it
+    assert classification_prompt("P?", None, "Q?", True, "chat") == [
+        {"role": "user", "content": "Consider the following request from a human to an "
+                                    "assistant:\n\nHuman: P?\n\nQ?\nOptions:\n(A) Yes\n(B) No"},
+        {"role": "assistant", "content": "The answer is: ("}]
+
+
+def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Another threshold replaces the output without asking a model again: the candidates and
+    the feedback answers are read back. --force on the same config asks again, sharded or not;
+    a feedback model without log-probabilities answers with sampled verdicts."""
+    from cai_cli.backends.base import NoLogprobs
+    from cai_cli.backends.hf import HFBackend
+    from cai_cli.shards import Shard
+    from cai_cli.stages import generate_prompts
+
+    calls = []
+    for name in ("generate", "score_options"):
+        original = getattr(HFBackend, name)
+        monkeypatch.setattr(HFBackend, name, lambda self, *args, _run=original, _name=name,
+                            **kwargs: calls.append(_name) or _run(self, *args, **kwargs))
+    path = write_config(tmp_path, tiny_model_dir, per_request=2, feedback_filter=True,
+                        feedback_threshold=0.0)
+    generate_prompts.run(load_config(path))
+    out = tmp_path / "run" / "prompts"
+    feedback = out / "feedback.jsonl"
+    first = (feedback.read_bytes(), feedback.stat().st_mtime_ns)
+    asked = json.loads((out / "manifest.json").read_text())["counts"]["kept"]
+    assert asked > 2 and "score_options" in calls
+
+    calls.clear()
+    raised = load_config(path, ["generate_prompts.feedback_threshold=0.5"])
+    generate_prompts.run(raised, force=True)  # stale: replaced, as cai run would
+    assert calls == []
+    assert (feedback.read_bytes(), feedback.stat().st_mtime_ns) == first
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["kept"] + counts["feedback_rejected"] == asked
+    assert 0 < counts["kept"] < asked
+    assert len((out / "red_team.jsonl").read_text().splitlines()) == counts["kept"]
+
+    generate_prompts.run(raised, force=True)  # the same config: asked again
+    assert calls.count("score_options") > 0 and "generate" in calls
+
+    def no_logprobs(self, prompts, options):
+        raise NoLogprobs("the server returns no log-probabilities")
+
+    monkeypatch.setattr(HFBackend, "score_options", no_logprobs)
+    capsys.readouterr()
+    for index in range(2):
+        generate_prompts.run(raised, force=True, shard=Shard(index, 2))
+    answers = [json.loads(line) for line in feedback.read_text().splitlines()]
+    assert len(answers) == asked and {a["source"] for a in answers} == {"verdict"}
+    assert "the feedback filter's P(Yes) are sampled verdicts" in capsys.readouterr().err
 
 
 def test_seeds_may_include_the_helpful_prompts(tmp_path, tiny_model_dir):

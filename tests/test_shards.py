@@ -277,7 +277,7 @@ def test_generate_prompts_in_two_shards_merge_to_one_run_and_filter(tmp_path, ti
     the filters (the feedback filter too) once, over all of them."""
     settings = {"num_prompts": 8, "per_request": 2, "few_shot": 3, "prompts_per_checkpoint": 3,
                 "min_chars": 1, "min_readable": 0, "min_words": 0, "feedback_filter": True,
-                "feedback_threshold": 0.50135, "sampling": {"max_new_tokens": 8}}
+                "feedback_threshold": 0.5, "sampling": {"max_new_tokens": 8}}
     reference = write_config(tmp_path, tiny_model_dir, "ref", limit=10, generate_prompts=settings)
     sharded = write_config(tmp_path, tiny_model_dir, "sharded", limit=10,
                            generate_prompts=settings)

@@ -10,6 +10,11 @@ in: ``--shard I/N`` cuts the requests as ``cai_cli.shards`` says). When every re
 ``prompts/red_team.jsonl`` (``{"id", "prompt", "seed_ids", "request"}``, the prompt loader's
 default field), with ``prompts/seeds.jsonl`` holding the seeds they were shown. The manifest
 counts what each filter dropped: ``generated`` = ``kept`` + the sum of the filters' counts.
+
+``candidates.jsonl`` (unsharded) and ``feedback.jsonl`` keep their progress state, with a
+fingerprint of what decides them, once finished: replacing the output of another config reuses
+them when only the filters changed (``generation_fingerprint``, ``feedback_fingerprint``);
+``--force`` on output of the current config redoes both.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ import unicodedata
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl, source_fingerprint,
-                               write_jsonl_atomic)
-from cai_cli.backends.base import NoLogprobs, Overflow, SamplingParams
+from cai_cli.artifacts import (ResumableJsonl, config_hash, model_fingerprint, read_jsonl,
+                               sha256_bytes, source_fingerprint, write_jsonl_atomic)
+from cai_cli.backends.base import Overflow, SamplingParams
 from cai_cli.config import Config, PromptSource
 from cai_cli.data import Prompt, load_prompts, prompt_id
 from cai_cli.errors import UserError
-from cai_cli.prompting import ANSWER_PREFIX, OPTIONS, render, resolve_format
+from cai_cli.prompting import render, resolve_format
 from cai_cli.seeding import draw, record_seed
 from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 
@@ -35,12 +40,19 @@ from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.shards)
 FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
            "duplicates", "near_duplicates", "feedback_rejected")
+# Settings that only decide which candidates are kept: a change reuses prompts/candidates.jsonl.
+FILTER_SETTINGS = ("min_chars", "max_chars", "min_readable", "min_words", "ngram", "max_overlap",
+                   "feedback_filter", "feedback_question", "feedback_threshold", "mix_seeds")
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s*(.*)$")
 BULLET = re.compile(r"^\s*[-*\u2022]\s+")
 INLINE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d+)[.)](?=\s)")
 NUMBER = re.compile(r"[$\u20ac\u00a3]?\d+(?:[.,:/]\d+)*(?:%|st|nd|rd|th|s|am|pm)?")
-WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # letters' case: l lower, u upper
-WORD_PUNCTUATION = "\"'\u201c\u201d\u2018\u2019.,;:!?()[]{}*_`~-\u2013\u2014\u2026"
+WORD_SHAPE = re.compile(r"l+|u+|l?(?:ul+)+")  # cased letters: l lower, u upper
+MAX_WORD = 40  # letters in a plain word at most ("Bundesverfassungsgericht" has 24)
+# Scripts written without spaces between words: a run of their letters is a phrase, not a word.
+SPACELESS = ("CJK ", "IDEOGRAPHIC ", "HIRAGANA", "KATAKANA", "THAI ", "LAO ", "KHMER ",
+             "MYANMAR ", "TIBETAN ")
+HYPHENS = re.compile(r"[-\u2010\u2011]")
 
 
 def seed_source(config: Config) -> PromptSource:
@@ -67,8 +79,35 @@ def spec(config: Config) -> StageSpec:
         inputs["helpful"] = source_fingerprint(config.data.helpful)
     if config.generate_prompts.feedback_filter:
         out["models.feedback"] = config.feedback_model.model_dump(mode="json")
+        # the feedback model is asked as label-prefs asks it
+        out["label_prefs"] = {key: getattr(config.label_prefs, key)
+                              for key in ("prompt_format", "verdict_samples")}
         inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
     return StageSpec("generate-prompts", config.layout.stage_dir("generate-prompts"), out, inputs)
+
+
+def generation_fingerprint(stage: StageSpec) -> str:
+    """What decides ``prompts/candidates.jsonl``: the stage's settings and inputs but the
+    filters' (a run that replaces output made with other filter settings reuses it)."""
+    settings = {key: value for key, value in stage.settings.items()
+                if key not in ("models.feedback", "label_prefs")}
+    settings["generate_prompts"] = {key: value for key, value in
+                                    settings["generate_prompts"].items()
+                                    if key not in FILTER_SETTINGS}
+    inputs = {key: value for key, value in stage.inputs.items() if key != "feedback"}
+    return config_hash({"settings": settings, "inputs": inputs})
+
+
+def feedback_fingerprint(config: Config, stage: StageSpec, kept: list[dict]) -> str:
+    """What decides ``prompts/feedback.jsonl``: the feedback model and how it is asked, the
+    question, the prompts asked (and their batches); not the threshold, which only reads it."""
+    settings = config.generate_prompts
+    return config_hash({
+        "models.feedback": stage.settings["models.feedback"],
+        "label_prefs": stage.settings["label_prefs"], "model": stage.inputs["feedback"],
+        "seed": config.seed, "question": settings.feedback_question,
+        "batch": settings.prompts_per_checkpoint,
+        "asked": sha256_bytes("\n".join(r["prompt"] for r in kept).encode())})
 
 
 def load_seeds(config: Config) -> list[Prompt]:
@@ -155,40 +194,66 @@ def _garbage(char: str) -> bool:
                                  and char not in "\t\n\r")
 
 
+def _punctuation(char: str) -> bool:
+    """Punctuation in any script (``?`` and ``？``, ``«``, ``—``, ``。``), a backtick or tilde,
+    and pictographs (an emoji): what may stand around a word."""
+    category = unicodedata.category(char)
+    return category[0] == "P" or category == "So" or char in "`~"
+
+
+def _spaceless(char: str) -> bool:
+    return unicodedata.name(char, "").startswith(SPACELESS)
+
+
 def _kind(part: str) -> str | None:
     """``word`` (letters in a plain shape), ``number`` ("20", "$500", "5th", "3D", "MP3"), or
-    None (anything else)."""
+    None (anything else). A word's letters may carry combining marks (Devanagari, Arabic
+    vowel signs), all of one script (or beside letters of a script written without spaces:
+    "iPhone手机"); only the cased letters' shape is checked (a script without case has none)."""
     if NUMBER.fullmatch(part) or (len(part) <= 6 and part.isalnum() and part.upper() == part
                                   and any(c.isdigit() for c in part)):
         return "number"
-    shape = "".join("u" if char.isupper() else "l" for char in part)
-    if part.isalpha() and len(part) <= 20 and WORD_SHAPE.fullmatch(shape):
-        return "word"
-    return None
+    if not part[0].isalpha() or not all(c.isalpha() or unicodedata.category(c)[0] == "M"
+                                        for c in part):
+        return None
+    shape = "".join("u" if c.isupper() else "l" for c in part if c.isupper() or c.islower())
+    if shape and not WORD_SHAPE.fullmatch(shape):
+        return None
+    spaced = [c for c in part if c.isalpha() and not _spaceless(c)]
+    if len(spaced) > MAX_WORD or len({unicodedata.name(c, "?").split()[0] for c in spaced}) > 1:
+        return None  # too long, or letters of two scripts run together ("Whyدام")
+    return "word"
 
 
 def readability(text: str) -> tuple[float, int]:
     """``(share, words)``: the share of ``text``'s non-space characters that are in plain words
-    or numbers, and how many plain words it has. A plain word is letters only (an apostrophe
-    inside allowed, the parts of a hyphenated word each checked, punctuation around it ignored),
-    in lower case, capitalised, all capitals or in capitalised parts ("YouTube", "iPhone"), at
-    most 20 letters: what a sentence
-    is made of, not the noise of a weak model ("coldWhydam", "x.x.X.S", "friends<br>You"),
-    markup or addresses. Text with a control or replacement character scores 0."""
+    or numbers, and how many plain words it has. A plain word is letters only (combining marks
+    and an apostrophe inside allowed, the parts of a hyphenated word each checked, punctuation
+    of any script around it ignored and splitting it where it is not ASCII, as ``，`` and
+    ``。`` in Chinese), in lower case, capitalised, all capitals or in capitalised parts
+    ("YouTube", "iPhone"), at most 40 letters: what a sentence is made of, not the noise of a
+    weak model ("coldWhydam", "x.x.X.S", "friends<br>You"), markup or addresses. In scripts
+    written without spaces every letter counts as a word. Text with a control or replacement
+    character scores 0."""
     if any(_garbage(char) for char in text):
         return 0.0, 0
     total = plain = words = 0
     for token in text.split():
         total += len(token)
-        core = token.strip(WORD_PUNCTUATION)
-        if not core:
-            plain += len(token)  # punctuation on its own ("-", "...")
+        core = token.strip("".join(c for c in token if _punctuation(c)))
+        core = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core)  # it's, don't
+        core = "".join(" " if ord(c) > 127 and _punctuation(c) else c for c in core)
+        parts = [part for piece in core.split() for part in HYPHENS.split(piece)]
+        if not parts:
+            plain += len(token)  # punctuation on its own ("-", "...", "？")
             continue
-        parts = re.sub(r"(?<=\w)['\u2019](?=\w)", "", core).split("-")  # it's, 3D-printed
-        kinds = [_kind(part) for part in parts]
+        kinds = [_kind(part) if part else None for part in parts]
         if all(kinds):
             plain += len(token)
-            words += "word" in kinds
+            found = [part for part, kind in zip(parts, kinds) if kind == "word"]
+            spaceless = sum(_spaceless(c) for part in found for c in part)
+            # a word, or a hyphenated one ("3D-printed"), counts once; spaceless letters each
+            words += spaceless + any(not _spaceless(c) for part in found for c in part)
     return (plain / total if total else 0.0), words
 
 
@@ -202,6 +267,10 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     the shard that completes last merges the parts and runs the filters."""
     stage = spec(config)
     seeds = load_seeds(config)
+    # --force on output of this config redoes it all, the feedback answers too; replacing the
+    # output of another config (--force, or cai run) keeps what that change leaves valid: the
+    # candidates and the feedback answers each have a fingerprint of what decides them.
+    redo = force and stage.state() != "stale"
     from cai_cli.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
@@ -212,26 +281,36 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
 
         from cai_cli.shards import run_shard
 
+        if redo:  # the merge asks the feedback questions again
+            forget(config.layout.prompt_feedback)
         return run_shard(sys.modules[__name__], config, stage, shard, requests(config),
                          force=force, produce=lambda run, part, out: produce(
-                             config, run, seeds, part, out["candidates.jsonl"], force=force))
+                             config, run, seeds, part, out["candidates.jsonl"],
+                             run.spec.fingerprint, fresh=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.generated_prompts
-    if force:  # redo the feedback filter's answers too
-        ResumableJsonl(config.layout.prompt_feedback, "").state_path.unlink(missing_ok=True)
+    if redo:
+        forget(config.layout.prompt_feedback)
     extra = produce(config, run, seeds, requests(config), config.layout.prompt_candidates,
-                    force=force)
+                    generation_fingerprint(stage), fresh=redo, keep_state=True)
     return finish(config, run, extra)
 
 
+def forget(path: Path) -> None:
+    """Drop the progress of a ``ResumableJsonl`` output, so that the next run makes it anew."""
+    ResumableJsonl(path, "").state_path.unlink(missing_ok=True)
+
+
 def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple[int, int]],
-            path: Path, *, force: bool) -> dict:
+            path: Path, fingerprint: str, *, fresh: bool, keep_state: bool = False) -> dict:
     """The replies to the requests ``todo`` into ``path`` (``prompts/candidates.jsonl``, or a
-    shard's part of it), in checkpointed batches; returns what ``finish`` reports."""
+    shard's part of it), in checkpointed batches; returns what ``finish`` reports. With
+    ``keep_state`` the finished file keeps its progress state (its fingerprint), so a later
+    run whose requests are the same reuses it."""
     settings = config.generate_prompts
-    writer = ResumableJsonl(path, run.spec.fingerprint)
-    done = writer.open(fresh=force)
+    writer = ResumableJsonl(path, fingerprint)
+    done = writer.open(fresh=fresh)
     batches = checkpoint_batches(todo, settings.prompts_per_checkpoint)
     if not writer.finished:
         from cai_cli.backends import load_backend
@@ -276,7 +355,8 @@ def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple
         backend.close()
         run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
         writer.finish()
-    run.after_complete(writer.cleanup)
+    if not keep_state:
+        run.after_complete(writer.cleanup)
     return {"generated_tokens": writer.extra.get("tokens", 0)}
 
 
@@ -347,52 +427,53 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
 
 
 def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[list[dict], int]:
-    """Ask the feedback model the yes/no question about each prompt, with the options in both
-    orders; keep those whose mean probability of Yes reaches the threshold.
+    """Ask the feedback model the yes/no question about each prompt (``judging.yes_probabilities``:
+    the options in both orders, averaged; sampled verdicts for a model without log-probabilities);
+    keep those whose probability of Yes reaches the threshold.
 
-    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order"}``, in the
-    order of ``kept``) in checkpointed batches, so an interrupted filter pass resumes after its
-    last whole batch. Its fingerprint is the stage's and the prompts': the same questions to the
-    same model, whose scores do not depend on the batch they ran in."""
-    from cai_cli.artifacts import sha256_bytes
-    from cai_cli.judging import option_probability
+    The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order",
+    "source"}``, in the order of ``kept``) in checkpointed batches, so an interrupted filter pass
+    resumes after its last whole batch. Its fingerprint is ``feedback_fingerprint``, kept beside
+    it once finished: a later run that asks the same questions (another threshold, say) reads
+    the answers instead of asking again."""
+    from cai_cli.judging import VERDICT_ADVICE, yes_probabilities
 
     settings, layout = config.generate_prompts, config.layout
-    asked = sha256_bytes("\n".join(r["prompt"] for r in kept).encode())[:16]
-    writer = ResumableJsonl(layout.prompt_feedback, f"{run.spec.fingerprint}:{asked}")
+    writer = ResumableJsonl(layout.prompt_feedback, feedback_fingerprint(config, run.spec, kept))
     done = writer.open()
     batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
     if not writer.finished:
         from cai_cli.backends import load_backend
 
+        samples = config.label_prefs.verdict_samples
+        warned: list[str] = []
+
+        def on_verdicts(why: str) -> None:
+            if not warned:
+                warned.append(why)
+                ui.warn(f"{why}: the feedback filter's P(Yes) are sampled verdicts ({samples} per "
+                        "question, label_prefs.verdict_samples; source 'verdict' in "
+                        f"feedback.jsonl), not probabilities; {VERDICT_ADVICE}")
+
         with load_backend(config.feedback_model, "models.feedback") as backend, \
                 ui.progress() as bar:
-            fmt = resolve_format("auto", backend, "models.feedback")
+            fmt = resolve_format(config.label_prefs.prompt_format, backend,
+                                 "label_prefs.prompt_format")
             task = bar.add_task("feedback filter", total=len(kept),
                                 completed=sum(len(b) for b in batches[:done]))
             for batch in batches[done:]:
-                # Each question in both orders, Yes first and No first: a judge's preference
-                # for a position cancels out in the mean.
-                questions = [feedback_question(settings.feedback_question, r["prompt"], order,
-                                               fmt) for r in batch for order in ORDERS]
-                try:
-                    scores = backend.score_options(questions, OPTIONS)
-                except NoLogprobs as exc:
-                    raise UserError("generate_prompts.feedback_filter needs log-probabilities: "
-                                    f"{exc}") from None
-                records = []
-                for index, record in enumerate(batch):
-                    yes_first, no_first = scores[2 * index:2 * index + 2]
-                    if isinstance(yes_first, Overflow) or isinstance(no_first, Overflow):
-                        records.append({"id": record["id"], "p_yes": None})
-                        continue
-                    orders = [option_probability(yes_first), 1 - option_probability(no_first)]
-                    records.append({"id": record["id"], "p_yes": round(sum(orders) / 2, 6),
-                                    "p_yes_by_order": [round(p, 6) for p in orders]})
-                writer.append_batch(records)
+                answers = yes_probabilities(
+                    backend, fmt, [(record["prompt"], None) for record in batch],
+                    settings.feedback_question, [record["id"] for record in batch],
+                    seed=config.seed, verdict_samples=samples, on_verdicts=on_verdicts)
+                writer.append_batch([
+                    {"id": record["id"], "p_yes": None} if answer is None else
+                    {"id": record["id"], "p_yes": round(answer.p_yes, 6),
+                     "p_yes_by_order": [round(p, 6) for p in answer.by_order],
+                     "source": answer.source}
+                    for record, answer in zip(batch, answers)])
                 bar.update(task, advance=len(batch))
         writer.finish()
-    run.after_complete(writer.cleanup)
     answers = writer.records()
     assert [a["id"] for a in answers] == [r["id"] for r in kept], "feedback.jsonl out of step"
     out, overflow = [], 0
@@ -407,15 +488,6 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
     return out, len(kept) - len(out)
 
 
-ORDERS = (("Yes", "No"), ("No", "Yes"))  # the options (A) and (B) of the feedback question
-
-
-def feedback_question(question: str, prompt: str, order: tuple[str, str], fmt: str):
-    first, second = order
-    return render([("human", f"{question}\n\nRequest: {prompt}\n\nOptions:\n(A) {first}\n"
-                             f"(B) {second}")], "assistant", fmt, begun=ANSWER_PREFIX)
-
-
 def finish(config: Config, run: StageRun, extra: dict) -> Path:
     """Once ``prompts/candidates.jsonl`` is complete (one run, or shards merged): the filters,
     the output files, the manifest's counts and the stage marked complete."""
@@ -427,6 +499,7 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
         kept, counts["feedback_rejected"] = feedback_filter(config, run, kept)
     else:  # left by an earlier run with the filter on: not this output's
         layout.prompt_feedback.unlink(missing_ok=True)
+        forget(layout.prompt_feedback)
     generated = sum(record["asked"] for record in candidates)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
