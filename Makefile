@@ -42,13 +42,16 @@ $(VLLM_STAMP): pyproject.toml
 vllm: $(VLLM_STAMP)
 
 demo: smollm2
+	$(BIN)/cai judge-check --config configs/demo.yaml
 	$(BIN)/cai run --config configs/demo.yaml
+	$(BIN)/cai report --config configs/demo.yaml
 	@echo
 	@echo "Done. Where to look:"
-	@echo "  $(BIN)/cai status --config configs/demo.yaml     # every stage, counts, timings"
-	@echo "  $(BIN)/cai inspect runs/demo                     # critiques, revisions, preference pairs"
-	@echo "  $(BIN)/cai inspect runs/demo --index 0           # one chain and one pair in full"
-	@echo "  runs/demo/eval/report.json                       # the win-rate table printed above"
+	@echo "  runs/demo/report.md                               # the whole run on one page, with its plots"
+	@echo "  $(BIN)/cai status --config configs/demo.yaml   # every stage, counts, timings, plots"
+	@echo "  $(BIN)/cai inspect runs/demo                   # critiques, revisions, preference pairs"
+	@echo "  $(BIN)/cai inspect runs/demo --index 0         # one chain and one pair in full"
+	@echo "  runs/demo/eval/report.json                        # the evaluation printed above"
 
 # Two workers (pytest-xdist), each test file on one of them, so a file's shared fixtures (one
 # pipeline run, one real-model run) are built once; the slowest tests are listed at the end.
