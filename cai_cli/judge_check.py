@@ -344,7 +344,12 @@ def verdict(report: dict) -> str:
         return "no pairs were judged"
     low, high = report["ci95"]
     shown = f"agreement {agreement:.2f} [{low:.2f}, {high:.2f}] on {n} pairs"
-    if low <= 0.5:
+    if high < 0.5 and report.get("ties", 0) < n / 2:  # decided, and mostly against the labels
+        line = (f"{shown} is below chance: this judge consistently prefers the answers the labels "
+                "call worse, a preference of its own that is not the one these pairs encode; "
+                "check the constitution's comparison questions against the pairs, or use another "
+                "feedback model (models.feedback)")
+    elif low <= 0.5:
         line = (f"{shown} is not above chance: this judge's labels carry little signal; use a "
                 "larger feedback model (models.feedback)")
         if n < 30:

@@ -182,6 +182,11 @@ def test_figures_follow_a_judge_with_a_known_preference(tmp_path):
             trl(f"Question {i}?", "A careful answer.", "A rude answer.") for i in range(4)])
         biased = judge_check.run(load_config(write_config(tmp_path, policy, run="blind")),
                                  pairs=str(blind))
+        # Labels that always call its pick the worse answer: a preference, against them.
+        contrary = write_jsonl(tmp_path / "contrary.jsonl", [
+            trl(f"Question {i}?", f"answer {i + 90}", f"answer {i}") for i in range(6)])
+        against_labels = judge_check.run(
+            load_config(write_config(tmp_path, policy, run="contrary")), pairs=str(contrary))
     report = json.loads((tmp_path / "run" / "judge" / "report.json").read_text())
     probability = PREFERENCE / (PREFERENCE + (1 - PREFERENCE - 0.05))
     assert report["pairs"] == 8 and report["right"] == 6
@@ -206,6 +211,10 @@ def test_figures_follow_a_judge_with_a_known_preference(tmp_path):
     assert position["order_consistency"] == 0.0
     assert "not above chance" in report["verdict"]
     assert "depend on the order" in report["verdict"]
+
+    report = json.loads(against_labels.read_text())
+    assert report["agreement"] == 0.0 and report["ties"] == 0
+    assert "below chance" in report["verdict"] and "depend on the order" not in report["verdict"]
 
 
 def test_interval_and_reliability_helpers_by_hand():

@@ -657,7 +657,12 @@ def judge_caveats(config: Config, report: dict) -> list[str]:
         measured = json.loads(check.read_text())
         if measured.get("feedback_model") == judge.name_or_path and measured.get("agreement") is not None:
             low, high = measured["ci95"]
-            if low <= 0.5:
+            if "below chance" in measured.get("verdict", ""):
+                caveats.append(f"judge-check measured this judge's agreement with known labels at "
+                               f"{measured['agreement']:.2f} [{low:.2f}, {high:.2f}], below "
+                               "chance: these figures show a preference of its own, not the "
+                               "constitution's")
+            elif low <= 0.5:
                 caveats.append(f"judge-check measured this judge's agreement with known labels at "
                                f"{measured['agreement']:.2f} [{low:.2f}, {high:.2f}], not above "
                                "chance: these figures carry little signal")
