@@ -33,7 +33,7 @@ def pipeline(tmp_path_factory, tiny_model_dir):
         "label_prefs": {"principles_per_pair": 1, "sampling": {"max_new_tokens": 8}},
         "train_rm": {"training": training, "eval_fraction": 0.25},
         "optimize": {"training": training},
-        "evaluate": {"limit": 3, "principles_per_pair": 1, "bootstrap": 100,
+        "evaluate": {"limit": 3, "benign_limit": 2, "principles_per_pair": 1, "bootstrap": 100,
                      "sampling": {"max_new_tokens": 8}},
     }
     path = root / "config.yaml"

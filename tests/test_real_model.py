@@ -54,7 +54,7 @@ def run(smollm2, tmp_path_factory) -> tuple[Path, Path]:
                         "sampling": {"max_new_tokens": 24, "temperature": 1.0}},
         "train_rm": {"eval_fraction": 0.0, "lora": lora, "training": {**TRAINING, "max_steps": 1}},
         "optimize": {"lora": lora, "training": {**TRAINING, "max_steps": 1}},
-        "evaluate": {"limit": 2, "principles_per_pair": 1, "reward_model": True,
+        "evaluate": {"limit": 2, "benign_limit": 2, "principles_per_pair": 1, "reward_model": True,
                      "sampling": {"max_new_tokens": 24}},
     }
     path = tmp / "config.yaml"
@@ -135,6 +135,16 @@ def test_reward_model_scores_through_the_template(run):
     scores = report["reward_model"]["mean_score"]
     assert set(scores) == {"base", "sft", "policy"}
     assert all(isinstance(v, float) for v in scores.values())
+
+
+def test_the_evaluation_measures_both_axes_and_says_who_judged(run):
+    _, run_dir = run
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["helpfulness"]["prompts"] == 2 and set(report["harmful_compliance"]) == \
+        set(report["helpfulness"]["over_refusal"]) == {"base", "sft", "policy"}
+    assert report["verdict"]["model"] == "policy" and report["verdict"]["text"]
+    # SmolLM2 judges the models trained on its own labels: the report must say so
+    assert any("judged by the feedback model" in c for c in report["verdict"]["caveats"])
 
 
 def test_label_diagnostics_tell_the_truth_about_the_judge(run):
