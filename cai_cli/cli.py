@@ -244,7 +244,7 @@ def report(
 
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl / pairs.jsonl file."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl, pairs.jsonl or prompts/red_team.jsonl file."),
     id: Optional[str] = typer.Option(None, "--id", metavar="ID", help="Show the record with this id."),
     index: Optional[int] = typer.Option(None, "--index", metavar="N", help="Show the record at this position (0-based)."),
     principle: Optional[str] = typer.Option(None, "--principle", metavar="ID", help="Keep records that use this principle id."),
