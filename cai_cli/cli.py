@@ -55,7 +55,8 @@ PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False
                     "this flag uploads: a config cannot.")
 SHARD = typer.Option(None, "--shard", metavar="I/N", show_default=False,
                      help="Run only shard I of N (I from 0 to N-1): the I-th contiguous slice of "
-                     "the prompts, as datasets' Dataset.shard(N, I) cuts them. Shards run at once "
+                     "the prompts (generate-prompts: of its requests), as datasets' "
+                     "Dataset.shard(N, I) cuts them. Shards run at once "
                      "as separate processes (a Slurm array, or & in a shell); the last one to "
                      "finish merges them into the stage's files (or `cai merge STAGE`).")
 
@@ -314,7 +315,7 @@ def config_show(config: Path = CONFIG, set_: Optional[List[str]] = SET):
 
 @config_app.command("keys")
 def config_keys(
-    section: Optional[str] = typer.Argument(None, metavar="[SECTION]",
+    section: Optional[str] = typer.Argument(None, metavar="SECTION",
                                             help="Only keys under this dotted prefix, e.g. finetune."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
 ):
@@ -326,7 +327,7 @@ def config_keys(
 
 @config_app.command("schema")
 def config_schema():
-    """The config's JSON schema, for editors (e.g. the YAML language server)."""
+    """The config's JSON schema, for editors such as the YAML language server."""
     import json
 
     from cai_cli.config import Config
