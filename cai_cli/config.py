@@ -846,7 +846,7 @@ def _reference(models: list[type[BaseModel]], prefix: str) -> list[tuple[str, st
             tags = ", ".join(f"`{m.model_fields['backend'].default}`" for m in owners)
             doc = f"({tags} only) {doc}"
         if nested:
-            rows.append((key, "", doc))
+            rows.append((key, "required" if info.is_required() else "", doc))
             rows += _reference(nested, key + ".")
         else:
             default = "required" if info.is_required() else json_default(info.default)
