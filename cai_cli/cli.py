@@ -143,7 +143,7 @@ for _name, _stage in STAGES.items():
 
 @app.command("merge")
 def merge(
-    stage: str = typer.Argument(..., metavar="STAGE", help="generate-sl, label-prefs or evaluate."),
+    stage: str = typer.Argument(..., metavar="STAGE", help="generate-prompts, generate-sl, label-prefs or evaluate."),
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
 ):
