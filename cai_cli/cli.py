@@ -55,7 +55,8 @@ PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False
                     "this flag uploads: a config cannot.")
 SHARD = typer.Option(None, "--shard", metavar="I/N", show_default=False,
                      help="Run only shard I of N (I from 0 to N-1): the I-th contiguous slice of "
-                     "the prompts, as datasets' Dataset.shard(N, I) cuts them. Shards run at once "
+                     "the prompts (generate-prompts: of its requests), as datasets' "
+                     "Dataset.shard(N, I) cuts them. Shards run at once "
                      "as separate processes (a Slurm array, or & in a shell); the last one to "
                      "finish merges them into the stage's files (or `cai merge STAGE`).")
 
@@ -142,7 +143,7 @@ for _name, _stage in STAGES.items():
 
 @app.command("merge")
 def merge(
-    stage: str = typer.Argument(..., metavar="STAGE", help="generate-sl, label-prefs or evaluate."),
+    stage: str = typer.Argument(..., metavar="STAGE", help="generate-prompts, generate-sl, label-prefs or evaluate."),
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
 ):
@@ -244,7 +245,7 @@ def report(
 
 @app.command("inspect")
 def inspect(
-    path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl / pairs.jsonl file."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl, pairs.jsonl or prompts/red_team.jsonl file."),
     id: Optional[str] = typer.Option(None, "--id", metavar="ID", help="Show the record with this id."),
     index: Optional[int] = typer.Option(None, "--index", metavar="N", help="Show the record at this position (0-based)."),
     principle: Optional[str] = typer.Option(None, "--principle", metavar="ID", help="Keep records that use this principle id."),
@@ -314,7 +315,7 @@ def config_show(config: Path = CONFIG, set_: Optional[List[str]] = SET):
 
 @config_app.command("keys")
 def config_keys(
-    section: Optional[str] = typer.Argument(None, metavar="[SECTION]",
+    section: Optional[str] = typer.Argument(None, metavar="SECTION",
                                             help="Only keys under this dotted prefix, e.g. finetune."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
 ):
@@ -326,7 +327,7 @@ def config_keys(
 
 @config_app.command("schema")
 def config_schema():
-    """The config's JSON schema, for editors (e.g. the YAML language server)."""
+    """The config's JSON schema, for editors such as the YAML language server."""
     import json
 
     from cai_cli.config import Config

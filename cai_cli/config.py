@@ -846,7 +846,7 @@ def _reference(models: list[type[BaseModel]], prefix: str) -> list[tuple[str, st
             tags = ", ".join(f"`{m.model_fields['backend'].default}`" for m in owners)
             doc = f"({tags} only) {doc}"
         if nested:
-            rows.append((key, "", doc))
+            rows.append((key, "required" if info.is_required() else "", doc))
             rows += _reference(nested, key + ".")
         else:
             default = "required" if info.is_required() else json_default(info.default)
@@ -867,7 +867,10 @@ def _description(model: type[BaseModel], name: str) -> str | None:
 
 
 def json_default(value: Any) -> str:
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if value is None:
+        return "null"
+    # one line, however long (a wrapped default would break the README's table row)
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
 
 
 # Sections of the same type are documented once, under the first of them.
@@ -904,8 +907,10 @@ def print_keys(section: str | None, *, markdown: bool) -> None:
     from cai_cli import ui
 
     table = Table(box=None, pad_edge=False)
-    table.add_column("key", no_wrap=True, style="bold")
-    table.add_column("default", no_wrap=True)
+    # keys in full; a long default (generate_prompts.instruction) wraps rather than push the
+    # meaning off a narrow terminal
+    table.add_column("key", no_wrap=True, style="bold", min_width=max(len(row[0]) for row in rows))
+    table.add_column("default", overflow="fold", max_width=24)
     table.add_column("meaning", overflow="fold", ratio=1)
     for key, default, doc in rows:
         table.add_row(key, default, " ".join(doc.replace("``", "`").split()))

@@ -381,7 +381,7 @@ def print_report(report: dict) -> None:
     title = (f"judge-check: {report['feedback_model']} on {report['pairs']} labelled pairs "
              f"({report['pairs_source']}), {report['principles_per_pair']} principles per pair, "
              "both orders")
-    table = Table(box=box.SIMPLE, title=title, title_justify="left", show_header=True)
+    table = Table(box=box.SIMPLE, show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_column("meaning")
@@ -417,6 +417,8 @@ def print_report(report: dict) -> None:
     if cost["label_prefs_seconds"] is not None:
         table.add_row("label-prefs judging", _duration(cost["label_prefs_seconds"]),
                       f"{cost['label_prefs_questions']:,} questions of the configured run")
+    # The title is a line of its own: as the table's title it would wrap at the table's width.
+    ui.stdout.print(title, markup=False, soft_wrap=True)
     ui.stdout.print(table)
     good = report["agreement"] is not None and report["ci95"][0] > 0.5 and \
         report["agreement"] >= WEAK and "depend on the order" not in report["verdict"]

@@ -1381,7 +1381,11 @@ def print_plan(config: Config, *, first: str | None = None, last: str | None = N
                       _count(stage.steps), split)
     table.add_row("[bold]total[/]", f"[bold]{ui.duration(plan.seconds)}[/]", "", "", "", "", "")
     ui.stdout.print(table)
-    ui.stdout.print("Work:", markup=False)
+    if not any(stage.runs for stage in plan.stages):
+        ui.stdout.print("Work: none, every stage is up to date (--force plans them again)",
+                        markup=False)
+    else:
+        ui.stdout.print("Work:", markup=False)
     for stage in plan.stages:
         if stage.runs:
             work = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stage.counts.items())

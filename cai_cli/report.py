@@ -52,7 +52,8 @@ def write_report(config: Config, output: Path | None = None) -> Path:
         raise UserError(f"--output {output}: the folder {output.parent} does not exist")
     page = Page(config, output.parent)
     write_atomic(output, page.render())
-    ui.info(f"report: {output}" + (f" ({page.drawn} plots drawn)" if page.drawn else ""))
+    drawn = f" ({page.drawn} {'plot' if page.drawn == 1 else 'plots'} drawn)" if page.drawn else ""
+    ui.info(f"report: {output}{drawn}")
     return output
 
 

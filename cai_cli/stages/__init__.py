@@ -37,8 +37,8 @@ STAGES = {
                       "RewardTrainer, soft labels).", trains=True),
     "optimize": Stage("optimize", "Optimise the policy: DPO on the pairs, or GRPO / RLOO against "
                       "the reward model.", trains=True),
-    "evaluate": Stage("evaluate", "Compare models head to head with the feedback model and the "
-                      "reward model.", trains=False, shards=True),
+    "evaluate": Stage("evaluate", "Compare models on harmlessness and helpfulness, judged by "
+                      "evaluate.judge (default: the feedback model) and the reward model.", trains=False, shards=True),
 }
 assert list(STAGES) == list(STAGE_DIRS)
 
