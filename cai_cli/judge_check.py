@@ -121,6 +121,13 @@ def principles_per_pair(config: Config) -> int:
     return config.judge_check.principles_per_pair or config.label_prefs.principles_per_pair
 
 
+def shipped_or(where: PromptSource) -> PromptSource:
+    """``where``, with the shipped set's path as ``cai_cli/resources/...`` wherever it is."""
+    if where.path and Path(where.path).expanduser().resolve() == SHIPPED.resolve():
+        return where.model_copy(update={"path": "cai_cli/resources/" + SHIPPED.name})
+    return where
+
+
 def spec(config: Config, where: PromptSource) -> StageSpec:
     asking = config.label_prefs.model_dump(mode="json", include=ASKING_KEYS)
     if not config.label_prefs.chain_of_thought:
@@ -130,7 +137,8 @@ def spec(config: Config, where: PromptSource) -> StageSpec:
         "constitution": config.constitution,
         "models.feedback": config.feedback_model.model_dump(mode="json"),
         "label_prefs": asking,
-        "judge_check": {"pairs": where.model_dump(mode="json"),
+        # the shipped set by name, not by where this checkout is: a moved checkout stays done
+        "judge_check": {"pairs": shipped_or(where).model_dump(mode="json"),
                         "principles_per_pair": principles_per_pair(config),
                         "pairs_per_checkpoint": config.judge_check.pairs_per_checkpoint},
     }
@@ -319,7 +327,7 @@ def build_report(config: Config, where: PromptSource, records: list[dict], timin
                 "included",
     }
     report = {
-        "pairs_source": where.path or where.dataset,
+        "pairs_source": shipped_or(where).path or where.dataset,
         "feedback_model": config.feedback_model.name_or_path,
         "principles_per_pair": principles_per_pair(config),
         "pairs": n,

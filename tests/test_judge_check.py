@@ -228,3 +228,13 @@ def test_interval_and_reliability_helpers_by_hand():
         ("0.50-0.60", 2, 0.5), ("0.90-1.00", 1, 1.0)]
     ece = expected_calibration_error([0.55, 0.58, 0.95], [1.0, 0.0, 1.0], bins=5, low=0.5)
     assert ece == pytest.approx(2 / 3 * abs(0.565 - 0.5) + 1 / 3 * 0.05)
+
+
+def test_the_shipped_pairs_are_named_by_package_not_by_checkout(tmp_path):
+    config = load_config(write_config(tmp_path, {"name_or_path": "org/model"}))
+    settings = judge_check.spec(config, judge_check.source(config)).settings
+    # a checkout moved elsewhere (or reinstalled) finds its judge-check output still done
+    assert settings["judge_check"]["pairs"]["path"] == "cai_cli/resources/judge_pairs.jsonl"
+    own = write_jsonl(tmp_path / "pairs.jsonl", [trl("Q?", "good", "bad")])
+    settings = judge_check.spec(config, judge_check.source(config, str(own))).settings
+    assert settings["judge_check"]["pairs"]["path"] == str(own)
