@@ -308,8 +308,8 @@ class GeneratePromptsConfig(Section):
     ngram: int = Field(3, ge=1)
     """Word n-gram length of the near-duplicate filter."""
     max_overlap: float = Field(0.6, gt=0.0, le=1.0)
-    """Drop a new prompt when more than this share of its word n-grams appear in one seed or
-    in one prompt kept before it (near duplicates)."""
+    """Drop a new prompt when more than this share of its word n-grams appear in the seeds and
+    the prompts kept before it, taken together (near duplicates, stitched copies too)."""
     feedback_filter: bool = False
     """Ask the feedback model ``feedback_question`` about each new prompt (Yes/No, read from
     the options' log-probabilities, asked with Yes first and with No first and averaged, as

@@ -372,24 +372,19 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 class NearDuplicates:
-    """Texts added so far, indexed by word n-gram: ``overlap(text)`` is the largest share of
-    ``text``'s n-grams found in any one of them."""
+    """The word n-grams of the texts added so far: ``overlap(text)`` is the share of ``text``'s
+    n-grams found among them, so a prompt stitched together from pieces of two seeds
+    ("<seed one> - <seed two>") counts as a near duplicate as a reworded copy of one does."""
 
     def __init__(self, n: int):
-        self.n, self.index, self.count = n, {}, 0
+        self.n, self.grams = n, set()
 
     def add(self, text: str) -> None:
-        for gram in ngrams(text, self.n):
-            self.index.setdefault(gram, []).append(self.count)
-        self.count += 1
+        self.grams.update(ngrams(text, self.n))
 
     def overlap(self, text: str) -> float:
         grams = ngrams(text, self.n)
-        shared: dict[int, int] = {}
-        for gram in grams:
-            for owner in self.index.get(gram, ()):
-                shared[owner] = shared.get(owner, 0) + 1
-        return max(shared.values(), default=0) / max(len(grams), 1)
+        return sum(gram in self.grams for gram in grams) / max(len(grams), 1)
 
 
 def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -> tuple[list[dict], dict]:
