@@ -123,3 +123,19 @@ def test_status_states_and_no_heavy_imports(pipeline, tmp_path):
     fresh.write_text(yaml.safe_dump(config))
     result = cai("status", "--config", fresh)
     assert result.returncode == 0 and result.stdout.count("missing") == 6
+
+
+def test_stale_reasons_say_which_settings_only_now_apply(tmp_path):
+    import json
+
+    from cai_cli.stages.common import StageSpec
+
+    stage = tmp_path / "run" / "prefs"
+    stage.mkdir(parents=True)
+    old = {"label_prefs": {"chain_of_thought": False, "few_shot": 2, "gone": 1}}
+    (stage / "manifest.json").write_text(json.dumps(
+        {"stage": "label-prefs", "status": "complete", "config": old, "inputs": {"prompts": "a"}}))
+    new = {"label_prefs": {"chain_of_thought": True, "few_shot": 2, "cot_clamp": [0.4, 0.6]}}
+    spec = StageSpec("label-prefs", stage, new, {"prompts": "b"})
+    assert spec.changes() == ["label_prefs.chain_of_thought", "label_prefs.cot_clamp (now used)",
+                              "label_prefs.gone (no longer used)", "inputs.prompts"]

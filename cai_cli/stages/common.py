@@ -89,8 +89,24 @@ class StageSpec:
                 old_side, new_side = old_side[part], new_side[part]
             return True
 
+        def present(tree: dict, key: str) -> bool:
+            for part in key.split("."):
+                if not isinstance(tree, dict) or part not in tree:
+                    return False
+                tree = tree[part]
+            return True
+
+        def named(key: str) -> str:
+            """A setting only one side has was not changed: it is used now, or no longer."""
+            name = key.removeprefix("settings.")
+            if key.startswith("inputs.") or on_both_sides(key):
+                return name
+            return name + (" (now used)" if present(new, key) and not present(old, key)
+                           else " (no longer used)" if present(old, key)
+                           and not present(new, key) else "")
+
         order = {key: (key.startswith("inputs."), not on_both_sides(key)) for key in keys}
-        return [key.removeprefix("settings.") for key in sorted(keys, key=order.__getitem__)]
+        return [named(key) for key in sorted(keys, key=order.__getitem__)]
 
     def describe_changes(self, limit: int = 6) -> str:
         """``changes()`` for a message: the first ``limit`` and how many more."""
