@@ -1064,7 +1064,6 @@ class Planner:
                            "with transformers unless its vLLM options are set")
 
     def evaluate(self, stage: StagePlan) -> None:
-        from cai_cli.constitution import Principle
         from cai_cli.judging import Judge
         from cai_cli.prompting import answer_prompt, classification_prompt
         from cai_cli.stages import evaluate
@@ -1092,19 +1091,12 @@ class Planner:
             self.price.calls(engine, [answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                       for p in prompts], [0] * len(prompts), new, stage.tally,
                              stage.cost)
-        judge_config, key = evaluate.judge_model(config)
-        if key == "models.feedback" and not config.models.feedback:
-            key = "models.policy"
-        feedback = self.engine("evaluate judge", judge_config, key)
+        feedback = self.engine("evaluate judge", *evaluate.judge_model(config))
         stage.cost.load += self.price.load(feedback)
         judge = Judge(config, self.constitution, feedback.counter,
                       principles_per_pair=settings.principles_per_pair, pairs_per_prompt=None)
         # helpfulness: one question per pair of answers to a benign prompt
-        helpful = Judge(config, dataclasses.replace(
-            self.constitution,
-            principles=(Principle("helpful", "", "", self.constitution.evaluation.helpful),),
-            comparison_examples=()), feedback.counter, principles_per_pair=1,
-            pairs_per_prompt=None)
+        helpful = evaluate.helpfulness_judge(config, self.constitution, feedback.counter)
         model_pairs = len(paths) * (len(paths) - 1) // 2
         passes = 0
         for asking, those in ((judge, red), (helpful, benign)):

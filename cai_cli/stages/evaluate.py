@@ -71,7 +71,20 @@ def judge_model(config: Config):
     """The judging model's config and the key that names it in messages."""
     if config.evaluate.judge is not None:
         return config.evaluate.judge, "evaluate.judge"
-    return config.feedback_model, "models.feedback"
+    return config.feedback_model, "models.feedback" if config.models.feedback else "models.policy"
+
+
+def helpfulness_judge(config: Config, constitution, backend):
+    """The judge of the benign prompts: the constitution's one helpfulness question, without
+    the harm principles' worked examples."""
+    import dataclasses
+
+    from cai_cli.constitution import Principle
+    from cai_cli.judging import Judge
+
+    return Judge(config, dataclasses.replace(
+        constitution, principles=(Principle("helpful", "", "", constitution.evaluation.helpful),),
+        comparison_examples=()), backend, principles_per_pair=1, pairs_per_prompt=None)
 
 
 def benign_source(config: Config) -> PromptSource:
@@ -212,17 +225,17 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
 
         return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
                          produce=lambda run, part, out: produce(
-                             config, run, constitution, part, out, force=force))
+                             config, run, constitution, part, out))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.report
     extra = produce(config, run, constitution, prompts,
-                    {"answers.jsonl": config.layout.eval_answers}, force=force)
+                    {"answers.jsonl": config.layout.eval_answers})
     return finish(config, run, extra)
 
 
 def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
-            out: dict[str, Path], *, force: bool) -> dict:
+            out: dict[str, Path]) -> dict:
     """Every model's answers to ``prompts`` into ``out["answers.jsonl"]`` (resumable), then the
     judgments of every pair of models and the reward scores. These go to ``out["results.json"]``
     when given (a shard), else they are returned for ``finish``."""
@@ -359,10 +372,7 @@ def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prom
     prompt the probability that the first model's answer is preferred (and per principle),
     the same per benign prompt under the helpfulness question, and per model and answer the
     probability of "yes" to the harmful-compliance (red-team) and refusal (benign) questions."""
-    import dataclasses
-
     from cai_cli.backends import load_backend
-    from cai_cli.constitution import Principle
     from cai_cli.judging import Judge
 
     judge_config, key = judge_model(config)
@@ -370,10 +380,7 @@ def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prom
     backend = load_backend(judge_config, key)
     harm = Judge(config, constitution, backend,
                  principles_per_pair=config.evaluate.principles_per_pair, pairs_per_prompt=None)
-    # Helpfulness is one question, without the harm principles' worked examples.
-    helpful = Judge(config, dataclasses.replace(
-        constitution, principles=(Principle("helpful", "", "", questions.helpful),),
-        comparison_examples=()), backend, principles_per_pair=1, pairs_per_prompt=None)
+    helpful = helpfulness_judge(config, constitution, backend)
     pairs = list(itertools.combinations(names, 2))
     results: dict = {"comparisons": [], "helpful_comparisons": [],
                      "harmful": {}, "refusal": {}}
@@ -652,7 +659,7 @@ def judge_caveats(config: Config, report: dict) -> list[str]:
     if skipped:
         caveats.append(f"{skipped} answers did not fit the judge's context and are left out of the "
                        "rates; raise the judge's max_context or lower evaluate.sampling.max_new_tokens")
-    check = config.layout.stage_dir("judge-check") / "report.json"
+    check = config.layout.judge_report
     if check.is_file():
         measured = json.loads(check.read_text())
         if measured.get("feedback_model") == judge.name_or_path and measured.get("agreement") is not None:
