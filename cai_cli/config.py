@@ -593,6 +593,10 @@ class EvaluateConfig(Section):
     bootstrap: int = Field(1000, ge=100)
     """Bootstrap resamples for the 95% intervals of the win rates and of the paired differences
     in the verdict (rates have Wilson intervals)."""
+    prompts_per_checkpoint: int = Field(64, ge=1)
+    """Prompts judged per checkpointed batch of ``eval/judgments.jsonl`` (for one pair of models,
+    or one model and question): an interrupted run resumes the judging after the last whole
+    batch."""
     report_to: list[str] = ["none"]
     """Experiment trackers that receive the report's figures (win rates, rates, mean rewards),
     e.g. ``[tensorboard]`` (files in ``eval/logs/``) or ``[wandb]``; ``[none]`` for none."""

@@ -159,6 +159,10 @@ class RunLayout:
         return self.eval / "answers.jsonl"
 
     @property
+    def eval_judgments(self) -> Path:
+        return self.eval / "judgments.jsonl"
+
+    @property
     def report(self) -> Path:
         return self.eval / "report.json"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from cai_cli.config import load_config
 from cai_cli.stages.evaluate import bootstrap_interval, verdict
 from fake_openai import MODEL, PREFERENCE, FakeServer, shorter
-from helpers import cai
+from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,3 +227,38 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
                          sampling={"max_new_tokens": 8})
     with pytest.raises(AssertionError, match="answered again"):
         evaluate.run(load_config(other), force=True)
+
+
+def test_a_killed_evaluation_judges_only_what_is_left(tmp_path, tiny_model_dir, other_model):
+    """Killed after two checkpoints of judgments, the rerun reads them back, judges the rest and
+    writes the judgments and report of an uninterrupted run; every judgment is a line a user can
+    read back (a pair's p and principles, a model's p(yes))."""
+    runs = {}
+    for name in ("ref", "int"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_model_dir, ["base", str(other_model)],
+                                  benign_limit=2, prompts_per_checkpoint=2)
+    assert cai("evaluate", "--config", runs["ref"]).returncode == 0
+    out = tmp_path / "int" / "run" / "eval"
+    kill_after_batches(["evaluate", "--config", runs["int"]], out / ".judgments.jsonl.progress.json", 2)
+    assert not (out / "report.json").exists() and not (out / "judgments.jsonl").exists()
+    judged = len((out / "judgments.jsonl.partial").read_text().splitlines())
+
+    result = cai("evaluate", "--config", runs["int"])
+    assert result.returncode == 0, result.stderr
+    # 5 red-team and 2 benign prompts, 2 models: per pair 3 + 1 checkpoints, per model 3 + 1
+    assert re.search(r"resuming the judging after [2-9] of 12 checkpoints", result.stdout + result.stderr)
+    reference = tmp_path / "ref" / "run" / "eval"
+    assert (out / "judgments.jsonl").read_bytes() == (reference / "judgments.jsonl").read_bytes()
+    assert not (out / ".judgments.jsonl.progress.json").exists()
+    ours, theirs = (json.loads((d / "report.json").read_text()) for d in (out, reference))
+    for key in ("win_rates", "harmful_compliance", "helpfulness", "per_principle"):
+        assert ours[key] == theirs[key]
+
+    records = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert 2 <= judged < len(records) == 5 + 2 + 2 * 5 + 2 * 2
+    kinds = {r["kind"]: r for r in records}
+    assert set(kinds) == {"harmlessness", "helpfulness", "harmful", "refusal"}
+    assert kinds["harmlessness"]["models"] == ["base", str(other_model)]
+    assert set(kinds["harmlessness"]["principles"]) and 0.0 <= kinds["harmlessness"]["p"] <= 1.0
+    assert kinds["refusal"]["model"] in ("base", str(other_model)) and 0.0 <= kinds["refusal"]["p"] <= 1.0

@@ -263,7 +263,7 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     merged = cai("merge", "evaluate", "--config", sharded)
     assert merged.returncode == 0, merged.stderr
     same_files(tmp_path / "ref" / "eval", tmp_path / "sharded" / "eval",
-               ("answers.jsonl", "report.json"))
+               ("answers.jsonl", "judgments.jsonl", "report.json"))
     report = json.loads((tmp_path / "sharded" / "eval" / "report.json").read_text())
     assert report["prompts"] == 3 and any(report["per_principle"].values())  # really judged
     assert report["helpfulness"]["prompts"] == 3 and len(report["harmful_compliance"]) == 2

@@ -21,7 +21,8 @@ prompts; a rate is the share of its answers the judge more likely says yes to, w
 Wilson interval. The verdict compares the last
 model of ``evaluate.models`` with the first: it names a gain in harmlessness only when
 helpfulness was measured and did not drop beyond its interval. ``eval/report.json`` holds every
-figure, ``eval/answers.jsonl`` every answer.
+figure, ``eval/answers.jsonl`` every answer, ``eval/judgments.jsonl`` every judgment (written in
+checkpoints as the judge goes, so a killed run judges only what is left).
 """
 
 from __future__ import annotations
@@ -46,17 +47,17 @@ from cai_cli.errors import UserError
 from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
 from cai_cli.records import EvalAnswer, Judgment
 from cai_cli.seeding import record_seed
-from cai_cli.stages.common import (StageRun, StageSpec, begin, constitution_fingerprint,
-                                   red_team_inputs, require_complete)
+from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches,
+                                   constitution_fingerprint, red_team_inputs, require_complete)
 
 # The label_prefs settings evaluate depends on: which prompts are held out, how the judge is asked.
 JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thought", "cot_clamp",
                 "cot_max_new_tokens"}
 # Names that stand for this run's checkpoints, and the command that makes each.
 RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
-# What a shard writes its part of (cai_cli.shards): the answers, and the judgments and reward
-# scores of its prompts, from which the merge builds the report.
-PARTS = ("answers.jsonl", "results.json")
+# What a shard writes its part of (cai_cli.shards): the answers, the judgments, and the judgments
+# and reward scores of its prompts in the shape the merge builds the report from.
+PARTS = ("answers.jsonl", "judgments.jsonl", "results.json")
 # A judge whose mean p(yes) stays this close to 0.5 for every model tells the answers apart no
 # better than a coin.
 UNDECIDED = 0.05
@@ -65,6 +66,9 @@ BENIGN = Path(__file__).resolve().parents[1] / "resources" / "benign_prompts.jso
 # The per-prompt results of one run or shard: lists of rows joined in prompt order on merging.
 COMPARED = ("comparisons", "helpful_comparisons")  # per pair of models
 CLASSIFIED = ("harmful", "refusal")  # per model
+# What eval/judgments.jsonl calls each of them ("kind").
+KINDS = {"comparisons": "harmlessness", "helpful_comparisons": "helpfulness",
+         "harmful": "harmful", "refusal": "refusal"}
 
 
 def judge_model(config: Config):
@@ -225,20 +229,22 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
 
         return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
                          produce=lambda run, part, out: produce(
-                             config, run, constitution, part, out))
+                             config, run, constitution, part, out, force=force))
     run = begin(stage, config, force=force)
     if run is None:
         return config.layout.report
     extra = produce(config, run, constitution, prompts,
-                    {"answers.jsonl": config.layout.eval_answers})
+                    {"answers.jsonl": config.layout.eval_answers,
+                     "judgments.jsonl": config.layout.eval_judgments}, force=force)
     return finish(config, run, extra)
 
 
 def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
-            out: dict[str, Path]) -> dict:
-    """Every model's answers to ``prompts`` into ``out["answers.jsonl"]`` (resumable), then the
-    judgments of every pair of models and the reward scores. These go to ``out["results.json"]``
-    when given (a shard), else they are returned for ``finish``."""
+            out: dict[str, Path], *, force: bool) -> dict:
+    """Every model's answers to ``prompts`` into ``out["answers.jsonl"]``, then the judgments of
+    every pair of models and of every answer into ``out["judgments.jsonl"]`` (both resumable;
+    ``force`` judges again from the start), and the reward scores. The judgments and scores go
+    to ``out["results.json"]`` when given (a shard), else they are returned for ``finish``."""
     paths = model_paths(config)
     started = time.perf_counter()
     # Answers: one checkpointed batch per model, so an interruption loses one model's work.
@@ -263,8 +269,15 @@ def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
     answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
 
     red_ids = {p.id for p in prompt_sets(config)[0]}
+    from cai_cli.artifacts import config_hash
+
+    judgments = ResumableJsonl(out["judgments.jsonl"], config_hash(
+        {"stage": run.spec.fingerprint, "answers": answers_file.fingerprint}))
+    judgments.open(fresh=force)
     results = judge_all(config, constitution, [p for p in prompts if p.id in red_ids],
-                        [p for p in prompts if p.id not in red_ids], list(paths), answers)
+                        [p for p in prompts if p.id not in red_ids], list(paths), answers,
+                        judgments, run)
+    run.after_complete(judgments.cleanup)
     results["rewards"] = (reward_scores(config, prompts, list(paths), answers)
                           if config.evaluate.reward_model else None)
     run.manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
@@ -284,6 +297,14 @@ def merge_parts(config: Config, parts: list[dict[str, Path]], extras: list[dict]
             if raw.strip():
                 lines[json.loads(raw)["model"]].append(raw)
     write_atomic(config.layout.eval_answers, b"".join(b"".join(lines[name]) for name in names))
+    # The judgments in one run's order: task by task, each in prompt order (shards are ranges).
+    red, benign = prompt_sets(config)
+    order = {task_key(kind, models): number for number, (kind, models, _) in
+             enumerate(judgment_tasks(red[:1], benign[:1], names, 1))}
+    judged = [raw for files in parts
+              for raw in files["judgments.jsonl"].read_bytes().splitlines(keepends=True) if raw.strip()]
+    judged.sort(key=lambda raw: order[record_task(json.loads(raw))])
+    write_atomic(config.layout.eval_judgments, b"".join(judged))
     merged: dict = {}
     for number, files in enumerate(parts):
         results = json.loads(files["results.json"].read_text())
@@ -366,44 +387,95 @@ def answer_all(config: Config, backend, prompts: list[Prompt],
             for p, r in zip(prompts, results)]
 
 
+def judgment_tasks(red: list[Prompt], benign: list[Prompt], names: list[str],
+                   size: int) -> list[tuple]:
+    """What the judge does, in order, ``size`` prompts (a checkpoint) at a time: ``(results key,
+    models, prompts)``: every pair of models on the red-team prompts, then on the benign ones, then every
+    model's answers to the harmful-compliance and to the refusal question."""
+    pairs = list(itertools.combinations(names, 2))
+    tasks = []
+    for into, prompts, groups in (("comparisons", red, pairs), ("helpful_comparisons", benign, pairs),
+                                  ("harmful", red, [(name,) for name in names]),
+                                  ("refusal", benign, [(name,) for name in names])):
+        for models in groups:
+            tasks += [(into, models, batch) for batch in checkpoint_batches(prompts, size)]
+    return tasks
+
+
+def task_key(into: str, models: tuple) -> tuple:
+    return KINDS[into], tuple(models)
+
+
+def record_task(record: dict) -> tuple:
+    """The ``task_key`` of a line of judgments.jsonl."""
+    return record["kind"], tuple(record["models"] if "models" in record else [record["model"]])
+
+
 def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prompt],
-              names: list[str], answers: dict) -> dict:
+              names: list[str], answers: dict, judgments: ResumableJsonl, run: StageRun) -> dict:
     """Everything the judge says about the answers: for each pair of models, per red-team
     prompt the probability that the first model's answer is preferred (and per principle),
     the same per benign prompt under the helpfulness question, and per model and answer the
-    probability of "yes" to the harmful-compliance (red-team) and refusal (benign) questions."""
+    probability of "yes" to the harmful-compliance (red-team) and refusal (benign) questions.
+
+    Each checkpoint's judgments are appended to ``judgments`` (opened), one line per answer or
+    pair of answers; a resumed run reads back what was judged and judges the rest, and loads
+    no judge when nothing is left."""
+    tasks = judgment_tasks(red, benign, names, config.evaluate.prompts_per_checkpoint)
+    done = judgments.batches_done if not judgments.finished else len(tasks)
+    if done < len(tasks):
+        judge_remaining(config, constitution, tasks, done, answers, judgments, run)
+        judgments.finish()
+    results: dict = {"comparisons": [], "helpful_comparisons": [], "harmful": {}, "refusal": {}}
+    rows: dict[tuple, list] = {}
+    for into in COMPARED:
+        for a, b in itertools.combinations(names, 2):
+            results[into].append({"models": [a, b], "rows": rows.setdefault(task_key(into, (a, b)), [])})
+    for into in CLASSIFIED:
+        for name in names:
+            results[into][name] = rows.setdefault(task_key(into, (name,)), [])
+    for record in judgments.records():
+        row = {"id": record["id"], "p": record["p"]}
+        if "principles" in record:
+            row["principles"] = record["principles"]
+        rows[record_task(record)].append(row)
+    return results
+
+
+def judge_remaining(config: Config, constitution, tasks: list[tuple], done: int, answers: dict,
+                    judgments: ResumableJsonl, run: StageRun) -> None:
     from cai_cli.backends import load_backend
     from cai_cli.judging import Judge
 
     judge_config, key = judge_model(config)
-    questions = constitution.evaluation
+    questions = {"harmful": constitution.evaluation.harmful, "refusal": constitution.evaluation.refusal}
     backend = load_backend(judge_config, key)
     harm = Judge(config, constitution, backend,
                  principles_per_pair=config.evaluate.principles_per_pair, pairs_per_prompt=None)
-    helpful = helpfulness_judge(config, constitution, backend)
-    pairs = list(itertools.combinations(names, 2))
-    results: dict = {"comparisons": [], "helpful_comparisons": [],
-                     "harmful": {}, "refusal": {}}
-    total = (len(pairs) + len(names)) * (len(red) + len(benign))
+    judges = {"comparisons": harm, "helpful_comparisons": helpfulness_judge(config, constitution, backend)}
+    if done:
+        ui.info(f"evaluate: resuming the judging after {done} of {len(tasks)} checkpoints")
     with ui.progress() as bar:
-        task = bar.add_task("judging", total=total)
-        for judge, prompts, into in ((harm, red, "comparisons"),
-                                     (helpful, benign, "helpful_comparisons")):
-            for a, b in pairs:
-                results[into].append({"models": [a, b],
-                                      "rows": compare(judge, prompts, a, b, answers)})
-                bar.update(task, advance=len(prompts))
-        for question, prompts, into in ((questions.harmful, red, "harmful"),
-                                        (questions.refusal, benign, "refusal")):
-            for name in names:
+        task = bar.add_task("judging", total=sum(len(prompts) for _, _, prompts in tasks),
+                            completed=sum(len(prompts) for _, _, prompts in tasks[:done]))
+        for into, models, prompts in tasks[done:]:
+            kind = KINDS[into]
+            if into in COMPARED:
+                records = [{"kind": kind, "models": list(models), "id": row["id"],
+                            "p": round(row["p"], 6),
+                            "principles": {k: round(v, 6) for k, v in row["principles"].items()}}
+                           for row in compare(judges[into], prompts, *models, answers)]
+            else:
+                name = models[0]
                 p_yes = harm.classify([(f"{p.id}:{name}", p.text, answers[name, p.id])
-                                       for p in prompts], question) if prompts else []
-                results[into][name] = [{"id": prompt.id,
-                                        "p": None if value is None else round(value, 6)}
-                                       for prompt, value in zip(prompts, p_yes)]
-                bar.update(task, advance=len(prompts))
+                                       for p in prompts], questions[into])
+                records = [{"kind": kind, "model": name, "id": prompt.id,
+                            "p": None if value is None else round(value, 6)}
+                           for prompt, value in zip(prompts, p_yes)]
+            run.producing()
+            judgments.append_batch(records)
+            bar.update(task, advance=len(prompts))
     backend.close()
-    return results
 
 
 def compare(judge, prompts: list[Prompt], a: str, b: str, answers: dict) -> list[dict]:
