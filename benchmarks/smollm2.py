@@ -12,6 +12,9 @@ same model in this one process (best of ``--repeats`` interleaved runs each):
 
 End-of-turn stopping is off everywhere, so every turn generates exactly ``--max-new-tokens``
 and the work is the same; all sample with SmolLM2's recommended temperature 0.2 and top-p 0.9.
+Ours and plain batched generate are also timed making one token each, which is the prompts'
+prefill and a step: the line "where the time goes" splits each ratio into the prefill's and the
+decoding's, so it shows which of the two holds the total back.
 Then label-prefs' judge scores ``--pairs`` answer pairs (few-shot comparison prompts, both
 orders) through the backend's ``score_options``, in comparisons per second.
 
@@ -26,6 +29,7 @@ cache of shared prefixes matters more (its forward pass is cheap next to the att
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -93,12 +97,18 @@ def main() -> None:
         results = backend.generate(conversations, params)
         return sum(r.tokens for r in results), time.perf_counter() - start
 
-    def generate_kwargs() -> dict:
-        return dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+    def ours_first_token() -> tuple[int, float]:
+        backend.prefixes.clear()
+        start = time.perf_counter()
+        results = backend.generate(conversations, dataclasses.replace(params, max_new_tokens=1))
+        return sum(r.tokens for r in results), time.perf_counter() - start
+
+    def generate_kwargs(new_tokens: int = args.max_new_tokens) -> dict:
+        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
                     pad_token_id=tokenizer.pad_token_id)
 
-    def plain_batched() -> tuple[int, float]:
+    def plain_batched(new_tokens: int = args.max_new_tokens) -> tuple[int, float]:
         """What a script that batches does: left-padded batches straight into generate."""
         torch.manual_seed(0)
         tokenizer.padding_side = "left"
@@ -107,7 +117,7 @@ def main() -> None:
             for first in range(0, len(texts), args.batch_size):
                 batch = tokenizer(texts[first:first + args.batch_size], padding=True,
                                   add_special_tokens=False, return_tensors="pt")
-                out = model.generate(**batch, **generate_kwargs())
+                out = model.generate(**batch, **generate_kwargs(new_tokens))
                 tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
         return tokens, time.perf_counter() - start
 
@@ -126,8 +136,10 @@ def main() -> None:
     runs = []
     for repeat in range(args.repeats):
         runs.append(tuple(_timed(name, side, repeat) for name, side in (
-            ("ours", ours), ("plain batched", plain_batched), ("one at a time", one_at_a_time))))
-    best = [min((r[k] for r in runs), key=lambda r: r[1]) for k in range(3)]
+            ("ours", ours), ("plain batched", plain_batched), ("one at a time", one_at_a_time),
+            ("ours, one token", ours_first_token),
+            ("plain batched, one token", lambda: plain_batched(1)))))
+    best = [min((r[k] for r in runs), key=lambda r: r[1]) for k in range(5)]
     rates = [tokens / seconds for tokens, seconds in best]
     print(f"model: {Path(args.model).name}, critique turns: {len(conversations)}, prompt tokens: "
           f"mean {sum(lengths) / len(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), "
@@ -138,6 +150,16 @@ def main() -> None:
         print(f"{name + ':':31} {tokens} tokens in {seconds:6.2f} s = {rate:7,.1f} tokens/s")
     print(f"ratio: {rates[0] / rates[1]:.1f}x plain batched generate (target >= {args.target:g}x), "
           f"{rates[0] / rates[2]:.1f}x one at a time")
+    (_, ours_all), (_, plain_all), _, (_, ours_one), (_, plain_one) = best
+    ours_rest, plain_rest = max(ours_all - ours_one, 1e-9), max(plain_all - plain_one, 1e-9)
+    print(f"where the time goes: prefill and first token ours {ours_one:.2f} s, plain "
+          f"{plain_one:.2f} s ({plain_one / ours_one:.1f}x); the other {args.max_new_tokens - 1} "
+          f"tokens ours {ours_rest:.2f} s, plain {plain_rest:.2f} s ({plain_rest / ours_rest:.1f}x)")
+    floor = model_floor(backend, conversations, args.max_new_tokens)
+    print(f"floor: the model's forward passes alone, each row's own tokens (after the shared "
+          f"prefix, unpadded) and {args.max_new_tokens - 1} steps without a cache: {floor:.2f} s; "
+          f"no engine on this model here beats plain batched generate by more than "
+          f"{plain_all / floor:.1f}x")
 
     # Labelling: the judge's few-shot comparison prompts, both orders, option log-probabilities.
     pair_prompts = load_prompts(config.data.red_team.model_copy(update={"limit": args.pairs}), config.seed)
@@ -166,6 +188,32 @@ def main() -> None:
           f"{comparisons / min(timings):.2f} comparisons/s")
     order_a = sum(j.p_first > 0.5 for p in labelled for j in p.judgments)
     print(f"position bias: the option shown first won {order_a} of {2 * comparisons} judgments")
+
+
+def model_floor(backend, conversations: list, new_tokens: int) -> float:
+    """Seconds of the work no engine can skip: the forward pass over every row's own prompt
+    tokens (those after the prefix the rows share), without padding or attention to the prefix,
+    and one forward pass per further token, without attention to a cache; best of three."""
+    import torch
+
+    from cai_cli.backends.hf import _prefix_groups
+
+    encoded = backend.encode_many(conversations)
+    groups = _prefix_groups(encoded, [1] * len(encoded))
+    shared = {row: length for rows, length in groups for row in rows}
+    own = sum(len(ids) - shared.get(row, 0) for row, ids in enumerate(encoded))
+    rows, vocab = len(encoded), backend.model.config.vocab_size
+    prompts = torch.randint(0, vocab, (rows, max(own // rows, 1)))
+    step = torch.randint(0, vocab, (rows, 1))
+    timings = []
+    with torch.inference_mode(), backend.plain_attention() as model:
+        for _ in range(3):
+            start = time.perf_counter()
+            model(input_ids=prompts, use_cache=False, logits_to_keep=1)
+            for _ in range(new_tokens - 1):
+                model(input_ids=step, use_cache=False, logits_to_keep=1)
+            timings.append(time.perf_counter() - start)
+    return min(timings)
 
 
 def _timed(name: str, side, repeat: int) -> tuple[int, float]:
