@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai_cli import ui
-from cai_cli.artifacts import _fsync_dir, load_manifest, write_json_atomic
+from cai_cli.artifacts import ResumableJsonl, _fsync_dir, load_manifest, write_json_atomic
 from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.layout import RunLayout
@@ -304,6 +304,7 @@ def merge(module, config: Config, spec: StageSpec, count: int) -> Path:
     for index, files in enumerate(parts):
         for file in files.values():
             file.unlink(missing_ok=True)
+            ResumableJsonl(file, "").state_path.unlink(missing_ok=True)  # progress kept for reuse
         layout.shard_manifest(command, index, count).unlink(missing_ok=True)
     try:
         layout.shards_dir(command).rmdir()  # only when no other parts are left

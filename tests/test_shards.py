@@ -270,6 +270,21 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     assert cai("merge", "evaluate", "--config", sharded).returncode == 0  # nothing left to merge
 
 
+
+def test_an_evaluate_shard_without_prompts_merges_and_leaves_nothing_behind(tmp_path, tiny_model_dir,
+                                                                            other_model):
+    evaluate = {"models": ["base", str(other_model)], "limit": 1, "benign_limit": 0,
+                "principles_per_pair": 1, "bootstrap": 100, "reward_model": False,
+                "sampling": {"max_new_tokens": 4}}
+    path = write_config(tmp_path, tiny_model_dir, "run", evaluate=evaluate)
+    in_process("evaluate", path, shard=Shard(1, 2))  # no prompts in this one
+    in_process("evaluate", path, shard=Shard(0, 2))  # the last to finish merges
+    out = tmp_path / "run" / "eval"
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "judgments.jsonl",
+                                                     "manifest.json", "report.json"]
+    kinds = [json.loads(line)["kind"] for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert kinds == ["harmlessness", "harmful", "harmful"]
+
 # --- generate-prompts -------------------------------------------------------------------------
 
 def test_generate_prompts_in_two_shards_merge_to_one_run_and_filter(tmp_path, tiny_model_dir):

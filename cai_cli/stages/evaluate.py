@@ -425,7 +425,7 @@ def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prom
     done = judgments.batches_done if not judgments.finished else len(tasks)
     if done < len(tasks):
         judge_remaining(config, constitution, tasks, done, answers, judgments, run)
-        judgments.finish()
+    judgments.finish()  # (an empty file for a shard without prompts)
     results: dict = {"comparisons": [], "helpful_comparisons": [], "harmful": {}, "refusal": {}}
     rows: dict[tuple, list] = {}
     for into in COMPARED:
