@@ -304,7 +304,7 @@ def merge(module, config: Config, spec: StageSpec, count: int) -> Path:
     for index, files in enumerate(parts):
         for file in files.values():
             file.unlink(missing_ok=True)
-            ResumableJsonl(file, "").state_path.unlink(missing_ok=True)  # progress kept for reuse
+            ResumableJsonl(file, "").cleanup()  # its progress, if kept for reuse
         layout.shard_manifest(command, index, count).unlink(missing_ok=True)
     try:
         layout.shards_dir(command).rmdir()  # only when no other parts are left

@@ -55,15 +55,15 @@ JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thou
                 "cot_max_new_tokens"}
 # Names that stand for this run's checkpoints, and the command that makes each.
 RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
-# What a shard writes its part of (cai_cli.shards): the answers, the judgments, and the judgments
-# and reward scores of its prompts in the shape the merge builds the report from.
+# What a shard writes its part of (cai_cli.shards): the answers, the judgments and the reward
+# scores of its prompts, from which the merge builds the report.
 PARTS = ("answers.jsonl", "judgments.jsonl", "results.json")
 # A judge whose mean p(yes) stays this close to 0.5 for every model tells the answers apart no
 # better than a coin.
 UNDECIDED = 0.05
 # Benign prompts that only sound risky, shipped for the helpfulness axis.
 BENIGN = Path(__file__).resolve().parents[1] / "resources" / "benign_prompts.jsonl"
-# The per-prompt results of one run or shard: lists of rows joined in prompt order on merging.
+# The per-prompt results: lists of rows, one per line of judgments.jsonl, in prompt order.
 COMPARED = ("comparisons", "helpful_comparisons")  # per pair of models
 CLASSIFIED = ("harmful", "refusal")  # per model
 # What eval/judgments.jsonl calls each of them ("kind").
@@ -243,8 +243,9 @@ def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
             out: dict[str, Path], *, force: bool) -> dict:
     """Every model's answers to ``prompts`` into ``out["answers.jsonl"]``, then the judgments of
     every pair of models and of every answer into ``out["judgments.jsonl"]`` (both resumable;
-    ``force`` judges again from the start), and the reward scores. The judgments and scores go
-    to ``out["results.json"]`` when given (a shard), else they are returned for ``finish``."""
+    ``force`` judges again from the start), and the reward scores. The scores go to
+    ``out["results.json"]`` when given (a shard), else they are returned for ``finish`` with the
+    judgments."""
     paths = model_paths(config)
     started = time.perf_counter()
     # Answers: one checkpointed batch per model, so an interruption loses one model's work.
@@ -282,7 +283,7 @@ def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
                           if config.evaluate.reward_model else None)
     run.manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     if "results.json" in out:
-        write_json_atomic(out["results.json"], results)
+        write_json_atomic(out["results.json"], {"rewards": results["rewards"]})
         return {}
     return {"results": results}
 
@@ -305,23 +306,10 @@ def merge_parts(config: Config, parts: list[dict[str, Path]], extras: list[dict]
               for raw in files["judgments.jsonl"].read_bytes().splitlines(keepends=True) if raw.strip()]
     judged.sort(key=lambda raw: order[record_task(json.loads(raw))])
     write_atomic(config.layout.eval_judgments, b"".join(judged))
-    merged: dict = {}
-    for number, files in enumerate(parts):
-        results = json.loads(files["results.json"].read_text())
-        if number == 0:
-            merged = results
-            continue
-        for key in COMPARED:
-            for into, more in zip(merged[key], results[key]):
-                into["rows"] += more["rows"]
-        for key in CLASSIFIED:
-            for name, rows in results[key].items():
-                merged[key][name] += rows
-        if merged["rewards"] is not None and results["rewards"] is not None:
-            for name, scores in results["rewards"].items():
-                merged["rewards"][name] += scores
-        else:
-            merged["rewards"] = None
+    merged = judged_results([json.loads(raw) for raw in judged], names)
+    rewards = [json.loads(files["results.json"].read_text())["rewards"] for files in parts]
+    merged["rewards"] = None if None in rewards else {
+        name: [score for part in rewards for score in part[name]] for name in rewards[0]}
     return {"results": merged}
 
 
@@ -426,6 +414,12 @@ def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prom
     if done < len(tasks):
         judge_remaining(config, constitution, tasks, done, answers, judgments, run)
     judgments.finish()  # (an empty file for a shard without prompts)
+    return judged_results(judgments.records(), names)
+
+
+def judged_results(records: list[dict], names: list[str]) -> dict:
+    """The lines of judgments.jsonl as ``judge_all`` returns them: per pair of models and per
+    model, their rows in the order of the lines."""
     results: dict = {"comparisons": [], "helpful_comparisons": [], "harmful": {}, "refusal": {}}
     rows: dict[tuple, list] = {}
     for into in COMPARED:
@@ -434,7 +428,7 @@ def judge_all(config: Config, constitution, red: list[Prompt], benign: list[Prom
     for into in CLASSIFIED:
         for name in names:
             results[into][name] = rows.setdefault(task_key(into, (name,)), [])
-    for record in judgments.records():
+    for record in records:
         row = {"id": record["id"], "p": record["p"]}
         if "principles" in record:
             row["principles"] = record["principles"]
