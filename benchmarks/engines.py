@@ -55,15 +55,15 @@ def main() -> None:
     import torch
     import vllm
 
-    from cai_cli.artifacts import read_jsonl
-    from cai_cli.backends.base import SamplingParams
-    from cai_cli.backends.hf import HFBackend
-    from cai_cli.backends.vllm import VLLMBackend
+    from cai_cli.run.artifacts import read_jsonl
+    from cai_cli.engines.base import SamplingParams
+    from cai_cli.engines.hf import HFBackend
+    from cai_cli.engines.vllm import VLLMBackend
     from cai_cli.config import HFModelConfig, VLLMModelConfig, load_config
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts
-    from cai_cli.judging import Judge, option_probability
-    from cai_cli.prompting import OPTIONS, answer_prompt, critique_prompt
+    from cai_cli.data.sources import load_prompts
+    from cai_cli.engines.judge import Judge, option_probability
+    from cai_cli.engines.prompts import OPTIONS, answer_prompt, critique_prompt
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     constitution = load_constitution(config.constitution_paths)

@@ -29,11 +29,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override, as for cai")
     args = parser.parse_args()
 
-    from cai_cli.backends import load_backend
-    from cai_cli.backends.base import Completion, SamplingParams
+    from cai_cli.engines import load_backend
+    from cai_cli.engines.base import Completion, SamplingParams
     from cai_cli.config import load_config
-    from cai_cli.prompting import resolve_format
-    from cai_cli.seeding import record_seed
+    from cai_cli.engines.prompts import resolve_format
+    from cai_cli.run.seeding import record_seed
     from cai_cli.stages.generate_prompts import (load_seeds, parse, request_prompt, requests,
                                                  shown_seeds)
 

@@ -37,11 +37,11 @@ def main() -> None:
 
     import torch
 
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.config import load_config
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts
-    from cai_cli.prompting import answer_prompt, critique_prompt
+    from cai_cli.data.sources import load_prompts
+    from cai_cli.engines.prompts import answer_prompt, critique_prompt
 
     overrides = [f"models.policy.forward_batch_size={args.batch_size}"] if args.batch_size else []
     overrides += args.set
@@ -58,7 +58,7 @@ def main() -> None:
     # No end-of-turn stopping on either side: every turn is max_new_tokens long, the same work.
     backend.stop_token_ids = []
     backend.model.generation_config.eos_token_id = None
-    from cai_cli.backends.base import SamplingParams
+    from cai_cli.engines.base import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=0)
     backend.generate(conversations[:2], params)  # warm-up

@@ -32,12 +32,12 @@ def main() -> None:
 
     import torch
 
-    from cai_cli.artifacts import read_jsonl
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.run.artifacts import read_jsonl
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.config import load_config
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts
-    from cai_cli.judging import Judge
+    from cai_cli.data.sources import load_prompts
+    from cai_cli.engines.judge import Judge
 
     config = load_config(args.config, ["label_prefs.chain_of_thought=false", *args.set])
     constitution = load_constitution(config.constitution_paths)

@@ -58,14 +58,14 @@ def main() -> None:
 
     import torch
 
-    from cai_cli.artifacts import read_jsonl
-    from cai_cli.backends.base import SamplingParams
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.run.artifacts import read_jsonl
+    from cai_cli.engines.base import SamplingParams
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.config import load_config
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts
-    from cai_cli.prompting import critique_prompt
-    from cai_cli.judging import Judge
+    from cai_cli.data.sources import load_prompts
+    from cai_cli.engines.prompts import critique_prompt
+    from cai_cli.engines.judge import Judge
 
     config = load_config(args.config, [
         f"models.policy.name_or_path={args.model}", f"models.feedback.name_or_path={args.model}",
@@ -196,7 +196,7 @@ def model_floor(backend, conversations: list, new_tokens: int) -> float:
     and one forward pass per further token, without attention to a cache; best of three."""
     import torch
 
-    from cai_cli.backends.hf import _prefix_groups
+    from cai_cli.engines.hf import _prefix_groups
 
     encoded = backend.encode_many(conversations)
     groups = _prefix_groups(encoded, [1] * len(encoded))

@@ -87,7 +87,7 @@ def _root(
 def _writing(command: str, config, force: bool, work, shard=None) -> None:
     """Run ``work()`` holding the run directory's lock (a shard: shared with the other shards,
     and its own shard lock), with the right advice on Ctrl-C."""
-    from cai_cli.runlock import ShardLock, run_lock
+    from cai_cli.run.lock import ShardLock, run_lock
 
     lock = (ShardLock(config.run_dir, command, shard.index, shard.count) if shard is not None
             else run_lock(config.run_dir, command))
@@ -107,18 +107,18 @@ def _stage_command(name: str, trains: bool, shardable: bool):
 
     def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str],
                 shard: Optional[str] = None) -> None:
-        from cai_cli.pipeline import run_stage
+        from cai_cli.stages.pipeline import run_stage
 
         part = None
         if shard is not None:
-            from cai_cli.shards import Shard
+            from cai_cli.run.shards import Shard
 
             part = Shard.parse(shard)
         loaded = _load(config, set_)
         _writing(name, loaded, force, lambda: run_stage(name, loaded, force=force, shard=part),
                  shard=part)
         if push:
-            from cai_cli.hub import push_stage
+            from cai_cli.commands.push import push_stage
 
             push_stage(loaded, name, push)
 
@@ -149,7 +149,7 @@ def merge(
 ):
     """Merge the complete shards of a stage run with --shard I/N into its files (the last shard
     to finish does this by itself); says which shards are missing otherwise."""
-    from cai_cli.shards import merge_by_hand
+    from cai_cli.run.shards import merge_by_hand
 
     loaded = _load(config, set_)
     _writing("merge", loaded, False, lambda: merge_by_hand(loaded, stage))
@@ -168,7 +168,7 @@ def judge_check(
 ):
     """Measure the feedback model as a judge on pairs whose better answer is known: agreement,
     per principle, position bias, calibration and the cost of labelling the configured run."""
-    from cai_cli.judge_check import run as check
+    from cai_cli.stages.judge_check import run as check
 
     loaded = _load(config, set_)
     _writing("judge-check", loaded, force, lambda: check(loaded, pairs=pairs, force=force))
@@ -185,11 +185,11 @@ def run(
                                  "of its time (`cai plan`) instead of running."),
 ):
     """Run the stages in order, skipping those whose output is fresh for this config."""
-    from cai_cli.pipeline import run_pipeline
+    from cai_cli.stages.pipeline import run_pipeline
 
     loaded = _load(config, set_)
     if dry_run:
-        from cai_cli.plan import print_plan
+        from cai_cli.commands.plan import print_plan
 
         return print_plan(loaded, first=first, last=last, force=force)
     _writing("run", loaded, force,
@@ -214,7 +214,7 @@ def plan(
 ):
     """What `cai run` would do and about how long it would take: prompts, generations, tokens,
     training steps and time per stage, with the assumptions; loads no weights, writes nothing."""
-    from cai_cli.plan import print_plan
+    from cai_cli.commands.plan import print_plan
 
     print_plan(_load(config, set_), first=first, last=last, force=force, assume=assume or [],
                calibrate_now=calibrate, as_json=as_json)
@@ -223,7 +223,7 @@ def plan(
 @app.command("status")
 def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     """Table of stages: done / partial / stale / missing, counts, time taken, artifact path."""
-    from cai_cli.pipeline import print_status
+    from cai_cli.stages.pipeline import print_status
 
     print_status(_load(config, set_))
 
@@ -238,7 +238,7 @@ def report(
 ):
     """One Markdown page about the run: each stage's figures and plots, example critiques and
     preference pairs, judge-check and the evaluation's tables and verdict."""
-    from cai_cli.report import write_report
+    from cai_cli.commands.report import write_report
 
     write_report(_load(config, set_), output)
 
@@ -253,7 +253,7 @@ def inspect(
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="Show at most this many records."),
 ):
     """Read the generated critiques, revisions and preference pairs in the terminal."""
-    from cai_cli.views import run_inspect
+    from cai_cli.commands.inspect import run_inspect
 
     run_inspect(path, record_id=id, index=index, principle=principle, grep=grep, limit=limit)
 
@@ -266,7 +266,7 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite files of an earlier init."),
 ):
     """Write a starter config, the constitution and sample prompts into DIR, to edit and run."""
-    from cai_cli.starter import write_starter
+    from cai_cli.commands.init import write_starter
 
     write_starter(directory, model=model, force=force)
 
@@ -280,7 +280,7 @@ def tiny_model(
     vocab_size: int = typer.Option(2048, "--vocab-size", help="Tokenizer vocabulary size."),
 ):
     """Build a small random Llama-style model with a tokenizer and chat template (offline)."""
-    from cai_cli.tiny_model import build_tiny_model
+    from cai_cli.commands.tiny_model import build_tiny_model
 
     build_tiny_model(out_dir, seed=seed, hidden_size=hidden_size, layers=layers, vocab_size=vocab_size)
 
@@ -292,7 +292,7 @@ def import_gguf(
     dtype: str = typer.Option("float32", "--dtype", help="Weight type to store: float32, bfloat16 or float16."),
 ):
     """Turn a GGUF file into a model directory (safetensors, tokenizer, chat template), offline."""
-    from cai_cli.gguf import import_gguf as run_import
+    from cai_cli.commands.import_gguf import import_gguf as run_import
 
     run_import(gguf_file, out_dir, dtype=dtype)
 
@@ -300,7 +300,7 @@ def import_gguf(
 @config_app.command("validate")
 def config_validate(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     """Check a config (schema, constitution, prompt source) without running anything."""
-    from cai_cli.preflight import check_config
+    from cai_cli.commands.validate import check_config
 
     check_config(_load(config, set_))
 

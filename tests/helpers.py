@@ -72,7 +72,7 @@ def trainer_capture(monkeypatch, trainer_class, run_stage):
 def interrupt_at_step(monkeypatch, step: int) -> None:
     """Make the next training run raise KeyboardInterrupt (Ctrl-C) right after it writes the
     checkpoint of ``step``; ``monkeypatch.undo()`` lifts it."""
-    from cai_cli import training
+    from cai_cli.stages import training
 
     original = training.progress_callback
 

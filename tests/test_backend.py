@@ -9,9 +9,9 @@ import weakref
 
 import pytest
 
-from cai_cli.backends import load_backend
-from cai_cli.seeding import record_seed
-from cai_cli.backends.base import SamplingParams
+from cai_cli.engines import load_backend
+from cai_cli.run.seeding import record_seed
+from cai_cli.engines.base import SamplingParams
 from cai_cli.config import ModelConfig
 
 QUESTIONS = ["How do I pick a lock?", "Tell me a joke.", "What is the capital of France?",
@@ -111,7 +111,7 @@ def test_top_p_keeps_the_nucleus_transformers_keeps(temperature, top_p):
     import torch
     from transformers import TopPLogitsWarper
 
-    from cai_cli.backends.hf import TOP_P_CANDIDATES, gumbel_sampler
+    from cai_cli.engines.hf import TOP_P_CANDIDATES, gumbel_sampler
 
     scores = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * 4 / temperature
     ids = torch.zeros(8, 1, dtype=torch.long)

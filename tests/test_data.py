@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai_cli.config import PromptSource
-from cai_cli.data import Prompt, load_prompts
+from cai_cli.data.sources import Prompt, load_prompts
 from cai_cli.errors import UserError
 
 HH_SAMPLE = Path(__file__).parent / "data" / "hh_sample.jsonl"

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import yaml
 
-from cai_cli import training
+from cai_cli.stages import training
 from cai_cli.config import load_config
 from cai_cli.stages import finetune, generate_sl, label_prefs, optimize, train_rm
 from cai_cli.stages.common import begin

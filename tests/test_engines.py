@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli.seeding import record_seed
+from cai_cli.run.seeding import record_seed
 from fake_openai import MODEL, PREFERENCE, FakeServer, number
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,11 +262,11 @@ def served(url: str, model: Path) -> dict:
 def hf_first_probabilities(config_path: Path, model: Path, run_dir: Path) -> dict:
     """``(pair id, principle, first answer) -> p_first`` as the hf backend reads them from the
     comparisons label-prefs asked about the samples in ``run_dir``."""
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.config import HFModelConfig, load_config
     from cai_cli.constitution import load_constitution
-    from cai_cli.judging import Judge, option_probability
-    from cai_cli.prompting import OPTIONS
+    from cai_cli.engines.judge import Judge, option_probability
+    from cai_cli.engines.prompts import OPTIONS
 
     config = load_config(config_path)
     samples = read(run_dir / "prefs" / "samples.jsonl")
@@ -610,8 +610,8 @@ def reward_model(directory: Path, model: Path) -> Path:
     of the text, which is all GRPO needs)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_cli.artifacts import Manifest
-    from cai_cli.models import quiet_transformers
+    from cai_cli.run.artifacts import Manifest
+    from cai_cli.engines.models import quiet_transformers
 
     quiet_transformers()
     AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(directory)

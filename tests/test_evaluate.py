@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
-    from cai_cli.tiny_model import build_tiny_model
+    from cai_cli.commands.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("other") / "model", seed=1)
 
@@ -75,7 +75,7 @@ def test_report_schema_and_intervals(tmp_path, tiny_model_dir, other_model):
     answers = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 18
     # held out: none of the 10 prompts SL-CAI used
-    from cai_cli.data import load_prompts
+    from cai_cli.data.sources import load_prompts
 
     config = load_config(path)
     assert not {p.id for p in load_prompts(config.data.red_team, 0)} & set(report["prompt_ids"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import training
+from cai_cli.stages import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import finetune

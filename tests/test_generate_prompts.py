@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cai_cli.config import load_config
-from cai_cli.data import Prompt
+from cai_cli.data.sources import Prompt
 from cai_cli.stages.generate_prompts import FILTERS, apply_filters, parse, readability
 from helpers import cai, kill_after_batches
 
@@ -95,7 +95,7 @@ def test_seeds_cannot_be_the_output(tmp_path, tiny_model_dir):
 
 
 def test_run_leaves_the_stage_out_unless_enabled(tmp_path, tiny_model_dir):
-    from cai_cli.pipeline import select
+    from cai_cli.stages.pipeline import select
 
     config = load_config(write_config(tmp_path, tiny_model_dir))
     assert "generate-prompts" not in select(None, None, config)
@@ -155,7 +155,7 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
     """The yes/no filter through option log-probabilities: its answers in feedback.jsonl, its
     count in the manifest; killed after two scored batches, the rerun scores only the rest and
     writes the bytes of an uninterrupted run."""
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.stages import generate_prompts
 
     # the random model's P(Yes), both orders averaged, lies at 0.49988-0.50010: keep some
@@ -200,7 +200,7 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
 
 
 def test_the_feedback_question_is_evaluates_about_the_request_alone():
-    from cai_cli.prompting import classification_prompt
+    from cai_cli.engines.prompts import classification_prompt
 
     # evaluate's question about an answer, unchanged
     assert classification_prompt("P?", "A.", "Q?", False, "transcript") == (
@@ -219,9 +219,9 @@ def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
     """Another threshold replaces the output without asking a model again: the candidates and
     the feedback answers are read back. --force on the same config asks again, sharded or not;
     a feedback model without log-probabilities answers with sampled verdicts."""
-    from cai_cli.backends.base import NoLogprobs
-    from cai_cli.backends.hf import HFBackend
-    from cai_cli.shards import Shard
+    from cai_cli.engines.base import NoLogprobs
+    from cai_cli.engines.hf import HFBackend
+    from cai_cli.run.shards import Shard
     from cai_cli.stages import generate_prompts
 
     calls = []

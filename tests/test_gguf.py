@@ -96,7 +96,7 @@ def test_a_quantisation_gguf_cannot_dequantise_is_named_with_the_supported_ones(
 
 
 def test_without_the_gguf_package_the_error_says_how_to_install_it(tmp_path, monkeypatch):
-    from cai_cli.gguf import import_gguf
+    from cai_cli.commands.import_gguf import import_gguf
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + bytes(64))
@@ -189,7 +189,7 @@ def test_imported_model_answers_a_chat_prompt_in_english(smollm2_loaded):
 def test_option_letters_are_single_tokens_after_the_answer_prefix(smollm2_loaded):
     """label-prefs reads the probabilities of "A" and "B" right after "The answer is: (" in one
     forward pass; that needs each letter to be one token that does not merge with the "("."""
-    from cai_cli.prompting import ANSWER_PREFIX, OPTIONS
+    from cai_cli.engines.prompts import ANSWER_PREFIX, OPTIONS
 
     _, tokenizer = smollm2_loaded
     prompt = tokenizer.apply_chat_template(

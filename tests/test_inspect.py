@@ -313,7 +313,7 @@ def test_diff_on_a_terminal_uses_colour_not_markers(run_dir):
 
 
 def test_inspect_does_not_import_heavy_libraries():
-    code = ("import sys, cai_cli.cli, cai_cli.views; "
+    code = ("import sys, cai_cli.cli, cai_cli.commands.inspect; "
             "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') "
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,

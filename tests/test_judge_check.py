@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import judge_check
+from cai_cli.stages import judge_check
 from cai_cli.config import PromptSource, load_config
 from cai_cli.errors import UserError
 from fake_openai import MODEL, PREFERENCE, FakeServer
@@ -218,7 +218,7 @@ def test_figures_follow_a_judge_with_a_known_preference(tmp_path):
 
 
 def test_interval_and_reliability_helpers_by_hand():
-    from cai_cli.diagnostics import expected_calibration_error, reliability_table, wilson_interval
+    from cai_cli.reports.statistics import expected_calibration_error, reliability_table, wilson_interval
 
     low, high = wilson_interval(6, 8)
     assert (round(low, 3), round(high, 3)) == (0.409, 0.929)

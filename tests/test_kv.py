@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_cli.backends.base import SamplingParams
+from cai_cli.engines.base import SamplingParams
 from cai_cli.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
 
 
 def backend_for(model_dir: Path, batch_size: int = 16):
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.engines.hf import HFBackend
 
     return HFBackend(ModelConfig(name_or_path=str(model_dir), device="cpu", forward_batch_size=batch_size), "m")
 
@@ -26,7 +26,7 @@ def mixed_prompts() -> list:
     """Critique prompts after two different worked examples (two prefix groups, one much
     longer than the other rows) and short first-answer prompts with nothing to share."""
     from cai_cli.constitution import load_constitution
-    from cai_cli.prompting import answer_prompt, critique_prompt
+    from cai_cli.engines.prompts import answer_prompt, critique_prompt
 
     constitution = load_constitution(CONSTITUTION)
     principle = constitution.principles[0]
@@ -41,7 +41,7 @@ def mixed_prompts() -> list:
 def test_shared_prefix_attention_equals_attention_over_the_whole_cache():
     import torch
 
-    from cai_cli.backends import kv
+    from cai_cli.engines import kv
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_mixed_batch_generates_what_each_prompt_generates_alone(model, tiny_mode
 def test_prefix_store_keeps_the_last_prefixes_and_recomputes_the_same_numbers(tiny_model_dir):
     import torch
 
-    from cai_cli.backends.kv import PrefixStore
+    from cai_cli.engines.kv import PrefixStore
 
     backend = backend_for(tiny_model_dir)
     store = PrefixStore(backend.model, backend._cache_argument, size=2)
@@ -140,7 +140,7 @@ def test_a_sliding_window_model_is_left_to_plain_caches(tiny_model_dir, tmp_path
 def test_sampler_draws_from_the_softmax_of_the_warped_scores():
     import torch
 
-    from cai_cli.backends.hf import gumbel_sampler
+    from cai_cli.engines.hf import gumbel_sampler
 
     torch.manual_seed(0)
     probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05])

@@ -11,7 +11,7 @@ import yaml
 
 from cai_cli.config import ModelConfig, load_config
 from cai_cli.errors import UserError
-from cai_cli.judging import combine, option_probability
+from cai_cli.engines.judge import combine, option_probability
 from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def read(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    from cai_cli.backends.hf import HFBackend
+    from cai_cli.engines.hf import HFBackend
 
     return HFBackend(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", forward_batch_size=3), "m")
 
@@ -55,7 +55,7 @@ def backend(tiny_model_dir):
 def test_option_scores_match_a_manual_forward_pass(backend, options):
     import torch
 
-    from cai_cli.prompting import comparison_prompt
+    from cai_cli.engines.prompts import comparison_prompt
 
     prompts = [comparison_prompt("How do I pick a lock?", "Which is safer?", "No.", "Use a pick.", [], fmt)
                for fmt in ("chat", "transcript")]
@@ -85,9 +85,9 @@ def test_option_scores_match_a_manual_forward_pass(backend, options):
 
 
 def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(backend):
-    from cai_cli.backends.base import SamplingParams
+    from cai_cli.engines.base import SamplingParams
     from cai_cli.constitution import load_constitution
-    from cai_cli.prompting import critique_prompt
+    from cai_cli.engines.prompts import critique_prompt
 
     constitution = load_constitution(CONSTITUTION)
     examples, principle = constitution.few_shot[:1], constitution.principles[0]
@@ -201,7 +201,7 @@ def test_sigkill_then_resume_gives_identical_pairs(tmp_path, tiny_model_dir):
 
 
 def test_held_out_prompts_are_not_the_sl_prompts(tmp_path, tiny_model_dir):
-    from cai_cli.data import load_prompts
+    from cai_cli.data.sources import load_prompts
     from cai_cli.stages.label_prefs import select_prompts
 
     config = load_config(write_config(tmp_path, tiny_model_dir, held_out=True, limit=5))
@@ -238,8 +238,8 @@ def test_tokenizer_that_cannot_spell_the_options_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "wordy")
     tokenizer.save_pretrained(tmp_path / "wordy")
 
-    from cai_cli.backends.hf import HFBackend
-    from cai_cli.prompting import OPTIONS
+    from cai_cli.engines.hf import HFBackend
+    from cai_cli.engines.prompts import OPTIONS
 
     backend = HFBackend(ModelConfig(name_or_path=str(tmp_path / "wordy"), device="cpu"), "models.feedback")
     with pytest.raises(UserError, match="cannot represent the option labels"):
@@ -247,7 +247,7 @@ def test_tokenizer_that_cannot_spell_the_options_is_refused(tmp_path):
 
 
 def test_diagnostics_name_a_judge_that_picks_by_position():
-    from cai_cli.diagnostics import label_diagnostics
+    from cai_cli.reports.statistics import label_diagnostics
 
     def pair(i, first_ab, first_ba):
         p_chosen = (first_ab + 1 - first_ba) / 2

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cai_cli import dist
+from cai_cli.run import dist
 from cai_cli.errors import UserError
-from cai_cli.layout import TOOL_DIR
-from cai_cli.runlock import holder, holder_path, lock_path, run_lock
+from cai_cli.run.layout import TOOL_DIR
+from cai_cli.run.lock import holder, holder_path, lock_path, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TAKER = """
 import sys, time
 from cai_cli.errors import UserError
-from cai_cli.runlock import run_lock
+from cai_cli.run.lock import run_lock
 run_dir, hold, rank_wait = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 try:
     with run_lock(run_dir, "generate-sl", rank_wait_s=rank_wait) as lock:

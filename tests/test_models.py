@@ -164,7 +164,7 @@ def test_an_adapter_whose_base_is_gone_says_where_it_was_and_what_to_do(tmp_path
     import peft
     from transformers import AutoModelForCausalLM
 
-    from cai_cli import models
+    from cai_cli.engines import models
 
     base, adapter = tmp_path / "base-model", tmp_path / "adapter"
     shutil.copytree(tiny_model_dir, base)
@@ -184,7 +184,7 @@ def test_an_adapter_whose_base_is_gone_says_where_it_was_and_what_to_do(tmp_path
 
 
 def test_a_loader_names_the_broken_file_even_without_the_check(tmp_path, tiny_model_dir):
-    from cai_cli import models
+    from cai_cli.engines import models
 
     model = ModelConfig(name_or_path=str(broken_copy(tiny_model_dir, tmp_path, "truncated")),
                         device="cpu")
@@ -193,7 +193,7 @@ def test_a_loader_names_the_broken_file_even_without_the_check(tmp_path, tiny_mo
 
 
 def test_sharded_weights_are_checked_shard_by_shard(tmp_path, tiny_model_dir):
-    from cai_cli import models
+    from cai_cli.engines import models
 
     model = tmp_path / "sharded"
     shutil.copytree(tiny_model_dir, model)
@@ -236,8 +236,9 @@ def test_revision_and_remote_code_reach_every_loader(tmp_path, tiny_model_dir, r
     each call passes both settings on (to a hub id, or to the base of a LoRA adapter)."""
     from types import SimpleNamespace
 
-    from cai_cli import models, training
-    from cai_cli.backends import load_backend
+    from cai_cli.engines import models
+    from cai_cli.stages import training
+    from cai_cli.engines import load_backend
     from cai_cli.config import load_config
     from cai_cli.stages import evaluate, optimize
 

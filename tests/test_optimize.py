@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import training
-from cai_cli.artifacts import Manifest
+from cai_cli.stages import training
+from cai_cli.run.artifacts import Manifest
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import label_prefs, optimize
@@ -81,7 +81,7 @@ def reward_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     function of the text, which is all GRPO and RLOO need to move the policy)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_cli.backends.hf import quiet_transformers
+    from cai_cli.engines.hf import quiet_transformers
 
     quiet_transformers()
     rm = tmp_path_factory.mktemp("rm") / "rm"
@@ -313,7 +313,7 @@ def test_an_adapter_on_the_runs_own_sft_moves_with_the_run_directory(tmp_path, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cai_cli import models
+    from cai_cli.engines import models
     from cai_cli.stages import finetune, generate_sl
 
     path = write_config(tmp_path, tiny_model_dir, lora={

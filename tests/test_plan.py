@@ -102,7 +102,7 @@ def test_plan_counts_what_every_stage_does_and_writes_nothing(tmp_path, tiny_mod
 
 def test_plan_matches_a_real_run_and_reads_its_output(tmp_path, tiny_model_dir):
     from cai_cli.config import load_config
-    from cai_cli.plan import build_plan
+    from cai_cli.commands.plan import build_plan
     from cai_cli.stages import generate_sl
 
     path = write_config(tmp_path, tiny_model_dir, generate_sl__num_revisions=1,
@@ -139,7 +139,7 @@ def test_plan_errors_are_short(tmp_path, tiny_model_dir, change, args, message):
 
 
 def test_readme_lists_every_assumption():
-    from cai_cli.plan import DEFAULTS
+    from cai_cli.commands.plan import DEFAULTS
 
     readme = (ROOT / "README.md").read_text()
     assert all(f"| `{key}` |" in readme for key in DEFAULTS)
@@ -147,7 +147,7 @@ def test_readme_lists_every_assumption():
 
 def test_calibrate_times_the_tiny_model_and_says_how_to_reuse_it(tmp_path, tiny_model_dir):
     from cai_cli.config import load_config
-    from cai_cli.plan import build_plan
+    from cai_cli.commands.plan import build_plan
 
     plan = build_plan(load_config(write_config(tmp_path, tiny_model_dir)), last="finetune",
                       calibrate_now=True).to_json()
@@ -162,7 +162,7 @@ def test_plan_estimates_generate_prompts_and_what_reads_its_output(tmp_path, tin
     the feedback filter's questions; generate-sl, reading its output before it exists, counts
     the prompts it will make (new ones and the seeds mixed in, up to data.red_team.limit)."""
     from cai_cli.config import load_config
-    from cai_cli.plan import build_plan
+    from cai_cli.commands.plan import build_plan
 
     generated = tmp_path / "run" / "prompts" / "red_team.jsonl"
     path = write_config(tmp_path, tiny_model_dir, data__red_team__path=str(generated),

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import plots
-from cai_cli.artifacts import load_manifest, model_fingerprint
+from cai_cli.reports import plots
+from cai_cli.run.artifacts import load_manifest, model_fingerprint
 from cai_cli.config import load_config
-from cai_cli.layout import RunLayout
+from cai_cli.run.layout import RunLayout
 from fake_run import finished_run, write_json, write_jsonl
 from helpers import cai
 

@@ -94,7 +94,7 @@ def test_the_chat_template_round_trips(smollm2):
 def test_option_letters_are_single_tokens_after_the_prompt(smollm2):
     from transformers import AutoTokenizer
 
-    from cai_cli.prompting import ANSWER_PREFIX
+    from cai_cli.engines.prompts import ANSWER_PREFIX
 
     _, model = smollm2
     tokenizer = AutoTokenizer.from_pretrained(model)

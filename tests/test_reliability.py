@@ -218,7 +218,7 @@ def test_push_to_hub_uploads_the_model_files_only(tmp_path, tiny_model_dir, monk
     from huggingface_hub import HfApi
     from huggingface_hub.utils import filter_repo_objects
 
-    from cai_cli import hub
+    from cai_cli.commands import push as hub
 
     sent = []
 

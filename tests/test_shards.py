@@ -16,7 +16,7 @@ import yaml
 
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
-from cai_cli.shards import Shard
+from cai_cli.run.shards import Shard
 from helpers import ENV, ROOT, cai, kill_after_batches
 
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -94,7 +94,7 @@ def test_a_bad_shard_is_a_user_error(text, message):
 HOLDER = """
 import sys, time
 from cai_cli.errors import UserError
-from cai_cli.runlock import ShardLock, run_lock
+from cai_cli.run.lock import ShardLock, run_lock
 run_dir, what = sys.argv[1], sys.argv[2]
 lock = run_lock(run_dir, "generate-sl") if what == "all" else \\
     ShardLock(run_dir, "generate-sl", int(what), 2)
@@ -236,7 +236,7 @@ def test_label_prefs_in_two_and_three_shards_merge_to_one_run(tmp_path, tiny_mod
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
-    from cai_cli.tiny_model import build_tiny_model
+    from cai_cli.commands.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("other") / "model", seed=1)
 
@@ -251,7 +251,7 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     sharded = write_config(tmp_path, tiny_model_dir, "sharded", evaluate=evaluate)
     in_process("evaluate", reference)
 
-    from cai_cli import shards
+    from cai_cli.run import shards
 
     monkeypatch.setattr(shards, "merge", lambda *args: None)  # shards that never merge
     in_process("evaluate", sharded, shard=Shard(1, 2))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cai_cli.errors import UserError
-from cai_cli.tiny_model import build_tiny_model
+from cai_cli.commands.tiny_model import build_tiny_model
 
 SMALL = {"hidden_size": 64, "layers": 2}
 CONVERSATION = [{"role": "user", "content": "Is the sky green?"},

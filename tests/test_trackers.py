@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import trackers
+from cai_cli.stages import trackers
 from cai_cli.config import load_config
 from helpers import cai
 

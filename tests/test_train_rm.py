@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_cli import training
+from cai_cli.stages import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.stages import train_rm
@@ -81,7 +81,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **train
 def prefs_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished ``prefs/`` holding the hand-written pairs, with a manifest as label-prefs
     writes it (so train-rm sees it as complete and made from this config)."""
-    from cai_cli.artifacts import write_jsonl_atomic
+    from cai_cli.run.artifacts import write_jsonl_atomic
     from cai_cli.stages import label_prefs
     from cai_cli.stages.common import begin
 

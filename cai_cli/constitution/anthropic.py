@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cai_cli import transcripts
+from cai_cli.data import transcripts
 from cai_cli.constitution.common import (
     ComparisonExample,
     DraftPrinciple,

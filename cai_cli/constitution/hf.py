@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cai_cli import transcripts
+from cai_cli.data import transcripts
 from cai_cli.constitution.common import DraftPrinciple, FewShotExample, Part, repeats, required_text
 from cai_cli.errors import UserError
 

@@ -10,7 +10,7 @@ import yaml
 
 from cai_cli.constitution import anthropic, hf, ours
 from cai_cli.constitution.common import Constitution, Part, merge
-from cai_cli.data import file_problem, read_text
+from cai_cli.data.sources import file_problem, read_text
 from cai_cli.errors import UserError
 
 FORMATS_HELP = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from cai_cli.layout import STAGE_DIRS
+from cai_cli.run.layout import STAGE_DIRS
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Stage:
     module: str  # in cai_cli.stages
     help: str  # one line for --help
     trains: bool  # a training stage: may run under torchrun / accelerate launch, can be uploaded
-    shards: bool = False  # may run as shards (--shard I/N, cai merge): see cai_cli.shards
+    shards: bool = False  # may run as shards (--shard I/N, cai merge): see cai_cli.run.shards
 
 
 # In pipeline order (the order of STAGE_DIRS).

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_cli import dist, ui
-from cai_cli.artifacts import (MANIFEST, Manifest, config_hash, diff_keys, file_fingerprint,
+from cai_cli import ui
+from cai_cli.run import dist
+from cai_cli.run.artifacts import (MANIFEST, Manifest, config_hash, diff_keys, file_fingerprint,
                                library_versions, load_manifest, source_fingerprint, write_atomic)
 from cai_cli.config import Config, dump_config
 from cai_cli.errors import UserError
@@ -67,7 +68,7 @@ class StageSpec:
 
     def sharded(self) -> str | None:
         """A line describing a sharded run of this config that is not merged yet, or None."""
-        from cai_cli.shards import SHARDABLE, unmerged
+        from cai_cli.run.shards import SHARDABLE, unmerged
 
         return unmerged(self) if self.command in SHARDABLE else None
 
@@ -170,7 +171,7 @@ class StageRun:
         (self.directory / NEXT_MANIFEST).unlink(missing_ok=True)
         for cleanup in self._after:
             cleanup()
-        from cai_cli import plots
+        from cai_cli.reports import plots
 
         plots.draw(self.config, self.spec.command)  # <stage dir>/plots/; warns, never fails
 
@@ -194,7 +195,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     if resuming and (own is None or own.get("config_hash") != spec.fingerprint):
         # Partial only because shards of this config are unfinished: finish those instead of
         # redoing their work here, unless told to.
-        from cai_cli.shards import refuse_unmerged
+        from cai_cli.run.shards import refuse_unmerged
 
         refuse_unmerged(spec, "or rerun this with --force to do every record in this one run")
     if resuming:
@@ -234,7 +235,7 @@ def require_complete(config: Config, command: str, why: str = "", *,
     directory = config.layout.stage_dir(command)
     manifest = load_manifest(directory)
     if manifest is None or manifest.get("status") != "complete":
-        from cai_cli.shards import SHARDABLE, refuse_unmerged
+        from cai_cli.run.shards import SHARDABLE, refuse_unmerged
 
         if command in SHARDABLE:  # started in shards: name those that are not complete
             from cai_cli.stages import stage_module

@@ -36,17 +36,18 @@ from pathlib import Path
 
 from rich.progress import TextColumn
 
-from cai_cli import trackers, ui
-from cai_cli.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
+from cai_cli import ui
+from cai_cli.stages import trackers
+from cai_cli.run.artifacts import (ResumableJsonl, load_manifest, model_fingerprint, source_fingerprint,
                                write_atomic, write_json_atomic)
-from cai_cli.backends.base import Completion, SamplingParams
+from cai_cli.engines.base import Completion, SamplingParams
 from cai_cli.config import Config, PromptSource
 from cai_cli.constitution import load_constitution
-from cai_cli.data import Prompt, load_prompts
+from cai_cli.data.sources import Prompt, load_prompts
 from cai_cli.errors import UserError
-from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
-from cai_cli.records import EvalAnswer, Judgment
-from cai_cli.seeding import record_seed
+from cai_cli.engines.prompts import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.run.records import EvalAnswer, Judgment
+from cai_cli.run.seeding import record_seed
 from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches,
                                    constitution_fingerprint, red_team_inputs, require_complete)
 
@@ -55,7 +56,7 @@ JUDGING_KEYS = {"held_out", "limit", "few_shot", "prompt_format", "chain_of_thou
                 "cot_max_new_tokens"}
 # Names that stand for this run's checkpoints, and the command that makes each.
 RUN_MODELS = {"sft": "finetune", "policy": "optimize"}
-# What a shard writes its part of (cai_cli.shards): the answers, the judgments and the reward
+# What a shard writes its part of (cai_cli.run.shards): the answers, the judgments and the reward
 # scores of its prompts, from which the merge builds the report.
 PARTS = ("answers.jsonl", "judgments.jsonl", "results.json")
 # A judge whose mean p(yes) stays this close to 0.5 for every model tells the answers apart no
@@ -84,7 +85,7 @@ def helpfulness_judge(config: Config, constitution, backend):
     import dataclasses
 
     from cai_cli.constitution import Principle
-    from cai_cli.judging import Judge
+    from cai_cli.engines.judge import Judge
 
     return Judge(config, dataclasses.replace(
         constitution, principles=(Principle("helpful", "", "", constitution.evaluation.helpful),),
@@ -189,7 +190,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 def answers_fingerprint(config: Config, prompts: list[Prompt]) -> str:
     """What the models' answers depend on: the models, how they are run and asked, the prompts
     and the sampling; not the judge."""
-    from cai_cli.artifacts import config_hash
+    from cai_cli.run.artifacts import config_hash
 
     return config_hash({
         "models": {name: model_fingerprint(path) for name, path in model_paths(config).items()},
@@ -203,7 +204,7 @@ def answers_fingerprint(config: Config, prompts: list[Prompt]) -> str:
 
 
 def check_inputs(config: Config) -> None:
-    from cai_cli.models import check_model_source
+    from cai_cli.engines.models import check_model_source
 
     for name, path in model_paths(config).items():
         if name in RUN_MODELS:
@@ -225,7 +226,7 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     if shard is not None:
         import sys
 
-        from cai_cli.shards import run_shard
+        from cai_cli.run.shards import run_shard
 
         return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
                          produce=lambda run, part, out: produce(
@@ -257,7 +258,7 @@ def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
         ui.info(f"evaluate: {out['answers.jsonl']} holds these models' answers to these prompts "
                 "with this sampling: judging them again (delete it to answer again)")
     else:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         for index, (name, path) in enumerate(list(paths.items())[done:], start=done):
             ui.info(f"evaluate: answering {len(prompts)} prompts with {name} ({path})")
@@ -270,7 +271,7 @@ def produce(config: Config, run: StageRun, constitution, prompts: list[Prompt],
     answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
 
     red_ids = {p.id for p in prompt_sets(config)[0]}
-    from cai_cli.artifacts import config_hash
+    from cai_cli.run.artifacts import config_hash
 
     judgments = ResumableJsonl(out["judgments.jsonl"], config_hash(
         {"stage": run.spec.fingerprint, "answers": answers_file.fingerprint}))
@@ -438,8 +439,8 @@ def judged_results(records: list[dict], names: list[str]) -> dict:
 
 def judge_remaining(config: Config, constitution, tasks: list[tuple], done: int, answers: dict,
                     judgments: ResumableJsonl, run: StageRun) -> None:
-    from cai_cli.backends import load_backend
-    from cai_cli.judging import Judge
+    from cai_cli.engines import load_backend
+    from cai_cli.engines.judge import Judge
 
     judge_config, key = judge_model(config)
     questions = {"harmful": constitution.evaluation.harmful, "refusal": constitution.evaluation.refusal}
@@ -509,7 +510,7 @@ def reward_scores(config: Config, prompts: list[Prompt], names: list[str],
         return None
     import torch
 
-    from cai_cli.models import check_device, load_reward_model, load_tokenizer
+    from cai_cli.engines.models import check_device, load_reward_model, load_tokenizer
 
     policy = config.models.policy.transformers_config()  # the reward model loads through transformers
     rm_config = policy.model_copy(update={"name_or_path": str(rm)})
@@ -535,7 +536,7 @@ def reward_texts(tokenizer, prompts: list[Prompt], answers: list[str]) -> tuple[
     """The texts the reward model scores, laid out as train-rm trained it: through the chat
     template, or as a Human:/Assistant: transcript ending in the end-of-sequence token for a
     model without one. The flag says whether the tokenizer adds its special tokens."""
-    from cai_cli.prompting import transcript_pair
+    from cai_cli.engines.prompts import transcript_pair
 
     if tokenizer.chat_template:
         return [tokenizer.apply_chat_template(
@@ -588,7 +589,7 @@ def rate_entries(config: Config, classified: dict[str, list[dict]]) -> dict[str,
     p(yes). A share, not the mean probability: a weak judge that says 0.52 to everything rates
     every model 1.0, where mean probabilities would differ by noise-sized but "significant"
     amounts."""
-    from cai_cli.diagnostics import wilson_interval
+    from cai_cli.reports.statistics import wilson_interval
 
     out = {}
     for name, rows in classified.items():

@@ -17,13 +17,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cai_cli import models, records, training, ui
-from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
+from cai_cli import ui
+from cai_cli.engines import models
+from cai_cli.run import records
+from cai_cli.stages import training
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import Conversation, chat_messages, read_records, transcript_messages
+from cai_cli.data.sources import Conversation, chat_messages, read_records, transcript_messages
 from cai_cli.errors import UserError
-from cai_cli.records import SFTExample, conversation
-from cai_cli.seeding import draw
+from cai_cli.run.records import SFTExample, conversation
+from cai_cli.run.seeding import draw
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
 RESPONSE_COLUMNS = ("response", "completion")  # the answer beside a prompt column

@@ -5,7 +5,7 @@ request number), as a numbered list, and asks for ``per_request`` new ones in th
 chat model is asked in a user message, a base model continues the list. Requests run in
 checkpointed batches into ``prompts/candidates.jsonl`` (each sampled with the seed of its
 request, so the output does not depend on batching, on being interrupted or on the shard it ran
-in: ``--shard I/N`` cuts the requests as ``cai_cli.shards`` says). When every request is done
+in: ``--shard I/N`` cuts the requests as ``cai_cli.run.shards`` says). When every request is done
 (the shards merged), the filters run over the candidates in order and the survivors go to
 ``prompts/red_team.jsonl`` (``{"id", "prompt", "seed_ids", "request"}``, the prompt loader's
 default field), with ``prompts/seeds.jsonl`` holding the seeds they were shown. The manifest
@@ -26,18 +26,18 @@ import unicodedata
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, config_hash, model_fingerprint, read_jsonl,
+from cai_cli.run.artifacts import (ResumableJsonl, config_hash, model_fingerprint, read_jsonl,
                                sha256_bytes, source_fingerprint, write_jsonl_atomic)
-from cai_cli.backends.base import Overflow, SamplingParams
+from cai_cli.engines.base import Overflow, SamplingParams
 from cai_cli.config import Config, PromptSource
-from cai_cli.data import Prompt, load_prompts, prompt_id
+from cai_cli.data.sources import Prompt, load_prompts, prompt_id
 from cai_cli.errors import UserError
-from cai_cli.prompting import render, resolve_format
-from cai_cli.seeding import draw, record_seed
+from cai_cli.engines.prompts import render, resolve_format
+from cai_cli.run.seeding import draw, record_seed
 from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
-PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.shards)
+PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.run.shards)
 FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
            "duplicates", "near_duplicates", "feedback_rejected")
 # Settings that only decide which candidates are kept: a change reuses prompts/candidates.jsonl.
@@ -271,7 +271,7 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     # output of another config (--force, or cai run) keeps what that change leaves valid: the
     # candidates and the feedback answers each have a fingerprint of what decides them.
     redo = force and stage.state() != "stale"
-    from cai_cli.models import check_model_source
+    from cai_cli.engines.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
     if config.generate_prompts.feedback_filter:
@@ -279,7 +279,7 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     if shard is not None:
         import sys
 
-        from cai_cli.shards import run_shard
+        from cai_cli.run.shards import run_shard
 
         if redo:  # the merge asks the feedback questions again
             forget(config.layout.prompt_feedback)
@@ -313,7 +313,7 @@ def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple
     done = writer.open(fresh=fresh)
     batches = checkpoint_batches(todo, settings.prompts_per_checkpoint)
     if not writer.finished:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         backend = load_backend(config.models.policy, "models.policy")
         run.producing()
@@ -431,14 +431,14 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
     resumes after its last whole batch. Its fingerprint is ``feedback_fingerprint``, kept beside
     it once finished: a later run that asks the same questions (another threshold, say) reads
     the answers instead of asking again."""
-    from cai_cli.judging import VERDICT_ADVICE, yes_probabilities
+    from cai_cli.engines.judge import VERDICT_ADVICE, yes_probabilities
 
     settings, layout = config.generate_prompts, config.layout
     writer = ResumableJsonl(layout.prompt_feedback, feedback_fingerprint(config, run.spec, kept))
     done = writer.open()
     batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
     if not writer.finished:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         samples = config.label_prefs.verdict_samples
         warned: list[str] = []

@@ -6,7 +6,7 @@ then its revisions) is one batched call to the backend for the whole batch, and 
 chains are appended to ``sl/chains.jsonl.partial`` when it is done. Principle and example draws
 come from a generator seeded by (seed, prompt id), and each prompt is sampled with the seed of
 (seed, prompt id, step), so the output does not depend on whether the run was interrupted, nor on
-the batch or the shard (``--shard I/N``, see ``cai_cli.shards``) a prompt ran in.
+the batch or the shard (``--shard I/N``, see ``cai_cli.run.shards``) a prompt ran in.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from cai_cli import ui
-from cai_cli.artifacts import ResumableJsonl, model_fingerprint, read_jsonl, write_jsonl_atomic
-from cai_cli.backends.base import Completion, Overflow, SamplingParams
+from cai_cli.run.artifacts import ResumableJsonl, model_fingerprint, read_jsonl, write_jsonl_atomic
+from cai_cli.engines.base import Completion, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution, FewShotExample, Principle, load_constitution
-from cai_cli.data import Prompt, load_prompts
-from cai_cli.prompting import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
+from cai_cli.data.sources import Prompt, load_prompts
+from cai_cli.engines.prompts import (TRANSCRIPT_STOPS, answer_prompt, critique_prompt,
                                resolve_format, revision_prompt)
-from cai_cli.records import Chain, Message, SFTExample
-from cai_cli.seeding import draw, record_seed
+from cai_cli.run.records import Chain, Message, SFTExample
+from cai_cli.run.seeding import draw, record_seed
 from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs,
                                    require_complete)
 
-PARTS = ("chains.jsonl",)  # the record files a shard writes its part of (cai_cli.shards)
+PARTS = ("chains.jsonl",)  # the record files a shard writes its part of (cai_cli.run.shards)
 
 
 def spec(config: Config) -> StageSpec:
@@ -68,13 +68,13 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
         ui.warn(f"constitution '{constitution.name}' has no worked examples; "
                 "generate_sl.few_shot is ignored")
 
-    from cai_cli.models import check_model_source
+    from cai_cli.engines.models import check_model_source
 
     check_model_source(config.models.policy, "models.policy")
     if shard is not None:
         import sys
 
-        from cai_cli.shards import run_shard
+        from cai_cli.run.shards import run_shard
 
         return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
                          produce=lambda run, part, out: produce(
@@ -95,7 +95,7 @@ def produce(config: Config, run: StageRun, constitution: Constitution, prompts: 
     done_batches = writer.open(fresh=force)
     batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not writer.finished:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         backend = load_backend(config.models.policy, "models.policy")
         run.producing()

@@ -26,18 +26,19 @@ from pathlib import Path
 
 from rich.progress import TextColumn
 
-from cai_cli import trackers, ui
-from cai_cli.artifacts import ResumableJsonl, model_fingerprint, read_jsonl
-from cai_cli.backends.base import Overflow, SamplingParams
+from cai_cli import ui
+from cai_cli.stages import trackers
+from cai_cli.run.artifacts import ResumableJsonl, model_fingerprint, read_jsonl
+from cai_cli.engines.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
 from cai_cli.constitution import Constitution, load_constitution
-from cai_cli.data import Prompt, load_prompts
-from cai_cli.diagnostics import label_diagnostics
+from cai_cli.data.sources import Prompt, load_prompts
+from cai_cli.reports.statistics import label_diagnostics
 from cai_cli.errors import UserError
-from cai_cli.judging import Judge
-from cai_cli.prompting import TRANSCRIPT_STOPS, answer_prompt, resolve_format
-from cai_cli.records import Sample
-from cai_cli.seeding import record_seed
+from cai_cli.engines.judge import Judge
+from cai_cli.engines.prompts import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.run.records import Sample
+from cai_cli.run.seeding import record_seed
 from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs,
                                    require_complete)
 
@@ -101,7 +102,7 @@ def select_prompts(config: Config) -> list[Prompt]:
 def check_inputs(config: Config) -> None:
     """The default policy is the SL-CAI model: it must be there and finished; the trackers
     must be installed."""
-    from cai_cli.models import check_model_source
+    from cai_cli.engines.models import check_model_source
 
     trackers.check(config.label_prefs.report_to, "label_prefs.report_to")
     if config.label_prefs.policy is None:
@@ -122,7 +123,7 @@ def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
     if shard is not None:
         import sys
 
-        from cai_cli.shards import run_shard
+        from cai_cli.run.shards import run_shard
 
         return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
                          produce=lambda run, part, out: produce(
@@ -146,7 +147,7 @@ def produce(config: Config, run: StageRun, constitution: Constitution, prompts: 
     done = samples.open(fresh=force)
     batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
     if not samples.finished:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         policy = load_backend(policy_model(config), "label_prefs.policy")
         run.producing()
@@ -164,7 +165,7 @@ def produce(config: Config, run: StageRun, constitution: Constitution, prompts: 
     done = pairs.open(fresh=force)
     groups = checkpoint_batches(sampled, settings.prompts_per_checkpoint)
     if not pairs.finished:
-        from cai_cli.backends import load_backend
+        from cai_cli.engines import load_backend
 
         feedback = load_backend(config.feedback_model, "models.feedback")
         run.producing()

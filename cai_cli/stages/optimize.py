@@ -33,12 +33,15 @@ import functools
 import importlib.util
 from pathlib import Path
 
-from cai_cli import models, records, training, ui
-from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
+from cai_cli import ui
+from cai_cli.engines import models
+from cai_cli.run import records
+from cai_cli.stages import training
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import load_prompts
+from cai_cli.data.sources import load_prompts
 from cai_cli.errors import UserError
-from cai_cli.records import Pair, conversation
+from cai_cli.run.records import Pair, conversation
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's

@@ -23,7 +23,7 @@ filter, so runs with different filters compare. After training, on the held-out 
 and the accuracy on the training pairs (AI and mixed). ``<run_dir>/rm`` is a ``save_pretrained``
 checkpoint that loads with ``AutoModelForSequenceClassification`` (pad token set, so batched
 scoring works), with its tokenizer. Resume, reruns and refusing another config's output work as
-for ``cai finetune`` (shared helpers in ``cai_cli.training``).
+for ``cai finetune`` (shared helpers in ``cai_cli.stages.training``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ import math
 import random
 from pathlib import Path
 
-from cai_cli import models, records, training, ui
-from cai_cli.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
+from cai_cli import ui
+from cai_cli.engines import models
+from cai_cli.run import records
+from cai_cli.stages import training
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data import chat_messages, read_records, transcript_messages
-from cai_cli.diagnostics import expected_calibration_error, reliability_table
+from cai_cli.data.sources import chat_messages, read_records, transcript_messages
+from cai_cli.reports.statistics import expected_calibration_error, reliability_table
 from cai_cli.errors import UserError
-from cai_cli.prompting import transcript_pair
-from cai_cli.records import Pair, conversation
+from cai_cli.engines.prompts import transcript_pair
+from cai_cli.run.records import Pair, conversation
 from cai_cli.stages.common import StageSpec, begin, require_complete
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 from cai_cli import ui
-from cai_cli.artifacts import load_manifest, read_jsonl
-from cai_cli.layout import RunLayout
+from cai_cli.run.artifacts import load_manifest, read_jsonl
+from cai_cli.run.layout import LOG_HISTORY, LOGS, RunLayout
 
 
 
@@ -188,8 +188,6 @@ PANELS = (
 
 def training_log(layout: RunLayout, command: str) -> list[dict]:
     """The trainer's log history as saved with the model (``training.save``), or []."""
-    from cai_cli.training import LOG_HISTORY, LOGS
-
     path = layout.stage_dir(command) / LOGS / LOG_HISTORY
     if not path.is_file():
         return []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cai_cli.errors import UserError, not_found
-from cai_cli.layout import PLOTS_DIR
+from cai_cli.run.layout import LOGS, PLOTS_DIR
 
 MANIFEST = "manifest.json"
 
@@ -259,12 +259,12 @@ def source_fingerprint(source) -> str:
 
 def model_fingerprint(name_or_path: str) -> str:
     """A local model directory is fingerprinted by content, less its trackers' ``logs/``
-    (training.LOGS: not the model, and a later forced run that fails adds to them) and its
+    (``LOGS``: not the model, and a later forced run that fails adds to them) and its
     ``plots/`` (drawn after the stage completes, and again by ``cai report``: drawing them must
     not make the stages that read the model stale); a hub id by its name."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return file_fingerprint(path, skip=frozenset({"logs", PLOTS_DIR}))
+        return file_fingerprint(path, skip=frozenset({LOGS, PLOTS_DIR}))
     return f"hub:{name_or_path}"
 
 

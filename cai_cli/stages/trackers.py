@@ -18,14 +18,16 @@ No heavy imports at module level.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from cai_cli import dist, ui
+from cai_cli import ui
+from cai_cli.run import dist
 from cai_cli.config import dump_config
+from cai_cli.run.layout import LOGS
 
-LOGS = "logs"  # trackers' local files, kept in the stage directory (as training.LOGS)
 PROJECT = "huggingface"  # the project transformers' trackers log training runs to by default
 _TENSORBOARD_DIR = "TENSORBOARD_LOGGING_DIR"
 _our_tensorboard_dir: str | None = None
@@ -36,11 +38,32 @@ def wanted(report_to: Iterable[str]) -> list[str]:
     return [name for name in report_to if name not in ("none", "all")]
 
 
+def tracker_problems(report_to: list[str], key: str) -> list[str]:
+    """Experiment trackers named in ``report_to`` that transformers does not know or that are
+    not installed."""
+    wanted = [name for name in report_to if name not in ("none", "all")]
+    if not wanted:
+        return []
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = set(get_available_reporting_integrations())
+    problems = []
+    for name in wanted:
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, sorted(INTEGRATION_TO_CALLBACK), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else \
+                f"known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            problems.append(f"{key}: '{name}' is not a tracker that transformers knows; {hint}")
+        elif name not in available:
+            problems.append(f"{key}: '{name}' is not installed here; `pip install {name}` or "
+                            "remove it")
+    return problems
+
+
 def problems(report_to: list[str], key: str) -> list[str]:
     """What is wrong with a non-training stage's ``report_to`` (``key`` names it in messages):
     trackers that are not installed, and trackers that only follow a training run."""
-    from cai_cli.training import tracker_problems
-
     found = tracker_problems(report_to, key)
     if found:
         return found

@@ -20,8 +20,11 @@ from typing import Any, Iterable
 
 from rich.progress import TextColumn
 
-from cai_cli import models, ui
-from cai_cli.artifacts import MANIFEST, write_json_atomic
+from cai_cli import ui
+from cai_cli.stages import trackers
+from cai_cli.engines import models
+from cai_cli.run.artifacts import MANIFEST, write_json_atomic
+from cai_cli.run.layout import LOG_HISTORY, LOGS
 from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
 from cai_cli.errors import UserError
 
@@ -44,8 +47,6 @@ _MANAGED = {
     "hub_strategy": "--push-to-hub uploads the finished model once",
     "hub_private_repo": "--push-to-hub creates a private repository",
 }
-LOGS = "logs"  # trackers' local files (tensorboard), kept beside the model in the stage directory
-LOG_HISTORY = "log_history.json"  # in LOGS: the trainer's log history, every logged step
 # TrainingConfig keys that do not change the trained weights: a stage's fingerprint leaves them
 # out, so e.g. logging more often does not make a finished model stale.
 NOT_DECIDING = frozenset({"logging_steps", "save_steps", "report_to"})
@@ -80,29 +81,6 @@ def fingerprint_settings(config: Config, model: ModelConfig, section: str,
     }
 
 
-def tracker_problems(report_to: list[str], key: str) -> list[str]:
-    """Experiment trackers named in ``report_to`` that transformers does not know or that are
-    not installed."""
-    wanted = [name for name in report_to if name not in ("none", "all")]
-    if not wanted:
-        return []
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    available = set(get_available_reporting_integrations())
-    problems = []
-    for name in wanted:
-        if name not in INTEGRATION_TO_CALLBACK:
-            close = difflib.get_close_matches(name, sorted(INTEGRATION_TO_CALLBACK), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else \
-                f"known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
-            problems.append(f"{key}: '{name}' is not a tracker that transformers knows; {hint}")
-        elif name not in available:
-            problems.append(f"{key}: '{name}' is not installed here; `pip install {name}` or "
-                            "remove it")
-    return problems
-
-
 def quiet_libraries() -> None:
     """Our progress bar and messages replace the libraries' tqdm bars and log lines."""
     import logging
@@ -110,7 +88,7 @@ def quiet_libraries() -> None:
 
     import datasets
 
-    from cai_cli.models import quiet_transformers
+    from cai_cli.engines.models import quiet_transformers
 
     quiet_transformers()
     datasets.disable_progress_bars()
@@ -129,7 +107,7 @@ def use_cpu(model: ModelConfig) -> bool:
     nothing, accelerate would leave every process training alone on all the data."""
     if model.device == "cpu":
         return True
-    from cai_cli import dist
+    from cai_cli.run import dist
 
     if model.device != "auto" or not dist.is_distributed():
         return False
@@ -167,7 +145,7 @@ def launcher_checks(mode: str, cpu: bool, key: str) -> None:
     instead. And accelerate shards with FSDP or DeepSpeed only on GPUs: on the CPU it falls
     back to plain data parallelism without a word.
     """
-    from cai_cli import dist
+    from cai_cli.run import dist
 
     wanted = {"fp32": "no"}.get(mode, mode)
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
@@ -241,13 +219,11 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
             close = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else "see its documentation"
             problems.append(f"{where}: not an argument of TRL's {config_cls.__name__}; {hint}")
-    problems += tracker_problems(training.report_to, f"{key}.report_to")
+    problems += trackers.tracker_problems(training.report_to, f"{key}.report_to")
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise UserError(f"{key}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
-    from cai_cli.trackers import point_tensorboard
-
-    point_tensorboard(training.report_to, output_dir / LOGS)  # outlives the checkpoints
+    trackers.point_tensorboard(training.report_to, output_dir / LOGS)  # outlives the checkpoints
 
     launcher_checks(mode, cpu, key)
 
@@ -321,7 +297,7 @@ def check_lora(lora: LoraConfig, model: ModelConfig, key: str, auto_class=None,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cai_cli.models import load_config
+    from cai_cli.engines.models import load_config
 
     for name, why in (forbidden or {}).items():
         if lora.target_modules != "all-linear" and name in lora.target_modules:
@@ -350,7 +326,7 @@ def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
     Every process of a job calls it: under FSDP and DeepSpeed the full weights are gathered
     from all of them (accelerate's ``get_state_dict``) before the main process writes them.
     """
-    from cai_cli import dist
+    from cai_cli.run import dist
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     # The Trainer switches the KV cache off in the model config while training; generating
@@ -505,7 +481,7 @@ def fit(run, build_trainer, description: str):
 def save(run, trainer, tokenizer, lora: LoraConfig, result, args, checkpoint) -> None:
     """Put the trained model in the stage directory (the main process writes, the others wait)
     and record what every training stage records."""
-    from cai_cli import dist
+    from cai_cli.run import dist
 
     save_model(trainer, tokenizer, lora, run.directory / STAGING)
     if dist.is_main():

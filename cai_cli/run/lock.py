@@ -39,9 +39,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cai_cli import dist
+from cai_cli.run import dist
 from cai_cli.errors import UserError
-from cai_cli.layout import RunLayout
+from cai_cli.run.layout import RunLayout
 
 LOCK_NAME = RunLayout.of(".").lock.name  # the run directory's lock, in its tool folder
 HOLDER_SUFFIX = ".holder.json"  # next to a lock: who holds it (pid, host, command line, since when)

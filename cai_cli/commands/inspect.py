@@ -10,7 +10,7 @@ so nothing here relies on colour alone: tables use a plain box, the word diff sw
 ``[-removed-]{+added+}`` markers, and long texts wrap instead of being cut.
 
 This module must start fast: it imports no torch/transformers/datasets/trl, not even through
-``cai_cli.backends`` or ``cai_cli.stages``.
+``cai_cli.engines`` or ``cai_cli.stages``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from rich.table import Table
 from rich.text import Text
 
 from cai_cli import ui
-from cai_cli.artifacts import read_jsonl
-from cai_cli.diagnostics import label_diagnostics
+from cai_cli.run.artifacts import read_jsonl
+from cai_cli.reports.statistics import label_diagnostics
 from cai_cli.errors import UserError
-from cai_cli.records import Chain, Pair, parse
+from cai_cli.run.records import Chain, Pair, parse
 
 CHAINS, PAIRS = "chains", "pairs"
 

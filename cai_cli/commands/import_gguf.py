@@ -242,7 +242,7 @@ def _load_config(path: Path, metadata: dict):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from cai_cli.backends.hf import quiet_transformers
+    from cai_cli.engines.hf import quiet_transformers
 
     quiet_transformers()
     architecture = metadata["architecture"]

@@ -1,7 +1,7 @@
 """``cai report``: one Markdown page about a run, to read or to share.
 
 It gathers, for each stage, what its manifest recorded (counts, figures, timings), its plots
-(``cai_cli.plots``; drawn here for a completed stage that has none yet), a few SL-CAI chains
+(``cai_cli.reports.plots``; drawn here for a completed stage that has none yet), a few SL-CAI chains
 with their critiques and revisions, a few labelled preference pairs, judge-check's table and the
 evaluation's tables and verdict. A stage that has not run is said to be so.
 
@@ -17,11 +17,12 @@ import re
 import time
 from pathlib import Path
 
-from cai_cli import plots, ui
-from cai_cli.artifacts import load_manifest, read_jsonl, write_atomic
+from cai_cli import ui
+from cai_cli.reports import plots
+from cai_cli.run.artifacts import load_manifest, read_jsonl, write_atomic
 from cai_cli.config import Config
 from cai_cli.errors import UserError
-from cai_cli.views import as_text, same_text
+from cai_cli.commands.inspect import as_text, same_text
 
 REPORT = "report.md"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -59,7 +60,7 @@ def write_report(config: Config, output: Path | None = None) -> Path:
 
 class Page:
     def __init__(self, config: Config, folder: Path):
-        from cai_cli.pipeline import statuses
+        from cai_cli.stages.pipeline import statuses
 
         self.config, self.folder, self.layout = config, folder, config.layout
         self.statuses = [s for s in statuses(config) if s.state != "off"]
@@ -134,7 +135,7 @@ class Page:
             self.add(*(f"- **{name}**: {escape(text)}" for name, text in found), "")
 
     def overview(self) -> None:
-        from cai_cli.pipeline import describe_counts
+        from cai_cli.stages.pipeline import describe_counts
 
         rows = []
         for status in self.statuses:

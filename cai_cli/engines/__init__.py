@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from cai_cli.backends.base import Backend, Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.engines.base import Backend, Completion, Overflow, PromptInput, SamplingParams
 from cai_cli.config import AnyModelConfig
 
 __all__ = ["Backend", "Completion", "Overflow", "PromptInput", "SamplingParams", "load_backend"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-from cai_cli.backends.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
+from cai_cli.engines.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
                                    common_prefix)
 from cai_cli.config import ModelConfig
-from cai_cli.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
+from cai_cli.engines.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
                             load_tokenizer, quiet_transformers)
 
 # End-of-turn markers of common chat templates; those in a tokenizer's vocabulary stop generation.
@@ -42,7 +42,7 @@ class HFBackend(ChatPrompts):
 
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        from cai_cli.backends.kv import PrefixStore
+        from cai_cli.engines.kv import PrefixStore
 
         self.prefixes = PrefixStore(self.model, self._cache_argument)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from cai_cli import ui
 from cai_cli.config import Config
 from cai_cli.errors import UserError
-from cai_cli.models import is_local_model, recorded_base
+from cai_cli.engines.models import is_local_model, recorded_base
 
 
 def push_stage(config: Config, command: str, repo_id: str) -> None:

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai_cli import ui
-from cai_cli.artifacts import ResumableJsonl, _fsync_dir, load_manifest, write_json_atomic
+from cai_cli.run.artifacts import ResumableJsonl, _fsync_dir, load_manifest, write_json_atomic
 from cai_cli.config import Config
 from cai_cli.errors import UserError
-from cai_cli.layout import RunLayout
+from cai_cli.run.layout import RunLayout
 from cai_cli.stages import STAGES
 from cai_cli.stages.common import StageRun, StageSpec
 
@@ -123,7 +123,7 @@ def _layout(spec: StageSpec) -> RunLayout:
 def shard_sets(spec: StageSpec) -> list[ShardSet]:
     """The shard sets of this stage made from the current config (same fingerprint), most
     complete first. Reads the part manifests and the shard locks' records; never waits."""
-    from cai_cli.runlock import holder, shard_lock_name
+    from cai_cli.run.lock import holder, shard_lock_name
 
     layout = _layout(spec)
     directory = layout.shards_dir(spec.command)
@@ -194,7 +194,7 @@ class ShardRun(StageRun):
     def producing(self) -> None:
         if self._recorded:
             return
-        from cai_cli.artifacts import write_atomic
+        from cai_cli.run.artifacts import write_atomic
         from cai_cli.config import dump_config
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def run_shard(module, config: Config, spec: StageSpec, shard: Shard, items: list
         run.extra = produce(run, items[start:end], out)
         run.complete()
         ui.info(f"{command}: shard {shard} complete -> {path.parent}")
-    from cai_cli.runlock import merge_lock
+    from cai_cli.run.lock import merge_lock
 
     with merge_lock(config.run_dir, command):
         if not path.is_file():

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai_cli import dist, ui
+from cai_cli import ui
+from cai_cli.run import dist
 from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.stages import STAGES, stage_module
@@ -105,7 +106,7 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
 def run_stage(name: str, config: Config, *, force: bool = False, shard=None) -> None:
     """One stage command (``cai generate-sl`` ...): refused under several processes unless it
     trains, checked up front like ``cai run`` does, then run (with ``shard``, one shard of it:
-    ``cai_cli.shards``)."""
+    ``cai_cli.run.shards``)."""
     check_ranks([name])
     check_before_running(config, [name])
     if shard is None:
@@ -125,7 +126,7 @@ def check_ranks(names: list[str]) -> None:
 def check_before_running(config: Config, names: list[str]) -> None:
     """What can fail hours later but be known now (trainer arguments, trackers), for every stage
     about to run, before the first one starts."""
-    from cai_cli.preflight import training_problems
+    from cai_cli.commands.validate import training_problems
 
     problems = training_problems(config, names)
     if problems:
@@ -140,13 +141,13 @@ def print_status(config: Config) -> None:
 
     colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red",
                "off": "dim"}
-    from cai_cli.runlock import describe, holder
+    from cai_cli.run.lock import describe, holder
 
     title = f"run directory: {config.run_dir}"
     writer = holder(config.run_dir)
     if writer and writer.get("live") is not False:
         title += f"  (in use: {describe(writer)})"
-    from cai_cli.runlock import shard_holders
+    from cai_cli.run.lock import shard_holders
 
     shards = shard_holders(config.run_dir)
     if shards:
@@ -185,7 +186,7 @@ def print_plots(config: Config, commands: list[str]) -> None:
     starts with the folder, not the stage, so the table's rows stay the only ones that do."""
     from rich.text import Text
 
-    from cai_cli.plots import listed
+    from cai_cli.reports.plots import listed
 
     lines = []
     for command in commands:

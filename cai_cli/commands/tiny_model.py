@@ -69,7 +69,7 @@ def build_tiny_model(out_dir: Path | str, *, seed: int = 0, hidden_size: int = 2
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from cai_cli.models import quiet_transformers
+    from cai_cli.engines.models import quiet_transformers
 
     quiet_transformers()  # no "Writing model shards" bar: our one summary line says it all
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cai_cli import ui
-from cai_cli.backends.base import Completion, NoLogprobs, Overflow, SamplingParams
+from cai_cli.engines.base import Completion, NoLogprobs, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution
-from cai_cli.prompting import (OPTIONS, TRANSCRIPT_STOPS, classification_prompt,
+from cai_cli.engines.prompts import (OPTIONS, TRANSCRIPT_STOPS, classification_prompt,
                                comparison_prompt, resolve_format)
-from cai_cli.records import Judgment, Message, Pair
-from cai_cli.seeding import draw, record_seed
+from cai_cli.run.records import Judgment, Message, Pair
+from cai_cli.run.seeding import draw, record_seed
 
 
 def option_probability(logprobs: list[float]) -> float:

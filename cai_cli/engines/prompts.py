@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from cai_cli.backends.base import PromptInput
+from cai_cli.engines.base import PromptInput
 from cai_cli.constitution import ComparisonExample, FewShotExample, Principle
 from cai_cli.errors import UserError
 

@@ -13,8 +13,8 @@ from cai_cli.errors import UserError
 
 def check_config(config: Config) -> None:
     from cai_cli.constitution import load_constitution
-    from cai_cli.data import load_prompts, read_records
-    from cai_cli.models import check_model_source
+    from cai_cli.data.sources import load_prompts, read_records
+    from cai_cli.engines.models import check_model_source
 
     problems: list[str] = []
     found: list[str] = []
@@ -73,7 +73,7 @@ def training_problems(config: Config, names: list[str]) -> list[str]:
     values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed), and
     check the trackers of the other stages: what would otherwise fail only once the stage
     starts, maybe hours into ``cai run``."""
-    from cai_cli import trackers
+    from cai_cli.stages import trackers
     from cai_cli.stages import STAGES, stage_module
 
     problems = []

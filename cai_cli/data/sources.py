@@ -4,7 +4,7 @@ Prompts end up as a list of ``Prompt(id, text)``: de-duplicated, shuffled with t
 capped by ``limit``. Ids are content hashes, so the same prompt keeps its id across runs, limits
 and orderings (resume and the per-prompt principle draws rely on that). Conversations (SFT data,
 preference pairs) are chat messages checked by ``chat_messages``; Anthropic HH transcripts are
-read by ``transcript_messages`` (in ``cai_cli.transcripts``).
+read by ``transcript_messages`` (in ``cai_cli.data.transcripts``).
 
 A file the user names is checked here before it is read (``file_problem``, ``read_text``), so a
 missing file, a directory or a byte that is not UTF-8 is a one-line error naming the place.
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from cai_cli.artifacts import iter_jsonl
+from cai_cli.run.artifacts import iter_jsonl
 from cai_cli.config import PromptSource
 from cai_cli.errors import UserError, not_found
-from cai_cli.transcripts import first_human_turn
-from cai_cli.transcripts import transcript_messages as transcript_messages  # stages import it here
+from cai_cli.data.transcripts import first_human_turn
+from cai_cli.data.transcripts import transcript_messages as transcript_messages  # stages import it here
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

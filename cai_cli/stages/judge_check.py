@@ -35,17 +35,17 @@ from pathlib import Path
 from statistics import fmean
 
 from cai_cli import ui
-from cai_cli.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl,
+from cai_cli.run.artifacts import (ResumableJsonl, model_fingerprint, read_jsonl,
                                source_fingerprint, write_json_atomic)
 from cai_cli.config import Config, PromptSource
-from cai_cli.diagnostics import (AGREEING, BIASED, expected_calibration_error, label_diagnostics,
+from cai_cli.reports.statistics import (AGREEING, BIASED, expected_calibration_error, label_diagnostics,
                                  reliability_table, wilson_interval)
 from cai_cli.errors import UserError
 from cai_cli.stages.common import StageSpec, begin, checkpoint_batches, constitution_fingerprint
-from cai_cli.transcripts import ROLES
+from cai_cli.data.transcripts import ROLES
 
 COMMAND = "judge-check"
-SHIPPED = Path(__file__).parent / "resources" / "judge_pairs.jsonl"
+SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "judge_pairs.jsonl"
 KEY = "judge_check.pairs"
 # How the judge is asked: the label_prefs settings that decide a judgment.
 ASKING_KEYS = {"few_shot", "prompt_format", "chain_of_thought", "cot_clamp", "cot_max_new_tokens",
@@ -64,7 +64,7 @@ def source(config: Config, pairs: str | None = None) -> PromptSource:
     if pairs is None:
         return configured or PromptSource(path=str(SHIPPED))
     rest = configured.model_dump(exclude={"path", "dataset"}) if configured else {}
-    from cai_cli.data import FILE_FORMATS
+    from cai_cli.data.sources import FILE_FORMATS
 
     local = Path(pairs).expanduser()
     # a file; a directory is a dataset saved to disk, anything else a dataset id
@@ -86,7 +86,7 @@ def as_text(messages: list[dict]) -> str:
 def load_pairs(where: PromptSource, seed: int) -> list[dict]:
     """The labelled pairs of a source as ``{"id", "prompt", "better", "worse"}``: read, checked,
     de-duplicated, shuffled with the seed and capped by the source's ``limit``."""
-    from cai_cli.data import read_records
+    from cai_cli.data.sources import read_records
     # TRL and HH preference records, read as train-rm reads its mix
     from cai_cli.stages.train_rm import mix_pair
 
@@ -151,9 +151,9 @@ def spec(config: Config, where: PromptSource) -> StageSpec:
 
 
 def run(config: Config, *, pairs: str | None = None, force: bool = False) -> Path | None:
-    from cai_cli import dist
+    from cai_cli.run import dist
     from cai_cli.constitution import load_constitution
-    from cai_cli.models import check_model_source
+    from cai_cli.engines.models import check_model_source
 
     dist.refuse_multiprocess(COMMAND)
     where = source(config, pairs)
@@ -175,8 +175,8 @@ def run(config: Config, *, pairs: str | None = None, force: bool = False) -> Pat
     if not out.finished:
         from rich.progress import TextColumn
 
-        from cai_cli.backends import load_backend
-        from cai_cli.judging import Judge
+        from cai_cli.engines import load_backend
+        from cai_cli.engines.judge import Judge
 
         feedback = load_backend(config.feedback_model, "models.feedback")
         run.producing()

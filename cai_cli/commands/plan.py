@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cai_cli import ui
-from cai_cli.backends.base import ChatPrompts, PromptInput
+from cai_cli.engines.base import ChatPrompts, PromptInput
 from cai_cli.config import AnyModelConfig, Config, LoraConfig, TrainingConfig
 from cai_cli.errors import UserError
 
@@ -181,7 +181,7 @@ def model_size(name_or_path: str, revision: str | None, role: str, key: str,
     config_file = _local_file(name_or_path, "config.json", revision)
     adapter = _local_file(name_or_path, "adapter_config.json", revision)
     if config_file is None and adapter is not None:  # a LoRA adapter: the base model's size
-        from cai_cli.models import recorded_base
+        from cai_cli.engines.models import recorded_base
 
         base = recorded_base(adapter.parent)  # "../sft": relative to the adapter
         if base:
@@ -398,7 +398,7 @@ def token_counter(name_or_path: str, revision: str | None, what: str, cache: dic
     if _local_file(name_or_path, "tokenizer_config.json", revision) is not None or \
             _local_file(name_or_path, "tokenizer.json", revision) is not None:
         from cai_cli.config import HFModelConfig
-        from cai_cli.models import load_tokenizer, quiet_transformers
+        from cai_cli.engines.models import load_tokenizer, quiet_transformers
 
         quiet_transformers()
         try:
@@ -511,7 +511,7 @@ class Pricer:
               max_new_tokens: int, tally: Tally, cost: Cost) -> None:
         """One engine call: ``prompts`` rendered with the model-written parts empty, each with
         ``bounds[i]`` more tokens for those parts; ``max_new_tokens`` to generate (0: score)."""
-        from cai_cli.backends.hf import _prefix_groups, batch_order
+        from cai_cli.engines.hf import _prefix_groups, batch_order
 
         if not prompts:
             return
@@ -667,7 +667,7 @@ class Planner:
                                "would stop here")
 
     def fmt(self, setting: str, engine: Engine, key: str) -> str:
-        from cai_cli.prompting import resolve_format
+        from cai_cli.engines.prompts import resolve_format
 
         return resolve_format(setting, engine.counter, key)
 
@@ -677,7 +677,7 @@ class Planner:
                 stage: str) -> list:
         """Prompts from ``load()``; a dataset that is not on this machine: ``limit`` prompts of
         the assumed length (placeholders with distinct ids)."""
-        from cai_cli.data import Prompt
+        from cai_cli.data.sources import Prompt
 
         if self.generated(source):
             return self.generated_stand_ins(what, limit, stage)
@@ -709,7 +709,7 @@ class Planner:
     def generated_stand_ins(self, what: str, limit: int | None, stage: str) -> list:
         """The prompts generate-prompts will write, at most: ``num_prompts`` new ones (and the
         seeds ``mix_seeds`` mixes in), as long as the seed prompts (cycled), up to ``limit``."""
-        from cai_cli.data import Prompt
+        from cai_cli.data.sources import Prompt
         from cai_cli.stages.generate_prompts import load_seeds, seed_source
 
         settings = self.config.generate_prompts
@@ -726,7 +726,7 @@ class Planner:
     # Stages ----------------------------------------------------------------------------------
 
     def generate_prompts(self, stage: StagePlan) -> None:
-        from cai_cli.prompting import classification_prompt
+        from cai_cli.engines.prompts import classification_prompt
         from cai_cli.stages import generate_prompts as stage_module
         from cai_cli.stages.common import checkpoint_batches
 
@@ -767,8 +767,8 @@ class Planner:
         stage.notes.append("new prompts at most num_prompts: the filters drop some")
 
     def generate_sl(self, stage: StagePlan) -> None:
-        from cai_cli.data import load_prompts
-        from cai_cli.prompting import answer_prompt, critique_prompt, revision_prompt
+        from cai_cli.data.sources import load_prompts
+        from cai_cli.engines.prompts import answer_prompt, critique_prompt, revision_prompt
         from cai_cli.stages.common import checkpoint_batches
         from cai_cli.stages.generate_sl import Plan
 
@@ -827,7 +827,7 @@ class Planner:
         self._train(stage, engine, settings.training, settings.lora, examples, extra=0)
 
     def _red_team(self) -> list:
-        from cai_cli.data import load_prompts
+        from cai_cli.data.sources import load_prompts
 
         source = self.config.data.red_team
         return self.prompts("data.red_team", lambda: load_prompts(source, self.config.seed),
@@ -887,8 +887,8 @@ class Planner:
         self.world = world
 
     def label_prefs(self, stage: StagePlan) -> None:
-        from cai_cli.judging import Judge
-        from cai_cli.prompting import answer_prompt
+        from cai_cli.engines.judge import Judge
+        from cai_cli.engines.prompts import answer_prompt
         from cai_cli.stages import label_prefs
         from cai_cli.stages.common import checkpoint_batches
 
@@ -963,8 +963,8 @@ class Planner:
         and label-prefs will not run, else label-prefs' planned pairs (at most)."""
         config = self.config
         if "label-prefs" not in self.running and _complete(config, "label-prefs"):
-            from cai_cli import records
-            from cai_cli.records import Pair, conversation
+            from cai_cli.run import records
+            from cai_cli.run.records import Pair, conversation
 
             out = []
             for pair in records.read(config.layout.pairs, Pair):
@@ -1033,7 +1033,7 @@ class Planner:
         # GRPO / RLOO: each optimiser step samples per_device_batch_size x
         # gradient_accumulation_steps completions (num_generations per prompt), scores them with
         # the reward model and trains on them.
-        from cai_cli.data import load_prompts
+        from cai_cli.data.sources import load_prompts
 
         prompts = list(self.sl_prompts or self._red_team())
         if settings.include_helpful and config.data.helpful is not None:
@@ -1064,8 +1064,8 @@ class Planner:
                            "with transformers unless its vLLM options are set")
 
     def evaluate(self, stage: StagePlan) -> None:
-        from cai_cli.judging import Judge
-        from cai_cli.prompting import answer_prompt, classification_prompt
+        from cai_cli.engines.judge import Judge
+        from cai_cli.engines.prompts import answer_prompt, classification_prompt
         from cai_cli.stages import evaluate
 
         config, settings = self.config, self.config.evaluate
@@ -1134,7 +1134,7 @@ def _blank(job):
 
 
 def _complete(config: Config, command: str) -> bool:
-    from cai_cli.artifacts import load_manifest
+    from cai_cli.run.artifacts import load_manifest
 
     manifest = load_manifest(config.layout.stage_dir(command))
     return bool(manifest and manifest.get("status") == "complete")
@@ -1156,9 +1156,9 @@ def calibrate(planner: Planner) -> list[str]:
     short generation, load finetune's model through transformers and time a training step, and
     set the device figures to what they measured (``planner.assume``). Returns lines for the
     report, the last one the ``--assume`` options that reproduce the figures."""
-    from cai_cli.backends import load_backend
-    from cai_cli.backends.base import SamplingParams
-    from cai_cli.prompting import critique_prompt
+    from cai_cli.engines import load_backend
+    from cai_cli.engines.base import SamplingParams
+    from cai_cli.engines.prompts import critique_prompt
     from cai_cli.stages.generate_sl import Plan as Draws
 
     config, assume, price = planner.config, planner.assume, planner.price
@@ -1240,7 +1240,8 @@ def _time_training(planner: Planner) -> float:
     (the second of two steps, so start-up is not counted), on 128-token rows."""
     import torch
 
-    from cai_cli import models, training
+    from cai_cli.engines import models
+    from cai_cli.stages import training
     from cai_cli.stages import finetune
 
     config, settings = planner.config, planner.config.finetune
@@ -1298,7 +1299,7 @@ def build_plan(config: Config, *, first: str | None = None, last: str | None = N
                calibrate_now: bool = False) -> Plan:
     """The plan of ``cai run`` with these options; reads nothing but the data, the tokenizers,
     model configs and the run directory's manifests (and with ``calibrate_now``, the models)."""
-    from cai_cli.pipeline import select, statuses
+    from cai_cli.stages.pipeline import select, statuses
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # plan never downloads
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

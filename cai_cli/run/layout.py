@@ -14,7 +14,7 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/judge/report.json      judge-check (not a pipeline stage): the feedback model on
                                      pairs with known labels; judge/judgments.jsonl: its answers
     <run_dir>/<stage>/manifest.json  what produced each stage
-    <run_dir>/<stage>/plots/*.png    the stage's plots (``cai_cli.plots``); left out of the
+    <run_dir>/<stage>/plots/*.png    the stage's plots (``cai_cli.reports.plots``); left out of the
                                      stage directory's fingerprint
     <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
                                      chains.I-of-N.jsonl ..., manifest.I-of-N.json
@@ -44,6 +44,8 @@ CHECK_DIRS = {
 TOOL_DIR = ".cai"  # files only the tool writes: resolved config, lock
 SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
 PLOTS_DIR = "plots"  # inside a stage directory: its PNG plots
+LOGS = "logs"  # inside a stage directory: trackers' local files (tensorboard), beside the model
+LOG_HISTORY = "log_history.json"  # in LOGS: a trainer's log history, every logged step
 
 
 @dataclass(frozen=True)

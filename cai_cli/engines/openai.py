@@ -30,11 +30,11 @@ import re
 from typing import Sequence
 
 from cai_cli import ui
-from cai_cli.backends.base import Completion, NoLogprobs, Overflow, PromptInput, SamplingParams
-from cai_cli.backends.hf import cut_at_stop
+from cai_cli.engines.base import Completion, NoLogprobs, Overflow, PromptInput, SamplingParams
+from cai_cli.engines.hf import cut_at_stop
 from cai_cli.config import OpenAIModelConfig
 from cai_cli.errors import UserError
-from cai_cli.seeding import record_seed
+from cai_cli.run.seeding import record_seed
 
 # OpenAI's API takes at most four stop strings; any further ones are cut here, after the answer.
 MAX_STOPS = 4

@@ -21,7 +21,7 @@ from typing import Annotated, Iterator, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from cai_cli.artifacts import numbered_jsonl
+from cai_cli.run.artifacts import numbered_jsonl
 from cai_cli.errors import UserError
 from cai_cli.validation import location
 

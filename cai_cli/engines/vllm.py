@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cai_cli.backends.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
-from cai_cli.backends.hf import END_OF_TURN_TOKENS, cut_at_stop
+from cai_cli.engines.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.engines.hf import END_OF_TURN_TOKENS, cut_at_stop
 from cai_cli.config import VLLMModelConfig
 from cai_cli.errors import UserError
-from cai_cli.seeding import record_seed
+from cai_cli.run.seeding import record_seed
 
 # Alternatives asked for when this vLLM cannot be asked for the options' tokens themselves.
 TOP_LOGPROBS = 20
@@ -31,7 +31,7 @@ TOP_LOGPROBS = 20
 
 class VLLMBackend(ChatPrompts):
     def __init__(self, model: VLLMModelConfig, what: str):
-        from cai_cli.models import check_model_source, model_key, quiet_transformers
+        from cai_cli.engines.models import check_model_source, model_key, quiet_transformers
 
         quiet_transformers()
         check_model_source(model, what)
@@ -43,7 +43,7 @@ class VLLMBackend(ChatPrompts):
             raise UserError(f"{what}.backend: vllm, but vLLM is not installed in this Python "
                             "environment; `make vllm` builds .venv-vllm with it (see the README), "
                             "or use backend: hf") from None
-        from cai_cli.models import resolve_dtype
+        from cai_cli.engines.models import resolve_dtype
 
         self._vllm = vllm
         self.config, self.name = model, model.name_or_path
@@ -91,7 +91,7 @@ class VLLMBackend(ChatPrompts):
         if core is not None:
             core.shutdown()
         self.llm = None
-        from cai_cli.models import free_device_memory
+        from cai_cli.engines.models import free_device_memory
 
         free_device_memory()
 

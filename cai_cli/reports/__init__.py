@@ -1,0 +1,1 @@
+"""What a run measured, in numbers and pictures: statistics and verdicts, plots."""
