@@ -196,10 +196,10 @@ def model_floor(backend, conversations: list, new_tokens: int) -> float:
     and one forward pass per further token, without attention to a cache; best of three."""
     import torch
 
-    from cai_cli.engines.hf import _prefix_groups
+    from cai_cli.engines.hf import prefix_groups
 
     encoded = backend.encode_many(conversations)
-    groups = _prefix_groups(encoded, [1] * len(encoded))
+    groups = prefix_groups(encoded, [1] * len(encoded))
     shared = {row: length for rows, length in groups for row in rows}
     own = sum(len(ids) - shared.get(row, 0) for row, ids in enumerate(encoded))
     rows, vocab = len(encoded), backend.model.config.vocab_size

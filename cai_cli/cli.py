@@ -1,7 +1,7 @@
-"""The ``cai`` command: parse arguments, load the config, call a stage's ``run``. Nothing else.
+"""The ``cai`` command: the table of commands, each parsing its options and calling the stage
+(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work. Nothing else.
 
-The stage commands are generated from the table in ``cai_cli.stages``. Heavy libraries are
-imported by the stages themselves, so ``cai --help`` stays fast.
+Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import List, Optional
 import typer
 
 from cai_cli.errors import USER_OS_ERRORS, UserError
-from cai_cli.stages import STAGES
 
 app = typer.Typer(
     name="cai",
@@ -37,16 +36,6 @@ def _set_option(example: str = "generate_sl.num_revisions=3"):
 
 
 SET = _set_option()
-# Each stage's --help shows a key of its own section.
-SET_EXAMPLES = {
-    "generate-prompts": "generate_prompts.num_prompts=200",
-    "generate-sl": "generate_sl.num_revisions=3",
-    "finetune": "finetune.training.learning_rate=1e-5",
-    "label-prefs": "label_prefs.principles_per_pair=2",
-    "train-rm": "train_rm.training.epochs=2",
-    "optimize": "optimize.beta=0.2",
-    "evaluate": "evaluate.limit=64",
-}
 FORCE = typer.Option(False, "--force", help="Redo the stage even if its output is complete, "
                      "replacing outputs made from another config.")
 PUSH = typer.Option(None, "--push-to-hub", metavar="REPO_ID", show_default=False,
@@ -62,9 +51,9 @@ SHARD = typer.Option(None, "--shard", metavar="I/N", show_default=False,
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
-    from cai_cli.config import load_config
+    from cai_cli.commands.stage import load
 
-    return load_config(config, overrides or [])
+    return load(config, overrides)
 
 
 def _version(value: bool) -> None:
@@ -84,61 +73,85 @@ def _root(
     """Options before the command; ``main`` reads ``--debug`` itself."""
 
 
-def _writing(command: str, config, force: bool, work, shard=None) -> None:
-    """Run ``work()`` holding the run directory's lock (a shard: shared with the other shards,
-    and its own shard lock), with the right advice on Ctrl-C."""
-    from cai_cli.run.lock import ShardLock, run_lock
+# The stages, in pipeline order. Each command imports its stage only when it runs, so `cai
+# --help` stays fast; ``cai_cli.commands.stage.run_stage_command`` holds the lock and runs it.
 
-    lock = (ShardLock(config.run_dir, command, shard.index, shard.count) if shard is not None
-            else run_lock(config.run_dir, command))
-    try:
-        with lock:
-            work()
-    except KeyboardInterrupt:
-        again = ("rerun the same command without --force to resume where it stopped" if force
-                 else "rerun the same command to resume where it stopped")
-        typer.echo(f"interrupted: {again}", err=True)
-        raise typer.Exit(130) from None
+@app.command("generate-prompts")
+def generate_prompts(config: Path = CONFIG,
+                     set_: Optional[List[str]] = _set_option("generate_prompts.num_prompts=200"),
+                     force: bool = FORCE, shard: Optional[str] = SHARD):
+    """New red-team prompts from few-shot seed prompts, filtered (off in `cai run` unless
+    enabled)."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.generate_prompts import GeneratePrompts
+
+    run_stage_command(GeneratePrompts(), config, set_, force=force, shard=shard)
 
 
-def _stage_command(name: str, trains: bool, shardable: bool):
-    """The command of one stage in the table of ``cai_cli.stages``."""
-    SET = _set_option(SET_EXAMPLES.get(name, "generate_sl.num_revisions=3"))
+@app.command("generate-sl")
+def generate_sl(config: Path = CONFIG,
+                set_: Optional[List[str]] = _set_option("generate_sl.num_revisions=3"),
+                force: bool = FORCE, shard: Optional[str] = SHARD):
+    """SL-CAI: answer red-team prompts, critique and revise each answer against principles."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.generate_sl import GenerateSL
 
-    def run_one(config: Path, set_: Optional[List[str]], force: bool, push: Optional[str],
-                shard: Optional[str] = None) -> None:
-        from cai_cli.stages.pipeline import run_stage
-
-        part = None
-        if shard is not None:
-            from cai_cli.run.shards import Shard
-
-            part = Shard.parse(shard)
-        loaded = _load(config, set_)
-        _writing(name, loaded, force, lambda: run_stage(name, loaded, force=force, shard=part),
-                 shard=part)
-        if push:
-            from cai_cli.commands.push import push_stage
-
-            push_stage(loaded, name, push)
-
-    if trains:
-        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
-                    force: bool = FORCE, push: Optional[str] = PUSH):
-            run_one(config, set_, force, push)
-    elif shardable:
-        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
-                    force: bool = FORCE, shard: Optional[str] = SHARD):
-            run_one(config, set_, force, None, shard)
-    else:
-        def command(config: Path = CONFIG, set_: Optional[List[str]] = SET,
-                    force: bool = FORCE):
-            run_one(config, set_, force, None)
-    return command
+    run_stage_command(GenerateSL(), config, set_, force=force, shard=shard)
 
 
-for _name, _stage in STAGES.items():
-    app.command(_name, help=_stage.help)(_stage_command(_name, _stage.trains, _stage.shards))
+@app.command("finetune")
+def finetune(config: Path = CONFIG,
+             set_: Optional[List[str]] = _set_option("finetune.training.learning_rate=1e-5"),
+             force: bool = FORCE, push: Optional[str] = PUSH):
+    """Supervised fine-tuning on the SL-CAI revisions (TRL SFTTrainer, full or LoRA)."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.finetune import Finetune
+
+    run_stage_command(Finetune(), config, set_, force=force, push=push)
+
+
+@app.command("label-prefs")
+def label_prefs(config: Path = CONFIG,
+                set_: Optional[List[str]] = _set_option("label_prefs.principles_per_pair=2"),
+                force: bool = FORCE, shard: Optional[str] = SHARD):
+    """RLAIF labels: sample answer pairs, score them with the feedback model's option
+    probabilities."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.label_prefs import LabelPrefs
+
+    run_stage_command(LabelPrefs(), config, set_, force=force, shard=shard)
+
+
+@app.command("train-rm")
+def train_rm(config: Path = CONFIG,
+             set_: Optional[List[str]] = _set_option("train_rm.training.epochs=2"),
+             force: bool = FORCE, push: Optional[str] = PUSH):
+    """Train the reward model on the AI-labelled pairs (TRL RewardTrainer, soft labels)."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.train_rm import TrainRM
+
+    run_stage_command(TrainRM(), config, set_, force=force, push=push)
+
+
+@app.command("optimize")
+def optimize(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("optimize.beta=0.2"),
+             force: bool = FORCE, push: Optional[str] = PUSH):
+    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.optimize import Optimize
+
+    run_stage_command(Optimize(), config, set_, force=force, push=push)
+
+
+@app.command("evaluate")
+def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("evaluate.limit=64"),
+             force: bool = FORCE, shard: Optional[str] = SHARD):
+    """Compare models on harmlessness and helpfulness, judged by evaluate.judge (default: the
+    feedback model) and the reward model."""
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.evaluate import Evaluate
+
+    run_stage_command(Evaluate(), config, set_, force=force, shard=shard)
 
 
 @app.command("merge")
@@ -149,10 +162,9 @@ def merge(
 ):
     """Merge the complete shards of a stage run with --shard I/N into its files (the last shard
     to finish does this by itself); says which shards are missing otherwise."""
-    from cai_cli.run.shards import merge_by_hand
+    from cai_cli.commands.merge import merge
 
-    loaded = _load(config, set_)
-    _writing("merge", loaded, False, lambda: merge_by_hand(loaded, stage))
+    merge(stage, _load(config, set_))
 
 
 @app.command("judge-check")
@@ -168,10 +180,10 @@ def judge_check(
 ):
     """Measure the feedback model as a judge on pairs whose better answer is known: agreement,
     per principle, position bias, calibration and the cost of labelling the configured run."""
-    from cai_cli.stages.judge_check import run as check
+    from cai_cli.commands.stage import run_stage_command
+    from cai_cli.stages.judge_check import JudgeCheck
 
-    loaded = _load(config, set_)
-    _writing("judge-check", loaded, force, lambda: check(loaded, pairs=pairs, force=force))
+    run_stage_command(JudgeCheck(pairs), config, set_, force=force)
 
 
 @app.command("run")
@@ -185,6 +197,7 @@ def run(
                                  "of its time (`cai plan`) instead of running."),
 ):
     """Run the stages in order, skipping those whose output is fresh for this config."""
+    from cai_cli.commands.stage import writing
     from cai_cli.stages.pipeline import run_pipeline
 
     loaded = _load(config, set_)
@@ -192,8 +205,7 @@ def run(
         from cai_cli.commands.plan import print_plan
 
         return print_plan(loaded, first=first, last=last, force=force)
-    _writing("run", loaded, force,
-             lambda: run_pipeline(loaded, first=first, last=last, force=force))
+    writing("run", loaded, force, lambda: run_pipeline(loaded, first=first, last=last, force=force))
 
 
 @app.command("plan")
@@ -223,7 +235,7 @@ def plan(
 @app.command("status")
 def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
     """Table of stages: done / partial / stale / missing, counts, time taken, artifact path."""
-    from cai_cli.stages.pipeline import print_status
+    from cai_cli.commands.status import print_status
 
     print_status(_load(config, set_))
 

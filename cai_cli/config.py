@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai_cli.errors import UserError, relative_note
 from cai_cli.run.layout import RunLayout
@@ -661,6 +660,11 @@ class Config(Section):
     @property
     def feedback_model(self) -> AnyModelConfig:
         return self.models.feedback or self.models.policy
+
+    @property
+    def feedback_key(self) -> str:
+        """The config key that names the feedback model, for messages."""
+        return "models.feedback" if self.models.feedback else "models.policy"
 
     @property
     def layout(self) -> RunLayout:

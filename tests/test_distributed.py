@@ -26,12 +26,11 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from cai_cli.stages import training
-from cai_cli.config import load_config
-from cai_cli.stages import finetune, generate_sl, label_prefs, optimize, train_rm
-from cai_cli.stages.common import begin
 from helpers import ENV, ROOT, trainer_capture
+
+from cai_cli.config import load_config
+from cai_cli.stages import finetune, generate_sl, label_prefs, optimize, train_rm, training
+from cai_cli.stages.common import begin
 
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
 CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
@@ -94,7 +93,7 @@ def upstream(tmp_path_factory, tiny_model_dir) -> Path:
     (the hand-written pairs, recorded as label-prefs records them), shared by every test."""
     directory = tmp_path_factory.mktemp("upstream")
     config = load_config(write_config(directory, tiny_model_dir, per_device=4))
-    generate_sl.run(config)
+    generate_sl.GenerateSL().run(config)
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
     pairs = [{"id": f"pair-{i}", "prompt": [{"role": "user", "content": prompts[i]}],
               "chosen": [{"role": "assistant", "content": SAFE[i % 2]}],
@@ -102,7 +101,7 @@ def upstream(tmp_path_factory, tiny_model_dir) -> Path:
               "p_chosen": p, "order_disagreement": False, "judgments": [],
               "prompt_id": f"prompt-{i}"}
              for i, p in enumerate(LABELS)]
-    stage = label_prefs.spec(config)
+    stage = label_prefs.LabelPrefs().spec(config)
     run = begin(stage, config, force=False)
     stage.directory.mkdir(parents=True, exist_ok=True)
     (stage.directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -193,7 +192,7 @@ def test_finetune_under_torchrun_resumes_and_ends_as_one_process(tmp_path, tiny_
 
     six_steps = {"training": {"max_steps": 6}}  # time to kill it between checkpoints
     single = setup(tmp_path / "one", tiny_model_dir, upstream, 4, finetune=six_steps)
-    finetune.run(load_config(single))
+    finetune.Finetune().run(load_config(single))
     double = setup(tmp_path / "two", tiny_model_dir, upstream, 2, finetune=six_steps)
 
     sft = tmp_path / "two" / "run" / "sft"
@@ -237,7 +236,7 @@ def test_train_rm_with_merged_lora_under_accelerate_launch_ends_as_one_process(
     lora = {"lora": {"enabled": True, "dropout": 0.0, "r": 8},  # dropout draws differ by rank
             "training": {"learning_rate": 1e-2}}
     single = setup(tmp_path / "one", tiny_model_dir, upstream, 4, train_rm=lora)
-    train_rm.run(load_config(single))
+    train_rm.TrainRM().run(load_config(single))
     double = setup(tmp_path / "two", tiny_model_dir, upstream, 2, train_rm=lora)
 
     result = launch("accelerate:ddp", "train-rm", double)
@@ -265,7 +264,7 @@ def test_optimize_with_a_lora_adapter_under_the_fsdp_config_ends_as_one_process(
     lora = {"lora": {"enabled": True, "dropout": 0.0, "merge": False},
             "training": {"learning_rate": 1e-2}}
     single = setup(tmp_path / "one", tiny_model_dir, upstream, 4, optimize=lora)
-    optimize.run(load_config(single))
+    optimize.Optimize().run(load_config(single))
     double = setup(tmp_path / "two", tiny_model_dir, upstream, 2, optimize=lora)
 
     result = launch("accelerate:fsdp", "optimize", double)
@@ -328,7 +327,7 @@ def test_the_sharded_save_path_writes_what_one_process_writes(tmp_path, tiny_mod
     config = setup(tmp_path, tiny_model_dir, upstream, 4, train_rm=lora)
     prepare = trainer_capture(
         monkeypatch, RewardTrainer,
-        lambda path, *sets, force: train_rm.run(load_config(path, list(sets)), force=force))
+        lambda path, *sets, force: train_rm.TrainRM().run(load_config(path, list(sets)), force=force))
     trainer = prepare(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # as if trained: LoRA's B matrices are zero until then

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_openai import MODEL, PREFERENCE, FakeServer, number
 
 from cai_cli.run.seeding import record_seed
-from fake_openai import MODEL, PREFERENCE, FakeServer, number
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm" / "bin"  # vLLM's own environment (`make vllm`)
@@ -262,9 +262,9 @@ def served(url: str, model: Path) -> dict:
 def hf_first_probabilities(config_path: Path, model: Path, run_dir: Path) -> dict:
     """``(pair id, principle, first answer) -> p_first`` as the hf backend reads them from the
     comparisons label-prefs asked about the samples in ``run_dir``."""
-    from cai_cli.engines.hf import HFBackend
     from cai_cli.config import HFModelConfig, load_config
     from cai_cli.constitution import load_constitution
+    from cai_cli.engines.hf import HFBackend
     from cai_cli.engines.judge import Judge, option_probability
     from cai_cli.engines.prompts import OPTIONS
 
@@ -446,11 +446,11 @@ def test_verdict_samples_decides_label_prefs_only_for_a_served_judge(tmp_path):
     from cai_cli.stages import label_prefs
 
     local = minimal(tmp_path, {"name_or_path": "runs/tiny-model"})
-    a = label_prefs.spec(load_config(local)).fingerprint
-    assert label_prefs.spec(load_config(local, ["label_prefs.verdict_samples=5"])).fingerprint == a
+    a = label_prefs.LabelPrefs().spec(load_config(local)).fingerprint
+    assert label_prefs.LabelPrefs().spec(load_config(local, ["label_prefs.verdict_samples=5"])).fingerprint == a
     served = minimal(tmp_path, {"backend": "openai", "model": "judge"}, "s")
-    b = label_prefs.spec(load_config(served)).fingerprint
-    assert label_prefs.spec(load_config(served, ["label_prefs.verdict_samples=5"])).fingerprint != b
+    b = label_prefs.LabelPrefs().spec(load_config(served)).fingerprint
+    assert label_prefs.LabelPrefs().spec(load_config(served, ["label_prefs.verdict_samples=5"])).fingerprint != b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ def test_the_rollout_engine_decides_an_online_policy_and_nothing_else_of_optimiz
         policy = {"backend": backend, "name_or_path": str(tmp_path / "policy")}
         path = write_config(tmp_path / f"{backend}.yaml", tmp_path / "run", policy,
                             optimize={"model": str(tmp_path / "policy"), "method": "grpo"})
-        return optimize.spec(load_config(path, list(overrides))).fingerprint
+        return optimize.Optimize().spec(load_config(path, list(overrides))).fingerprint
 
     vllm = fingerprint()
     assert fingerprint(backend="hf") != vllm  # other samples, other weights
@@ -610,8 +610,8 @@ def reward_model(directory: Path, model: Path) -> Path:
     of the text, which is all GRPO needs)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_cli.run.artifacts import Manifest
     from cai_cli.engines.models import quiet_transformers
+    from cai_cli.run.artifacts import Manifest
 
     quiet_transformers()
     AutoModelForSequenceClassification.from_pretrained(model, num_labels=1).save_pretrained(directory)
@@ -625,7 +625,6 @@ def reward_model(directory: Path, model: Path) -> Path:
 @needs_vllm
 def test_grpo_samples_with_trls_colocated_vllm_engine(tmp_path, tiny_model_dir):
     import torch
-
     from helpers import weights
 
     path = rl_config(tmp_path, tiny_model_dir)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cai_cli.config import load_config
-from cai_cli.stages.evaluate import bootstrap_interval, verdict
 from fake_openai import MODEL, PREFERENCE, FakeServer, shorter
 from helpers import cai, kill_after_batches
+
+from cai_cli.config import load_config
+from cai_cli.reports.evaluation import verdict
+from cai_cli.reports.statistics import bootstrap_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def test_report_schema_and_intervals(tmp_path, tiny_model_dir, other_model):
 
     path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], helpful_limit=2,
                         benign_limit=2)
-    evaluate.run(load_config(path))
+    evaluate.Evaluate().run(load_config(path))
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
 
     assert report["prompts"] == 5 and len(report["prompt_ids"]) == 5
@@ -106,7 +107,7 @@ def test_a_judge_with_a_known_preference_shows_in_both_axes(tmp_path, tiny_model
         path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], benign_limit=3,
                             judge={"backend": "openai", "base_url": server.url, "model": MODEL,
                                    "max_retries": 1}, report_to=["tensorboard"])
-        evaluate.run(load_config(path))
+        evaluate.Evaluate().run(load_config(path))
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     answers = {(r["model"], r["id"]): r["answer"] for r in map(
         json.loads, (tmp_path / "run" / "eval" / "answers.jsonl").read_text().splitlines())}
@@ -186,8 +187,8 @@ def test_an_evaluation_question_changes_evaluate_only(tmp_path, tiny_model_dir):
 
     def fingerprints():
         loaded = load_config(path)
-        return (generate_sl.spec(loaded).inputs["constitution"],
-                evaluate.spec(loaded).inputs["constitution"])
+        return (generate_sl.GenerateSL().spec(loaded).inputs["constitution"],
+                evaluate.Evaluate().spec(loaded).inputs["constitution"])
 
     before = fingerprints()
     constitution.write_text(text + "\n# a comment\n")
@@ -204,7 +205,7 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
     from cai_cli.stages import evaluate
 
     path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2)
-    evaluate.run(load_config(path))
+    evaluate.Evaluate().run(load_config(path))
     answers = (tmp_path / "run" / "eval" / "answers.jsonl").read_bytes()
     first = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
 
@@ -214,7 +215,7 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
     monkeypatch.setattr(evaluate, "answer_all", answering)
     changed = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2,
                            principles_per_pair=1)
-    evaluate.run(load_config(changed), force=True)
+    evaluate.Evaluate().run(load_config(changed), force=True)
     assert (tmp_path / "run" / "eval" / "answers.jsonl").read_bytes() == answers
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
 
@@ -226,7 +227,7 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
     other = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)], limit=2,
                          sampling={"max_new_tokens": 8})
     with pytest.raises(AssertionError, match="answered again"):
-        evaluate.run(load_config(other), force=True)
+        evaluate.Evaluate().run(load_config(other), force=True)
 
 
 def test_a_killed_evaluation_judges_only_what_is_left(tmp_path, tiny_model_dir, other_model):

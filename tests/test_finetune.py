@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
-from cai_cli.stages import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
-from cai_cli.stages import finetune
-from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
+from cai_cli.stages import finetune, training
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -49,7 +48,7 @@ def sl_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from cai_cli.stages import generate_sl
 
     tmp = tmp_path_factory.mktemp("sl")
-    generate_sl.run(load_config(write_config(tmp, tiny_model_dir)))
+    generate_sl.GenerateSL().run(load_config(write_config(tmp, tiny_model_dir)))
     return tmp / "run" / "sl"
 
 
@@ -61,7 +60,7 @@ def config_path(tmp_path, tiny_model_dir, sl_dir) -> Path:
 
 
 def run_stage(path: Path, *overrides: str, force: bool = False):
-    return finetune.run(load_config(path, list(overrides)), force=force)
+    return finetune.Finetune().run(load_config(path, list(overrides)), force=force)
 
 
 @pytest.fixture
@@ -356,7 +355,7 @@ def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_mode
 def test_spec_imports_no_heavy_library(config_path):
     code = ("import sys\nfrom cai_cli.config import load_config\n"
             "from cai_cli.stages import finetune\n"
-            f"stage = finetune.spec(load_config({str(config_path)!r}))\n"
+            f"stage = finetune.Finetune().spec(load_config({str(config_path)!r}))\n"
             "print(stage.state(), sorted(m for m in ('torch', 'transformers', 'trl', 'datasets',"
             " 'peft') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,

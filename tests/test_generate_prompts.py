@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, kill_after_batches
 
 from cai_cli.config import load_config
 from cai_cli.data.sources import Prompt
 from cai_cli.stages.generate_prompts import FILTERS, apply_filters, parse, readability
-from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -91,7 +91,7 @@ def test_seeds_cannot_be_the_output(tmp_path, tiny_model_dir):
     config = load_config(path, [f"data.red_team.path={tmp_path / 'run/prompts/red_team.jsonl'}",
                                 f"generate_prompts.seeds.path={PROMPTS}"])
     with pytest.raises(UserError, match="run `cai generate-prompts --config ...` first"):
-        generate_sl.run(config)
+        generate_sl.GenerateSL().run(config)
 
 
 def test_run_leaves_the_stage_out_unless_enabled(tmp_path, tiny_model_dir):
@@ -161,7 +161,7 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
     # the random model's P(Yes), both orders averaged, lies at 0.49988-0.50010: keep some
     filtered = {"per_request": 2, "feedback_filter": True, "feedback_threshold": 0.5}
     reference = load_config(write_config(tmp_path, tiny_model_dir, "ref.yaml", **filtered))
-    generate_prompts.run(reference)
+    generate_prompts.GeneratePrompts().run(reference)
     out = tmp_path / "run" / "prompts"
     answers = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
@@ -184,13 +184,13 @@ def test_feedback_filter_counts_and_resumes_without_rescoring(tmp_path, tiny_mod
     other.write_text(other.read_text().replace(str(tmp_path / "run"), str(tmp_path / "int")))
     monkeypatch.setattr(HFBackend, "score_options", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        generate_prompts.run(load_config(other))
+        generate_prompts.GeneratePrompts().run(load_config(other))
     assert (tmp_path / "int" / "prompts" / "feedback.jsonl.partial").is_file()
     assert not (tmp_path / "int" / "prompts" / "red_team.jsonl").exists()
     monkeypatch.setattr(HFBackend, "score_options",
                         lambda self, prompts, options: scored.append(len(prompts))
                         or score(self, prompts, options))
-    generate_prompts.run(load_config(other))
+    generate_prompts.GeneratePrompts().run(load_config(other))
     assert sum(scored) == 2 * len(answers)  # each prompt scored once (both orders) in all
     for name in ("candidates.jsonl", "feedback.jsonl", "red_team.jsonl", "manifest.json"):
         if name == "manifest.json":
@@ -231,7 +231,7 @@ def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
                             **kwargs: calls.append(_name) or _run(self, *args, **kwargs))
     path = write_config(tmp_path, tiny_model_dir, per_request=2, feedback_filter=True,
                         feedback_threshold=0.0)
-    generate_prompts.run(load_config(path))
+    generate_prompts.GeneratePrompts().run(load_config(path))
     out = tmp_path / "run" / "prompts"
     feedback = out / "feedback.jsonl"
     first = (feedback.read_bytes(), feedback.stat().st_mtime_ns)
@@ -240,7 +240,7 @@ def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
 
     calls.clear()
     raised = load_config(path, ["generate_prompts.feedback_threshold=0.5"])
-    generate_prompts.run(raised, force=True)  # stale: replaced, as cai run would
+    generate_prompts.GeneratePrompts().run(raised, force=True)  # stale: replaced, as cai run would
     assert calls == []
     assert (feedback.read_bytes(), feedback.stat().st_mtime_ns) == first
     counts = json.loads((out / "manifest.json").read_text())["counts"]
@@ -248,7 +248,7 @@ def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
     assert 0 < counts["kept"] < asked
     assert len((out / "red_team.jsonl").read_text().splitlines()) == counts["kept"]
 
-    generate_prompts.run(raised, force=True)  # the same config: asked again
+    generate_prompts.GeneratePrompts().run(raised, force=True)  # the same config: asked again
     assert calls.count("score_options") > 0 and "generate" in calls
 
     def no_logprobs(self, prompts, options):
@@ -257,7 +257,7 @@ def test_feedback_answers_are_reused_for_another_threshold_and_redone_by_force(
     monkeypatch.setattr(HFBackend, "score_options", no_logprobs)
     capsys.readouterr()
     for index in range(2):
-        generate_prompts.run(raised, force=True, shard=Shard(index, 2))
+        generate_prompts.GeneratePrompts().run(raised, force=True, shard=Shard(index, 2))
     answers = [json.loads(line) for line in feedback.read_text().splitlines()]
     assert len(answers) == asked and {a["source"] for a in answers} == {"verdict"}
     assert "the feedback filter's P(Yes) are sampled verdicts" in capsys.readouterr().err

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, kill_after_batches
 
 from cai_cli.config import load_config
 from cai_cli.constitution import load_constitution
 from cai_cli.errors import UserError
-from helpers import cai, kill_after_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **secti
 def run_stage(path: Path, *overrides: str, force: bool = False):
     from cai_cli.stages import generate_sl
 
-    return generate_sl.run(load_config(path, list(overrides)), force=force)
+    return generate_sl.GenerateSL().run(load_config(path, list(overrides)), force=force)
 
 
 def test_records_follow_the_contract(tmp_path, tiny_model_dir):

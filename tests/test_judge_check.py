@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cai_cli.stages import judge_check
-from cai_cli.config import PromptSource, load_config
-from cai_cli.errors import UserError
 from fake_openai import MODEL, PREFERENCE, FakeServer
 from helpers import cai
+
+from cai_cli.config import PromptSource, load_config
+from cai_cli.errors import UserError
+from cai_cli.stages import judge_check
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
@@ -129,10 +129,10 @@ def test_a_random_judge_gets_a_full_report_and_a_rerun_does_nothing(tmp_path, ti
 
     monkeypatch.setattr(judge_check, "judge_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        judge_check.run(config, pairs=str(pairs))
+        judge_check.JudgeCheck(str(pairs)).run(config)
     monkeypatch.setattr(judge_check, "judge_batch",
                         lambda judge, batch: calls.append(len(batch)) or judge_batch(judge, batch))
-    report_path = judge_check.run(config, pairs=str(pairs))
+    report_path = judge_check.JudgeCheck(str(pairs)).run(config)
     assert calls == [2, 2, 1]  # resumed after the first batch of two pairs
 
     run_dir = tmp_path / "run" / "judge"
@@ -159,7 +159,7 @@ def test_a_random_judge_gets_a_full_report_and_a_rerun_does_nothing(tmp_path, ti
 
     before = (run_dir / "judgments.jsonl").stat().st_mtime_ns
     calls.clear()
-    judge_check.run(config, pairs=str(pairs))  # done for this config: nothing is judged again
+    judge_check.JudgeCheck(str(pairs)).run(config)  # done for this config: nothing is judged again
     assert calls == [] and (run_dir / "judgments.jsonl").stat().st_mtime_ns == before
 
 
@@ -180,13 +180,13 @@ def test_figures_follow_a_judge_with_a_known_preference(tmp_path):
         # Without numbers it always prefers option (A): pure position bias.
         blind = write_jsonl(tmp_path / "blind.jsonl", [
             trl(f"Question {i}?", "A careful answer.", "A rude answer.") for i in range(4)])
-        biased = judge_check.run(load_config(write_config(tmp_path, policy, run="blind")),
-                                 pairs=str(blind))
+        biased = judge_check.JudgeCheck(str(blind)).run(
+            load_config(write_config(tmp_path, policy, run="blind")))
         # Labels that always call its pick the worse answer: a preference, against them.
         contrary = write_jsonl(tmp_path / "contrary.jsonl", [
             trl(f"Question {i}?", f"answer {i + 90}", f"answer {i}") for i in range(6)])
-        against_labels = judge_check.run(
-            load_config(write_config(tmp_path, policy, run="contrary")), pairs=str(contrary))
+        against_labels = judge_check.JudgeCheck(str(contrary)).run(
+            load_config(write_config(tmp_path, policy, run="contrary")))
     report = json.loads((tmp_path / "run" / "judge" / "report.json").read_text())
     probability = PREFERENCE / (PREFERENCE + (1 - PREFERENCE - 0.05))
     assert report["pairs"] == 8 and report["right"] == 6
@@ -218,7 +218,11 @@ def test_figures_follow_a_judge_with_a_known_preference(tmp_path):
 
 
 def test_interval_and_reliability_helpers_by_hand():
-    from cai_cli.reports.statistics import expected_calibration_error, reliability_table, wilson_interval
+    from cai_cli.reports.statistics import (
+        expected_calibration_error,
+        reliability_table,
+        wilson_interval,
+    )
 
     low, high = wilson_interval(6, 8)
     assert (round(low, 3), round(high, 3)) == (0.409, 0.929)
@@ -232,9 +236,9 @@ def test_interval_and_reliability_helpers_by_hand():
 
 def test_the_shipped_pairs_are_named_by_package_not_by_checkout(tmp_path):
     config = load_config(write_config(tmp_path, {"name_or_path": "org/model"}))
-    settings = judge_check.spec(config, judge_check.source(config)).settings
+    settings = judge_check.stage_spec(config, judge_check.source(config)).settings
     # a checkout moved elsewhere (or reinstalled) finds its judge-check output still done
     assert settings["judge_check"]["pairs"]["path"] == "cai_cli/resources/judge_pairs.jsonl"
     own = write_jsonl(tmp_path / "pairs.jsonl", [trl("Q?", "good", "bad")])
-    settings = judge_check.spec(config, judge_check.source(config, str(own))).settings
+    settings = judge_check.stage_spec(config, judge_check.source(config, str(own))).settings
     assert settings["judge_check"]["pairs"]["path"] == str(own)

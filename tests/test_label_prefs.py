@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, kill_after_batches
 
 from cai_cli.config import ModelConfig, load_config
-from cai_cli.errors import UserError
 from cai_cli.engines.judge import combine, option_probability
-from helpers import cai, kill_after_batches
+from cai_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -37,7 +37,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **label
 def label(path: Path, *overrides: str):
     from cai_cli.stages import label_prefs
 
-    return label_prefs.run(load_config(path, list(overrides)))
+    return label_prefs.LabelPrefs().run(load_config(path, list(overrides)))
 
 
 def read(path: Path) -> list[dict]:
@@ -85,8 +85,8 @@ def test_option_scores_match_a_manual_forward_pass(backend, options):
 
 
 def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(backend):
-    from cai_cli.engines.base import SamplingParams
     from cai_cli.constitution import load_constitution
+    from cai_cli.engines.base import SamplingParams
     from cai_cli.engines.prompts import critique_prompt
 
     constitution = load_constitution(CONSTITUTION)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ENV, ROOT, cai
 
 from cai_cli.config import LoraConfig, ModelConfig
 from cai_cli.errors import UserError
-from helpers import ENV, ROOT, cai
 
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
 CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
@@ -236,11 +236,9 @@ def test_revision_and_remote_code_reach_every_loader(tmp_path, tiny_model_dir, r
     each call passes both settings on (to a hub id, or to the base of a LoRA adapter)."""
     from types import SimpleNamespace
 
-    from cai_cli.engines import models
-    from cai_cli.stages import training
-    from cai_cli.engines import load_backend
     from cai_cli.config import load_config
-    from cai_cli.stages import evaluate, optimize
+    from cai_cli.engines import load_backend, models
+    from cai_cli.stages import evaluate, optimize, training
 
     config = load_config(write_config(tmp_path, tiny_model_dir, revision="v1.0",
                                       trust_remote_code=True))

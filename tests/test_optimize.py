@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
-from cai_cli.stages import training
-from cai_cli.run.artifacts import Manifest
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
-from cai_cli.stages import label_prefs, optimize
+from cai_cli.run.artifacts import Manifest
+from cai_cli.stages import label_prefs, optimize, training
 from cai_cli.stages.common import begin
-from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -60,7 +59,7 @@ def write_pairs(config_path: Path, labels=LABELS) -> list[dict]:
               "rejected": [{"role": "assistant", "content": UNSAFE[i % 2]}],
               "p_chosen": p, "order_disagreement": False, "judgments": []}
              for i, p in enumerate(labels)]
-    stage = label_prefs.spec(config)  # pairs.jsonl is not among its inputs: write it after begin
+    stage = label_prefs.LabelPrefs().spec(config)  # pairs.jsonl is not an input: written after begin
     run = begin(stage, config, force=True)
     stage.directory.mkdir(parents=True, exist_ok=True)
     (stage.directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -95,7 +94,7 @@ def reward_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def run_stage(path: Path, *overrides: str, force: bool = False):
-    return optimize.run(load_config(path, list(overrides)), force=force)
+    return optimize.Optimize().run(load_config(path, list(overrides)), force=force)
 
 
 @pytest.fixture
@@ -323,7 +322,7 @@ def test_an_adapter_on_the_runs_own_sft_moves_with_the_run_directory(tmp_path, t
     data["optimize"]["training"]["max_steps"] = 1
     path.write_text(yaml.safe_dump(data))
     config = load_config(path)
-    for stage in (generate_sl.spec(config), finetune.spec(config)):  # made by hand, in order
+    for stage in (generate_sl.GenerateSL().spec(config), finetune.Finetune().spec(config)):  # made by hand, in order
         run = begin(stage, config, force=True)
         if stage.command == "finetune":  # sft/: the tiny model
             shutil.copytree(tiny_model_dir, stage.directory, dirs_exist_ok=True)
@@ -450,7 +449,7 @@ def test_spec_imports_no_heavy_library(config_path):
     code = ("import sys\nfrom cai_cli.config import load_config\n"
             "from cai_cli.stages import optimize\n"
             f"config = load_config({str(config_path)!r})\n"
-            "states = [optimize.spec(config.model_copy(update={'optimize': config.optimize."
+            "states = [optimize.Optimize().spec(config.model_copy(update={'optimize': config.optimize."
             "model_copy(update={'method': m})})).state() for m in ('dpo', 'grpo')]\n"
             "print(states, sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft')"
             " if m in sys.modules))")

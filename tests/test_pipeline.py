@@ -128,7 +128,7 @@ def test_status_states_and_no_heavy_imports(pipeline, tmp_path):
 def test_stale_reasons_say_which_settings_only_now_apply(tmp_path):
     import json
 
-    from cai_cli.stages.common import StageSpec
+    from cai_cli.run.spec import StageSpec
 
     stage = tmp_path / "run" / "prefs"
     stage.mkdir(parents=True)

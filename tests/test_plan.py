@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +100,14 @@ def test_plan_counts_what_every_stage_does_and_writes_nothing(tmp_path, tiny_mod
 
 
 def test_plan_matches_a_real_run_and_reads_its_output(tmp_path, tiny_model_dir):
-    from cai_cli.config import load_config
     from cai_cli.commands.plan import build_plan
+    from cai_cli.config import load_config
     from cai_cli.stages import generate_sl
 
     path = write_config(tmp_path, tiny_model_dir, generate_sl__num_revisions=1,
                         data__red_team__limit=3)
     planned = build_plan(load_config(path), last="generate-sl").to_json()["stages"][0]
-    generate_sl.run(load_config(path))
+    generate_sl.GenerateSL().run(load_config(path))
     manifest = json.loads((tmp_path / "run" / "sl" / "manifest.json").read_text())["counts"]
     assert manifest["chains"] == planned["counts"]["prompts"] == 3
     assert manifest["rounds"] == planned["counts"]["critiques"]
@@ -139,15 +138,15 @@ def test_plan_errors_are_short(tmp_path, tiny_model_dir, change, args, message):
 
 
 def test_readme_lists_every_assumption():
-    from cai_cli.commands.plan import DEFAULTS
+    from cai_cli.commands.costs import DEFAULTS
 
     readme = (ROOT / "README.md").read_text()
     assert all(f"| `{key}` |" in readme for key in DEFAULTS)
 
 
 def test_calibrate_times_the_tiny_model_and_says_how_to_reuse_it(tmp_path, tiny_model_dir):
-    from cai_cli.config import load_config
     from cai_cli.commands.plan import build_plan
+    from cai_cli.config import load_config
 
     plan = build_plan(load_config(write_config(tmp_path, tiny_model_dir)), last="finetune",
                       calibrate_now=True).to_json()
@@ -161,8 +160,8 @@ def test_plan_estimates_generate_prompts_and_what_reads_its_output(tmp_path, tin
     """Enabled, generate-prompts is planned first: its requests, new tokens at their bound and
     the feedback filter's questions; generate-sl, reading its output before it exists, counts
     the prompts it will make (new ones and the seeds mixed in, up to data.red_team.limit)."""
-    from cai_cli.config import load_config
     from cai_cli.commands.plan import build_plan
+    from cai_cli.config import load_config
 
     generated = tmp_path / "run" / "prompts" / "red_team.jsonl"
     path = write_config(tmp_path, tiny_model_dir, data__red_team__path=str(generated),

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cai_cli.reports import plots
-from cai_cli.run.artifacts import load_manifest, model_fingerprint
-from cai_cli.config import load_config
-from cai_cli.run.layout import RunLayout
 from fake_run import finished_run, write_json, write_jsonl
 from helpers import cai
+
+from cai_cli.config import load_config
+from cai_cli.reports import plots
+from cai_cli.run.artifacts import load_manifest, model_fingerprint
+from cai_cli.run.layout import RunLayout
 
 EXPECTED = {
     "label-prefs": ["p_chosen.png", "position_bias.png"],
@@ -89,7 +89,8 @@ def test_plots_do_not_change_a_model_fingerprint(tmp_path):
 
 
 def test_a_failing_plot_warns_and_the_stage_completes(tmp_path, monkeypatch, capsys):
-    from cai_cli.stages.common import StageRun, StageSpec
+    from cai_cli.run.spec import StageSpec
+    from cai_cli.stages.common import StageRun
 
     def broken(layout, plt):
         raise ValueError("no data to draw")
@@ -125,7 +126,7 @@ def test_a_training_stage_keeps_its_log_and_draws_its_curves(tmp_path, tiny_mode
                                   "logging_steps": 1, "save_steps": 100}}}))
     from cai_cli.stages import finetune
 
-    finetune.run(load_config(config))
+    finetune.Finetune().run(load_config(config))
     history = json.loads((run / "sft" / "logs" / "log_history.json").read_text())
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2]
     assert not (run / "sft" / ".checkpoints").exists()

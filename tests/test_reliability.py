@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ENV, ROOT, cai, kill_after_batches, snapshot
 
 from cai_cli.config import load_config
-from helpers import ENV, ROOT, cai, kill_after_batches, snapshot
 
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
 HELPFUL = ROOT / "cai_cli" / "resources" / "helpful.jsonl"
@@ -219,6 +219,7 @@ def test_push_to_hub_uploads_the_model_files_only(tmp_path, tiny_model_dir, monk
     from huggingface_hub.utils import filter_repo_objects
 
     from cai_cli.commands import push as hub
+    from cai_cli.stages.finetune import Finetune
 
     sent = []
 
@@ -236,13 +237,13 @@ def test_push_to_hub_uploads_the_model_files_only(tmp_path, tiny_model_dir, monk
         (sft / name).parent.mkdir(parents=True, exist_ok=True)
         (sft / name).write_text("x")
     (sft / "manifest.json").write_text(json.dumps({"stage": "finetune", "status": "complete"}))
-    hub.push_stage(config, "finetune", "me/model")
+    hub.push_stage(config, Finetune(), "me/model")
     assert sent == [sorted(p.name for p in tiny_model_dir.iterdir())]
     assert "warning" not in capsys.readouterr().err
 
     (sft / "config.json").rename(sft / "adapter_config.json")  # an adapter on the run's own base
     (sft / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}))
-    hub.push_stage(config, "finetune", "me/model")
+    hub.push_stage(config, Finetune(), "me/model")
     assert "adapter_config.json" in sent[-1] and "manifest.json" not in sent[-1]
     warning = " ".join(capsys.readouterr().err.split())
     assert f"is a LoRA adapter on the local model {sft.parent / 'base'}" in warning
@@ -274,7 +275,7 @@ def test_a_kill_after_the_final_save_does_not_train_again(tmp_path, tiny_model_d
     from cai_cli.stages.common import StageRun
 
     config = load_config(write_config(tmp_path, tiny_model_dir, limit=4))
-    generate_sl.run(config)
+    generate_sl.GenerateSL().run(config)
     original = StageRun.complete
 
     def killed(self):
@@ -284,10 +285,10 @@ def test_a_kill_after_the_final_save_does_not_train_again(tmp_path, tiny_model_d
 
     monkeypatch.setattr(StageRun, "complete", killed)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(config)
+        finetune.Finetune().run(config)
     monkeypatch.undo()
     assert (tmp_path / "run" / "sft" / "model.safetensors").is_file()
-    finetune.run(config)
+    finetune.Finetune().run(config)
     manifest = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["stats"]["resumed_from_step"] == 4  # the last checkpoint: nothing retrained
@@ -316,14 +317,14 @@ def test_a_full_disk_is_a_user_error(tmp_path, tiny_model_dir, monkeypatch, caps
     import errno
 
     from cai_cli import cli
-    from cai_cli.stages import generate_sl
+    from cai_cli.stages.generate_sl import GenerateSL
 
     config = write_config(tmp_path, tiny_model_dir)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.partial"))
 
-    monkeypatch.setattr(generate_sl, "run", full)
+    monkeypatch.setattr(GenerateSL, "run", full)
     monkeypatch.setattr(sys, "argv", ["cai", "generate-sl", "--config", str(config)])
     with pytest.raises(SystemExit) as exit_:
         cli.main()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ENV, ROOT, cai, kill_after_batches
 
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
 from cai_cli.run.shards import Shard
-from helpers import ENV, ROOT, cai, kill_after_batches
 
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
 CONSTITUTION = ROOT / "constitutions" / "harmless.yaml"
@@ -61,9 +61,9 @@ def same_files(a: Path, b: Path, names: tuple[str, ...]) -> None:
 
 
 def in_process(command: str, path: Path, **kwargs):
-    from cai_cli.stages import stage_module
+    from cai_cli.stages.pipeline import STAGES
 
-    return stage_module(command).run(load_config(path, []), **kwargs)
+    return STAGES[command].run(load_config(path, []), **kwargs)
 
 
 # --- which records a shard takes ------------------------------------------------------------
@@ -251,9 +251,9 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     sharded = write_config(tmp_path, tiny_model_dir, "sharded", evaluate=evaluate)
     in_process("evaluate", reference)
 
-    from cai_cli.run import shards
+    from cai_cli.stages import sharded as shard_runs
 
-    monkeypatch.setattr(shards, "merge", lambda *args: None)  # shards that never merge
+    monkeypatch.setattr(shard_runs, "merge", lambda *args: None)  # shards that never merge
     in_process("evaluate", sharded, shard=Shard(1, 2))
     early = cai("merge", "evaluate", "--config", sharded)
     assert early.returncode == 2 and "0/2 (not started)" in early.stderr

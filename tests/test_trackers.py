@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cai_cli.stages import trackers
-from cai_cli.config import load_config
 from helpers import cai
+
+from cai_cli.config import load_config
+from cai_cli.stages import trackers
 
 pytest.importorskip("tensorboard")  # a dev extra: the tests read the event files back
 
@@ -56,13 +56,13 @@ def test_label_prefs_figures_and_training_logs_reach_tensorboard(tmp_path, tiny_
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # the user's own, if any
     path = write_config(tmp_path, tiny_model_dir, ["none"])
     run = tmp_path / "run"
-    label_prefs.run(load_config(path))
+    label_prefs.LabelPrefs().run(load_config(path))
     assert not (run / "prefs" / "logs").exists()  # no tracker: nothing written
 
     # where the figures go does not make the labels stale
     config = load_config(path, ["label_prefs.report_to=[tensorboard]"])
-    assert label_prefs.spec(config).state() == "done"
-    label_prefs.run(config, force=True)
+    assert label_prefs.LabelPrefs().spec(config).state() == "done"
+    label_prefs.LabelPrefs().run(config, force=True)
     manifest = json.loads((run / "prefs" / "manifest.json").read_text())
     logged = scalars(run / "prefs" / "logs")
     figures = {**manifest["counts"], **manifest["stats"]}
@@ -76,12 +76,12 @@ def test_label_prefs_figures_and_training_logs_reach_tensorboard(tmp_path, tiny_
     # checkpoints are deleted, and the labels they read stay done
     config = load_config(path, ["train_rm.training.report_to=[tensorboard]",
                                 "optimize.training.report_to=[tensorboard]"])
-    train_rm.run(config)
-    optimize.run(config)
+    train_rm.TrainRM().run(config)
+    optimize.Optimize().run(config)
     for stage in ("rm", "policy"):
         assert not (run / stage / ".checkpoints").exists()
         assert scalars(run / stage / "logs")["train/loss"] > 0
-    assert label_prefs.spec(config).state() == "done"
+    assert label_prefs.LabelPrefs().spec(config).state() == "done"
 
 
 def test_log_stage_takes_nested_figures_and_skips_text(tmp_path, tiny_model_dir):

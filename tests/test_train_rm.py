@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
 
-from cai_cli.stages import training
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
-from cai_cli.stages import train_rm
-from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
+from cai_cli.stages import train_rm, training
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -87,7 +86,7 @@ def prefs_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
     tmp = tmp_path_factory.mktemp("prefs")
     config = load_config(write_config(tmp, tiny_model_dir))
-    stage = label_prefs.spec(config)
+    stage = label_prefs.LabelPrefs().spec(config)
     run = begin(stage, config, force=False)
     write_jsonl_atomic(stage.directory / "pairs.jsonl", hand_pairs())
     run.complete()
@@ -102,7 +101,7 @@ def config_path(tmp_path, tiny_model_dir, prefs_dir) -> Path:
 
 
 def run_stage(path: Path, *overrides: str, force: bool = False):
-    return train_rm.run(load_config(path, list(overrides)), force=force)
+    return train_rm.TrainRM().run(load_config(path, list(overrides)), force=force)
 
 
 def score(model, tokenizer, conversations: list[list[dict]]) -> list[float]:
@@ -432,7 +431,7 @@ def test_pairs_longer_than_max_length_are_refused_before_rm_is_made(config_path)
 def test_spec_imports_no_heavy_library(config_path):
     code = ("import sys\nfrom cai_cli.config import load_config\n"
             "from cai_cli.stages import train_rm\n"
-            f"stage = train_rm.spec(load_config({str(config_path)!r}))\n"
+            f"stage = train_rm.TrainRM().spec(load_config({str(config_path)!r}))\n"
             "print(stage.state(), sorted(stage.inputs), sorted(m for m in ('torch', "
             "'transformers', 'trl', 'datasets', 'peft') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 from cai_cli import ui
 from cai_cli.config import Config
-from cai_cli.errors import UserError
 from cai_cli.engines.models import is_local_model, recorded_base
+from cai_cli.errors import UserError
 
 
-def push_stage(config: Config, command: str, repo_id: str) -> None:
-    """Upload ``<run_dir>/<stage>`` to the hub repository ``repo_id`` (created private if it
-    does not exist), with the token of the environment."""
+def push_stage(config: Config, stage, repo_id: str) -> None:
+    """Upload the finished ``<run_dir>/<stage>`` to the hub repository ``repo_id`` (created
+    private if it does not exist), with the token of the environment."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from cai_cli.stages.common import require_complete
+    from cai_cli.stages.common import Need, require_complete
 
-    directory = require_complete(config, command, "only a finished model is uploaded")
+    command = stage.command
+    directory = require_complete(config, Need(stage, "only a finished model is uploaded"))
     base = recorded_base(directory)
     if base is not None and is_local_model(base):
         ui.warn(f"{command}: {directory} is a LoRA adapter on the local model {base}, which the "

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.reports import plots
-from cai_cli.run.artifacts import load_manifest, read_jsonl, write_atomic
+from cai_cli.commands.inspect import as_text, same_text
 from cai_cli.config import Config
 from cai_cli.errors import UserError
-from cai_cli.commands.inspect import as_text, same_text
+from cai_cli.reports import plots
+from cai_cli.run.artifacts import load_manifest, read_jsonl, write_atomic
 
 REPORT = "report.md"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -135,7 +135,7 @@ class Page:
             self.add(*(f"- **{name}**: {escape(text)}" for name, text in found), "")
 
     def overview(self) -> None:
-        from cai_cli.stages.pipeline import describe_counts
+        from cai_cli.commands.status import describe_counts
 
         rows = []
         for status in self.statuses:
@@ -336,7 +336,9 @@ class Page:
                          f"{calibration['ece']:.3f}", ""])
         if cost:
             rows += [["seconds per question", f"{cost['seconds_per_question']:.3f}", ""],
-                     ["label-prefs judging, estimated", f"{cost['label_prefs_seconds']} s",
+                     ["label-prefs judging, estimated",
+                      "" if cost.get("label_prefs_seconds") is None
+                      else ui.duration(cost["label_prefs_seconds"]),
                       cost.get("label_prefs_questions", "")]]
         self.table(["figure", "value", "n"], rows, "lrr")
 

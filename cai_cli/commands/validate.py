@@ -57,7 +57,7 @@ def check_config(config: Config) -> None:
         model = settings.model_copy(update={"name_or_path": path})
         attempt(lambda: check_model_source(model, what, hub=False), lambda _: f"{what}: {path}")
 
-    from cai_cli.stages import STAGES
+    from cai_cli.stages.pipeline import STAGES, training_problems
 
     problems += training_problems(config, list(STAGES))
     if problems:
@@ -66,23 +66,3 @@ def check_config(config: Config) -> None:
     for line in found:
         ui.info(f"ok  {line}")
     ui.info("config is valid")
-
-
-def training_problems(config: Config, names: list[str]) -> list[str]:
-    """Build the trainer arguments of every training stage in ``names`` (unknown ``trl_args``,
-    values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed), and
-    check the trackers of the other stages: what would otherwise fail only once the stage
-    starts, maybe hours into ``cai run``."""
-    from cai_cli.stages import trackers
-    from cai_cli.stages import STAGES, stage_module
-
-    problems = []
-    for name in names:
-        if STAGES[name].trains:
-            try:
-                stage_module(name).preflight(config)
-            except UserError as exc:
-                problems.append(f"{name}: {exc}")
-        else:
-            problems += [f"{name}: {problem}" for problem in trackers.stage_problems(config, name)]
-    return problems

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from cai_cli.run.artifacts import iter_jsonl
 from cai_cli.config import PromptSource
-from cai_cli.errors import UserError, not_found
 from cai_cli.data.transcripts import first_human_turn
-from cai_cli.data.transcripts import transcript_messages as transcript_messages  # stages import it here
+from cai_cli.data.transcripts import (
+    transcript_messages as transcript_messages,  # stages import it here
+)
+from cai_cli.errors import UserError, not_found
+from cai_cli.run.artifacts import iter_jsonl
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -211,3 +213,38 @@ def load_prompts(source: PromptSource, seed: int, what: str = "data.red_team") -
     prompts = sorted(seen.values(), key=lambda p: p.id)  # independent of file order before shuffle
     random.Random(seed).shuffle(prompts)
     return prompts[: source.limit] if source.limit else prompts
+
+
+def preference_pair(record: dict, where: str) -> dict | None:
+    """A preference record in TRL's layouts (explicit ``prompt``, or an implicit one: whole
+    conversations or Human:/Assistant: transcripts) as a conversational pair with label
+    ``p_chosen`` 1.0; ``None`` when the two conversations do not differ."""
+    if "chosen" not in record or "rejected" not in record:
+        raise UserError(f"{where}: expected 'chosen' and 'rejected' fields (TRL's preference "
+                        f"format); the record has {', '.join(map(str, record)) or 'none'}")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if record.get("prompt") is not None:
+        prompt = record["prompt"]
+        return {"prompt": chat_messages(prompt, f"{where}: prompt", role="user"),
+                "chosen": chat_messages(chosen, f"{where}: chosen", role="assistant"),
+                "rejected": chat_messages(rejected, f"{where}: rejected", role="assistant"),
+                "p_chosen": 1.0}
+    # Implicit prompt: whole conversations (or Human:/Assistant: transcripts); what they share
+    # at the start is the prompt.
+    sides = []
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        conversation = transcript_messages(value) if isinstance(value, str) else value
+        if conversation is None:
+            raise UserError(f"{where}: '{name}' is plain text without a prompt field; give a "
+                            "'prompt' column or Human:/Assistant: transcripts")
+        sides.append(chat_messages(conversation, f"{where}: {name}"))
+    shared = 0
+    while shared < min(map(len, sides)) and sides[0][shared] == sides[1][shared]:
+        shared += 1
+    if shared == 0:
+        raise UserError(f"{where}: 'chosen' and 'rejected' start differently, so there is no "
+                        "shared prompt; give a 'prompt' column")
+    if shared == len(sides[0]) or shared == len(sides[1]):
+        return None
+    return {"prompt": sides[0][:shared], "chosen": sides[0][shared:],
+            "rejected": sides[1][shared:], "p_chosen": 1.0}

@@ -198,7 +198,7 @@ class HFBackend(ChatPrompts):
         ``keeps``: how many last positions of each row must be computed (default one).
         """
         torch = self._torch
-        groups = _prefix_groups(batch, keeps or [1] * len(batch))
+        groups = prefix_groups(batch, keeps or [1] * len(batch))
         if not self.prefixes.supported:  # a plain cache: one prefix for the whole batch, or none
             groups = [g for g in groups if len(g[0]) == len(batch)]
         width = max((shared for _, shared in groups), default=0)
@@ -422,7 +422,7 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _prefix_groups(batch: list[list[int]], keeps: list[int]) -> list[tuple[list[int], int]]:
+def prefix_groups(batch: list[list[int]], keeps: list[int]) -> list[tuple[list[int], int]]:
     """``(rows, prefix length)`` of each group of two or more rows that begin with the same
     ``PREFIX_MIN`` tokens: the prefix they all share, short of each row's last ``keeps[row]``
     tokens (those must be computed row by row)."""

@@ -8,6 +8,7 @@ question the same way. ``Judge.batch`` turns sampled records into pair records
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cai_cli import ui
-from cai_cli.engines.base import Completion, NoLogprobs, Overflow, SamplingParams
 from cai_cli.config import Config
 from cai_cli.constitution import Constitution
+from cai_cli.engines.base import Completion, NoLogprobs, Overflow, SamplingParams
 from cai_cli.engines.prompts import (OPTIONS, TRANSCRIPT_STOPS, classification_prompt,
-                               comparison_prompt, resolve_format)
+                                     comparison_prompt, resolve_format)
 from cai_cli.run.records import Judgment, Message, Pair
 from cai_cli.run.seeding import draw, record_seed
 
@@ -198,6 +199,28 @@ class Judge:
 
     def comparisons_of(self, records: list[dict]) -> list[Comparison]:
         return self.plan(records)[1]
+
+    def work(self, records: list[dict], answer_bound: int, role: str, model, *,
+             at_most: bool = False, known: bool = False) -> list:
+        """The engine calls ``batch`` makes for ``records`` (``engines.work``), with the answers
+        left empty: each question holds two answers of at most ``answer_bound`` tokens each
+        (and with chain of thought, its reasoning). ``known``: the records' answers are the
+        ones that will be judged, so they are kept. ``at_most``: two equal answers make no
+        pair, so their questions may not be asked."""
+        from cai_cli.engines.work import Generate, Score
+
+        settings = self.settings
+        _, jobs = self.plan(records)
+        blank = jobs if known else [dataclasses.replace(job, first="", second="") for job in jobs]
+        bound = [0 if known else 2 * answer_bound] * len(jobs)
+        if not settings.chain_of_thought:
+            return [Score(role, model, [job.prompt_input(self.fmt, False) for job in blank], bound,
+                          OPTIONS, at_most=at_most)]
+        reasoning = settings.cot_max_new_tokens
+        return [Generate(role, model, [job.prompt_input(self.fmt, True) for job in blank], bound,
+                         reasoning, at_most=at_most),
+                Score(role, model, [job.prompt_input(self.fmt, True, "") for job in blank],
+                      [b + reasoning for b in bound], OPTIONS, at_most=at_most)]
 
     def batch(self, records: list[dict]) -> list[Pair]:
         settings, cot = self.settings, self.settings.chain_of_thought

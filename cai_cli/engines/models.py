@@ -324,19 +324,27 @@ def check_safetensors(file: Path, key: str) -> None:
 
     with file.open("rb") as handle:
         head = handle.read(8)
-        if len(head) < 8:
-            raise broken(f"{size} bytes, shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            raise broken(f"its header claims {length:,} bytes, the file has {size:,}")
-        try:
-            header = json.loads(handle.read(length))
-            end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
-                       if name != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
-            raise broken("its header is not a safetensors header") from None
+    if len(head) < 8:
+        raise broken(f"{size} bytes, shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8:
+        raise broken(f"its header claims {length:,} bytes, the file has {size:,}")
+    try:
+        header = safetensors_header(file)
+        end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
+                   if name != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+        raise broken("its header is not a safetensors header") from None
     if size != 8 + length + end:
         raise broken(f"{size:,} bytes where its header describes {8 + length + end:,}")
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (each tensor's dtype, shape and byte range): an
+    8-byte length, then the header; nothing else is read."""
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
 
 
 def check_hub_model(model: ModelConfig, key: str) -> None:
@@ -344,8 +352,12 @@ def check_hub_model(model: ModelConfig, key: str) -> None:
     asked once, with no retries, whether it has the model, so that a machine without network
     fails at once with a hint instead of retrying every file for a minute."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     name, revision = model.name_or_path, model.revision
     at = f" at revision '{revision}'" if revision else ""

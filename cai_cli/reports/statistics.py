@@ -1,4 +1,5 @@
-"""What the labels say about the judge: position bias, order agreement, how sure the labels are.
+"""The statistics the reports share: what the labels say about the judge (position bias, order
+agreement, how sure the labels are), calibration, and the intervals (Wilson, bootstrap).
 
 A feedback model that picks by position (always the second option, say) gives each pair a label
 near 0.5 once both orders are averaged: the labels then carry little signal, and the reward model
@@ -10,6 +11,7 @@ No heavy imports here (``cai inspect`` uses it).
 
 from __future__ import annotations
 
+import random
 from statistics import fmean, median
 
 # Bins of p_chosen (always >= 0.5): how sure the order-averaged labels are.
@@ -125,3 +127,10 @@ def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[floa
     spread = (share * (1 - share) / total + z * z / (4 * total * total)) ** 0.5
     half = z * spread / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: list[float], resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling the values with replacement."""
+    rng = random.Random(seed)
+    means = sorted(fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * (resamples - 1))], means[int(round(0.975 * (resamples - 1)))]

@@ -72,7 +72,7 @@ def read_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> list[dict]
     return list(iter_jsonl(path, allow_torn_tail=allow_torn_tail))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -96,7 +96,7 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_jsonl_atomic(path: Path | str, records: Iterable[dict]) -> int:
@@ -127,6 +127,7 @@ class ResumableJsonl:
         self.fingerprint = fingerprint
         self.batches_done = 0
         self.finished = False
+        self.reused = False  # finished by an earlier run when opened: nothing to write
         self.extra: dict[str, Any] = {}
         self._started = False  # whether the partial file and state of this run exist
 
@@ -151,6 +152,7 @@ class ResumableJsonl:
         else:
             state = None
         self._started = state is not None
+        self.reused = self.finished
         self.batches_done = int(state["batches"]) if state else 0
         self.extra = state.get("extra", {}) if state else {}
         return self.batches_done
@@ -196,7 +198,7 @@ class ResumableJsonl:
             # Rename first: killed before the state says "finished", a rerun starts over rather
             # than mistaking an older final file for this run's output.
             os.replace(self.partial_path, self.final_path)
-            _fsync_dir(self.final_path.parent)
+            fsync_dir(self.final_path.parent)
             self._save_state(size, finished=True)
             self.finished = True
         return self.final_path

@@ -1,10 +1,5 @@
-"""What every stage shares: whether to run at all, refusing outputs of another config, manifests,
-and reading the output of an earlier stage.
-
-A stage is described by a ``StageSpec``: its directory, the config settings that decide its
-output and fingerprints of its inputs. Their hash is the stage's fingerprint. It is stored in the
-stage's manifest, so a rerun can tell "already done", "interrupted, resume" and "made from
-something else" apart without loading a model. ``cai status`` and ``cai run`` use the same specs.
+"""What every stage run shares: whether to run at all, refusing outputs of another config, the
+manifest written as the stage goes, and reading the output of an earlier stage.
 
 No heavy imports here.
 """
@@ -12,108 +7,17 @@ No heavy imports here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cai_cli import ui
-from cai_cli.run import dist
-from cai_cli.run.artifacts import (MANIFEST, Manifest, config_hash, diff_keys, file_fingerprint,
-                               library_versions, load_manifest, source_fingerprint, write_atomic)
 from cai_cli.config import Config, dump_config
 from cai_cli.errors import UserError
-
-
-NEXT_MANIFEST = ".manifest.next.json"  # a run that replaces complete output, until it completes
-
-
-@dataclass
-class StageSpec:
-    command: str  # the command that makes this stage's output, e.g. "generate-sl"
-    directory: Path
-    settings: dict[str, Any]  # config values that decide the output (JSON-able)
-    inputs: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
-    after: tuple[str, ...] = ()  # earlier stages whose output this one reads
-
-    def __post_init__(self) -> None:
-        # Paths inside the run directory (an earlier stage's model) are kept relative to it, so
-        # a run directory that is copied or moved keeps its stages done.
-        self.settings = in_run_dir(self.settings, self.directory.parent)
-
-    @property
-    def fingerprint(self) -> str:
-        return config_hash({"settings": self.settings, "inputs": self.inputs})
-
-    def _next(self) -> dict | None:
-        """The manifest of an unfinished run that replaces complete output, if it is this
-        config's (one of another config is a failed forced run: it changes nothing)."""
-        manifest = load_manifest(self.directory, NEXT_MANIFEST)
-        return manifest if manifest and manifest.get("config_hash") == self.fingerprint else None
-
-    def manifest(self) -> dict | None:
-        """The manifest that describes this stage for the current config: an unfinished
-        replacement run of this config, else the stage's ``manifest.json``."""
-        return self._next() or load_manifest(self.directory)
-
-    def state(self) -> str:
-        """``missing``, ``partial`` (started, not finished: by one run, or by shards of this
-        config not all complete and merged), ``done`` or ``stale`` (made from other settings or
-        inputs than the current config gives)."""
-        manifest = self.manifest()
-        if manifest is not None and manifest.get("config_hash") == self.fingerprint:
-            return "done" if manifest.get("status") == "complete" else "partial"
-        if self.sharded() is not None:
-            return "partial"
-        return "missing" if manifest is None else "stale"
-
-    def sharded(self) -> str | None:
-        """A line describing a sharded run of this config that is not merged yet, or None."""
-        from cai_cli.run.shards import SHARDABLE, unmerged
-
-        return unmerged(self) if self.command in SHARDABLE else None
-
-    def changes(self) -> list[str]:
-        """What differs between the stored manifest and the current config, as dotted paths:
-        settings whose values changed first, then settings only one side has (e.g. keys that
-        apply only with another setting), then the inputs (files and models read)."""
-        manifest = self.manifest() or {}
-        old = {"settings": manifest.get("config", {}), "inputs": manifest.get("inputs", {})}
-        new = {"settings": self.settings, "inputs": self.inputs}
-        keys = diff_keys(old, new)
-
-        def on_both_sides(key: str) -> bool:
-            old_side, new_side = old, new
-            for part in key.split("."):
-                if not (isinstance(old_side, dict) and isinstance(new_side, dict)
-                        and part in old_side and part in new_side):
-                    return False
-                old_side, new_side = old_side[part], new_side[part]
-            return True
-
-        def present(tree: dict, key: str) -> bool:
-            for part in key.split("."):
-                if not isinstance(tree, dict) or part not in tree:
-                    return False
-                tree = tree[part]
-            return True
-
-        def named(key: str) -> str:
-            """A setting only one side has was not changed: it is used now, or no longer."""
-            name = key.removeprefix("settings.")
-            if key.startswith("inputs.") or on_both_sides(key):
-                return name
-            return name + (" (now used)" if present(new, key) and not present(old, key)
-                           else " (no longer used)" if present(old, key)
-                           and not present(new, key) else "")
-
-        order = {key: (key.startswith("inputs."), not on_both_sides(key)) for key in keys}
-        return [named(key) for key in sorted(keys, key=order.__getitem__)]
-
-    def describe_changes(self, limit: int = 6) -> str:
-        """``changes()`` for a message: the first ``limit`` and how many more."""
-        changes = self.changes()
-        shown = ", ".join(changes[:limit]) or "unknown"
-        return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+from cai_cli.run import dist
+from cai_cli.run.artifacts import (MANIFEST, Manifest, file_fingerprint, library_versions,
+                                   load_manifest, source_fingerprint, write_atomic)
+from cai_cli.run.spec import NEXT_MANIFEST, StageSpec
 
 
 class StageRun:
@@ -195,8 +99,6 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     if resuming and (own is None or own.get("config_hash") != spec.fingerprint):
         # Partial only because shards of this config are unfinished: finish those instead of
         # redoing their work here, unless told to.
-        from cai_cli.run.shards import refuse_unmerged
-
         refuse_unmerged(spec, "or rerun this with --force to do every record in this one run")
     if resuming:
         ui.info(f"{spec.command}: resuming the unfinished run in {spec.directory}")
@@ -208,6 +110,19 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     # completes (no shard runs now: this run holds the run directory's lock exclusively).
     run.after_complete(lambda: _remove_shards(spec, config))
     return run
+
+
+def refuse_unmerged(spec: StageSpec, why: str = "") -> None:
+    """Raise the error a later stage (or a plain run) gives for a partly sharded stage."""
+    sets = spec.shard_sets()
+    if not sets:
+        return
+    found = sets[0]
+    todo = ", ".join(str(i) for i in found.incomplete)
+    how = (f"run `cai {spec.command} --config ... --shard I/{found.count}` for I = {todo}"
+           if found.incomplete else f"run `cai merge {spec.command} --config ...`")
+    raise UserError(f"{spec.directory} is unfinished: {found.describe()}. To finish it, {how}"
+                    + (f" ({why})" if why else ""))
 
 
 def _remove_shards(spec: StageSpec, config: Config) -> None:
@@ -226,52 +141,34 @@ def remove_stale_temporaries(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def require_complete(config: Config, command: str, why: str = "", *,
-                     stale_use: str | None = None) -> Path:
-    """An earlier stage's output must be there and finished; ``why`` says what it is needed for.
-    With ``stale_use``, output made from other settings is used with a warning that names what
-    changed (it usually still serves, e.g. when only a sampling setting changed); ``stale_use``
-    ends the warning, e.g. "fine-tuning on it as is". Returns the stage's directory."""
-    directory = config.layout.stage_dir(command)
+@dataclass(frozen=True)
+class Need:
+    """An earlier stage whose output a stage reads."""
+
+    stage: Any  # the earlier stage (a ``stages.base.Stage``)
+    why: str = ""  # what the output is needed for, said when it is missing
+    # Output made from other settings is used with a warning that names what changed, ending in
+    # this (e.g. "fine-tuning on it as is"); None: no such check.
+    stale_use: str | None = None
+    required: bool = True  # False: read when it is there (its state still makes this one stale)
+
+
+def require_complete(config: Config, need: Need) -> Path:
+    """An earlier stage's output must be there and finished (``need.why`` says what it is
+    needed for); with ``need.stale_use``, output made from other settings is used with a
+    warning that names what changed. Returns the earlier stage's directory."""
+    spec = need.stage.spec(config)
+    command, why, directory = spec.command, need.why, spec.directory
     manifest = load_manifest(directory)
     if manifest is None or manifest.get("status") != "complete":
-        from cai_cli.run.shards import SHARDABLE, refuse_unmerged
-
-        if command in SHARDABLE:  # started in shards: name those that are not complete
-            from cai_cli.stages import stage_module
-
-            refuse_unmerged(stage_module(command).spec(config), why)
+        refuse_unmerged(spec, why)  # started in shards: name those that are not complete
         state = "is missing" if manifest is None else "is unfinished"
         raise UserError(f"{directory} {state}: run `cai {command} --config ...` first"
                         + (f" ({why})" if why else ""))
-    if stale_use is not None:
-        from cai_cli.stages import stage_module
-
-        spec = stage_module(command).spec(config)
-        if spec.state() == "stale":
-            ui.warn(f"{spec.directory} was made from a different config (changed: "
-                    f"{spec.describe_changes()}); {stale_use}")
+    if need.stale_use is not None and spec.state() == "stale":
+        ui.warn(f"{directory} was made from a different config (changed: "
+                f"{spec.describe_changes()}); {need.stale_use}")
     return directory
-
-
-RUN_DIR = "<run_dir>"
-
-
-def in_run_dir(value: Any, run_dir: Path) -> Any:
-    """``value`` (JSON-able settings) with every path inside ``run_dir`` written as
-    ``<run_dir>/...``."""
-    if isinstance(value, dict):
-        return {key: in_run_dir(item, run_dir) for key, item in value.items()}
-    if isinstance(value, list):
-        return [in_run_dir(item, run_dir) for item in value]
-    if isinstance(value, str) and value:
-        path = Path(value)
-        # run_dir "." would claim every relative string: only absolute forms are matched then
-        roots = {run_dir.absolute(), run_dir.resolve()} | ({run_dir} if run_dir.parts else set())
-        for root in roots:
-            if path == root or root in path.parents:
-                return Path(RUN_DIR, path.relative_to(root)).as_posix().removesuffix("/.")
-    return value
 
 
 def constitution_fingerprint(config: Config, *, evaluation: bool = False) -> str:

@@ -18,16 +18,23 @@ import random
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.engines import models
-from cai_cli.run import records
-from cai_cli.stages import training
-from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data.sources import Conversation, chat_messages, read_records, transcript_messages
+from cai_cli.engines import models
+from cai_cli.engines.work import Train, Work
 from cai_cli.errors import UserError
+from cai_cli.run import records
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.run.records import SFTExample, conversation
 from cai_cli.run.seeding import draw
-from cai_cli.stages.common import StageSpec, begin, require_complete
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages import training
+from cai_cli.stages.base import Stage
+from cai_cli.stages.common import Need, begin, require_complete
+from cai_cli.stages.generate_sl import GenerateSL
+
+# The SL-CAI data this stage trains on.
+SL_DATA = Need(GenerateSL(), stale_use="fine-tuning on it as is")
 
 RESPONSE_COLUMNS = ("response", "completion")  # the answer beside a prompt column
 
@@ -37,26 +44,13 @@ def base_model(config: Config) -> tuple[ModelConfig, str]:
     return training.model_for(config, config.finetune.model, "finetune.model")
 
 
-def spec(config: Config) -> StageSpec:
-    """What decides this stage's output: cheap to compute, no model loaded."""
-    model, _ = base_model(config)
-    settings = training.fingerprint_settings(config, model, "finetune")
-    inputs = {"sl": file_fingerprint(config.layout.sft_data),
-              "model": model_fingerprint(model.name_or_path)}
-    if config.finetune.helpful_ratio > 0 and config.data.helpful is not None:
-        settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
-        inputs["helpful"] = source_fingerprint(config.data.helpful)
-    return StageSpec("finetune", config.layout.sft, settings, inputs,
-                     after=("generate-sl",))
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
 def sl_conversations(config: Config) -> list[Conversation]:
     """The SFT records of a finished ``cai generate-sl``."""
-    require_complete(config, "generate-sl", stale_use="fine-tuning on it as is")
+    require_complete(config, SL_DATA)
     path = config.layout.sft_data
     conversations = [conversation(example.prompt) + conversation(example.completion)
                      for example in records.read(path, SFTExample)]
@@ -121,8 +115,11 @@ def mix(config: Config, sl: list[Conversation]) -> tuple[list[Conversation], int
 def check_chat_template(config: Config, tokenizer, model: ModelConfig, key: str) -> None:
     """The SL data are chat messages: the tokenizer needs a chat template, and assistant-only
     loss needs one that marks the assistant's tokens."""
-    from trl.chat_template_utils import (get_training_chat_template, has_generation_markers,
-                                         is_chat_template_stop_token_trained)
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
 
     if "chat_template_path" in config.finetune.training.trl_args:
         return  # TRL installs the template the user named
@@ -167,48 +164,6 @@ def trainer_args(config: Config):
                                              "finetune.loss_on")})
 
 
-def preflight(config: Config) -> None:
-    """What can be checked before any stage runs (``cai config validate``, ``cai run``): the
-    trainer arguments, and for a local model its chat template and the LoRA targets."""
-    trainer_args(config)
-    model, key = base_model(config)
-    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
-        check_chat_template(config, models.load_tokenizer(model, key), model, key)
-        training.check_lora(config.finetune.lora, model, "finetune.lora")
-
-
-def run(config: Config, *, force: bool = False) -> Path | None:
-
-    stage = spec(config)
-    settings = config.finetune
-    model, key = base_model(config)
-    models.check_model(model, key)
-    sl = sl_conversations(config)
-    conversations, helpful = mix(config, sl)
-    training.quiet_libraries()
-    args = trainer_args(config)
-    # TRL's collator pads on the right by itself; the saved tokenizer keeps load_tokenizer's
-    # left padding, which generation wants.
-    tokenizer = models.load_tokenizer(model, key)
-    check_chat_template(config, tokenizer, model, key)
-    training.check_lora(settings.lora, model, "finetune.lora")
-
-    run = begin(stage, config, force=force)
-    if run is None:
-        return stage.directory
-    trainer, result, checkpoint = training.fit(
-        run, lambda: build_trainer(config, model, key, tokenizer, args, conversations), "finetune")
-    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
-    run.manifest.counts = {"sl_examples": len(sl), "helpful_examples": helpful,
-                           "train_examples": len(trainer.train_dataset),
-                           "steps": result.global_step}
-    run.complete()
-    what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
-    ui.info(f"finetune: {len(sl)} SL-CAI + {helpful} helpful examples, {result.global_step} "
-            f"steps, loss {run.manifest.stats['final_loss']:.4f} -> {what} in {stage.directory}")
-    return stage.directory
-
-
 def prompt_and_completion(conversation: Conversation) -> dict:
     """TRL's prompt-completion row: everything before the last assistant message, and that
     message (the one the loss is on)."""
@@ -235,3 +190,101 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
     peft_config = training.peft_config(lora, "CAUSAL_LM") if lora.enabled else None
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                       peft_config=peft_config)
+
+
+class Finetune(Stage):
+    command = "finetune"
+    trains = True
+
+    def spec(self, config: Config) -> StageSpec:
+        """What decides this stage's output: cheap to compute, no model loaded."""
+        model, _ = base_model(config)
+        settings = training.fingerprint_settings(config, model, "finetune")
+        inputs = {"sl": file_fingerprint(config.layout.sft_data),
+                  "model": model_fingerprint(model.name_or_path)}
+        if config.finetune.helpful_ratio > 0 and config.data.helpful is not None:
+            settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
+            inputs["helpful"] = source_fingerprint(config.data.helpful)
+        return StageSpec(self.command, config.layout.sft, settings, inputs)
+
+    def needs(self, config: Config) -> list[Need]:
+        return [SL_DATA]
+
+    def preflight(self, config: Config) -> None:
+        """What can be checked before any stage runs (``cai config validate``, ``cai run``): the
+        trainer arguments, and for a local model its chat template and the LoRA targets."""
+        trainer_args(config)
+        model, key = base_model(config)
+        if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+            check_chat_template(config, models.load_tokenizer(model, key), model, key)
+            training.check_lora(config.finetune.lora, model, "finetune.lora")
+
+    def run(self, config: Config, *, force: bool = False, shard=None) -> Path | None:
+        stage = self.spec(config)
+        settings = config.finetune
+        model, key = base_model(config)
+        models.check_model(model, key)
+        sl = sl_conversations(config)
+        conversations, helpful = mix(config, sl)
+        training.quiet_libraries()
+        args = trainer_args(config)
+        # TRL's collator pads on the right by itself; the saved tokenizer keeps load_tokenizer's
+        # left padding, which generation wants.
+        tokenizer = models.load_tokenizer(model, key)
+        check_chat_template(config, tokenizer, model, key)
+        training.check_lora(settings.lora, model, "finetune.lora")
+
+        run = begin(stage, config, force=force)
+        if run is None:
+            return stage.directory
+        trainer, result, checkpoint = training.fit(
+            run, lambda: build_trainer(config, model, key, tokenizer, args, conversations), "finetune")
+        training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
+        run.manifest.counts = {"sl_examples": len(sl), "helpful_examples": helpful,
+                               "train_examples": len(trainer.train_dataset),
+                               "steps": result.global_step}
+        run.complete()
+        what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
+        ui.info(f"finetune: {len(sl)} SL-CAI + {helpful} helpful examples, {result.global_step} "
+                f"steps, loss {run.manifest.stats['final_loss']:.4f} -> {what} in {stage.directory}")
+        return stage.directory
+
+    def work(self, config: Config, ctx) -> Work:
+        """One training run over the SL examples (from ``sl/sft.jsonl`` when it is complete and
+        generate-sl will not run, else one per prompt, the revision at max_new_tokens) and the
+        helpful conversations mixed in."""
+        settings = config.finetune
+        model, key = base_model(config)
+        counter = ctx.tokens(model, key)
+        notes = []
+        if not ctx.runs("generate-sl") and ctx.complete("generate-sl"):
+            lengths = [counter.conversation_tokens(c) for c in sl_conversations(config)]
+            notes.append(f"SL examples from {config.layout.sft_data}")
+        else:
+            new = config.generate_sl.sampling.max_new_tokens
+            lengths = [counter.conversation_tokens([{"role": "user", "content": p.text},
+                                                    {"role": "assistant", "content": ""}]) + new
+                       for p in ctx.output("generate-sl")["prompts"]]
+            notes.append("SL examples: one per prompt, the revision at max_new_tokens")
+        helpful = helpful_lengths(config, ctx, counter, round(settings.helpful_ratio * len(lengths))
+                                  if config.data.helpful is not None else 0)
+        limit = settings.training.max_length
+        examples = [min(n, limit) for n in lengths + helpful]
+        return Work([Train(key, model, examples, settings.training, settings.lora)],
+                    counts={"sl_examples": len(lengths), "helpful_examples": len(helpful),
+                            "train_examples": len(examples)}, notes=notes)
+
+
+def helpful_lengths(config: Config, ctx, counter, count: int) -> list[int]:
+    """Token lengths of ``count`` helpful conversations drawn from ``data.helpful`` (each at
+    max_length when the dataset is not on this machine)."""
+    if not count:
+        return []
+    limit = config.finetune.training.max_length
+    pool = ctx.dataset("data.helpful", lambda: helpful_conversations(config), config.data.helpful,
+                       f"each helpful conversation assumed {limit} tokens (max_length)")
+    if pool is None:
+        return [limit] * count
+    lengths = [counter.conversation_tokens(c) for c in pool]
+    rng = random.Random(f"{config.seed}:helpful")
+    return [lengths[rng.randrange(len(lengths))] for _ in range(count)] if lengths else []

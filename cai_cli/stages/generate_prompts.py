@@ -21,20 +21,23 @@ from __future__ import annotations
 
 import random
 import re
-import time
 import unicodedata
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.run.artifacts import (ResumableJsonl, config_hash, model_fingerprint, read_jsonl,
-                               sha256_bytes, source_fingerprint, write_jsonl_atomic)
-from cai_cli.engines.base import Overflow, SamplingParams
 from cai_cli.config import Config, PromptSource
 from cai_cli.data.sources import Prompt, load_prompts, prompt_id
+from cai_cli.engines.base import Overflow, SamplingParams
+from cai_cli.engines.prompts import OPTIONS, classification_prompt, render, resolve_format
+from cai_cli.engines.work import Generate, Score, Work
 from cai_cli.errors import UserError
-from cai_cli.engines.prompts import render, resolve_format
+from cai_cli.run.artifacts import (ResumableJsonl, config_hash, model_fingerprint, read_jsonl,
+                                   sha256_bytes, source_fingerprint, write_jsonl_atomic)
 from cai_cli.run.seeding import draw, record_seed
-from cai_cli.stages.common import StageRun, StageSpec, begin, checkpoint_batches
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages.base import RecordStage
+from cai_cli.stages.checkpointed import checkpointed
+from cai_cli.stages.common import StageRun, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
 PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.run.shards)
@@ -66,7 +69,7 @@ def seed_source(config: Config) -> PromptSource:
     return source
 
 
-def spec(config: Config) -> StageSpec:
+def stage_spec(config: Config) -> StageSpec:
     settings = config.generate_prompts.model_dump(mode="json")
     settings.pop("enabled")  # whether cai run includes it does not change the output
     source = config.generate_prompts.seeds or config.data.red_team
@@ -83,7 +86,8 @@ def spec(config: Config) -> StageSpec:
         out["label_prefs"] = {key: getattr(config.label_prefs, key)
                               for key in ("prompt_format", "verdict_samples")}
         inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
-    return StageSpec("generate-prompts", config.layout.stage_dir("generate-prompts"), out, inputs)
+    return StageSpec("generate-prompts", config.layout.stage_dir("generate-prompts"), out, inputs,
+                     shardable=True)
 
 
 def generation_fingerprint(stage: StageSpec) -> str:
@@ -262,39 +266,24 @@ def readable(text: str, settings) -> bool:
     return share >= settings.min_readable and words >= settings.min_words
 
 
-def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
-    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's range of requests;
-    the shard that completes last merges the parts and runs the filters."""
-    stage = spec(config)
-    seeds = load_seeds(config)
-    # --force on output of this config redoes it all, the feedback answers too; replacing the
-    # output of another config (--force, or cai run) keeps what that change leaves valid: the
-    # candidates and the feedback answers each have a fingerprint of what decides them.
-    redo = force and stage.state() != "stale"
-    from cai_cli.engines.models import check_model_source
-
-    check_model_source(config.models.policy, "models.policy")
-    if config.generate_prompts.feedback_filter:
-        check_model_source(config.feedback_model, "models.feedback")
-    if shard is not None:
-        import sys
-
-        from cai_cli.run.shards import run_shard
-
-        if redo:  # the merge asks the feedback questions again
-            forget(config.layout.prompt_feedback)
-        return run_shard(sys.modules[__name__], config, stage, shard, requests(config),
-                         force=force, produce=lambda run, part, out: produce(
-                             config, run, seeds, part, out["candidates.jsonl"],
-                             run.spec.fingerprint, fresh=force))
-    run = begin(stage, config, force=force)
-    if run is None:
-        return config.layout.generated_prompts
-    if redo:
-        forget(config.layout.prompt_feedback)
-    extra = produce(config, run, seeds, requests(config), config.layout.prompt_candidates,
-                    generation_fingerprint(stage), fresh=redo, keep_state=True)
-    return finish(config, run, extra)
+def request_calls(config: Config, seeds: list[Prompt], batch: list[tuple[int, int]],
+                  fmt: str) -> list[tuple[list[int], list, SamplingParams]]:
+    """The engine calls of one batch of requests: ``(rows of the batch, prompts, params)``.
+    A base model's stops depend on how many seeds a request shows (fewer than few_shot when
+    there are few): one call per kind of stop."""
+    sampling = config.generate_prompts.sampling
+    shown = [shown_seeds(config, seeds, number) for number, _ in batch]
+    inputs = [request_prompt(config, s, count, fmt) for s, (_, count) in zip(shown, batch)]
+    stops = [(("\n\n", f"\n{len(s) + count + 1}.") if fmt == "transcript" else ())
+             for s, (_, count) in zip(shown, batch)]
+    calls = []
+    for stop in dict.fromkeys(stops):
+        rows = [i for i, s in enumerate(stops) if s == stop]
+        params = SamplingParams(max_new_tokens=sampling.max_new_tokens,
+                                temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k, stop=stop)
+        calls.append((rows, [inputs[i] for i in rows], params))
+    return calls
 
 
 def forget(path: Path) -> None:
@@ -302,65 +291,36 @@ def forget(path: Path) -> None:
     ResumableJsonl(path, "").state_path.unlink(missing_ok=True)
 
 
-def produce(config: Config, run: StageRun, seeds: list[Prompt], todo: list[tuple[int, int]],
-            path: Path, fingerprint: str, *, fresh: bool, keep_state: bool = False) -> dict:
-    """The replies to the requests ``todo`` into ``path`` (``prompts/candidates.jsonl``, or a
-    shard's part of it), in checkpointed batches; returns what ``finish`` reports. With
-    ``keep_state`` the finished file keeps its progress state (its fingerprint), so a later
-    run whose requests are the same reuses it."""
-    settings = config.generate_prompts
-    writer = ResumableJsonl(path, fingerprint)
-    done = writer.open(fresh=fresh)
-    batches = checkpoint_batches(todo, settings.prompts_per_checkpoint)
-    if not writer.finished:
-        from cai_cli.engines import load_backend
+def make_requests(config: Config, seeds: list[Prompt]):
+    """The batch function of ``checkpointed``: a batch of requests into candidate records."""
+    formats: dict = {}
 
-        backend = load_backend(config.models.policy, "models.policy")
-        run.producing()
-        fmt = resolve_format(settings.prompt_format, backend, "generate_prompts.prompt_format")
-        sampling = settings.sampling
-        started, tokens = time.perf_counter(), writer.extra.get("tokens", 0)
-        with ui.progress() as bar:
-            task = bar.add_task("generate-prompts", total=len(batches), completed=done)
-            for batch in batches[done:]:
-                shown = [shown_seeds(config, seeds, number) for number, _ in batch]
-                inputs = [request_prompt(config, s, count, fmt)
-                          for s, (_, count) in zip(shown, batch)]
-                stops = [(("\n\n", f"\n{len(s) + count + 1}.") if fmt == "transcript" else ())
-                         for s, (_, count) in zip(shown, batch)]
-                results = []
-                # Stops differ with the number shown (fewer seeds than few_shot): one call per kind.
-                for stop in dict.fromkeys(stops):
-                    rows = [i for i, s in enumerate(stops) if s == stop]
-                    params = SamplingParams(max_new_tokens=sampling.max_new_tokens,
-                                            temperature=sampling.temperature, top_p=sampling.top_p,
-                                            top_k=sampling.top_k, stop=stop)
-                    out = backend.generate([inputs[i] for i in rows], params, seeds=[
-                        record_seed(config.seed, "generate-prompts", batch[i][0]) for i in rows])
-                    results += list(zip(rows, out))
-                records = []
-                for row, result in sorted(results, key=lambda item: item[0]):
-                    number, count = batch[row]
-                    record = {"request": number, "asked": count,
-                              "seed_ids": [p.id for p in shown[row]], "format": fmt}
-                    if isinstance(result, Overflow):
-                        record.update(overflow=True, text=None, prompts=[])
-                    else:
-                        tokens += result.tokens
-                        record.update(text=result.text,
-                                      prompts=parse(result.text, len(shown[row]), count, fmt))
-                    records.append(record)
-                writer.append_batch(records, tokens=tokens)
-                bar.update(task, advance=1)
-        backend.close()
-        run.manifest.timings["generation_seconds"] = round(time.perf_counter() - started, 2)
-        writer.finish()
-    if not keep_state:
-        run.after_complete(writer.cleanup)
-    return {"generated_tokens": writer.extra.get("tokens", 0)}
+    def make(backend, batch: list[tuple[int, int]], step) -> list[dict]:
+        if backend not in formats:
+            formats.clear()
+            formats[backend] = resolve_format(config.generate_prompts.prompt_format, backend,
+                                              "generate_prompts.prompt_format")
+        fmt = formats[backend]
+        results = []
+        for rows, prompts, params in request_calls(config, seeds, batch, fmt):
+            out = backend.generate(prompts, params, seeds=[
+                record_seed(config.seed, "generate-prompts", batch[i][0]) for i in rows])
+            results += list(zip(rows, out))
+        records = []
+        for row, result in sorted(results, key=lambda item: item[0]):
+            number, count = batch[row]
+            shown = shown_seeds(config, seeds, number)
+            record = {"request": number, "asked": count, "seed_ids": [p.id for p in shown],
+                      "format": fmt}
+            if isinstance(result, Overflow):
+                record.update(overflow=True, text=None, prompts=[])
+            else:
+                step.extra["tokens"] = step.extra.get("tokens", 0) + result.tokens
+                record.update(text=result.text, prompts=parse(result.text, len(shown), count, fmt))
+            records.append(record)
+        return records
 
-
-
+    return make
 
 def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -422,9 +382,10 @@ def apply_filters(config: Config, candidates: list[dict], seeds: list[Prompt]) -
 
 
 def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[list[dict], int]:
-    """Ask the feedback model the yes/no question about each prompt (``judging.yes_probabilities``:
-    the options in both orders, averaged; sampled verdicts for a model without log-probabilities);
-    keep those whose probability of Yes reaches the threshold.
+    """Ask the feedback model the yes/no question about each prompt
+    (``engines.judge.yes_probabilities``: the options in both orders, averaged; sampled verdicts
+    for a model without log-probabilities); keep those whose probability of Yes reaches the
+    threshold.
 
     The answers go to ``prompts/feedback.jsonl`` (``{"id", "p_yes", "p_yes_by_order",
     "source"}``, in the order of ``kept``) in checkpointed batches, so an interrupted filter pass
@@ -434,41 +395,33 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
     from cai_cli.engines.judge import VERDICT_ADVICE, yes_probabilities
 
     settings, layout = config.generate_prompts, config.layout
-    writer = ResumableJsonl(layout.prompt_feedback, feedback_fingerprint(config, run.spec, kept))
-    done = writer.open()
-    batches = checkpoint_batches(kept, settings.prompts_per_checkpoint)
-    if not writer.finished:
-        from cai_cli.engines import load_backend
+    samples = config.label_prefs.verdict_samples
+    warned: list[str] = []
 
-        samples = config.label_prefs.verdict_samples
-        warned: list[str] = []
+    def on_verdicts(why: str) -> None:
+        if not warned:
+            warned.append(why)
+            ui.warn(f"{why}: the feedback filter's P(Yes) are sampled verdicts ({samples} per "
+                    "question, label_prefs.verdict_samples; source 'verdict' in "
+                    f"feedback.jsonl), not probabilities; {VERDICT_ADVICE}")
 
-        def on_verdicts(why: str) -> None:
-            if not warned:
-                warned.append(why)
-                ui.warn(f"{why}: the feedback filter's P(Yes) are sampled verdicts ({samples} per "
-                        "question, label_prefs.verdict_samples; source 'verdict' in "
-                        f"feedback.jsonl), not probabilities; {VERDICT_ADVICE}")
+    def make(backend, batch: list[dict], step) -> list[dict]:
+        fmt = resolve_format(config.label_prefs.prompt_format, backend,
+                             "label_prefs.prompt_format")
+        answers = yes_probabilities(
+            backend, fmt, [(record["prompt"], None) for record in batch],
+            settings.feedback_question, [record["id"] for record in batch],
+            seed=config.seed, verdict_samples=samples, on_verdicts=on_verdicts)
+        return [{"id": record["id"], "p_yes": None} if answer is None else
+                {"id": record["id"], "p_yes": round(answer.p_yes, 6),
+                 "p_yes_by_order": [round(p, 6) for p in answer.by_order],
+                 "source": answer.source}
+                for record, answer in zip(batch, answers)]
 
-        with load_backend(config.feedback_model, "models.feedback") as backend, \
-                ui.progress() as bar:
-            fmt = resolve_format(config.label_prefs.prompt_format, backend,
-                                 "label_prefs.prompt_format")
-            task = bar.add_task("feedback filter", total=len(kept),
-                                completed=sum(len(b) for b in batches[:done]))
-            for batch in batches[done:]:
-                answers = yes_probabilities(
-                    backend, fmt, [(record["prompt"], None) for record in batch],
-                    settings.feedback_question, [record["id"] for record in batch],
-                    seed=config.seed, verdict_samples=samples, on_verdicts=on_verdicts)
-                writer.append_batch([
-                    {"id": record["id"], "p_yes": None} if answer is None else
-                    {"id": record["id"], "p_yes": round(answer.p_yes, 6),
-                     "p_yes_by_order": [round(p, 6) for p in answer.by_order],
-                     "source": answer.source}
-                    for record, answer in zip(batch, answers)])
-                bar.update(task, advance=len(batch))
-        writer.finish()
+    writer = checkpointed(run, layout.prompt_feedback,
+                          checkpoint_batches(kept, settings.prompts_per_checkpoint), make,
+                          label="feedback filter", engine=(config.feedback_model, config.feedback_key),
+                          fingerprint=feedback_fingerprint(config, run.spec, kept), keep=True)
     answers = writer.records()
     assert [a["id"] for a in answers] == [r["id"] for r in kept], "feedback.jsonl out of step"
     out, overflow = [], 0
@@ -482,8 +435,7 @@ def feedback_filter(config: Config, run: StageRun, kept: list[dict]) -> tuple[li
                 "and are dropped (counted as feedback_rejected)")
     return out, len(kept) - len(out)
 
-
-def finish(config: Config, run: StageRun, extra: dict) -> Path:
+def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     """Once ``prompts/candidates.jsonl`` is complete (one run, or shards merged): the filters,
     the output files, the manifest's counts and the stage marked complete."""
     settings, layout = config.generate_prompts, config.layout
@@ -517,3 +469,83 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
             f"{dropped}) -> {layout.generated_prompts}\n  look at them with: "
             f"cai inspect {layout.generated_prompts}")
     return layout.generated_prompts
+
+
+class GeneratePrompts(RecordStage):
+    command = "generate-prompts"
+    parts = ("candidates.jsonl",)
+
+    def spec(self, config: Config) -> StageSpec:
+        return stage_spec(config)
+
+    def preflight(self, config: Config) -> None:
+        from cai_cli.engines.models import check_model_source
+
+        check_model_source(config.models.policy, "models.policy")
+        if config.generate_prompts.feedback_filter:
+            check_model_source(config.feedback_model, "models.feedback")
+
+    def output(self, config: Config) -> Path:
+        return config.layout.generated_prompts
+
+    def items(self, config: Config, *, force: bool) -> list[tuple[int, int]]:
+        load_seeds(config)
+        self.preflight(config)
+        return requests(config)
+
+    def produce(self, config: Config, run: StageRun, items: list, out: dict[str, Path], *,
+                force: bool, whole: bool) -> dict:
+        """The replies to the requests ``items`` into ``candidates.jsonl`` (or a shard's part).
+
+        --force on output of this config redoes it all, the feedback answers too; replacing the
+        output of another config (--force, or cai run) keeps what that change leaves valid: the
+        candidates (when only the filters changed) and the feedback answers each have a
+        fingerprint of what decides them, kept with the finished file."""
+        redo = force and run.spec.state() != "stale"
+        if redo:  # the filters (after the merge, for shards) ask the feedback questions again
+            forget(config.layout.prompt_feedback)
+        settings = config.generate_prompts
+        writer = checkpointed(
+            run, out["candidates.jsonl"], checkpoint_batches(items, settings.prompts_per_checkpoint),
+            make_requests(config, load_seeds(config)), label="generate-prompts",
+            engine=(config.models.policy, "models.policy"), size=lambda batch: 1,
+            fingerprint=generation_fingerprint(run.spec) if whole else None,
+            fresh=redo if whole else force, keep=whole, timing="generation_seconds")
+        return {"generated_tokens": writer.extra.get("tokens", 0)}
+
+    def finish(self, config: Config, run: StageRun, extra: dict) -> Path:
+        return finish_stage(config, run, extra)
+
+    def work(self, config: Config, ctx) -> Work:
+        settings = config.generate_prompts
+        source = seed_source(config)
+        seeds = ctx.prompts("generate_prompts.seeds" if settings.seeds else "data.red_team",
+                            lambda: load_seeds(config), source, source.limit)
+        model, key = config.models.policy, "models.policy"
+        fmt = resolve_format(settings.prompt_format, ctx.tokens(model, key),
+                             "generate_prompts.prompt_format")
+        todo = requests(config)
+        calls: list = []
+        for batch in checkpoint_batches(todo, settings.prompts_per_checkpoint):
+            for _, prompts, params in request_calls(config, seeds, batch, fmt):
+                calls.append(Generate(key, model, prompts, [0] * len(prompts),
+                                      params.max_new_tokens))
+        questions = 0
+        if settings.feedback_filter:
+            # Every new prompt asked for (at most: the filters before it drop some), each at most
+            # as long as the reply it came from.
+            feedback = config.feedback_model
+            fmt = resolve_format(config.label_prefs.prompt_format,
+                                 ctx.tokens(feedback, config.feedback_key), "label_prefs.prompt_format")
+            bound = settings.sampling.max_new_tokens
+            asks = [classification_prompt("", None, settings.feedback_question, yes_first, fmt)
+                    for yes_first in (True, False)]  # both orders of the options
+            for start in range(0, settings.num_prompts, settings.prompts_per_checkpoint):
+                rows = min(settings.prompts_per_checkpoint, settings.num_prompts - start)
+                calls.append(Score(config.feedback_key, feedback, asks * rows, [bound] * 2 * rows,
+                                   OPTIONS, at_most=True))
+                questions += 2 * rows
+        return Work(calls, counts={"seeds": len(seeds), "requests": len(todo),
+                                   "prompts_asked": settings.num_prompts,
+                                   "feedback_passes": questions},
+                    notes=["new prompts at most num_prompts: the filters drop some"])

@@ -24,24 +24,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.progress import TextColumn
-
 from cai_cli import ui
-from cai_cli.stages import trackers
-from cai_cli.run.artifacts import ResumableJsonl, model_fingerprint, read_jsonl
-from cai_cli.engines.base import Overflow, SamplingParams
 from cai_cli.config import Config, ModelConfig
-from cai_cli.constitution import Constitution, load_constitution
+from cai_cli.constitution import load_constitution
 from cai_cli.data.sources import Prompt, load_prompts
-from cai_cli.reports.statistics import label_diagnostics
-from cai_cli.errors import UserError
+from cai_cli.engines.base import Overflow, SamplingParams
 from cai_cli.engines.judge import Judge
 from cai_cli.engines.prompts import TRANSCRIPT_STOPS, answer_prompt, resolve_format
+from cai_cli.engines.work import Generate, Work
+from cai_cli.errors import UserError
+from cai_cli.reports.statistics import label_diagnostics
+from cai_cli.run.artifacts import model_fingerprint, read_jsonl
 from cai_cli.run.records import Sample
 from cai_cli.run.seeding import record_seed
-from cai_cli.stages.common import (StageRun, StageSpec, begin, checkpoint_batches, red_team_inputs,
-                                   require_complete)
-
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages import trackers
+from cai_cli.stages.base import RecordStage
+from cai_cli.stages.checkpointed import checkpointed
+from cai_cli.stages.common import Need, StageRun, checkpoint_batches, red_team_inputs
+from cai_cli.stages.finetune import Finetune
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
 NOT_DECIDING = {"report_to"}  # where the figures are logged does not change the labels
@@ -61,7 +62,7 @@ def policy_path(config: Config) -> str:
     return config.label_prefs.policy or str(config.layout.sft)
 
 
-def spec(config: Config) -> StageSpec:
+def stage_spec(config: Config) -> StageSpec:
     settings, inputs = red_team_inputs(config)
     settings.update({
         "models.policy": policy_model(config).model_dump(mode="json"),
@@ -73,8 +74,7 @@ def spec(config: Config) -> StageSpec:
     })
     inputs["policy"] = model_fingerprint(policy_path(config))
     inputs["feedback"] = model_fingerprint(config.feedback_model.name_or_path)
-    after = ("finetune",) if config.label_prefs.policy is None else ()
-    return StageSpec("label-prefs", config.layout.prefs, settings, inputs, after)
+    return StageSpec("label-prefs", config.layout.prefs, settings, inputs, shardable=True)
 
 
 def policy_model(config: Config) -> ModelConfig:
@@ -99,98 +99,119 @@ def select_prompts(config: Config) -> list[Prompt]:
     return prompts[: config.label_prefs.limit] if config.label_prefs.limit else prompts
 
 
-def check_inputs(config: Config) -> None:
-    """The default policy is the SL-CAI model: it must be there and finished; the trackers
-    must be installed."""
-    from cai_cli.engines.models import check_model_source
+class LabelPrefs(RecordStage):
+    command = "label-prefs"
+    parts = ("samples.jsonl", "pairs.jsonl")
 
-    trackers.check(config.label_prefs.report_to, "label_prefs.report_to")
-    if config.label_prefs.policy is None:
-        require_complete(config, "finetune",
-                         "or set label_prefs.policy to a model to sample from")
-    check_model_source(policy_model(config), "label_prefs.policy")
-    check_model_source(config.feedback_model, "models.feedback" if config.models.feedback
-                       else "models.policy")
+    def spec(self, config: Config) -> StageSpec:
+        return stage_spec(config)
 
+    def needs(self, config: Config) -> list[Need]:
+        """The default policy is the SL-CAI model: it must be there and finished."""
+        if config.label_prefs.policy is None:
+            return [Need(Finetune(), "or set label_prefs.policy to a model to sample from")]
+        return []
 
-def run(config: Config, *, force: bool = False, shard=None) -> Path | None:
-    """The whole stage, or with ``shard`` (``shards.Shard``) that shard's part of it: its
-    prompts sampled and their pairs judged."""
-    stage = spec(config)
-    constitution = load_constitution(config.constitution_paths)
-    prompts = select_prompts(config)
-    check_inputs(config)
-    if shard is not None:
-        import sys
+    def preflight(self, config: Config) -> None:
+        from cai_cli.engines.models import check_model_source
 
-        from cai_cli.run.shards import run_shard
+        trackers.check(config.label_prefs.report_to, "label_prefs.report_to")
+        if config.label_prefs.policy is not None:  # else made by finetune, checked when it is
+            check_model_source(policy_model(config), "label_prefs.policy")
+        check_model_source(config.feedback_model, config.feedback_key)
 
-        return run_shard(sys.modules[__name__], config, stage, shard, prompts, force=force,
-                         produce=lambda run, part, out: produce(
-                             config, run, constitution, part, out, force=force))
-    run = begin(stage, config, force=force)
-    if run is None:
+    def output(self, config: Config) -> Path:
         return config.layout.pairs
-    layout = config.layout
-    extra = produce(config, run, constitution, prompts,
-                    {"samples.jsonl": layout.samples, "pairs.jsonl": layout.pairs}, force=force)
-    return finish(config, run, extra)
 
+    def items(self, config: Config, *, force: bool) -> list[Prompt]:
+        from cai_cli.engines.models import check_model_source
 
-def produce(config: Config, run: StageRun, constitution: Constitution, prompts: list[Prompt],
-            out: dict[str, Path], *, force: bool) -> dict:
-    """Sample answers to ``prompts`` into ``out["samples.jsonl"]``, then judge their pairs into
-    ``out["pairs.jsonl"]``, each phase resumable; returns the counts ``finish`` reports."""
-    settings = config.label_prefs
-    started = time.perf_counter()
-    samples = ResumableJsonl(out["samples.jsonl"], run.spec.fingerprint)
-    done = samples.open(fresh=force)
-    batches = checkpoint_batches(prompts, settings.prompts_per_checkpoint)
-    if not samples.finished:
-        from cai_cli.engines import load_backend
+        load_constitution(config.constitution_paths)
+        prompts = select_prompts(config)
+        self.check_needs(config)
+        self.preflight(config)
+        check_model_source(policy_model(config), "label_prefs.policy")
+        return prompts
 
-        policy = load_backend(policy_model(config), "label_prefs.policy")
-        run.producing()
-        with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
-            task = bar.add_task("sampling", total=len(prompts), rate="",
-                                completed=sum(len(b) for b in batches[:done]))
-            for index in range(done, len(batches)):
-                samples.append_batch(sample_batch(config, policy, batches[index]))
-                bar.update(task, advance=len(batches[index]))
-        samples.finish()
-        policy.close()
+    def produce(self, config: Config, run: StageRun, items: list[Prompt], out: dict[str, Path],
+                *, force: bool, whole: bool) -> dict:
+        """Sample answers to ``items`` into ``samples.jsonl``, then judge their pairs into
+        ``pairs.jsonl``, each phase resumable."""
+        settings = config.label_prefs
+        started = time.perf_counter()
+        constitution = load_constitution(config.constitution_paths)
+        batches = checkpoint_batches(items, settings.prompts_per_checkpoint)
+        samples = checkpointed(
+            run, out["samples.jsonl"], batches,
+            lambda policy, batch, step: sample_batch(config, policy, batch),
+            label="sampling", engine=(policy_model(config), "label_prefs.policy"), fresh=force,
+            tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens)
+        judges: dict = {}
 
-    sampled = samples.records()
-    pairs = ResumableJsonl(out["pairs.jsonl"], run.spec.fingerprint)
-    done = pairs.open(fresh=force)
-    groups = checkpoint_batches(sampled, settings.prompts_per_checkpoint)
-    if not pairs.finished:
-        from cai_cli.engines import load_backend
+        def judge(feedback, group: list[dict], step) -> list:
+            if feedback not in judges:
+                judges.clear()
+                judges[feedback] = Judge(config, constitution, feedback,
+                                         principles_per_pair=settings.principles_per_pair,
+                                         pairs_per_prompt=settings.pairs_per_prompt)
+            found = judges[feedback]
+            records = found.batch(group)
+            step.extra["skipped"] = step.extra.get("skipped", 0) + found.skipped_last
+            step.rate(f"{found.comparisons / max(step.seconds, 1e-9):,.1f} comparisons/s")
+            return records
 
-        feedback = load_backend(config.feedback_model, "models.feedback")
-        run.producing()
-        judge = Judge(config, constitution, feedback,
+        pairs = checkpointed(
+            run, out["pairs.jsonl"], checkpoint_batches(samples.records(),
+                                                        settings.prompts_per_checkpoint),
+            judge, label="judging", engine=(config.feedback_model, config.feedback_key),
+            fresh=force)
+        run.manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
+        return {"prompts": len(items), "skipped_pairs": pairs.extra.get("skipped", 0)}
+
+    def finish(self, config: Config, run: StageRun, extra: dict) -> Path:
+        return finish_stage(config, run, extra)
+
+    def work(self, config: Config, ctx) -> Work:
+        """The answers (``responses_per_prompt`` a prompt, one call a checkpointed batch), then
+        the judge's questions about each pair (at most: two equal answers make no pair)."""
+        settings = config.label_prefs
+        source = config.data.red_team
+        prompts = ctx.prompts("data.red_team", lambda: select_prompts(config), source,
+                              settings.limit or source.limit)
+        policy, key = policy_model(config), "label_prefs.policy"
+        fmt = resolve_format(config.generate_sl.prompt_format, ctx.tokens(policy, key),
+                             "generate_sl.prompt_format")
+        n, new = settings.responses_per_prompt, settings.sampling.max_new_tokens
+        system = config.generate_sl.system_prompt
+        calls: list = []
+        for batch in checkpoint_batches(prompts, settings.prompts_per_checkpoint):
+            calls.append(Generate(key, policy, [answer_prompt(p.text, fmt, system)
+                                                for p in batch for _ in range(n)],
+                                  [0] * (len(batch) * n), new))
+        feedback = config.feedback_model
+        judge = Judge(config, load_constitution(config.constitution_paths),
+                      ctx.tokens(feedback, config.feedback_key),
                       principles_per_pair=settings.principles_per_pair,
                       pairs_per_prompt=settings.pairs_per_prompt)
-        with ui.progress(TextColumn("{task.fields[rate]}")) as bar:
-            task = bar.add_task("judging", total=len(sampled), rate="",
-                                completed=sum(len(g) for g in groups[:done]))
-            judge_started = time.perf_counter()
-            for index in range(done, len(groups)):
-                records = judge.batch(groups[index])
-                skipped = pairs.extra.get("skipped", 0) + judge.skipped_last
-                pairs.append_batch(records, skipped=skipped)
-                rate = judge.comparisons / max(time.perf_counter() - judge_started, 1e-9)
-                bar.update(task, advance=len(groups[index]), rate=f"{rate:,.1f} comparisons/s")
-        feedback.close()
-        pairs.finish()
-    run.manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
-    run.after_complete(samples.cleanup)
-    run.after_complete(pairs.cleanup)
-    return {"prompts": len(prompts), "skipped_pairs": pairs.extra.get("skipped", 0)}
+        records = [{"id": p.id, "prompt": p.text, "responses": [f"answer {j}" for j in range(n)]}
+                   for p in prompts]
+        pairs_by_prompt: dict[str, int] = {}
+        questions = 0
+        for group in checkpoint_batches(records, settings.prompts_per_checkpoint):
+            pairs, jobs = judge.plan(group)
+            for _, record, _, _ in pairs:
+                pairs_by_prompt[record["id"]] = pairs_by_prompt.get(record["id"], 0) + 1
+            questions += len(jobs)
+            calls += judge.work(group, new, config.feedback_key, feedback, at_most=True)
+        return Work(calls, counts={"prompts": len(prompts), "answers": len(prompts) * n,
+                                   "pairs": sum(pairs_by_prompt.values()),
+                                   "judge_passes": questions},
+                    notes=["pairs at most: two identical answers make no pair"],
+                    outputs={"prompts": prompts, "pairs_by_prompt": pairs_by_prompt,
+                             "answer_tokens": new})
 
 
-def finish(config: Config, run: StageRun, extra: dict) -> Path:
+def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     """Once ``prefs/samples.jsonl`` and ``prefs/pairs.jsonl`` are complete (one run, or shards
     merged): the manifest's counts, the label statistics and diagnostics, the stage complete."""
     layout, settings = config.layout, config.label_prefs
@@ -228,6 +249,34 @@ def finish(config: Config, run: StageRun, extra: dict) -> Path:
     trackers.log_stage(settings.report_to, layout.prefs, "label-prefs",
                        {**manifest.counts, **stats, **manifest.timings}, config)
     return layout.pairs
+
+
+def training_pairs(config: Config, ctx, counter) -> tuple[list[dict], str]:
+    """The labelled pairs a training stage's work reads (``{"group", "p_chosen", "tokens":
+    (prompt + chosen, prompt + rejected)}``) and a note on where they come from:
+    ``prefs/pairs.jsonl`` when it is complete and label-prefs will not run, else the pairs
+    label-prefs' work will make (at most), each answer at its max_new_tokens."""
+    from cai_cli.run import records
+    from cai_cli.run.records import Pair, conversation
+
+    if not ctx.runs("label-prefs") and ctx.complete("label-prefs"):
+        out = []
+        for pair in records.read(config.layout.pairs, Pair):
+            prompt = conversation(pair.prompt)
+            tokens = tuple(counter.conversation_tokens(prompt + conversation(answer))
+                           for answer in (pair.chosen, pair.rejected))
+            out.append({"group": pair.prompt_id or pair.id, "p_chosen": pair.p_chosen,
+                        "tokens": tokens})
+        return out, f"pairs from {config.layout.pairs}"
+    planned = ctx.output("label-prefs")
+    out = []
+    for prompt in planned["prompts"]:
+        length = counter.conversation_tokens([{"role": "user", "content": prompt.text},
+                                              {"role": "assistant", "content": ""}])
+        length += planned["answer_tokens"]
+        out += [{"group": prompt.id, "p_chosen": 1.0, "tokens": (length, length)}
+                ] * planned["pairs_by_prompt"].get(prompt.id, 0)
+    return out, "pairs: as label-prefs will make them, at most"
 
 
 def label_sources(records: list[dict]) -> dict[str, int]:

@@ -34,15 +34,22 @@ import importlib.util
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.engines import models
-from cai_cli.run import records
-from cai_cli.stages import training
-from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
 from cai_cli.data.sources import load_prompts
+from cai_cli.engines import models
+from cai_cli.engines.work import Train, Work
 from cai_cli.errors import UserError
+from cai_cli.run import records
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.run.records import Pair, conversation
-from cai_cli.stages.common import StageSpec, begin, require_complete
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages import training
+from cai_cli.stages.base import Stage
+from cai_cli.stages.common import Need, begin, require_complete
+from cai_cli.stages.finetune import Finetune
+from cai_cli.stages.label_prefs import LabelPrefs, training_pairs
+from cai_cli.stages.train_rm import TrainRM
+from cai_cli.stages.train_rm import base_model as reward_base_model
 
 # Keys of the optimize section that only DPO or only the online methods read. Each method's
 # fingerprint leaves the others out, so e.g. a new num_generations does not make a DPO policy stale.
@@ -64,41 +71,28 @@ def policy_model(config: Config) -> ModelConfig:
     return training.model_for(config, config.optimize.model or sft, "optimize.model")[0]
 
 
-def spec(config: Config) -> StageSpec:
-    """What decides this stage's output: cheap to compute, no model loaded."""
-    settings = config.optimize
-    layout = config.layout
-    online = settings.method != "dpo"
-    model = policy_model(config)
-    decides = training.fingerprint_settings(config, model, "optimize",
-                                            (DPO_ONLY if online else ONLINE_ONLY) | NOT_DECIDING)
-    inputs = {"policy": model_fingerprint(model.name_or_path)}
-    if not online:
-        inputs["pairs"] = file_fingerprint(layout.pairs)
-    else:
-        decides["data.red_team"] = config.data.red_team.model_dump(mode="json")
-        inputs["prompts"] = source_fingerprint(config.data.red_team)
-        inputs["reward_model"] = model_fingerprint(str(layout.rm))
-        engine = rollout_engine(config)
-        if engine != "transformers":
-            decides["rollouts"] = engine.split()[0]
-        if settings.include_helpful and config.data.helpful is not None:
-            decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
-            inputs["helpful"] = source_fingerprint(config.data.helpful)
-    after = ("train-rm",) if online else ("label-prefs",)
-    after += ("finetune",) if settings.model is None else ()
-    return StageSpec("optimize", layout.policy, decides, inputs, after)
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs (no heavy imports: these run before anything is loaded)
+
+
+def starting_policy(config: Config) -> Need:
+    return Need(Finetune(), "or set optimize.model to the policy to optimise")
+
+
+def labelled_pairs(config: Config) -> Need:
+    return Need(LabelPrefs(), "optimize.method dpo learns from its labelled pairs",
+                stale_use="optimising on its pairs as they are")
+
+
+def reward_model_need(config: Config) -> Need:
+    return Need(TrainRM(), f"optimize.method {config.optimize.method} samples completions and "
+                "scores them with the reward model")
 
 
 def check_policy(config: Config) -> None:
     """The starting policy: a finished ``sft/``, or the directory or hub id in optimize.model."""
     if config.optimize.model is None:
-        require_complete(config, "finetune",
-                         "or set optimize.model to the policy to optimise")
+        require_complete(config, starting_policy(config))
     model = policy_model(config)
     path = Path(model.name_or_path).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -114,8 +108,7 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
     """The pairs DPO trains on, in TRL's conversational preference format (with ``p_chosen``
     when soft labels use it), and the number of near-ties ``min_confidence`` dropped."""
     settings = config.optimize
-    prefs = require_complete(config, "label-prefs", "optimize.method dpo learns from its labelled "
-                             "pairs", stale_use="optimising on its pairs as they are")
+    prefs = require_complete(config, labelled_pairs(config))
     path = config.layout.pairs
     needs_label = settings.soft_labels or settings.min_confidence > 0
     pairs, total, dropped = [], 0, 0
@@ -155,9 +148,7 @@ def online_prompts(config: Config) -> tuple[list[dict], int]:
 
 
 def reward_model_dir(config: Config) -> Path:
-    rm = require_complete(config, "train-rm", f"optimize.method {config.optimize.method} samples "
-                     "completions and scores them with the reward model")
-    return rm
+    return require_complete(config, reward_model_need(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,18 +316,6 @@ def describe_rollouts(args) -> str:
             f"{args.vllm_tensor_parallel_size})")
 
 
-def preflight(config: Config) -> None:
-    """What can be checked before any stage runs: the trainer arguments (GRPO / RLOO batch
-    divisibility included), and when the policy to optimise already exists locally, its chat
-    template and the LoRA targets."""
-    trainer_args(config)
-    model = policy_model(config)
-    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
-        tokenizer = models.load_tokenizer(model, "optimize.model")
-        check_chat_template(tokenizer, model.name_or_path, "optimize.model")
-        training.check_lora(config.optimize.lora, model, "optimize.lora")
-
-
 def check_chat_template(tokenizer, name: str, what: str) -> None:
     if not tokenizer.chat_template:
         raise UserError(f"{what}: '{name}' has no chat template, and the prompts and answers are "
@@ -354,50 +333,6 @@ def reward_tokenizer(config: Config, rm: Path):
 
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-def run(config: Config, *, force: bool = False) -> Path | None:
-    stage = spec(config)
-    settings = config.optimize
-    model = policy_model(config)
-    check_policy(config)
-    rm, dropped, helpful = None, 0, 0
-    if settings.method == "dpo":
-        data, dropped = preference_pairs(config)
-    else:
-        rm = reward_model_dir(config)
-        data, helpful = online_prompts(config)
-    training.quiet_libraries()
-    args = trainer_args(config)
-    # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
-    # left padding, which generation wants.
-    tokenizer = models.load_tokenizer(model, "optimize.model")
-    check_chat_template(tokenizer, model.name_or_path, "optimize.model")
-    training.check_lora(settings.lora, model, "optimize.lora")
-    rm_tokenizer = reward_tokenizer(config, rm) if rm else None
-
-    run = begin(stage, config, force=force)
-    if run is None:
-        return stage.directory
-    if settings.method != "dpo":
-        ui.info(f"optimize ({settings.method}): {describe_rollouts(args)}")
-        if args.use_vllm:
-            vllm_version_notice()
-    trainer, result, checkpoint = training.fit(
-        run, lambda: build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer),
-        f"optimize ({settings.method})")
-    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
-    manifest = run.manifest
-    manifest.counts, stats, summary = outcome(config, trainer, result, len(data),
-                                              dropped=dropped, helpful=helpful,
-                                              loss=manifest.stats["final_loss"])
-    manifest.stats.update(stats)
-    if settings.method != "dpo":
-        manifest.stats["rollouts"] = f"vllm {args.vllm_mode}" if args.use_vllm else "transformers"
-    run.complete()
-    what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
-    ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
-    return stage.directory
 
 
 def outcome(config: Config, trainer, result, examples: int, *, dropped: int, helpful: int,
@@ -550,3 +485,128 @@ def soft_label_dpo_trainer() -> type:
             return (loss, result[1]) if return_outputs else loss
 
     return SoftLabelDPOTrainer
+
+
+class Optimize(Stage):
+    command = "optimize"
+    trains = True
+
+    def spec(self, config: Config) -> StageSpec:
+        """What decides this stage's output: cheap to compute, no model loaded."""
+        settings = config.optimize
+        layout = config.layout
+        online = settings.method != "dpo"
+        model = policy_model(config)
+        decides = training.fingerprint_settings(config, model, "optimize",
+                                                (DPO_ONLY if online else ONLINE_ONLY) | NOT_DECIDING)
+        inputs = {"policy": model_fingerprint(model.name_or_path)}
+        if not online:
+            inputs["pairs"] = file_fingerprint(layout.pairs)
+        else:
+            decides["data.red_team"] = config.data.red_team.model_dump(mode="json")
+            inputs["prompts"] = source_fingerprint(config.data.red_team)
+            inputs["reward_model"] = model_fingerprint(str(layout.rm))
+            engine = rollout_engine(config)
+            if engine != "transformers":
+                decides["rollouts"] = engine.split()[0]
+            if settings.include_helpful and config.data.helpful is not None:
+                decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
+                inputs["helpful"] = source_fingerprint(config.data.helpful)
+        after = ("train-rm",) if online else ("label-prefs",)
+        after += ("finetune",) if settings.model is None else ()
+        return StageSpec(self.command, layout.policy, decides, inputs)
+
+    def preflight(self, config: Config) -> None:
+        """What can be checked before any stage runs: the trainer arguments (GRPO / RLOO batch
+        divisibility included), and when the policy to optimise already exists locally, its chat
+        template and the LoRA targets."""
+        trainer_args(config)
+        model = policy_model(config)
+        if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+            tokenizer = models.load_tokenizer(model, "optimize.model")
+            check_chat_template(tokenizer, model.name_or_path, "optimize.model")
+            training.check_lora(config.optimize.lora, model, "optimize.lora")
+
+    def needs(self, config: Config) -> list[Need]:
+        needs = [reward_model_need(config) if config.optimize.method != "dpo"
+                 else labelled_pairs(config)]
+        return needs + ([starting_policy(config)] if config.optimize.model is None else [])
+
+    def run(self, config: Config, *, force: bool = False, shard=None) -> Path | None:
+        stage = self.spec(config)
+        settings = config.optimize
+        model = policy_model(config)
+        check_policy(config)
+        rm, dropped, helpful = None, 0, 0
+        if settings.method == "dpo":
+            data, dropped = preference_pairs(config)
+        else:
+            rm = reward_model_dir(config)
+            data, helpful = online_prompts(config)
+        training.quiet_libraries()
+        args = trainer_args(config)
+        # TRL's collators pad on the right by themselves; the saved tokenizer keeps load_tokenizer's
+        # left padding, which generation wants.
+        tokenizer = models.load_tokenizer(model, "optimize.model")
+        check_chat_template(tokenizer, model.name_or_path, "optimize.model")
+        training.check_lora(settings.lora, model, "optimize.lora")
+        rm_tokenizer = reward_tokenizer(config, rm) if rm else None
+
+        run = begin(stage, config, force=force)
+        if run is None:
+            return stage.directory
+        if settings.method != "dpo":
+            ui.info(f"optimize ({settings.method}): {describe_rollouts(args)}")
+            if args.use_vllm:
+                vllm_version_notice()
+        trainer, result, checkpoint = training.fit(
+            run, lambda: build_trainer(config, model, tokenizer, args, data, rm, rm_tokenizer),
+            f"optimize ({settings.method})")
+        training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
+        manifest = run.manifest
+        manifest.counts, stats, summary = outcome(config, trainer, result, len(data),
+                                                  dropped=dropped, helpful=helpful,
+                                                  loss=manifest.stats["final_loss"])
+        manifest.stats.update(stats)
+        if settings.method != "dpo":
+            manifest.stats["rollouts"] = f"vllm {args.vllm_mode}" if args.use_vllm else "transformers"
+        run.complete()
+        what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "model"
+        ui.info(f"optimize ({settings.method}): {summary} -> {what} in {stage.directory}")
+        return stage.directory
+
+    def work(self, config: Config, ctx) -> Work:
+        """DPO: one training run over the confident pairs (two rows each, and the reference's
+        forward pass). GRPO / RLOO: each optimiser step samples per_device_batch_size x
+        gradient_accumulation_steps completions, scores them with the reward model and trains
+        on them."""
+        settings = config.optimize
+        model, key = policy_model(config), "optimize.model"
+        counter = ctx.tokens(model, key)
+        limit = settings.training.max_length
+        if settings.method == "dpo":
+            pairs, note = training_pairs(config, ctx, counter)
+            lengths = [min(max(p["tokens"]), limit) for p in pairs
+                       if abs(p["p_chosen"] - 0.5) >= settings.min_confidence]
+            return Work([Train(key, model, lengths, settings.training, settings.lora,
+                               rows_per_example=2, reference=True)],
+                        counts={"pairs": len(pairs), "train_pairs": len(lengths)}, notes=[note])
+        prompts = list(ctx.output("generate-sl")["prompts"])
+        if settings.include_helpful and config.data.helpful is not None:
+            helpful = config.data.helpful
+            prompts += ctx.prompts("data.helpful", lambda: load_prompts(helpful, config.seed,
+                                                                        "data.helpful"),
+                                   helpful, helpful.limit)
+        group, new = settings.num_generations, settings.max_completion_length
+        lengths = [counter.conversation_tokens([{"role": "user", "content": p.text},
+                                                {"role": "assistant", "content": ""}]) + new
+                   for p in prompts for _ in range(group)]
+        training_settings = settings.training
+        rows = training_settings.per_device_batch_size * training_settings.gradient_accumulation_steps
+        rm = reward_base_model(config)[0].model_copy(update={"name_or_path": str(config.layout.rm)})
+        return Work([Train(key, model, lengths, training_settings, settings.lora,
+                           reference=settings.beta > 0, completions_per_step=rows,
+                           completion_tokens=new, reward_model=rm)],
+                    counts={"prompts": len(prompts), "completions": len(lengths)},
+                    notes=[f"{new} tokens a completion (max_completion_length); TRL generates "
+                           "with transformers unless its vLLM options are set"])

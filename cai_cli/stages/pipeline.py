@@ -13,11 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cai_cli import ui
-from cai_cli.run import dist
 from cai_cli.config import Config
 from cai_cli.errors import UserError
-from cai_cli.stages import STAGES, stage_module
-from cai_cli.stages.common import StageSpec
+from cai_cli.run import dist
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages.base import Stage
+from cai_cli.stages.evaluate import Evaluate
+from cai_cli.stages.finetune import Finetune
+from cai_cli.stages.generate_prompts import GeneratePrompts
+from cai_cli.stages.generate_sl import GenerateSL
+from cai_cli.stages.label_prefs import LabelPrefs
+from cai_cli.stages.optimize import Optimize
+from cai_cli.stages.train_rm import TrainRM
+
+# Every stage, in pipeline order (the order of run.layout.STAGE_DIRS).
+STAGES: dict[str, Stage] = {stage.command: stage for stage in (
+    GeneratePrompts(), GenerateSL(), Finetune(), LabelPrefs(), TrainRM(), Optimize(), Evaluate())}
 
 
 @dataclass
@@ -32,8 +43,8 @@ def statuses(config: Config) -> list[StageStatus]:
     """Every stage's state; a stage that reads the output of one that will run is stale."""
     out: list[StageStatus] = []
     will_run: set[str] = set()
-    for name in STAGES:
-        spec = stage_module(name).spec(config)
+    for name, stage in STAGES.items():
+        spec = stage.spec(config)
         state = spec.state()
         reason = ""
         if state == "stale":
@@ -44,7 +55,8 @@ def statuses(config: Config) -> list[StageStatus]:
             reason = sharded or "interrupted: resumes where it stopped"
         elif state == "missing":
             reason = "not run yet"
-        rerun = [stage for stage in spec.after if stage in will_run]
+        rerun = [need.stage.command for need in stage.needs(config)
+                 if need.stage.command in will_run]
         if rerun and state == "done":
             state, reason = "stale", f"reads the output of {rerun[0]}, which will run"
         off = name == OPTIONAL and not config.generate_prompts.enabled
@@ -93,26 +105,25 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
     ui.info("")
 
     for name in selected:
-        module = stage_module(name)
-        spec = module.spec(config)  # recomputed: an earlier stage may just have rewritten inputs
+        stage = STAGES[name]
+        spec = stage.spec(config)  # recomputed: an earlier stage may just have rewritten inputs
         state = spec.state()
         if state == "done" and not force:
             continue
         ui.info(f"── {name} " + "─" * max(0, 60 - len(name)))
         # A stale stage is the point of `cai run`: replace it. A partial one resumes.
-        module.run(config, force=force or state == "stale")
+        stage.run(config, force=force or state == "stale")
 
 
-def run_stage(name: str, config: Config, *, force: bool = False, shard=None) -> None:
-    """One stage command (``cai generate-sl`` ...): refused under several processes unless it
-    trains, checked up front like ``cai run`` does, then run (with ``shard``, one shard of it:
-    ``cai_cli.run.shards``)."""
-    check_ranks([name])
-    check_before_running(config, [name])
-    if shard is None:
-        stage_module(name).run(config, force=force)
-    else:
-        stage_module(name).run(config, force=force, shard=shard)
+def run_stage(stage: Stage, config: Config, *, force: bool = False, shard=None) -> None:
+    """One stage command (``cai generate-sl`` ..., ``cai judge-check``): refused under several
+    processes unless it trains, checked up front like ``cai run`` does, then run (with
+    ``shard``, one shard of it: ``cai_cli.stages.sharded``)."""
+    if not stage.trains:
+        dist.refuse_multiprocess(stage.command)
+    if stage.command in STAGES:
+        check_before_running(config, [stage.command])
+    stage.run(config, force=force, shard=shard)
 
 
 def check_ranks(names: list[str]) -> None:
@@ -126,8 +137,6 @@ def check_ranks(names: list[str]) -> None:
 def check_before_running(config: Config, names: list[str]) -> None:
     """What can fail hours later but be known now (trainer arguments, trackers), for every stage
     about to run, before the first one starts."""
-    from cai_cli.commands.validate import training_problems
-
     problems = training_problems(config, names)
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
@@ -135,66 +144,20 @@ def check_before_running(config: Config, names: list[str]) -> None:
                         + "\n".join(f"  - {p}" for p in problems))
 
 
-def print_status(config: Config) -> None:
-    from rich import box
-    from rich.table import Table
+def training_problems(config: Config, names: list[str]) -> list[str]:
+    """Build the trainer arguments of every training stage in ``names`` (unknown ``trl_args``,
+    values TRL rejects, GRPO / RLOO batch divisibility, trackers that are not installed), and
+    check the trackers of the other stages: what would otherwise fail only once the stage
+    starts, maybe hours into ``cai run``."""
+    from cai_cli.stages import trackers
 
-    colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red",
-               "off": "dim"}
-    from cai_cli.run.lock import describe, holder
-
-    title = f"run directory: {config.run_dir}"
-    writer = holder(config.run_dir)
-    if writer and writer.get("live") is not False:
-        title += f"  (in use: {describe(writer)})"
-    from cai_cli.run.lock import shard_holders
-
-    shards = shard_holders(config.run_dir)
-    if shards:
-        title += f"  ({len(shards)} shard{'s' if len(shards) > 1 else ''} running: " \
-            + ", ".join(f"{r['command']} {r.get('shard')} (pid {r['pid']})" for r in shards) + ")"
-    table = Table(box=box.SIMPLE, title=title, title_justify="left")
-    # Stage names and states never shrink; long paths and details wrap instead.
-    table.add_column("stage", no_wrap=True, min_width=11)
-    table.add_column("state", no_wrap=True, min_width=7)
-    table.add_column("time", no_wrap=True, justify="right")
-    table.add_column("artifact", no_wrap=True)  # relative to the run directory
-    table.add_column("details", overflow="fold", ratio=1)
-    found = statuses(config)
-    for status in found:
-        if status.state == "off":
-            continue  # an optional stage never run: not part of this run directory
-        manifest = status.spec.manifest() or {}
-        counts = describe_counts(manifest)
-        seconds = (manifest.get("timings") or {}).get("seconds")
-        took = "" if seconds is None or status.state == "missing" else ui.duration(seconds)
-        details = "; ".join(part for part in (status.reason, counts) if part)
-        table.add_row(status.name, f"[{colours[status.state]}]{status.state}[/]", took,
-                      f"{status.spec.directory.name}/", details)
-    ui.stdout.print(table)
-    print_plots(config, [status.name for status in found] + ["judge-check"])
-
-
-def describe_counts(manifest: dict) -> str:
-    """A manifest's counts in words: ``8 prompts, 8 chains, 16 rounds``."""
-    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (manifest.get("counts") or {}).items())
-
-
-def print_plots(config: Config, commands: list[str]) -> None:
-    """Each stage's plot files, one line a stage: its plots folder (relative to the run
-    directory; the table's artifact column names the stage's folder) and the files. A line
-    starts with the folder, not the stage, so the table's rows stay the only ones that do."""
-    from rich.text import Text
-
-    from cai_cli.reports.plots import listed
-
-    lines = []
-    for command in commands:
-        files = listed(config, command)
-        if files:
-            folder = files[0].parent.relative_to(config.layout.root).as_posix() + "/"
-            lines.append(Text(f"  {folder:<15} " + ", ".join(f.name for f in files)))
-    if lines:
-        ui.stdout.print("plots (PNG; `cai report --config ...` puts them on one page):")
-        for line in lines:
-            ui.stdout.print(line)
+    problems = []
+    for name in names:
+        if STAGES[name].trains:
+            try:
+                STAGES[name].preflight(config)
+            except UserError as exc:
+                problems.append(f"{name}: {exc}")
+        else:
+            problems += [f"{name}: {problem}" for problem in trackers.stage_problems(config, name)]
+    return problems

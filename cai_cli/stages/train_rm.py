@@ -34,17 +34,24 @@ import random
 from pathlib import Path
 
 from cai_cli import ui
-from cai_cli.engines import models
-from cai_cli.run import records
-from cai_cli.stages import training
-from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.config import Config, ModelConfig
-from cai_cli.data.sources import chat_messages, read_records, transcript_messages
-from cai_cli.reports.statistics import expected_calibration_error, reliability_table
-from cai_cli.errors import UserError
+from cai_cli.data.sources import preference_pair, read_records
+from cai_cli.engines import models
 from cai_cli.engines.prompts import transcript_pair
+from cai_cli.engines.work import Forward, Train, Work
+from cai_cli.errors import UserError
+from cai_cli.reports.statistics import expected_calibration_error, reliability_table
+from cai_cli.run import records
+from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
 from cai_cli.run.records import Pair, conversation
-from cai_cli.stages.common import StageSpec, begin, require_complete
+from cai_cli.run.spec import StageSpec
+from cai_cli.stages import training
+from cai_cli.stages.base import Stage
+from cai_cli.stages.common import Need, begin, require_complete
+from cai_cli.stages.label_prefs import LabelPrefs, training_pairs
+
+# The AI-labelled pairs this stage trains on.
+PAIRS = Need(LabelPrefs(), stale_use="training on it as is")
 
 TARGET = "p_chosen"  # the training target column: p_chosen, or 1.0 for hard and mixed labels
 ECE_BINS = 10
@@ -57,25 +64,13 @@ def base_model(config: Config) -> tuple[ModelConfig, str]:
     return training.model_for(config, config.train_rm.model, "train_rm.model")
 
 
-def spec(config: Config) -> StageSpec:
-    """What decides this stage's output: cheap to compute, no model loaded."""
-    model, _ = base_model(config)
-    settings = training.fingerprint_settings(config, model, "train_rm")
-    inputs = {"prefs": file_fingerprint(config.layout.pairs),
-              "model": model_fingerprint(model.name_or_path)}
-    if config.train_rm.mix is not None:
-        inputs["mix"] = source_fingerprint(config.train_rm.mix)
-    return StageSpec("train-rm", config.layout.rm, settings, inputs,
-                     after=("label-prefs",))
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
 def ai_pairs(config: Config) -> list[dict]:
     """The pairs of a finished ``cai label-prefs``: prompt, chosen, rejected, p_chosen, group."""
-    require_complete(config, "label-prefs", stale_use="training on it as is")
+    require_complete(config, PAIRS)
     path = config.layout.pairs
     pairs = [{"prompt": conversation(pair.prompt), "chosen": conversation(pair.chosen),
               "rejected": conversation(pair.rejected), TARGET: float(pair.p_chosen),
@@ -126,47 +121,13 @@ def confident(config: Config, pairs: list[dict]) -> list[dict]:
     return kept
 
 
-def mix_pair(record: dict, where: str) -> dict | None:
-    """A preference record in TRL's layouts as a conversational pair; ``None`` when the two
-    conversations do not differ."""
-    if "chosen" not in record or "rejected" not in record:
-        raise UserError(f"{where}: expected 'chosen' and 'rejected' fields (TRL's preference "
-                        f"format); the record has {', '.join(map(str, record)) or 'none'}")
-    chosen, rejected = record["chosen"], record["rejected"]
-    if record.get("prompt") is not None:
-        prompt = record["prompt"]
-        return {"prompt": chat_messages(prompt, f"{where}: prompt", role="user"),
-                "chosen": chat_messages(chosen, f"{where}: chosen", role="assistant"),
-                "rejected": chat_messages(rejected, f"{where}: rejected", role="assistant"),
-                TARGET: 1.0}
-    # Implicit prompt: whole conversations (or Human:/Assistant: transcripts); what they share
-    # at the start is the prompt.
-    sides = []
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
-        conversation = transcript_messages(value) if isinstance(value, str) else value
-        if conversation is None:
-            raise UserError(f"{where}: '{name}' is plain text without a prompt field; give a "
-                            "'prompt' column or Human:/Assistant: transcripts")
-        sides.append(chat_messages(conversation, f"{where}: {name}"))
-    shared = 0
-    while shared < min(map(len, sides)) and sides[0][shared] == sides[1][shared]:
-        shared += 1
-    if shared == 0:
-        raise UserError(f"{where}: 'chosen' and 'rejected' start differently, so there is no "
-                        "shared prompt; give a 'prompt' column")
-    if shared == len(sides[0]) or shared == len(sides[1]):
-        return None
-    return {"prompt": sides[0][:shared], "chosen": sides[0][shared:],
-            "rejected": sides[1][shared:], TARGET: 1.0}
-
-
 def mixed_pairs(config: Config, count: int) -> list[dict]:
     """At most ``count`` pairs from ``train_rm.mix``, drawn with the seed (capped by its limit)."""
     source, key = config.train_rm.mix, "train_rm.mix"
     if source is None or count == 0:
         return []
     pool = [pair for where, record in read_records(source, key)
-            if (pair := mix_pair(record, where)) is not None]
+            if (pair := preference_pair(record, where)) is not None]
     if not pool:
         raise UserError(f"{key}: no preference pairs in {source.path or source.dataset}")
     random.Random(f"{config.seed}:mix").shuffle(pool)
@@ -285,83 +246,6 @@ def trainer_args(config: Config):
                                cpu=training.use_cpu(model), stage_args={})
 
 
-def preflight(config: Config) -> None:
-    """What can be checked before any stage runs: the trainer arguments, and for a local model
-    the LoRA targets."""
-    trainer_args(config)
-    model, _ = base_model(config)
-    if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
-        from transformers import AutoModelForSequenceClassification
-
-        training.check_lora(config.train_rm.lora, model, "train_rm.lora",
-                            AutoModelForSequenceClassification, forbidden=REWARD_HEAD, num_labels=1)
-
-
-def run(config: Config, *, force: bool = False) -> Path | None:
-    stage = spec(config)
-    settings = config.train_rm
-    # The pairs first, as they are the likeliest thing to be missing; then, still before the
-    # heavy imports, whether there is anything to do at all.
-    pairs = ai_pairs(config)
-    run = begin(stage, config, force=force)  # "nothing to do", or refuses another config's output
-    if run is None:
-        return stage.directory
-    # Everything else a user can get wrong is checked before rm/ is touched.
-    train, held_out = split(config, pairs)
-    kept = confident(config, train)
-    mixed = mixed_pairs(config, math.floor(settings.mix_ratio * len(kept)))
-    model, key = base_model(config)
-    models.check_model(model, key)
-
-    from transformers import AutoModelForSequenceClassification
-
-    training.quiet_libraries()
-    args = trainer_args(config)
-    tokenizer = models.load_tokenizer(model, key)
-    fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
-           else "transcript")
-    training.check_lora(settings.lora, model, "train_rm.lora", AutoModelForSequenceClassification,
-                        forbidden=REWARD_HEAD, num_labels=1)
-
-    def build():
-        # TRL tokenises when the trainer is built and drops pairs longer than max_length.
-        trainer = build_trainer(config, model, key, tokenizer, args,
-                                rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
-                                rows(held_out, fmt, True))
-        if len(trainer.train_dataset) == 0:
-            for made in (stage.directory / training.CHECKPOINTS, stage.directory):
-                if made.is_dir() and not any(made.iterdir()):  # made empty by the Trainer
-                    made.rmdir()
-            raise UserError(f"train_rm.training.max_length: every training pair is longer than "
-                            f"{settings.training.max_length} tokens; raise it")
-        return trainer
-
-    trainer, result, checkpoint = training.fit(run, build, "train-rm")
-    stats = measure(trainer, settings.training.per_device_batch_size)
-    training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
-
-    held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
-    too_long = len(kept) + len(mixed) + len(held_out) - len(trainer.train_dataset) - held
-    manifest = run.manifest
-    manifest.counts = {"ai_pairs": len(pairs), "train_pairs": len(kept), "held_out_pairs": held,
-                       "mixed_pairs": len(mixed), "steps": result.global_step}
-    manifest.stats.update({**stats, "dropped_low_confidence": len(train) - len(kept),
-                           "dropped_too_long": too_long, "soft_labels": settings.soft_labels,
-                           "format": fmt})
-    run.complete()
-    if too_long:
-        ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
-                f"({settings.training.max_length} tokens) were left out")
-    measured = (f"held-out accuracy {stats['eval_accuracy']:.3f}, ECE {stats['eval_ece']:.3f} "
-                f"({held} {'pair' if held == 1 else 'pairs'})" if held else "no held-out pairs")
-    what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "reward model"
-    ui.info(f"train-rm: trained on {len(kept)} of {len(pairs)} AI pairs + {len(mixed)} mixed "
-            f"{'pair' if len(mixed) == 1 else 'pairs'}, {result.global_step} steps, "
-            f"loss {manifest.stats['final_loss']:.4f}; {measured}; train accuracy "
-            f"{stats['train_accuracy']:.3f} -> {what} in {stage.directory}")
-    return stage.directory
-
-
 def measure(trainer, batch_size: int) -> dict:
     """Accuracy on the training pairs; accuracy and ECE on the held-out pairs (None without).
     Batches of the training batch size: what fits with gradients fits without."""
@@ -400,3 +284,120 @@ def build_trainer(config: Config, model_config: ModelConfig, key: str, tokenizer
         eval_dataset=datasets.Dataset.from_list(held_out) if held_out else None,
         processing_class=tokenizer, peft_config=peft_config,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, args.pad_to_multiple_of))
+
+
+class TrainRM(Stage):
+    command = "train-rm"
+    trains = True
+
+    def spec(self, config: Config) -> StageSpec:
+        """What decides this stage's output: cheap to compute, no model loaded."""
+        model, _ = base_model(config)
+        settings = training.fingerprint_settings(config, model, "train_rm")
+        inputs = {"prefs": file_fingerprint(config.layout.pairs),
+                  "model": model_fingerprint(model.name_or_path)}
+        if config.train_rm.mix is not None:
+            inputs["mix"] = source_fingerprint(config.train_rm.mix)
+        return StageSpec(self.command, config.layout.rm, settings, inputs)
+
+    def needs(self, config: Config) -> list[Need]:
+        return [PAIRS]
+
+    def preflight(self, config: Config) -> None:
+        """What can be checked before any stage runs: the trainer arguments, and for a local model
+        the LoRA targets."""
+        trainer_args(config)
+        model, _ = base_model(config)
+        if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+            from transformers import AutoModelForSequenceClassification
+
+            training.check_lora(config.train_rm.lora, model, "train_rm.lora",
+                                AutoModelForSequenceClassification, forbidden=REWARD_HEAD, num_labels=1)
+
+    def run(self, config: Config, *, force: bool = False, shard=None) -> Path | None:
+        stage = self.spec(config)
+        settings = config.train_rm
+        # The pairs first, as they are the likeliest thing to be missing; then, still before the
+        # heavy imports, whether there is anything to do at all.
+        pairs = ai_pairs(config)
+        run = begin(stage, config, force=force)  # "nothing to do", or refuses another config's output
+        if run is None:
+            return stage.directory
+        # Everything else a user can get wrong is checked before rm/ is touched.
+        train, held_out = split(config, pairs)
+        kept = confident(config, train)
+        mixed = mixed_pairs(config, math.floor(settings.mix_ratio * len(kept)))
+        model, key = base_model(config)
+        models.check_model(model, key)
+
+        from transformers import AutoModelForSequenceClassification
+
+        training.quiet_libraries()
+        args = trainer_args(config)
+        tokenizer = models.load_tokenizer(model, key)
+        fmt = ("chat" if tokenizer.chat_template or "chat_template_path" in settings.training.trl_args
+               else "transcript")
+        training.check_lora(settings.lora, model, "train_rm.lora", AutoModelForSequenceClassification,
+                            forbidden=REWARD_HEAD, num_labels=1)
+
+        def build():
+            # TRL tokenises when the trainer is built and drops pairs longer than max_length.
+            trainer = build_trainer(config, model, key, tokenizer, args,
+                                    rows(kept, fmt, settings.soft_labels) + rows(mixed, fmt, False),
+                                    rows(held_out, fmt, True))
+            if len(trainer.train_dataset) == 0:
+                for made in (stage.directory / training.CHECKPOINTS, stage.directory):
+                    if made.is_dir() and not any(made.iterdir()):  # made empty by the Trainer
+                        made.rmdir()
+                raise UserError(f"train_rm.training.max_length: every training pair is longer than "
+                                f"{settings.training.max_length} tokens; raise it")
+            return trainer
+
+        trainer, result, checkpoint = training.fit(run, build, "train-rm")
+        stats = measure(trainer, settings.training.per_device_batch_size)
+        training.save(run, trainer, tokenizer, settings.lora, result, args, checkpoint)
+
+        held = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+        too_long = len(kept) + len(mixed) + len(held_out) - len(trainer.train_dataset) - held
+        manifest = run.manifest
+        manifest.counts = {"ai_pairs": len(pairs), "train_pairs": len(kept), "held_out_pairs": held,
+                           "mixed_pairs": len(mixed), "steps": result.global_step}
+        manifest.stats.update({**stats, "dropped_low_confidence": len(train) - len(kept),
+                               "dropped_too_long": too_long, "soft_labels": settings.soft_labels,
+                               "format": fmt})
+        run.complete()
+        if too_long:
+            ui.warn(f"{too_long} pairs longer than train_rm.training.max_length "
+                    f"({settings.training.max_length} tokens) were left out")
+        measured = (f"held-out accuracy {stats['eval_accuracy']:.3f}, ECE {stats['eval_ece']:.3f} "
+                    f"({held} {'pair' if held == 1 else 'pairs'})" if held else "no held-out pairs")
+        what = "LoRA adapter" if settings.lora.enabled and not settings.lora.merge else "reward model"
+        ui.info(f"train-rm: trained on {len(kept)} of {len(pairs)} AI pairs + {len(mixed)} mixed "
+                f"{'pair' if len(mixed) == 1 else 'pairs'}, {result.global_step} steps, "
+                f"loss {manifest.stats['final_loss']:.4f}; {measured}; train accuracy "
+                f"{stats['train_accuracy']:.3f} -> {what} in {stage.directory}")
+        return stage.directory
+
+    def work(self, config: Config, ctx) -> Work:
+        """One training run over the confident training pairs (two rows each) and the mixed
+        pairs, then a forward pass over every pair to measure accuracy and calibration."""
+        settings = config.train_rm
+        model, key = base_model(config)
+        counter = ctx.tokens(model, key)
+        pairs, note = training_pairs(config, ctx, counter)
+        train, held = split(config, pairs) if pairs else ([], [])
+        kept = [p for p in train if abs(p["p_chosen"] - 0.5) >= settings.min_confidence]
+        limit = settings.training.max_length
+        mixed = math.floor(settings.mix_ratio * len(kept)) if settings.mix is not None else 0
+        if mixed:
+            pool = ctx.dataset("train_rm.mix", lambda: mixed_pairs(config, mixed), settings.mix,
+                               f"assumed {mixed} pairs of max_length tokens")
+            mixed = mixed if pool is None else len(pool)
+        lengths = [min(n, limit) for n in [max(p["tokens"]) for p in kept] + [limit] * mixed]
+        # The reward head is one output: no vocabulary-sized head to pass through.
+        calls = [Train(key, model, lengths, settings.training, settings.lora, rows_per_example=2,
+                       head=False),
+                 Forward(key, model, [n for p in pairs for n in p["tokens"]])]
+        return Work(calls, counts={"ai_pairs": len(pairs), "train_pairs": len(kept),
+                                   "held_out_pairs": len(held), "mixed_pairs": mixed},
+                    notes=[note])
