@@ -14,6 +14,14 @@ and start time, instead of waiting or silently sharing.
   the lock and records the job id; the other ranks take nothing but wait briefly until rank 0's
   record names their own job, and are refused if another job holds the directory.
 - Taking the lock again in the process that holds it (``cai run`` calling each stage) nests.
+
+What ``filelock`` gives and this module does not redo: the OS lock itself, dropped by the kernel
+with its process, and nesting within a process (one ``FileLock`` per path, ``is_singleton``,
+with its own hold counter). What this module adds: the holder record and the refusal naming the
+holder, stale records of killed holders told apart from live ones (pid, boot, process start
+time), the ranks of one multi-process job sharing rank 0's hold, and shards holding the run
+directory's lock shared (``flock(LOCK_SH)``, which filelock does not offer on a file its
+exclusive lock also uses) beside their own.
 - The shards of a sharded stage (``cai generate-sl --shard I/N``) run at once: each holds the
   run directory's lock *shared* (``flock(LOCK_SH)``) and its own shard lock
   (``lock.<command>.shard-I-of-N``) exclusively. Shards therefore run side by side while any
@@ -33,14 +41,14 @@ import secrets
 import shlex
 import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cai_cli.run import dist
+from cai_cli import ui
 from cai_cli.errors import UserError
+from cai_cli.run import dist
 from cai_cli.run.layout import RunLayout
 
 LOCK_NAME = RunLayout.of(".").lock.name  # the run directory's lock, in its tool folder
@@ -50,15 +58,7 @@ RANK_WAIT_S = 30.0  # how long ranks other than 0 wait for rank 0 to take the lo
 _HOLDER_SETTLE_S = 1.0  # a refused writer waits this long for the holder's record to be written
 _POLL_S = 0.05
 
-_held: dict[str, "_Held"] = {}  # lock file -> this process's hold, for nesting
-_held_guard = threading.Lock()
-
-
-class _Held:
-    def __init__(self, lock, token: str):
-        self.lock = lock
-        self.token = token
-        self.depth = 1
+_tokens: dict[str, str] = {}  # lock file -> the token of this process's holder record
 
 
 def lock_dir(run_dir: Path | str) -> Path:
@@ -206,19 +206,11 @@ def shard_holders(run_dir: Path | str) -> list[dict]:
 # --- messages ------------------------------------------------------------------------------
 
 def _human_time(started) -> str:
+    """``2026-12-06 03:40:00 (12:05 ago)``: when, and how long ago (``ui.duration``)."""
     if not isinstance(started, (int, float)):
         return "an unknown time"
-    ago = max(0.0, time.time() - started)
-    if ago < 90:
-        rel = f"{ago:.0f} s ago"
-    elif ago < 90 * 60:
-        rel = f"{ago / 60:.0f} min ago"
-    elif ago < 48 * 3600:
-        rel = f"{ago / 3600:.1f} h ago"
-    else:
-        rel = f"{ago / 86400:.0f} days ago"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-    return f"{stamp} ({rel})"
+    return f"{stamp} ({ui.duration(max(0.0, time.time() - started))} ago)"
 
 
 def describe(record: dict) -> str:
@@ -313,6 +305,7 @@ class RunLock:
         self.rank_wait_s = rank_wait_s
         self.role: str | None = None
         self._key: str | None = None
+        self._lock = None
         self._created: list[Path] = []  # folders this hold created, removed again if left empty
 
     def __enter__(self) -> "RunLock":
@@ -334,23 +327,17 @@ class RunLock:
             self._join_job()
             self.role = "rank"
             return self
-        self._key = str(lock_path(self.run_dir).resolve())
-        with _held_guard:
-            held = _held.get(self._key)
-            if held is not None:
-                held.depth += 1
-                self.role = "nested"
-                return self
-            self._take()
-            self.role = "owner"
-        return self
-
-    def _take(self) -> None:
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(lock_path(self.run_dir)), thread_local=False)
+        self._key = str(lock_path(self.run_dir).resolve())
+        # One FileLock per path in this process: a second hold is filelock's nesting.
+        self._lock = FileLock(self._key, thread_local=False, is_singleton=True)
+        if self._lock.is_locked:
+            self._lock.acquire(timeout=0)
+            self.role = "nested"
+            return self
         try:
-            lock.acquire(timeout=0)
+            self._lock.acquire(timeout=0)
         except Timeout:
             raise UserError(_busy_message(self.run_dir, _settled_record(self.run_dir))) from None
         except OSError as exc:
@@ -359,12 +346,14 @@ class RunLock:
         try:
             _write_record(self.run_dir, _my_record(self.command, token))
         except OSError as exc:
-            lock.release()
+            self._lock.release()
             raise _unwritable(self.run_dir, exc) from None
         except BaseException:
-            lock.release()
+            self._lock.release()
             raise
-        _held[self._key] = _Held(lock, token)
+        _tokens[self._key] = token
+        self.role = "owner"
+        return self
 
     def _join_job(self) -> None:
         """Ranks > 0: proceed once rank 0 of this job holds the lock; refuse if another job does."""
@@ -388,19 +377,14 @@ class RunLock:
         role, self.role = self.role, None
         if role not in ("owner", "nested"):
             return
-        with _held_guard:
-            held = _held.get(self._key)
-            if held is None:
-                return
-            held.depth -= 1
-            if held.depth > 0:
-                return
-            del _held[self._key]
-            try:
-                _remove_record_if_mine(self.run_dir, held.token)
-                self._remove_if_nothing_written()
-            finally:
-                held.lock.release()
+        if self._lock.lock_counter > 1:  # an inner hold of this process: it ends here
+            self._lock.release()
+            return
+        try:
+            _remove_record_if_mine(self.run_dir, _tokens.pop(self._key, ""))
+            self._remove_if_nothing_written()
+        finally:
+            self._lock.release()
 
     def _remove_if_nothing_written(self) -> None:
         """A command refused before it wrote anything leaves no run directory behind: remove
