@@ -71,7 +71,8 @@ def _read(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as json_error:
         try:
-            return yaml.safe_load(text)
+            # libyaml's parser when PyYAML has it: `cai status` reads the constitution per stage
+            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError as yaml_error:
             if text.lstrip().startswith(("{", "[")):
                 raise UserError(
