@@ -17,7 +17,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from cai_cli.errors import UserError, relative_note
+from cai_cli.errors import UserError, relative_note, watch_secret_variables
 from cai_cli.run.layout import RunLayout
 from cai_cli.validation import describe, nested_models, problem_list, unwrap
 
@@ -697,7 +697,18 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     _rename_keys(data, str(path))
     for override in overrides:
         _apply_override(data, _renamed_override(override))
+    watch_secret_variables(_key_variables(data))  # before any message can quote a key
     return validate_config(data, source=str(path))
+
+
+def _key_variables(node: Any) -> list[str]:
+    """Every ``api_key_env`` value in a raw config, wherever it sits (valid or not)."""
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "api_key_env" and isinstance(v, str)]
+        return found + [name for v in node.values() for name in _key_variables(v)]
+    if isinstance(node, list):
+        return [name for v in node for name in _key_variables(v)]
+    return []
 
 
 # Keys renamed so that each batch size says which batch it is: old dotted path -> new one. The

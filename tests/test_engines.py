@@ -284,6 +284,19 @@ def test_a_models_route_that_answers_a_web_page_is_exit_2_before_anything_is_wri
     assert not (tmp_path / "run").exists()
 
 
+def test_a_server_whose_error_echoes_the_key_never_gets_it_printed(tmp_path):
+    secret = "sk-live-0123456789abcdef"
+    with FakeServer(echo_authorization=True) as server:
+        path = write_config(tmp_path / "c.yaml", tmp_path / "run",
+                            fake_models(server, api_key_env="CAI_TEST_KEY"))
+        result = run_cai("generate-sl", "--config", path, env={"CAI_TEST_KEY": secret})
+        assert server.authorizations == {f"Bearer {secret}"}  # it was sent, and echoed
+    error = one_error(result)
+    assert "HTTP 400" in error and "bad request from Bearer ***" in error
+    assert secret not in result.stdout + result.stderr
+    assert secret[:12] not in result.stderr  # nor a piece of it
+
+
 def test_nonsense_mid_run_stops_with_exit_2_and_the_rerun_resumes_to_the_same_output(tmp_path):
     with FakeServer() as server:
         path = write_config(tmp_path / "reference.yaml", tmp_path / "reference",
