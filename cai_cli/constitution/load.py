@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from cai_cli import safe_yaml
 from cai_cli.constitution import anthropic, hf, ours
 from cai_cli.constitution.common import Constitution, Part, merge
 from cai_cli.data.sources import file_problem, read_text
@@ -71,7 +72,7 @@ def _read(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as json_error:
         try:
-            return yaml.safe_load(text)
+            return safe_yaml.load(text, str(path))
         except yaml.YAMLError as yaml_error:
             if text.lstrip().startswith(("{", "[")):
                 raise UserError(

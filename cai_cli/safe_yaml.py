@@ -1,0 +1,153 @@
+"""YAML the user wrote (a config, a ``--set`` value, a constitution), read so that it cannot
+explode or say two things at once.
+
+- **Aliases.** ``&a [1, 1]``, ``&b [*a, *a]``, ... nine levels deep is a few lines that expand to
+  hundreds of millions of values: PyYAML shares them, but everything after it (validation,
+  ``config show``, a stage) copies them out, for minutes and gigabytes. The document is measured
+  as it would expand before anything is built from it, and refused above ``MAX_VALUES``, naming
+  the key where it grows past that. An alias that contains itself is refused the same way.
+- **Duplicate keys.** YAML's last-one-wins would silently drop the first value; both lines are
+  named instead.
+- **Nesting** too deep for the parser is one message, not a traceback.
+
+Errors are ``YAMLProblem`` (a ``UserError``) naming ``source:line`` and the dotted key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from cai_cli.errors import UserError
+
+# Values (scalars, lists and mappings, keys included) a document may expand to. A full config,
+# every key given, is about 400; the limit leaves room for long trl_args lists and constitutions.
+MAX_VALUES = 100_000
+MERGE_KEY = "<<"  # YAML's merge key may repeat and may override: it is not a duplicate
+
+
+class YAMLProblem(UserError):
+    """A YAML document refused before it was read (too big through aliases, duplicate keys,
+    nested too deeply)."""
+
+
+def load(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` after the checks above; ``source`` names the file (or the
+    ``--set`` option) in messages. YAML syntax errors are raised as ``yaml.YAMLError``, for the
+    caller to word."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return None
+        _check(node, source)
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise YAMLProblem(f"{source}: nested too deeply to read; a config is a few levels of "
+                          "keys") from None
+    except yaml.reader.ReaderError as exc:  # a control character: its message has no line
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        character = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        raise YAMLProblem(f"{source}:{line}: YAML cannot hold the character {character!r} "
+                          f"(character {exc.position + 1} of the text); remove it") from None
+
+
+def _children(node) -> list[tuple[str, Any]]:
+    """``(label, node)`` of a node's children: ``[i]`` for list items, the key for values
+    (key nodes are labelled ``key``)."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{i}]", child) for i, child in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for key, value in node.value:
+            label = str(key.value) if isinstance(key, yaml.ScalarNode) else "(key)"
+            out += [("(key)", key), (label, value)]
+        return out
+    return []
+
+
+def _check(root, source: str) -> None:
+    sizes = _sizes(root, source)
+    if sizes[id(root)] > MAX_VALUES:
+        path, node = [], root
+        while isinstance(node, yaml.MappingNode):  # down the keys to the first one too big
+            found = next(((label, child) for label, child in _children(node)
+                          if label != "(key)" and sizes[id(child)] > MAX_VALUES), None)
+            if found is None:
+                break
+            path.append(found[0])
+            node = found[1]
+        raise YAMLProblem(
+            f"{source}:{node.start_mark.line + 1}: {_dotted(path) or '(the document)'} expands "
+            f"to {sizes[id(node)]:,}{'+' if sizes[id(node)] >= 10 * MAX_VALUES else ''} values (YAML aliases *name repeat what &name marks); "
+            f"a config may hold at most {MAX_VALUES:,}: write the values out, or repeat less")
+    _duplicates(root, source)
+
+
+def _sizes(root, source: str) -> dict[int, int]:
+    """How many values each node expands to, computed once per node (aliases share nodes) and
+    without recursion; a node inside itself is refused."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [child for _, child in _children(node)]
+        if done:
+            open_nodes.discard(id(node))
+            # capped: the exact count of a bomb is astronomically large and means nothing
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), 10 * MAX_VALUES)
+            continue
+        if id(node) in open_nodes:
+            raise YAMLProblem(f"{source}:{node.start_mark.line + 1}: a YAML alias (*name) "
+                              "refers to the value it is inside, which would never end; "
+                              "write the value out")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in reversed(children):
+            if id(child) in open_nodes:
+                raise YAMLProblem(f"{source}:{child.start_mark.line + 1}: a YAML alias (*name) "
+                                  "refers to the value it is inside, which would never end; "
+                                  "write the value out")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes
+
+
+def _duplicates(root, source: str) -> None:
+    """Refuse a mapping that gives a key twice, naming the key and both lines."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, list[str]]] = [(root, [])]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.value == MERGE_KEY:
+                    continue
+                line = key.start_mark.line + 1
+                if key.value in lines:
+                    raise YAMLProblem(
+                        f"{source}:{line}: {_dotted(path + [key.value])} is given twice (lines "
+                        f"{lines[key.value]} and {line}); keep one (YAML would silently keep "
+                        "the last)")
+                lines[key.value] = line
+        for label, child in _children(node):
+            if label != "(key)":
+                stack.append((child, path + [label]))
+
+
+def _dotted(path: list[str]) -> str:
+    out = ""
+    for part in path:
+        out += part if part.startswith("[") or not out else f".{part}"
+    return out
