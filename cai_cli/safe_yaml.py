@@ -47,8 +47,8 @@ def load(text: str, source: str) -> Any:
         finally:
             loader.dispose()
     except RecursionError:
-        raise YAMLProblem(f"{source}: nested too deeply to read; a config is a few levels of "
-                          "keys") from None
+        raise YAMLProblem(f"{source}: nested too deeply to read; a config or a constitution "
+                          "is a few levels deep") from None
     except yaml.reader.ReaderError as exc:  # a control character: its message has no line
         line = text.count("\n", 0, max(exc.position, 0)) + 1
         character = chr(exc.character) if isinstance(exc.character, int) else exc.character
@@ -74,7 +74,7 @@ def _check(root, source: str) -> None:
     sizes = _sizes(root, source)
     if sizes[id(root)] > MAX_VALUES:
         path, node = [], root
-        while isinstance(node, yaml.MappingNode):  # down the keys to the first one too big
+        while True:  # down to the first value that alone is too big, and no further
             found = next(((label, child) for label, child in _children(node)
                           if label != "(key)" and sizes[id(child)] > MAX_VALUES), None)
             if found is None:
@@ -84,7 +84,8 @@ def _check(root, source: str) -> None:
         raise YAMLProblem(
             f"{source}:{node.start_mark.line + 1}: {_dotted(path) or '(the document)'} expands "
             f"to {sizes[id(node)]:,}{'+' if sizes[id(node)] >= 10 * MAX_VALUES else ''} values (YAML aliases *name repeat what &name marks); "
-            f"a config may hold at most {MAX_VALUES:,}: write the values out, or repeat less")
+            f"cai reads at most {MAX_VALUES:,} from one file: write the values out, or repeat "
+            "less")
     _duplicates(root, source)
 
 
