@@ -8,7 +8,8 @@ explode or say two things at once.
   the key where it grows past that. An alias that contains itself is refused the same way.
 - **Duplicate keys.** YAML's last-one-wins would silently drop the first value; both lines are
   named instead.
-- **Nesting** too deep for the parser is one message, not a traceback.
+- **Nesting** deeper than ``MAX_DEPTH`` levels is refused, naming the key (far deeper would break
+  the parser, or pydantic writing the config back out).
 
 Errors are ``YAMLProblem`` (a ``UserError``) naming ``source:line`` and the dotted key.
 """
@@ -24,6 +25,9 @@ from cai_cli.errors import UserError
 # Values (scalars, lists and mappings, keys included) a document may expand to. A full config,
 # every key given, is about 400; the limit leaves room for long trl_args lists and constitutions.
 MAX_VALUES = 100_000
+# Levels of nesting: a config has six or so; far deeper ones break the YAML parser, or pydantic
+# when it writes the config back out (`config show`, the run directory's copy).
+MAX_DEPTH = 64
 MERGE_KEY = "<<"  # YAML's merge key may repeat and may override: it is not a duplicate
 
 
@@ -71,7 +75,17 @@ def _children(node) -> list[tuple[str, Any]]:
 
 
 def _check(root, source: str) -> None:
-    sizes = _sizes(root, source)
+    sizes, depths = _sizes(root, source)
+    if depths[id(root)] > MAX_DEPTH:
+        path, node = [], root
+        while isinstance(node, yaml.MappingNode):  # down the keys towards the deepest value
+            label, node = max(((label, child) for label, child in _children(node)
+                               if label != "(key)"), key=lambda c: depths[id(c[1])])
+            path.append(label)
+        raise YAMLProblem(
+            f"{source}:{node.start_mark.line + 1}: {_dotted(path) or '(the document)'} is "
+            f"nested {depths[id(node)]} levels deep; cai reads at most "
+            f"{MAX_DEPTH} levels from one file")
     if sizes[id(root)] > MAX_VALUES:
         path, node = [], root
         while True:  # down to the first value that alone is too big, and no further
@@ -89,10 +103,11 @@ def _check(root, source: str) -> None:
     _duplicates(root, source)
 
 
-def _sizes(root, source: str) -> dict[int, int]:
-    """How many values each node expands to, computed once per node (aliases share nodes) and
-    without recursion; a node inside itself is refused."""
+def _sizes(root, source: str) -> tuple[dict[int, int], dict[int, int]]:
+    """How many values each node expands to, and how many levels deep it goes, computed once per
+    node (aliases share nodes) and without recursion; a node inside itself is refused."""
     sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[Any, bool]] = [(root, False)]
     while stack:
@@ -104,6 +119,7 @@ def _sizes(root, source: str) -> dict[int, int]:
             open_nodes.discard(id(node))
             # capped: the exact count of a bomb is astronomically large and means nothing
             sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), 10 * MAX_VALUES)
+            depths[id(node)] = 1 + max((depths[id(c)] for c in children), default=0)
             continue
         if id(node) in open_nodes:
             raise YAMLProblem(f"{source}:{node.start_mark.line + 1}: a YAML alias (*name) "
@@ -118,7 +134,7 @@ def _sizes(root, source: str) -> dict[int, int]:
                                   "write the value out")
             if id(child) not in sizes:
                 stack.append((child, False))
-    return sizes
+    return sizes, depths
 
 
 def _duplicates(root, source: str) -> None:

@@ -3,9 +3,10 @@ never a traceback, never a changed run directory.
 
 Property-based (hypothesis) over the three places user bytes come in:
 
-- the config loader (``cai config show --config F --set ...``): structured mutations of a valid
-  config (any key, including misspelt ones, set to any YAML value), textual hazards (aliases,
-  duplicate keys, tabs, byte-order marks, bytes that are not UTF-8, cut-off files) and raw junk;
+- the config loader (``cai config show`` or ``validate --config F --set ...``): structured
+  mutations of a valid config (any key, including misspelt ones, set to any YAML value),
+  textual hazards (aliases, duplicate keys, tabs, byte-order marks, bytes that are not UTF-8,
+  NUL characters, cut-off files) and raw junk;
 - the record readers (``cai inspect`` of a run directory or a file): chains, pairs and
   generated prompts, valid or with any key changed, lines of other JSON, torn lines, junk, as
   finished files or as a stage's ``.partial``; and ``records.read`` of every record kind;
@@ -104,7 +105,10 @@ def set_path(data: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-HAZARDS = ["none", "alias", "bomb", "duplicate", "tab", "bom", "latin1", "cut", "nul", "deep"]
+HAZARDS = ["none", "alias", "bomb", "duplicate", "tab", "bom", "latin1", "cut", "nul", "deep",
+           "nul_path"]
+PATH_KEYS = ["run_dir", "constitution", "data.red_team.path", "models.policy.name_or_path",
+             "finetune.model", "label_prefs.policy", "evaluate.benign.path"]
 
 
 @st.composite
@@ -115,8 +119,10 @@ def config_files(draw, run_dir: Path) -> bytes:
     for key, value in draw(st.just([]) | st.lists(st.tuples(
             st.sampled_from(KEYS) | syntax.filter(bool), plausible | json_values), max_size=3)):
         set_path(data, key, value)
-    text = yaml.safe_dump(data, allow_unicode=True)
     hazard = draw(st.just("none") | st.just("none") | st.sampled_from(HAZARDS))
+    if hazard == "nul_path":  # a path YAML can hold ("a\0b") and the file system cannot
+        set_path(data, draw(st.sampled_from(PATH_KEYS)), "runs/a\x00b")
+    text = yaml.safe_dump(data, allow_unicode=True)
     if hazard == "alias":
         text += "finetune:\n  training:\n    trl_args: {a: &x [1, 2], b: *x, c: *x}\n"
     elif hazard == "bomb":
@@ -150,11 +156,11 @@ def test_any_config_loads_or_is_one_message(run_dir, tmp_path_factory):
     before = snapshot(run_dir)
 
     @fuzz(200)
-    @given(config_files(run_dir), overrides)
-    def check(raw: bytes, sets: list[str]):
+    @given(config_files(run_dir), overrides, st.sampled_from(["show", "show", "show", "validate"]))
+    def check(raw: bytes, sets: list[str], command: str):
         path = folder / "config.yaml"
         path.write_bytes(raw)
-        args = ["config", "show", "--config", path]
+        args = ["config", command, "--config", path]
         for value in sets:
             args += ["--set", value]
         assert_contract(cai_main(*args), run_dir, before)

@@ -58,6 +58,8 @@ def run_dir_problem(run_dir: str | Path) -> str | None:
     written (it holds ``.cai/``; files the user keeps beside the stages are left alone), or one
     holding only stage folders and ``report.md``. The file system's root and the home directory
     never are: a stage writes a dozen folders there and ``--force`` deletes some."""
+    if "\0" in str(run_dir):
+        return "holds a NUL character, which no path can"
     path = Path(run_dir).expanduser()
     try:
         resolved = path.resolve()
