@@ -703,20 +703,24 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(data, _renamed_override(override))
     watch_secret_variables(_key_variables(data))  # before any message can quote a key
     config = validate_config(data, source=str(path))
-    problems = setting_problems(config)
+    problems = setting_problems(config, path)
     if problems:
         raise UserError(problem_list(str(path), problems))
     return config
 
 
-def setting_problems(config: "Config") -> list[str]:
-    """What the schema cannot see: a run directory that is not one (``layout.run_dir_problem``)
-    and new-token budgets that leave no room for a prompt in a model's context
-    (``context_problems``). Checked whenever a config loads, so a stage refuses before it takes
-    the run directory's lock."""
+def setting_problems(config: "Config", source: Path | None = None) -> list[str]:
+    """What the schema cannot see: a run directory that is not one (``layout.run_dir_problem``;
+    the config file ``source`` and the files it names may sit in it) and new-token budgets that
+    leave no room for a prompt in a model's context (``context_problems``). Checked whenever a
+    config loads, so a stage refuses before it takes the run directory's lock."""
     from cai_cli.run.layout import run_dir_problem
 
-    problem = run_dir_problem(config.run_dir)
+    sources = [config.data.red_team, config.data.helpful, config.train_rm.mix,
+               config.evaluate.benign, config.judge_check.pairs, config.generate_prompts.seeds]
+    own = [*config.constitution_paths, *(s.path for s in sources if s is not None and s.path)]
+    problem = run_dir_problem(config.run_dir, tuple(Path(p).expanduser() for p in own)
+                              + ((source,) if source is not None else ()))
     found = [f"run_dir: {config.run_dir} {problem}; set run_dir to a new or empty directory"
              ] if problem else []
     return found + context_problems(config)

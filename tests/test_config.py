@@ -462,6 +462,18 @@ def test_a_run_dir_that_is_not_a_run_is_refused(tmp_path, monkeypatch, where, wh
     assert not (project / ".cai").exists()
 
 
+def test_a_run_dir_may_hold_the_config_and_the_files_it_names(tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (run / "constitution.yaml").write_text("kept beside the run")
+    text = (MINIMAL.replace("constitutions/tiny.yaml", str(run / "constitution.yaml"))
+            .replace("prompts.jsonl", str(run / "data" / "prompts.jsonl")) + f"run_dir: {run}\n")
+    assert load_config(write(run, text)).run_dir == str(run)
+    (run / "other.txt").write_text("not the run's")
+    assert "holds files that are not a cai run (other.txt)" in error_of(run / "config.yaml")
+
+
 def test_a_run_dir_that_cai_wrote_or_holds_only_stage_folders_is_a_run(tmp_path):
     ran = tmp_path / "ran"
     (ran / ".cai").mkdir(parents=True)

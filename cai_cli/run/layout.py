@@ -52,11 +52,12 @@ REPORT = "report.md"  # `cai report`'s page, at the top of the run directory
 RUN_ENTRIES = frozenset({*STAGE_DIRS.values(), *CHECK_DIRS.values(), TOOL_DIR, REPORT})
 
 
-def run_dir_problem(run_dir: str | Path) -> str | None:
+def run_dir_problem(run_dir: str | Path, own: tuple[Path, ...] = ()) -> str | None:
     """Why ``run_dir`` cannot be a run directory, in words for ``run_dir: <here>``; None when
     it can. A run directory is one that does not exist yet, an empty one, one ``cai`` has
     written (it holds ``.cai/``; files the user keeps beside the stages are left alone), or one
-    holding only stage folders and ``report.md``. The file system's root and the home directory
+    holding only stage folders, ``report.md`` and the run's own files (``own``: the config and
+    the files it names, kept beside the run). The file system's root and the home directory
     never are: a stage writes a dozen folders there and ``--force`` deletes some."""
     if "\0" in str(run_dir):
         return "holds a NUL character, which no path can"
@@ -75,15 +76,23 @@ def run_dir_problem(run_dir: str | Path) -> str | None:
         return "is a file, not a directory"
     if (path / TOOL_DIR).is_dir():
         return None
+    mine = set()
+    for file in own:
+        try:
+            mine.update({file.resolve(), *file.resolve().parents})
+        except (OSError, RuntimeError, ValueError):
+            continue
     try:
-        others = sorted(entry.name for entry in path.iterdir() if entry.name not in RUN_ENTRIES)
+        others = sorted(entry.name for entry in path.iterdir()
+                        if entry.name not in RUN_ENTRIES and entry.resolve() not in mine)
     except OSError:
         return None  # unreadable: the lock or the stage says so
     if not others:
         return None
     shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-    return (f"holds files that are not a cai run ({shown}); a run directory is new, empty, or "
-            f"one cai wrote (it has {TOOL_DIR}/)")
+    return (f"holds files that are not a cai run ({shown}); a run directory is new, empty, "
+            f"one cai wrote (it has {TOOL_DIR}/), or holds only stage folders and the files the "
+            "config names")
 
 
 @dataclass(frozen=True)
