@@ -348,23 +348,41 @@ def config_schema():
 
 
 def main() -> None:
+    """Run the command; every error leaves as one short message (or, with ``--debug`` and for
+    internal failures, a traceback), secrets scrubbed from it (``errors.scrub``)."""
     debug = "--debug" in sys.argv[1:]
     try:
         app()
     except UserError as exc:
         if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+            _traceback(1)
+        _error(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _error("interrupted", 130)
     except OSError as exc:
         # The disk, not the program: full, read-only or not ours. Finished artifacts are never
         # half-written (atomic renames), so fixing this and rerunning resumes.
         if exc.errno not in USER_OS_ERRORS or debug:
-            raise
+            _traceback(1)
         where = f" writing {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: {exc.strerror}{where}: free space or fix the permissions, then rerun "
-                   "the same command (it resumes where it stopped)", err=True)
-        sys.exit(2)
+        _error(f"error: {exc.strerror}{where}: free space or fix the permissions, then rerun "
+               "the same command (it resumes where it stopped)", 2)
+    except Exception:
+        _traceback(1)  # an internal failure: the traceback, as Python prints it, scrubbed
+
+
+def _error(message: str, code: int) -> None:
+    from cai_cli.errors import scrub
+
+    typer.echo(scrub(message), err=True)
+    sys.exit(code)
+
+
+def _traceback(code: int) -> None:
+    import traceback
+
+    from cai_cli.errors import scrub
+
+    sys.stderr.write(scrub(traceback.format_exc()))
+    sys.stderr.flush()
+    sys.exit(code)

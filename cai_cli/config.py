@@ -8,6 +8,7 @@ validation errors are reported together, each with the closest valid name for a 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cai_cli.errors import UserError, relative_note
+from cai_cli.errors import UserError, relative_note, watch_secret_variables
 from cai_cli.run.layout import RunLayout
 from cai_cli.validation import describe, nested_models, problem_list, unwrap
 
@@ -685,8 +686,10 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}{relative_note(path)}")
+    from cai_cli import reading
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = reading.load_yaml(reading.read_text(path), str(path))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -701,7 +704,110 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     _rename_keys(data, str(path))
     for override in overrides:
         _apply_override(data, _renamed_override(override))
-    return validate_config(data, source=str(path))
+    watch_secret_variables(_key_variables(data))  # before any message can quote a key
+    config = validate_config(data, source=str(path))
+    problems = setting_problems(config, path)
+    if problems:
+        raise UserError(problem_list(str(path), problems))
+    return config
+
+
+def setting_problems(config: "Config", source: Path | None = None) -> list[str]:
+    """What the schema cannot see: a run directory that is not one (``layout.run_dir_problem``;
+    the config file ``source`` and the files it names may sit in it) and new-token budgets that
+    leave no room for a prompt in a model's context (``context_problems``). Checked whenever a
+    config loads, so a stage refuses before it takes the run directory's lock."""
+    from cai_cli.run.layout import run_dir_problem
+
+    sources = [config.data.red_team, config.data.helpful, config.train_rm.mix,
+               config.evaluate.benign, config.judge_check.pairs, config.generate_prompts.seeds]
+    own = [*config.constitution_paths, *(s.path for s in sources if s is not None and s.path)]
+    problem = run_dir_problem(config.run_dir, tuple(Path(p).expanduser() for p in own)
+                              + ((source,) if source is not None else ()))
+    found = [f"run_dir: {config.run_dir} {problem}; set run_dir to a new or empty directory"
+             ] if problem else []
+    return found + context_problems(config)
+
+
+# Tokens a prompt needs at the least: a chat template's scaffold around a short request. New
+# tokens that leave fewer in a model's context make every prompt of a stage overflow.
+MIN_PROMPT_TOKENS = 16
+# Where a model's config.json says its context, as transformers' configs name it.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context(model: "BaseModelConfig", what: str) -> tuple[int, str] | None:
+    """A model's context and where it was read, without loading it: its ``max_context``, else
+    a local directory's ``config.json``; None when that is not known here (a hub id, a model a
+    stage has not made yet, a server, which says at run time)."""
+    if getattr(model, "max_context", None):
+        return model.max_context, f"{what}.max_context"
+    if model.remote:
+        return None
+    path = Path(model.name_or_path).expanduser() / "config.json"
+    try:
+        found = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    for settings in (found, (found or {}).get("text_config")):
+        if isinstance(settings, dict):
+            for name in CONTEXT_FIELDS:
+                value = settings.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value, f"{name} in {path}"
+    return None
+
+
+def context_problems(config: "Config") -> list[str]:
+    """Each ``max_new_tokens`` (and ``cot_max_new_tokens``) that leaves fewer than
+    ``MIN_PROMPT_TOKENS`` of its model's context for the prompt, where the context is known."""
+    policy = config.models.policy
+    feedback_key = "models.feedback" if config.models.feedback else "models.policy"
+    trained = config.finetune.model or policy.name_or_path  # what sft/ is made from
+    sampler = config.label_prefs.policy or trained
+    checks = [("generate_sl.sampling.max_new_tokens", config.generate_sl.sampling.max_new_tokens,
+               "models.policy", policy),
+              ("generate_prompts.sampling.max_new_tokens",
+               config.generate_prompts.sampling.max_new_tokens, "models.policy", policy),
+              ("label_prefs.sampling.max_new_tokens", config.label_prefs.sampling.max_new_tokens,
+               "label_prefs.policy" if config.label_prefs.policy else "models.policy",
+               policy.model_copy(update={"name_or_path": sampler}))]
+    if config.label_prefs.chain_of_thought:
+        checks.append(("label_prefs.cot_max_new_tokens", config.label_prefs.cot_max_new_tokens,
+                       feedback_key, config.feedback_model))
+        if config.evaluate.judge is not None:
+            checks.append(("label_prefs.cot_max_new_tokens", config.label_prefs.cot_max_new_tokens,
+                           "evaluate.judge", config.evaluate.judge))
+    named = {"base": policy.name_or_path, "sft": trained, "policy": trained}
+    for name in config.evaluate.models:
+        checks.append(("evaluate.sampling.max_new_tokens", config.evaluate.sampling.max_new_tokens,
+                       "models.policy" if name in named else f"evaluate.models ({name})",
+                       policy.model_copy(update={"name_or_path": named.get(name, name)})))
+    problems = []
+    for key, new_tokens, what, model in checks:
+        found = model_context(model, what)
+        if found is None or new_tokens + MIN_PROMPT_TOKENS <= found[0]:
+            continue
+        context, source = found
+        room = context - new_tokens
+        left = f"{room} tokens" if room > 0 else "no room"
+        problem = (f"{key}: {new_tokens} new tokens leave {left} for the prompt in the "
+                   f"{context}-token context of {what} ('{model.name_or_path}', {source}); "
+                   + (f"lower it to {context - MIN_PROMPT_TOKENS} at most"
+                      if context > MIN_PROMPT_TOKENS else "use a model with a longer context"))
+        if problem not in problems:
+            problems.append(problem)
+    return problems
+
+
+def _key_variables(node: Any) -> list[str]:
+    """Every ``api_key_env`` value in a raw config, wherever it sits (valid or not)."""
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "api_key_env" and isinstance(v, str)]
+        return found + [name for v in node.values() for name in _key_variables(v)]
+    if isinstance(node, list):
+        return [name for v in node for name in _key_variables(v)]
+    return []
 
 
 # Keys renamed so that each batch size says which batch it is: old dotted path -> new one. The
@@ -811,8 +917,10 @@ def _apply_override(data: dict, override: str) -> None:
                                and raw.lstrip().startswith("[")):
         value = raw  # a string field keeps "007" or "true" as text
     else:
+        from cai_cli import reading
+
         try:
-            value = yaml.safe_load(raw)
+            value = reading.load_yaml(raw, f"--set {key}")
         except yaml.YAMLError:
             value = raw
     node = data

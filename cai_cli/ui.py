@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from cai_cli.errors import scrub
+
 
 
 class _Trimmed:
@@ -65,11 +67,11 @@ def duration(seconds: float) -> str:
 
 
 def info(message: str) -> None:
-    console.print(message, soft_wrap=True, markup=False)
+    console.print(scrub(str(message)), soft_wrap=True, markup=False)
 
 
 def warn(message: str) -> None:
-    console.print("warning:", message, style="yellow", soft_wrap=True, markup=False)
+    console.print("warning:", scrub(str(message)), style="yellow", soft_wrap=True, markup=False)
 
 
 def progress(*extra_columns: TextColumn) -> Progress:

@@ -85,9 +85,13 @@ def closest(name: str, options: list[str], cutoff: float = 0.5) -> str | None:
 def describe(error: dict, root: type[BaseModel], tags: tuple[str, ...] = ()) -> str:
     """One pydantic error of a model under ``root`` as ``a.b.c: what is wrong`` (config wording).
     ``tags`` are the names of a tagged union's branches (the config's model backends)."""
-    # pydantic adds the branch of a Union to the location ("str", "list[str]", a tag); drop those.
-    tagged = tuple(p for p in error["loc"]
-                   if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+    # pydantic adds the branch of a Union to the location ("str", "list[str]", a tag); drop those,
+    # but not an unknown key the user wrote, which is the last part and may look like one ("[").
+    parts = error["loc"]
+    unknown = error["type"] == "extra_forbidden"
+    tagged = tuple(p for i, p in enumerate(parts)
+                   if (unknown and i == len(parts) - 1)
+                   or not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
     # A tag is dropped where it picks a union's member, not where it is a key (optimize.vllm).
     loc = tuple(p for i, p in enumerate(tagged)
                 if p not in tags or p in getattr(model_at(root, tagged[:i]), "model_fields", {}))
@@ -95,7 +99,7 @@ def describe(error: dict, root: type[BaseModel], tags: tuple[str, ...] = ()) -> 
     if error["type"] == "extra_forbidden":
         model = model_at(root, tagged[:-1])
         hint = ""
-        if model is not None:
+        if model is not None and loc:
             close = closest(str(loc[-1]), list(model.model_fields))
             hint = (f"; did you mean '{close}'?" if close
                     else f"; valid keys: {', '.join(model.model_fields)}")

@@ -10,6 +10,12 @@ preferences are known in advance, and it can be told to fail.
 - ``fail_status`` / ``fail_times``: answer that HTTP status to the next completion requests;
   ``die_after``: stop listening after that many completion requests (a server that dies
   mid-run); ``api_key``: refuse requests without it (HTTP 401).
+- ``nonsense`` / ``nonsense_times``: answer HTTP 200 with a reply that is not an OpenAI one to
+  the next completion requests (after ``nonsense_after`` good ones): ``html`` (a web page),
+  ``no_choices`` (``"choices": []``), ``null_message`` (``"message": null``);
+  ``models_html``: ``/v1/models`` answers a web page.
+- ``echo_authorization``: refuse completion requests with HTTP 400 whose message quotes the
+  request's ``Authorization`` header (as some proxies do).
 
 It listens on 127.0.0.1 only, serves at most ``MAX_REQUESTS`` requests, and stops when the
 test's fixture stops it.
@@ -28,6 +34,8 @@ MAX_REQUESTS = 5000
 MODEL = "fake-judge"
 OPTION = re.compile(r"\(A\) (.*?)\n\(B\) (.*)", re.S)
 NUMBER = re.compile(r"answer (\d+)")
+# What a web server that is not an OpenAI API answers: a login page, say.
+PAGE = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>" + "x" * 300 + "</body></html>"
 
 
 def number(text: str) -> int:
@@ -56,9 +64,14 @@ def preferred(user_text: str, prefer=smaller_number) -> str:
 class FakeServer:
     def __init__(self, port: int = 0, *, logprobs: bool = True, api_key: str | None = None,
                  fail_status: int = 0, fail_times: int = 0, die_after: int | None = None,
-                 prefer=smaller_number):
+                 prefer=smaller_number, nonsense: str | None = None, nonsense_times: int = 0,
+                 nonsense_after: int = 0, models_html: bool = False,
+                 echo_authorization: bool = False):
         self.logprobs, self.api_key, self.prefer = logprobs, api_key, prefer
         self.fail_status, self.fail_times, self.die_after = fail_status, fail_times, die_after
+        self.nonsense, self.nonsense_times, self.nonsense_after = (nonsense, nonsense_times,
+                                                                   nonsense_after)
+        self.models_html, self.echo_authorization = models_html, echo_authorization
         self.completions = 0  # completion requests answered or refused
         self.requests = 0
         self.authorizations: set[str] = set()
@@ -104,6 +117,8 @@ class FakeServer:
         if self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
             return self.reply(handler, 401, {"error": {"message": "invalid API key"}})
         path = handler.path.rstrip("/")
+        if path.endswith("/models") and self.models_html:
+            return self.reply_raw(handler, 200, PAGE, "text/html")
         if path.endswith("/models"):
             return self.reply(handler, 200, {"object": "list", "data": [
                 {"id": MODEL, "object": "model", "owned_by": "tests"}]})
@@ -114,12 +129,20 @@ class FakeServer:
             count = self.completions
             failing = self.fail_times > 0
             self.fail_times -= failing
+            lying = count > self.nonsense_after and self.nonsense_times > 0 and \
+                self.nonsense is not None and not failing
+            self.nonsense_times -= lying
         if self.die_after is not None and count > self.die_after:
             threading.Thread(target=self.stop, daemon=True).start()
             handler.close_connection = True
             return  # no answer: the connection closes, the port stops listening
         if failing:
             return self.reply(handler, self.fail_status, {"error": {"message": "try later"}})
+        if self.echo_authorization:
+            return self.reply(handler, 400, {"error": {"message": "bad request from "
+                                                       + handler.headers.get("Authorization", "")}})
+        if lying:
+            return self.lie(handler, body, chat=path.endswith("chat/completions"))
         if body.get("model") != MODEL:
             return self.reply(handler, 404, {"error": {
                 "message": f"The model `{body.get('model')}` does not exist."}})
@@ -151,11 +174,31 @@ class FakeServer:
         return {"id": "fake", "object": "chat.completion" if chat else "text_completion",
                 "created": 0, "model": MODEL, "choices": [choice], "usage": usage}
 
+    def lie(self, handler, body: dict, chat: bool) -> None:
+        """An HTTP 200 whose body is not an OpenAI reply (``nonsense`` says which)."""
+        if self.nonsense == "html":
+            return self.reply_raw(handler, 200, PAGE, "text/html")
+        reply = self.completion(body, chat)
+        if self.nonsense == "no_choices":
+            reply["choices"] = []
+        elif self.nonsense == "null_message":
+            reply["choices"][0]["message" if chat else "text"] = None
+        else:
+            raise ValueError(f"unknown nonsense {self.nonsense!r}")
+        self.reply(handler, 200, reply)
+
     @staticmethod
     def reply(handler, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+        FakeServer.reply_raw(handler, status, json.dumps(payload), "application/json")
+
+    @staticmethod
+    def reply_raw(handler, status: int, text: str, content_type: str) -> None:
+        data = text.encode()
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
-        handler.wfile.write(data)
+        try:
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on this request (it cancels the rest after a failure)

@@ -87,3 +87,32 @@ def interrupt_at_step(monkeypatch, step: int) -> None:
         return callback
 
     monkeypatch.setattr(training, "progress_callback", interrupting)
+
+
+def cai_main(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cai ARGS`` in this process, through ``cai_cli.cli.main`` as the ``cai`` script runs it
+    (the real exit codes and messages, without a new interpreter's start-up): the exit code and
+    what it printed. ``env``: environment variables set for the call."""
+    import contextlib
+    import io
+
+    from cai_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, {name: os.environ.get(name) for name in env or {}}
+    sys.argv = ["cai", *map(str, args)]
+    os.environ.update(env or {})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

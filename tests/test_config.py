@@ -341,3 +341,147 @@ def test_stage_defaults_survive_setting_one_key_of_the_section(tmp_path):
     assert config.train_rm.training.learning_rate == 1e-5
     assert config.evaluate.sampling.temperature == 0.0
     assert config.label_prefs.sampling.temperature == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs that explode or lie
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """``levels`` anchors, each a list of ``width`` aliases of the one before: ``width **
+    levels`` values once expanded, in a dozen lines."""
+    lines = ["    trl_args:", f"      l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"      l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def cai_here(*args) -> subprocess.CompletedProcess:
+    from helpers import cai_main
+
+    return cai_main(*args)
+
+
+@pytest.mark.parametrize("command", [["config", "show"], ["finetune"]])
+def test_an_alias_bomb_is_refused_naming_the_key_before_any_lock(tmp_path, command):
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, f"run_dir: {run_dir}\n" + MINIMAL + "finetune:\n  training:\n"
+                 + alias_bomb())
+    result = cai_here(*command, "--config", path)
+    assert result.returncode == 2, result.stderr
+    assert "finetune.training.trl_args.l5 expands to" in result.stderr  # 9**6 > 100,000
+    assert f"{path}:" in result.stderr and "alias" in result.stderr
+    assert not run_dir.exists()  # no lock, no .cai/, nothing
+
+
+def test_a_small_alias_is_fine_and_an_alias_inside_itself_is_refused(tmp_path):
+    ok = write(tmp_path, MINIMAL + "finetune:\n  training:\n" + alias_bomb(levels=3, width=3))
+    assert load_config(ok).finetune.training.trl_args["l1"] == [["lol"] * 3] * 3
+    looped = write(tmp_path, MINIMAL + "finetune:\n  training:\n    trl_args: &a {x: [*a]}\n",
+                   "looped.yaml")
+    assert "refers to the value it is inside" in error_of(looped)
+
+
+def test_an_alias_bomb_in_a_set_value_is_refused(tmp_path):
+    levels = ["&b0 [" + ", ".join(["x"] * 10) + "]"]  # each level: ten of the one before
+    levels += [f"&b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    nested = "[" + ", ".join(levels) + "]"
+    message = error_of(write(tmp_path, MINIMAL), [f"finetune.training.trl_args.x={nested}"])
+    assert "--set finetune.training.trl_args.x" in message and "expands to" in message
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    path = write(tmp_path, MINIMAL + "generate_sl:\n  few_shot: 1\n  num_revisions: 2\n"
+                 "  few_shot: 3\n")
+    message = error_of(path)
+    assert "generate_sl.few_shot is given twice (lines 7 and 9)" in message
+    assert f"{path}:9" in message
+    top = write(tmp_path, "seed: 1\n" + MINIMAL + "seed: 2\n", "top.yaml")
+    assert "seed is given twice (lines 1 and 7)" in error_of(top)
+
+
+@pytest.mark.parametrize("depth, message", [
+    (100, "finetune.training.trl_args.x is nested 100 levels deep; cai reads at most 64"),
+    (5000, "nested too deeply to read"),  # past what the YAML parser can follow
+])
+def test_nesting_too_deep_is_one_message(tmp_path, depth, message):
+    path = write(tmp_path, MINIMAL + "finetune:\n  training:\n    trl_args:\n      x: "
+                 + "[" * depth + "]" * depth + "\n")
+    result = cai_here("config", "show", "--config", path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def local_model(tmp_path: Path, context: int) -> Path:
+    """A model directory whose config.json says its context (no weights: none are read)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(f'{{"model_type": "llama", "max_position_embeddings": '
+                                       f'{context}}}')
+    return model
+
+
+def test_new_tokens_that_leave_no_room_for_a_prompt_are_refused(tmp_path):
+    model = local_model(tmp_path, 2048)
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, MINIMAL.replace("runs/tiny-model", str(model)) + f"run_dir: {run_dir}\n")
+    assert load_config(path).models.policy.name_or_path == str(model)  # the defaults fit
+    message = error_of(path, ["generate_sl.sampling.max_new_tokens=1000000000000"])
+    assert "generate_sl.sampling.max_new_tokens: 1000000000000 new tokens leave no room" in message
+    assert "2048-token context of models.policy" in message and "max_position_embeddings" in message
+    assert "lower it to 2032 at most" in message
+    # a context the config gives wins over the model's own; every stage's budget is checked
+    message = error_of(path, ["models.policy.max_context=600", "evaluate.sampling.max_new_tokens=590",
+                              "label_prefs.chain_of_thought=true",
+                              "label_prefs.cot_max_new_tokens=5000"])
+    assert "evaluate.sampling.max_new_tokens: 590 new tokens leave 10 tokens" in message
+    assert "label_prefs.cot_max_new_tokens: 5000" in message and "models.policy.max_context" in message
+    # the stage refuses before it takes the run directory's lock
+    result = cai_here("generate-sl", "--config", path, "--set",
+                      "generate_sl.sampling.max_new_tokens=4096")
+    assert result.returncode == 2 and "no room for the prompt" in result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("where, why", [
+    ("/", "is the file system's root"),
+    ("~", "is your home directory"),
+    ("project", "holds files that are not a cai run (notes.txt, src)"),
+    ("project/notes.txt", "is a file, not a directory"),
+])
+def test_a_run_dir_that_is_not_a_run_is_refused(tmp_path, monkeypatch, where, why):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty home is refused all the same
+    run_dir = {"/": "/", "~": "'~'"}.get(where, str(tmp_path / where))
+    path = write(tmp_path, MINIMAL + f"run_dir: {run_dir}\n")
+    result = cai_here("config", "validate", "--config", path)
+    assert result.returncode == 2 and why in result.stderr, result.stderr
+    assert "set run_dir to a new or empty directory" in result.stderr
+    assert not (project / ".cai").exists()
+
+
+def test_a_run_dir_may_hold_the_config_and_the_files_it_names(tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (run / "constitution.yaml").write_text("kept beside the run")
+    text = (MINIMAL.replace("constitutions/tiny.yaml", str(run / "constitution.yaml"))
+            .replace("prompts.jsonl", str(run / "data" / "prompts.jsonl")) + f"run_dir: {run}\n")
+    assert load_config(write(run, text)).run_dir == str(run)
+    (run / "other.txt").write_text("not the run's")
+    assert "holds files that are not a cai run (other.txt)" in error_of(run / "config.yaml")
+
+
+def test_a_run_dir_that_cai_wrote_or_holds_only_stage_folders_is_a_run(tmp_path):
+    ran = tmp_path / "ran"
+    (ran / ".cai").mkdir(parents=True)
+    (ran / "my-notes.md").write_text("kept by the user beside the stages")
+    stages = tmp_path / "stages"
+    for name in ("sl", "prefs", "eval"):
+        (stages / name).mkdir(parents=True)
+    (stages / "report.md").write_text("# report")
+    for run_dir in (ran, stages, tmp_path / "empty", tmp_path / "new"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        assert load_config(write(tmp_path, MINIMAL + f"run_dir: {run_dir}\n")).run_dir == str(run_dir)

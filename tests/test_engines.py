@@ -242,6 +242,82 @@ def test_a_server_that_dies_mid_run_resumes_to_the_same_output_once_it_is_back(t
             (reference / "prefs" / name).read_bytes()
 
 
+def one_error(result: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command: exit 2, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("nonsense, what", [
+    ("html", "<!DOCTYPE html><html><head><title>Sign in"),  # a proxy's login page
+    ("no_choices", '"choices": []'),
+    ("null_message", '"message": null'),
+])
+def test_a_server_that_answers_nonsense_is_retried_then_exit_2_naming_what_it_sent(
+        tmp_path, nonsense, what):
+    with FakeServer(nonsense=nonsense, nonsense_times=1) as server:  # once, then well: retried
+        path = write_config(tmp_path / "once.yaml", tmp_path / "once",
+                            fake_models(server, max_retries=1, max_concurrency=1))
+        ok(run_cai("generate-sl", "--config", path))
+        assert server.completions == 1 + 4 * 3  # 4 prompts, 3 steps, one nonsense answer
+    with FakeServer(nonsense=nonsense, nonsense_times=10**6) as server:
+        path = write_config(tmp_path / "always.yaml", tmp_path / "always",
+                            fake_models(server, max_retries=1, max_concurrency=1))
+        error = one_error(run_cai("generate-sl", "--config", path))
+        assert server.completions == 2  # the request and one retry
+    assert server.url in error and what in error and "after 1 retries" in error
+    assert len(error) < 700  # what came back is cut to its first 200 characters
+    assert not (tmp_path / "always" / "sl" / "chains.jsonl").exists()
+
+
+def test_a_models_route_that_answers_a_web_page_is_exit_2_before_anything_is_written(tmp_path):
+    with FakeServer(models_html=True) as server:
+        path = write_config(tmp_path / "c.yaml", tmp_path / "run",
+                            fake_models(server, max_retries=0))
+        error = one_error(run_cai("generate-sl", "--config", path))
+        assert server.completions == 0
+    assert server.url in error and "/models" in error and "<!DOCTYPE html>" in error
+    assert "base_url" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_server_whose_error_echoes_the_key_never_gets_it_printed(tmp_path):
+    secret = "sk-live-0123456789abcdef"
+    with FakeServer(echo_authorization=True) as server:
+        path = write_config(tmp_path / "c.yaml", tmp_path / "run",
+                            fake_models(server, api_key_env="CAI_TEST_KEY"))
+        result = run_cai("generate-sl", "--config", path, env={"CAI_TEST_KEY": secret})
+        assert server.authorizations == {f"Bearer {secret}"}  # it was sent, and echoed
+    error = one_error(result)
+    assert "HTTP 400" in error and "bad request from Bearer ***" in error
+    assert secret not in result.stdout + result.stderr
+    assert secret[:12] not in result.stderr  # nor a piece of it
+
+
+def test_nonsense_mid_run_stops_with_exit_2_and_the_rerun_resumes_to_the_same_output(tmp_path):
+    with FakeServer() as server:
+        path = write_config(tmp_path / "reference.yaml", tmp_path / "reference",
+                            fake_models(server, max_concurrency=1))
+        ok(run_cai("generate-sl", "--config", path))
+    port = free_port()
+    # 2 prompts a batch, 3 requests a prompt: the first batch is answered, the second is not
+    with FakeServer(port, nonsense="null_message", nonsense_times=10**6,
+                    nonsense_after=6) as server:
+        path = write_config(tmp_path / "lies.yaml", tmp_path / "lies",
+                            fake_models(server, max_concurrency=1, max_retries=0))
+        assert "resumes" in one_error(run_cai("generate-sl", "--config", path))
+    assert len(read(tmp_path / "lies" / "sl" / "chains.jsonl.partial")) == 2
+    with FakeServer(port) as server:
+        ok(run_cai("generate-sl", "--config", path))
+        assert server.completions == 2 * 3  # only the second batch
+    for name in ("chains.jsonl", "sft.jsonl"):
+        assert (tmp_path / "lies" / "sl" / name).read_bytes() == \
+            (tmp_path / "reference" / "sl" / name).read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real vLLM on the CPU
 

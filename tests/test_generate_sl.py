@@ -33,7 +33,7 @@ def write_config(tmp_path: Path, model: Path, name: str = "config.yaml", **secti
         node = config
         *parents, last = key.split("__")
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[last] = value
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
@@ -127,8 +127,10 @@ def test_transcript_format_for_base_models(tmp_path, tiny_model_dir):
 def test_conversation_too_long_is_skipped_with_a_warning(tmp_path, tiny_model_dir, capsys):
     # The critique prompt (worked example + answer + request) is far longer than the first
     # question, so with this limit every chain fits its answer but not its first critique.
+    # (the other stages' budgets fit this context too, or the config is refused as it loads)
     config_path = write_config(tmp_path, tiny_model_dir, models__policy__max_context=120,
-                               generate_sl__few_shot=2)
+                               generate_sl__few_shot=2, label_prefs__sampling__max_new_tokens=16,
+                               evaluate__sampling__max_new_tokens=16)
     run_stage(config_path)
     manifest = json.loads((tmp_path / "run" / "sl" / "manifest.json").read_text())
     assert manifest["status"] == "complete"

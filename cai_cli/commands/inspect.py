@@ -561,9 +561,12 @@ def generated_prompts_file(path: Path) -> Path | None:
 def show_generated_prompts(console: Console, path: Path, record_id: str | None,
                            index: int | None, grep: str | None, limit: int) -> None:
     """Each new prompt with the seed prompts it was shown (from ``seeds.jsonl`` beside it)."""
-    records = read_jsonl(path)
+    # (hostile: typed, so a record without an id or prompt is a message naming its line)
+    from cai_cli.run.records import GeneratedPrompt, SeedPrompt, read
+
+    records = [r.model_dump() for r in read(path, GeneratedPrompt)]
     seeds_file = path.with_name("seeds.jsonl")
-    seeds = {r["id"]: r["prompt"] for r in read_jsonl(seeds_file)} if seeds_file.is_file() else {}
+    seeds = {r.id: r.prompt for r in read(seeds_file, SeedPrompt)} if seeds_file.is_file() else {}
     new = sum(bool(r.get("seed_ids")) for r in records)
     console.print(Text.assemble((str(path), "bold"), f" — {new} generated prompts"
                                 + (f", {len(records) - new} seed prompts mixed in"

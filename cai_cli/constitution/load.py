@@ -8,9 +8,10 @@ from typing import Any
 
 import yaml
 
+from cai_cli import reading
 from cai_cli.constitution import anthropic, hf, ours
 from cai_cli.constitution.common import Constitution, Part, merge
-from cai_cli.data.sources import file_problem, read_text
+from cai_cli.reading import file_problem, read_text
 from cai_cli.errors import UserError
 
 FORMATS_HELP = (
@@ -71,8 +72,7 @@ def _read(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as json_error:
         try:
-            # libyaml's parser when PyYAML has it: `cai status` reads the constitution per stage
-            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            return reading.load_yaml(text, str(path))
         except yaml.YAMLError as yaml_error:
             if text.lstrip().startswith(("{", "[")):
                 raise UserError(

@@ -26,7 +26,8 @@ from cai_cli.data.transcripts import first_human_turn
 from cai_cli.data.transcripts import (
     transcript_messages as transcript_messages,  # stages import it here
 )
-from cai_cli.errors import UserError, not_found
+from cai_cli.errors import UserError
+from cai_cli.reading import file_problem, read_text
 from cai_cli.run.artifacts import iter_jsonl
 
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -73,36 +74,6 @@ def to_prompt_text(value: Any) -> str | None:
                 content = message.get("content") or ""
                 return content.strip() if isinstance(content, str) else None
     return None
-
-
-def file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be read as a file, in words for an error message; ``None`` if it can."""
-    if path.is_file():
-        return None
-    if path.is_dir():
-        return "is a directory, not a file"
-    if path.exists():
-        return "is not a regular file"
-    return not_found(path)
-
-
-def read_text(path: Path, *, newline: str | None = None) -> str:
-    """The text of a UTF-8 file. ``newline=None`` turns \\r\\n and \\r into \\n as ``open``
-    does; ``""`` keeps line endings as they are (what the csv module wants).
-
-    A byte that is not UTF-8 is a UserError naming its line and byte offset, so the user can
-    find it (a file saved as Latin-1 or UTF-16 by a spreadsheet is the usual cause)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte "
-                        f"offset {exc.start}); save the file as UTF-8") from None
-    return text if newline == "" else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_records(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]:

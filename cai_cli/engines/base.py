@@ -89,17 +89,25 @@ class Backend(Protocol):
 class ChatPrompts:
     """Prompts to token ids through a transformers tokenizer and its chat template, for the
     engines that tokenise in this process (hf, vllm). Needs ``tokenizer``,
-    ``has_chat_template`` and ``name``."""
+    ``has_chat_template`` and ``name``.
+
+    Every text in a prompt (the data's prompts, the models' answers, critiques and revisions,
+    the worked examples) is tokenised as text: a control-token string inside it such as
+    ``<|im_end|>`` never becomes the control id, only the chat template's own do
+    (``engines.literal``)."""
 
     tokenizer: object
     has_chat_template: bool
     name: str
 
     def render(self, prompt: PromptInput) -> tuple[str, bool]:
-        """The text of a prompt and whether the tokenizer should add its special tokens (a chat
-        template writes its own). A conversation ending in an assistant message is continued."""
+        """The text of a prompt, its contents marked (``literal.mark``), and whether the
+        tokenizer should add its special tokens (a chat template writes its own). A
+        conversation ending in an assistant message is continued."""
+        from cai_cli.engines import literal
+
         if isinstance(prompt, str):
-            return prompt, True
+            return literal.mark(prompt, self.tokenizer), True
         if not self.has_chat_template:
             from cai_cli.errors import UserError
 
@@ -107,18 +115,26 @@ class ChatPrompts:
                             "transcript for base models")
         begun = prompt[-1]["role"] == "assistant"
         text = self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=not begun, continue_final_message=begun)
+            literal.mark_conversation(prompt, self.tokenizer), tokenize=False,
+            add_generation_prompt=not begun, continue_final_message=begun)
         return text, False
 
     def tokenize(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        from cai_cli.engines import literal
+
+        return literal.encode(self.tokenizer, text, special)
 
     def tokenize_many(self, texts: Sequence[tuple[str, bool]]) -> list[list[int]]:
         """``tokenize`` of many ``(text, special)`` at once (a fast tokenizer encodes a list
-        in one call per kind)."""
+        in one call per kind; a text holding a control-token string is encoded alone)."""
+        from cai_cli.engines import literal
+
         out: list = [None] * len(texts)
+        for index, (text, special) in enumerate(texts):
+            if literal.is_marked(text):
+                out[index] = literal.encode(self.tokenizer, text, special)
         for special in (True, False):
-            indices = [i for i, (_, s) in enumerate(texts) if s is special]
+            indices = [i for i, (_, s) in enumerate(texts) if s is special and out[i] is None]
             if indices:
                 ids = self.tokenizer([texts[i][0] for i in indices],
                                      add_special_tokens=special)["input_ids"]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from cai_cli.engines.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
                                    common_prefix)
-from cai_cli.config import ModelConfig
+from cai_cli.config import CONTEXT_FIELDS, ModelConfig
 from cai_cli.engines.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
                             load_tokenizer, quiet_transformers)
 
@@ -76,7 +76,7 @@ class HFBackend(ChatPrompts):
             self.model.set_attn_implementation(kept)
 
     def _model_context(self) -> int:
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        for name in CONTEXT_FIELDS:
             value = getattr(self.model.config, name, None)
             if isinstance(value, int) and value > 0:
                 return value

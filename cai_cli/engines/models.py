@@ -451,7 +451,9 @@ def _from_pretrained(auto_class, model: ModelConfig, what: str, kind: str, fix: 
 def load_tokenizer(model: ModelConfig, what: str, *, padding_side: str | None = "left",
                    fix: str = ""):
     """The model's tokenizer, with a pad token (the end-of-sequence token when it has none) and
-    ``padding_side`` (left, for generation; None keeps the saved one)."""
+    ``padding_side`` (left, for generation; None keeps the saved one). It tokenises message
+    contents as text in every call (``literal.protect``): whoever renders a conversation with
+    it (our engines, TRL's trainers) gets a control-token string in the data as text."""
     from transformers import AutoTokenizer
 
     key = model_key(what)
@@ -466,7 +468,9 @@ def load_tokenizer(model: ModelConfig, what: str, *, padding_side: str | None = 
         tokenizer.pad_token = tokenizer.eos_token
     if padding_side is not None:
         tokenizer.padding_side = padding_side
-    return tokenizer
+    from cai_cli.engines.literal import protect
+
+    return protect(tokenizer)
 
 
 def load_config(model: ModelConfig, what: str, **config_kwargs):

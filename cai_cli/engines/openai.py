@@ -8,11 +8,13 @@ server, or a hosted API.
   ``max_concurrency`` of them are in flight at once.
 - **Failures.** The ``openai`` client retries a request that could not connect, timed out or
   got HTTP 408, 409, 429 or 5xx, ``max_retries`` times with exponential backoff (0.5 s doubling
-  up to 8 s, with jitter). After that, or on any other HTTP error, the stage stops with a
-  ``UserError`` naming the server's URL (exit 2); its finished batches are kept, so rerunning
-  the command once the server is back resumes where it stopped. The server is asked for its
-  models when the engine starts, so an unreachable server or a wrong model name fails before
-  anything is written.
+  up to 8 s, with jitter). A reply that is not an OpenAI one although the status says all is
+  well (a web page, ``"choices": []``, ``"message": null``: a proxy, a login page, a server
+  having a bad moment) is retried the same way here (``BadReply``). After that, or on any other
+  HTTP error, the stage stops with a ``UserError`` naming the server's URL and what it answered
+  (exit 2); its finished batches are kept, so rerunning the command once the server is back
+  resumes where it stopped. The server is asked for its models when the engine starts, so an
+  unreachable server or a wrong model name fails before anything is written.
 - **Context.** vLLM reports the model's context (``max_model_len``); a prompt that leaves less
   room than ``max_new_tokens`` is an ``Overflow`` (skipped with a warning), as the other
   engines do, instead of the server's silently shortened answer.
@@ -25,9 +27,11 @@ server, or a hosted API.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from cai_cli import ui
 from cai_cli.engines.base import Completion, NoLogprobs, Overflow, PromptInput, SamplingParams
@@ -40,6 +44,15 @@ from cai_cli.run.seeding import record_seed
 MAX_STOPS = 4
 _CONTEXT = re.compile(r"maximum context length (?:is )?\(?(\d+)")
 _PROMPT = re.compile(r"(?:contains (?:at least )?|resulted in |Input length \(|request has )(\d+)")
+SHOWN = 200  # characters of a bad reply shown in the error
+
+
+class BadReply(Exception):
+    """An HTTP 200 whose body is not the OpenAI reply it should be."""
+
+    def __init__(self, route: str, problem: str, body: str):
+        super().__init__(f"{route}: {problem}")
+        self.route, self.problem, self.body = route, problem, body
 
 
 class OpenAIBackend:
@@ -87,7 +100,7 @@ class OpenAIBackend:
         context when the server says it (vLLM's ``max_model_len``), else 0 (unknown)."""
         async def ask():
             async with self._client() as client:
-                return [card async for card in client.models.list()]
+                return await self._retrying(lambda: self._models(client))
 
         try:
             cards = self._run(ask())
@@ -95,13 +108,34 @@ class OpenAIBackend:
             if "HTTP 404" not in str(exc):
                 raise
             return 0  # a server without the models route: nothing to check
-        served = {card.id: card for card in cards}
+        served = {card["id"]: card for card in cards}
         if self.name not in served:
             names = ", ".join(sorted(served)[:10]) or "none"
             raise UserError(f"{self.what}.name_or_path: the server at {self.url} has no model "
                             f"'{self.name}' (it serves: {names}); use one of those names")
-        length = (served[self.name].model_extra or {}).get("max_model_len")
-        return int(length) if isinstance(length, int) else 0
+        length = served[self.name].get("max_model_len")
+        return length if isinstance(length, int) and not isinstance(length, bool) else 0
+
+    async def _models(self, client) -> list[dict]:
+        """The model cards of ``/models``: ``{"data": [{"id": ...}, ...]}``."""
+        raw = await client.models.with_raw_response.list()
+        reply = _json_reply(raw, "/models")
+        cards = reply.get("data")
+        if not isinstance(cards, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) for c in cards):
+            raise BadReply("/models", "no list of models with an id each", raw.http_response.text)
+        return cards
+
+    async def _retrying(self, call):
+        """``await call()``, again after a ``BadReply``, ``max_retries`` times with the
+        client's own backoff (0.5 s doubling up to 8 s, less up to a quarter of jitter)."""
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                return await call()
+            except BadReply:
+                if attempt == self.config.max_retries:
+                    raise
+                await asyncio.sleep(min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random()))
 
     def _run(self, work):
         """Run a coroutine; the client's errors, once its retries are spent, become UserErrors
@@ -109,6 +143,16 @@ class OpenAIBackend:
         openai = self._openai
         try:
             return asyncio.run(work)
+        except BadReply as exc:
+            body = exc.body.strip()
+            shown = (f"{body[:SHOWN]!r}" + (f" (the first {SHOWN} of {len(body)} characters)"
+                                            if len(body) > SHOWN else "")) if body else "nothing"
+            raise UserError(
+                f"{self.what}: the server at {self.url} answered {exc.route} with HTTP 200 but "
+                f"not an OpenAI reply ({exc.problem}), after {self.config.max_retries} retries; "
+                f"it sent: {shown}. Check that {self.what}.base_url is an OpenAI-compatible "
+                "API root (it ends in /v1), then rerun the same command: the stage resumes "
+                "where it stopped") from None
         except openai.APIConnectionError as exc:  # includes timeouts
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "cannot connect"
             raise UserError(
@@ -153,44 +197,47 @@ class OpenAIBackend:
     async def _request(self, client, prompt: PromptInput, params: SamplingParams, seed: int,
                        logprobs: int = 0):
         """One completion of ``prompt``: ``(text, new tokens, the first token's alternatives as
-        {token text: logprob} or None)``; an ``Overflow`` when it does not fit."""
+        {token text: logprob} or None)``; an ``Overflow`` when it does not fit. A reply that is
+        not an OpenAI one is asked for again (``_retrying``)."""
+        return await self._retrying(
+            lambda: self._request_once(client, prompt, params, seed, logprobs))
+
+    async def _request_once(self, client, prompt: PromptInput, params: SamplingParams, seed: int,
+                            logprobs: int):
         stops = list(params.stop[:MAX_STOPS]) or None
         extra = {"top_k": params.top_k} if params.top_k else {}
         common = dict(model=self.name, max_tokens=params.max_new_tokens, seed=seed,
                       temperature=params.temperature, top_p=params.top_p, stop=stops)
         try:
             if isinstance(prompt, str):
-                response = await client.completions.create(
+                route = "/completions"
+                raw = await client.completions.with_raw_response.create(
                     prompt=prompt, logprobs=logprobs or None, extra_body=extra or None, **common)
-                choice = response.choices[0]
-                text = choice.text
-                first = None
-                if logprobs and choice.logprobs is not None and choice.logprobs.top_logprobs:
-                    first = dict(choice.logprobs.top_logprobs[0])
             else:
+                route = "/chat/completions"
                 if prompt[-1]["role"] == "assistant":
                     extra.update(continue_final_message=True, add_generation_prompt=False)
-                response = await client.chat.completions.create(
+                raw = await client.chat.completions.with_raw_response.create(
                     messages=prompt, extra_body=extra or None,
                     **({"logprobs": True, "top_logprobs": logprobs} if logprobs else {}),
                     **common)
-                choice = response.choices[0]
-                text = choice.message.content or ""
-                first = None
-                content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
-                if logprobs and content:
-                    first = {alt.token: alt.logprob for alt in content[0].top_logprobs}
         except self._openai.BadRequestError as exc:
             overflow = self._overflow(str(exc), params.max_new_tokens)
             if overflow is None:
                 raise
             return overflow
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
+        reply = _json_reply(raw, route)
+        try:
+            text, first = _read_choice(reply, chat=route == "/chat/completions",
+                                       logprobs=bool(logprobs))
+            usage = reply.get("usage") or {}
+            prompt_tokens = _count(usage.get("prompt_tokens"))
+            tokens = _count(usage.get("completion_tokens"))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise BadReply(route, _problem(exc), raw.http_response.text) from None
         if self.max_context and prompt_tokens + params.max_new_tokens > self.max_context:
             # the server shortens such an answer silently; the other engines skip the prompt
             return Overflow(prompt_tokens, params.max_new_tokens, self.max_context)
-        tokens = usage.completion_tokens if usage else 0
         return cut_at_stop(text, params.stop).strip(), tokens, first
 
     def _overflow(self, message: str, max_new_tokens: int) -> Overflow | None:
@@ -264,6 +311,60 @@ class OpenAIBackend:
                     f"at {self.url}: read as at most the least likely of them (raise "
                     f"{self.what}.top_logprobs if the server allows more)")
         return results
+
+
+def _json_reply(raw, route: str) -> dict:
+    """The JSON object of an HTTP 200 reply; ``BadReply`` when it is not one."""
+    body = raw.http_response.text
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        raise BadReply(route, "not JSON", body) from None
+    if not isinstance(reply, dict):
+        raise BadReply(route, f"JSON {type(reply).__name__}, not an object", body)
+    return reply
+
+
+def _read_choice(reply: dict, *, chat: bool, logprobs: bool) -> tuple[str, dict | None]:
+    """The first choice's text and, when asked for, its first token's alternatives. Raises
+    (KeyError, TypeError, ...) where the reply lacks what an OpenAI reply has."""
+    choices = reply["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("no choices")
+    choice = choices[0]
+    if chat:
+        message = choice["message"]
+        if not isinstance(message, dict):
+            raise ValueError(f"choices[0].message is {json.dumps(message)}")
+        text = message.get("content") or ""  # null content: an empty answer (a refusal, say)
+    else:
+        text = choice["text"]
+    if not isinstance(text, str):
+        raise ValueError(f"the text of choices[0] is {json.dumps(text)}")
+    first = None
+    found: Any = choice.get("logprobs")
+    if logprobs and found:
+        if chat:
+            content = found.get("content")
+            if content:
+                first = {alt["token"]: float(alt["logprob"]) for alt in content[0]["top_logprobs"]}
+        elif found.get("top_logprobs"):
+            first = {token: float(value) for token, value in found["top_logprobs"][0].items()}
+    return text, first
+
+
+def _count(value: Any) -> int:
+    """A token count from ``usage``: 0 when the server does not say."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _problem(exc: Exception) -> str:
+    """What a reply lacked, from the error reading it raised."""
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r}"
+    if isinstance(exc, IndexError):
+        return "an empty list"
+    return str(exc) or type(exc).__name__
 
 
 def _reason(exc: Exception) -> str:

@@ -172,16 +172,20 @@ def classification_prompt(prompt: str, answer: str | None, question: str, yes_fi
 
 def transcript_pair(pair: dict) -> dict:
     """A pair as plain Human:/Assistant: text, for a model without a chat template (the layout
-    the paper's preference models read); TRL appends the end-of-sequence token."""
+    the paper's preference models read); TRL appends the end-of-sequence token. Control-token
+    strings in the contents are marked (``literal.mark_any``), so the tokenizers cai loads read
+    them as text."""
+    from cai_cli.engines.literal import mark_any
+
     def kind(message: dict) -> str:
         return "assistant" if message["role"] == "assistant" else "human"
 
     def answer(conversation: list[dict]) -> str:  # continues the prompt's "Assistant:"
         first, *rest = conversation
-        return f" {first['content']}" + "".join(f"\n\n{LABELS[kind(m)]}: {m['content']}"
-                                                for m in rest)
+        return f" {mark_any(first['content'])}" + "".join(
+            f"\n\n{LABELS[kind(m)]}: {mark_any(m['content'])}" for m in rest)
 
-    return {"prompt": render([(kind(m), m["content"]) for m in pair["prompt"]], "assistant",
-                             "transcript"),
+    return {"prompt": render([(kind(m), mark_any(m["content"])) for m in pair["prompt"]],
+                             "assistant", "transcript"),
             "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"]),
             "p_chosen": pair["p_chosen"]}

@@ -64,8 +64,16 @@ def numbered_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> Iterat
             raise UserError(f"{path}:{number}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
                             "fix or remove that line") from None
         if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got "
+                            f"{json_kind(record)}")
         yield number, record
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: an array, a string, null..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {list: "an array", str: "a string", dict: "an object"}.get(type(value), "a number")
 
 
 def read_jsonl(path: Path | str, *, allow_torn_tail: bool = False) -> list[dict]:

@@ -46,6 +46,53 @@ SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
 PLOTS_DIR = "plots"  # inside a stage directory: its PNG plots
 LOGS = "logs"  # inside a stage directory: trackers' local files (tensorboard), beside the model
 LOG_HISTORY = "log_history.json"  # in LOGS: a trainer's log history, every logged step
+REPORT = "report.md"  # `cai report`'s page, at the top of the run directory
+# What may sit at the top of a run directory that has no .cai/ yet: the stage folders and the
+# report. Anything else means the directory is something else (a home, a project, a disk).
+RUN_ENTRIES = frozenset({*STAGE_DIRS.values(), *CHECK_DIRS.values(), TOOL_DIR, REPORT})
+
+
+def run_dir_problem(run_dir: str | Path, own: tuple[Path, ...] = ()) -> str | None:
+    """Why ``run_dir`` cannot be a run directory, in words for ``run_dir: <here>``; None when
+    it can. A run directory is one that does not exist yet, an empty one, one ``cai`` has
+    written (it holds ``.cai/``; files the user keeps beside the stages are left alone), or one
+    holding only stage folders, ``report.md`` and the run's own files (``own``: the config and
+    the files it names, kept beside the run). The file system's root and the home directory
+    never are: a stage writes a dozen folders there and ``--force`` deletes some."""
+    if "\0" in str(run_dir):
+        return "holds a NUL character, which no path can"
+    path = Path(run_dir).expanduser()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return None  # a loop of links: the stage that writes there says why
+    if resolved == Path(resolved.anchor):
+        return "is the file system's root"
+    if resolved == Path.home().resolve():
+        return "is your home directory"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a directory"
+    if (path / TOOL_DIR).is_dir():
+        return None
+    mine = set()
+    for file in own:
+        try:
+            mine.update({file.resolve(), *file.resolve().parents})
+        except (OSError, RuntimeError, ValueError):
+            continue
+    try:
+        others = sorted(entry.name for entry in path.iterdir()
+                        if entry.name not in RUN_ENTRIES and entry.resolve() not in mine)
+    except OSError:
+        return None  # unreadable: the lock or the stage says so
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"holds files that are not a cai run ({shown}); a run directory is new, empty, "
+            f"one cai wrote (it has {TOOL_DIR}/), or holds only stage folders and the files the "
+            "config names")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ No heavy imports here (``cai inspect`` uses it); pydantic is light.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional, TypeVar
 
@@ -114,6 +115,22 @@ class Pair(Record):
     prompt_id: Optional[str] = None
 
 
+class GeneratedPrompt(Record):
+    """``prompts/red_team.jsonl``: a new red-team prompt and the ids of the seed prompts it was
+    shown (none: a seed prompt mixed in)."""
+
+    id: str
+    prompt: str
+    seed_ids: Optional[list[str]] = None
+
+
+class SeedPrompt(Record):
+    """``prompts/seeds.jsonl``: a seed prompt the new ones were shown."""
+
+    id: str
+    prompt: str
+
+
 class EvalAnswer(Record):
     """``eval/answers.jsonl``: one model's answer to one evaluation prompt."""
 
@@ -138,7 +155,8 @@ def parse(record: dict, kind: type[R], where: str) -> R:
                 else f" (got {given!r})"
             problems.append(f"{field}: {error['msg'].removeprefix('Value error, ')}{shown}")
         more = f"; and {exc.error_count() - 5} more" if exc.error_count() > 5 else ""
-        raise UserError(f"{where}: not a valid {kind.__name__.lower()} record: "
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", kind.__name__).lower()
+        raise UserError(f"{where}: not a valid {name} record: "
                         + "; ".join(problems) + more) from None
 
 
