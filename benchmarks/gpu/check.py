@@ -83,7 +83,8 @@ WORK = {
                       "label_prefs.sampling.max_new_tokens=8", "train_rm.training.max_steps=2",
                       "train_rm.training.max_length=256", "optimize.training.max_steps=2",
                       "optimize.training.max_length=256", "evaluate.limit=3",
-                      "evaluate.helpful_limit=2", "evaluate.principles_per_pair=1",
+                      "evaluate.helpful_limit=2", "evaluate.benign_limit=2",
+                      "evaluate.principles_per_pair=1",
                       "evaluate.sampling.max_new_tokens=8", "evaluate.bootstrap=100"]),
 }
 # fp32: the largest allowed shortfall of a greedy token's logit below the largest logit of a
@@ -684,8 +685,8 @@ def training_steps(report: Report, args, work: Path, model_dir: Path, pipeline_d
                "optimize.training.report_to=[tensorboard]", f"optimize.training.max_steps={steps}",
                "optimize.training.save_steps=100000", "optimize.soft_labels=false"]
     if args.shape == "small":
-        per_run += ["finetune.training.per_device_batch_size=4", "finetune.training.max_length=256",
-                    "optimize.training.max_length=256"]
+        per_run += ["finetune.training.per_device_batch_size=2", "finetune.training.max_length=128",
+                    "optimize.training.per_device_batch_size=2", "optimize.training.max_length=128"]
     for name, command, extra, run_name in (
             ("finetune, full", "finetune", [], "train-full"),
             ("finetune, LoRA", "finetune", ["finetune.lora.enabled=true"], "train-lora"),

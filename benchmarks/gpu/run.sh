@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu/run.sh                      # on the GPU machine: cuda, Qwen2.5-0.5B's shape
 #   bash benchmarks/gpu/run.sh --device cpu         # anywhere: small shapes (the test suite's run)
 #
-# PYTHON (default python3) and CAI_GPU_SITE (default /tmp/cai-gpu-site) may be set.
+# PYTHON (default python3), CAI_GPU_SITE (the install folder, default /tmp/cai-gpu-site) and
+# CAI_GPU_WHEELS (default .whl) may be set.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 SITE=${CAI_GPU_SITE:-/tmp/cai-gpu-site}
+WHEELS=${CAI_GPU_WHEELS:-.whl}
 export OUT=${OUT:-runs/gpu-check}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -21,11 +23,11 @@ pip_install() {
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
         --disable-pip-version-check --upgrade --target "$SITE" "$@"
 }
-if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
-    pip_install .whl/*.whl || { echo "error: the carried wheels did not install"; exit 1; }
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels from $WHEELS into $SITE"
+    pip_install "$WHEELS"/*.whl || { echo "error: the carried wheels did not install"; exit 1; }
 else
-    echo "no .whl/ here: no wheels carried (make gpu-wheels, then carry .whl)"
+    echo "no wheels in $WHEELS: none installed (make gpu-wheels, then carry .whl)"
 fi
 # The project, as a user installs it (its own dependencies come from the machine and .whl/).
 # Its build needs setuptools>=77 on the machine; without, check.py runs the checkout itself.
