@@ -11,15 +11,20 @@ leaves what it measured:
   of every model here: a byte-level BPE trained on the package's own text, 2048 tokens, with a
   ChatML template); a random model of Qwen2.5-0.5B's shape (``--shape qwen2.5-0.5b``: hidden
   896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocabulary 151936, tied embeddings, rope
-  theta 1e6) with that tokenizer, saved in fp32. The model keeps Qwen's vocabulary size (the
-  cost of its embedding and output head): ids past the tokenizer's 2048 decode to nothing.
+  theta 1e6, Qwen's initializer range 0.02) with that tokenizer, saved in fp32. The model
+  keeps Qwen's vocabulary size (the cost of its embedding and output head): ids past the
+  tokenizer's 2048 decode to nothing. The small shape (2 layers of 128) uses an initializer
+  range of 0.1: at 0.02 its attention is so nearly uniform that a 10% error in the shared
+  prefix's attention scores changed no greedy token (at 0.1 it changed every turn; the
+  0.5B shape caught the same error at 0.02 in fp32, on a CPU: a chosen token 0.007 short).
 - correctness, in bf16 and fp32: 24 critique turns that share a worked example, greedy, through
   the hf backend and through plain ``model.generate`` one at a time, compared token for token;
-  every token the backend chose is then checked under a plain forward pass of the whole
-  sequence (its logit within a stated tolerance of the largest, so a divergence is a near tie
-  and not a bug); ``score_options`` (one-token and several-token options) against log-softmax
-  of a plain forward pass. Calls into ``cai_cli.engines.kv`` are counted: the cascade path must
-  have been taken (decoding steps and prefills against shared prefixes).
+  every token the backend chose is then judged by an exact forward pass of the whole sequence
+  (its logit against the largest: see ``check_correctness`` for the tolerances), so a
+  divergence is shown to be a near tie and not a bug; ``score_options`` (one-token and
+  several-token options) against log-softmax of plain forward passes. Calls into
+  ``cai_cli.engines.kv`` are counted: the cascade path must have been taken (decoding steps and
+  prefills against shared prefixes).
 - pipeline: ``cai run`` of ``configs/tiny.yaml`` on the tiny model, device auto (cuda on a GPU:
   bf16 weights and bf16 training there), then ``cai status`` (every stage done) and every
   artifact loaded (checkpoints run a forward pass on the device).
@@ -73,7 +78,8 @@ SHAPES = {
 # the small one's fits the test suite on two CPU cores.
 WORK = {
     "qwen2.5-0.5b": dict(init_std=0.02, turns=24, greedy_tokens=16, new_tokens=32,
-                         batch_size=24, repeats=2, train_steps=10, tiny_model=[], pipeline=[]),
+                         batch_size=24, repeats=2, train_steps=10, tiny_model=[], pipeline=[],
+                         training=[]),
     "small": dict(init_std=0.1, turns=6, greedy_tokens=8, new_tokens=8, batch_size=6, repeats=1,
                   train_steps=3, tiny_model=["--hidden-size", "64", "--layers", "2"], pipeline=[
                       "data.red_team.limit=4", "generate_sl.num_revisions=1",
@@ -85,7 +91,11 @@ WORK = {
                       "optimize.training.max_length=256", "evaluate.limit=3",
                       "evaluate.helpful_limit=2", "evaluate.benign_limit=2",
                       "evaluate.principles_per_pair=1",
-                      "evaluate.sampling.max_new_tokens=8", "evaluate.bootstrap=100"]),
+                      "evaluate.sampling.max_new_tokens=8", "evaluate.bootstrap=100"],
+                  training=["finetune.training.per_device_batch_size=2",
+                            "finetune.training.max_length=128",
+                            "optimize.training.per_device_batch_size=2",
+                            "optimize.training.max_length=128"]),
 }
 # fp32: the largest allowed shortfall of a greedy token's logit below the largest logit of a
 # plain forward pass, and difference of an option's log-probability (bf16: check_correctness).
@@ -679,14 +689,9 @@ def training_steps(report: Report, args, work: Path, model_dir: Path, pipeline_d
         note=f"{args.shape}-shaped random model, configs/tiny.yaml's training settings, "
              f"{steps} steps each; s/step is the median gap between logged steps after the "
              "first (TensorBoard wall times)")
-    per_run = ["finetune.training.logging_steps=1",
-               "finetune.training.report_to=[tensorboard]", f"finetune.training.max_steps={steps}",
-               "finetune.training.save_steps=100000", "optimize.training.logging_steps=1",
-               "optimize.training.report_to=[tensorboard]", f"optimize.training.max_steps={steps}",
-               "optimize.training.save_steps=100000", "optimize.soft_labels=false"]
-    if args.shape == "small":
-        per_run += ["finetune.training.per_device_batch_size=2", "finetune.training.max_length=128",
-                    "optimize.training.per_device_batch_size=2", "optimize.training.max_length=128"]
+    per_run = [f"{stage}.training.{key}" for stage in ("finetune", "optimize") for key in (
+        "logging_steps=1", "report_to=[tensorboard]", f"max_steps={steps}", "save_steps=100000")]
+    per_run += args.size["training"]
     for name, command, extra, run_name in (
             ("finetune, full", "finetune", [], "train-full"),
             ("finetune, LoRA", "finetune", ["finetune.lora.enabled=true"], "train-lora"),
@@ -774,6 +779,9 @@ def main() -> int:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # fp32 means fp32 here (torch's default; said aloud, since TF32 would miss the fp32 tolerance)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     args.shape = args.shape or ("qwen2.5-0.5b" if args.device.startswith("cuda") else "small")
     args.pipeline_device = "auto" if args.device.startswith("cuda") else args.device
     args.size = dict(WORK[args.shape])
