@@ -23,9 +23,11 @@ def cpu_check(tmp_path_factory):
     interpreter, a scratch install folder and ``$OUT``: ``(result, out folder, checks by name)``."""
     root = tmp_path_factory.mktemp("gpu-check")
     out = root / "out"
-    # no wheels: this interpreter has every dependency (a checkout's .whl/ is for the GPU's)
+    # No wheels: this interpreter has every dependency (a checkout's .whl/ is for the GPU's).
+    # One torch thread: the suite runs two files at a time on two cores, and on a busy machine
+    # two threads per process spin-wait for each other (the run took 3x as long).
     env = dict(os.environ, PYTHON=sys.executable, CAI_GPU_SITE=str(root / "site"), OUT=str(out),
-               CAI_GPU_WHEELS=str(root / "no-wheels"))
+               CAI_GPU_WHEELS=str(root / "no-wheels"), OMP_NUM_THREADS="1")
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--device", "cpu",
                              "--work", str(root / "work")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
