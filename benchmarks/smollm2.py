@@ -58,13 +58,11 @@ def main() -> None:
 
     import torch
 
-    from cai_cli.run.artifacts import read_jsonl
     from cai_cli.engines.base import SamplingParams
     from cai_cli.engines.hf import HFBackend
     from cai_cli.config import load_config
     from cai_cli.constitution import load_constitution
     from cai_cli.data.sources import load_prompts
-    from cai_cli.engines.prompts import critique_prompt
     from cai_cli.engines.judge import Judge
 
     config = load_config(args.config, [
@@ -72,73 +70,24 @@ def main() -> None:
         f"models.policy.forward_batch_size={args.batch_size}", "generate_sl.few_shot=1",
         "label_prefs.few_shot=1", "label_prefs.chain_of_thought=false", *args.set])
     constitution = load_constitution(config.constitution_paths)
-    prompts = load_prompts(config.data.red_team.model_copy(update={"limit": args.turns}), config.seed)
-    # Real answer text of realistic length to critique: the helpful conversations' answers.
-    answers = [r["messages"][1]["content"] for r in read_jsonl(ROOT / "cai_cli/resources/helpful.jsonl")]
-    examples = constitution.few_shot[:1]
-    conversations = [critique_prompt(p.text, answers[i % len(answers)],
-                                     constitution.principles[i % len(constitution.principles)],
-                                     examples, "chat") for i, p in enumerate(prompts)]
+    conversations = critique_conversations(config, constitution, args.turns)
+    answers = helpful_answers()
 
     backend = HFBackend(config.models.policy, "models.policy")
-    model, tokenizer = backend.model, backend.tokenizer
-    # No end-of-turn stopping on any side: every turn is max_new_tokens long, the same work.
-    backend.stop_token_ids = []
-    model.generation_config.eos_token_id = None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE,
                             top_p=TOP_P, seed=0)
-    texts = [backend.render(c)[0] for c in conversations]
-    lengths = [len(ids) for ids in backend.tokenize_many([(t, False) for t in texts])]
+    work = GenerationWork(backend, conversations, params, args.batch_size)
+    lengths = work.prompt_lengths
     backend.generate(conversations[:2], params)  # warm-up
-
-    def ours() -> tuple[int, float]:
-        backend.prefixes.clear()  # each run computes its shared prefixes afresh
-        start = time.perf_counter()
-        results = backend.generate(conversations, params)
-        return sum(r.tokens for r in results), time.perf_counter() - start
-
-    def ours_first_token() -> tuple[int, float]:
-        backend.prefixes.clear()
-        start = time.perf_counter()
-        results = backend.generate(conversations, dataclasses.replace(params, max_new_tokens=1))
-        return sum(r.tokens for r in results), time.perf_counter() - start
-
-    def generate_kwargs(new_tokens: int = args.max_new_tokens) -> dict:
-        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                    do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,
-                    pad_token_id=tokenizer.pad_token_id)
-
-    def plain_batched(new_tokens: int = args.max_new_tokens) -> tuple[int, float]:
-        """What a script that batches does: left-padded batches straight into generate."""
-        torch.manual_seed(0)
-        tokenizer.padding_side = "left"
-        start, tokens = time.perf_counter(), 0
-        with torch.inference_mode(), backend.plain_attention():
-            for first in range(0, len(texts), args.batch_size):
-                batch = tokenizer(texts[first:first + args.batch_size], padding=True,
-                                  add_special_tokens=False, return_tensors="pt")
-                out = model.generate(**batch, **generate_kwargs(new_tokens))
-                tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
-        return tokens, time.perf_counter() - start
-
-    def one_at_a_time() -> tuple[int, float]:
-        torch.manual_seed(0)
-        start, tokens = time.perf_counter(), 0
-        with torch.inference_mode(), backend.plain_attention():
-            for text in texts:
-                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-                out = model.generate(**ids, **generate_kwargs())
-                tokens += out.shape[1] - ids["input_ids"].shape[1]
-        return tokens, time.perf_counter() - start
 
     # Best of the interleaved runs: the machine is shared, and a slow moment should not decide
     # the ratio either way.
     runs = []
     for repeat in range(args.repeats):
         runs.append(tuple(_timed(name, side, repeat) for name, side in (
-            ("ours", ours), ("plain batched", plain_batched), ("one at a time", one_at_a_time),
-            ("ours, one token", ours_first_token),
-            ("plain batched, one token", lambda: plain_batched(1)))))
+            ("ours", work.ours), ("plain batched", work.plain_batched),
+            ("one at a time", work.one_at_a_time), ("ours, one token", lambda: work.ours(1)),
+            ("plain batched, one token", lambda: work.plain_batched(1)))))
     best = [min((r[k] for r in runs), key=lambda r: r[1]) for k in range(5)]
     rates = [tokens / seconds for tokens, seconds in best]
     print(f"model: {Path(args.model).name}, critique turns: {len(conversations)}, prompt tokens: "
@@ -190,6 +139,103 @@ def main() -> None:
     print(f"position bias: the option shown first won {order_a} of {2 * comparisons} judgments")
 
 
+def helpful_answers() -> list[str]:
+    """Real answer text of realistic length to critique: the helpful conversations' answers."""
+    from cai_cli.run.artifacts import read_jsonl
+
+    return [r["messages"][1]["content"]
+            for r in read_jsonl(ROOT / "cai_cli/resources/helpful.jsonl")]
+
+
+def critique_conversations(config, constitution, turns: int) -> list:
+    """The work: ``turns`` critique turns of the config's red-team prompts, each critiquing a
+    helpful answer under a principle (drawn in turn), after the constitution's first worked
+    example, so every turn begins with the same few hundred tokens."""
+    from cai_cli.data.sources import load_prompts
+    from cai_cli.engines.prompts import critique_prompt
+
+    prompts = load_prompts(config.data.red_team.model_copy(update={"limit": turns}), config.seed)
+    answers = helpful_answers()
+    examples = constitution.few_shot[:1]
+    return [critique_prompt(p.text, answers[i % len(answers)],
+                            constitution.principles[i % len(constitution.principles)],
+                            examples, "chat") for i, p in enumerate(prompts)]
+
+
+def synchronize() -> None:
+    """Wait for the GPU (if any) before reading a clock: its work is asynchronous."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class GenerationWork:
+    """The same conversations through three engines on one backend's model, each side returning
+    ``(new tokens, seconds)``. End-of-turn stopping is turned off on every side (the backend's
+    and the model's generation config), so every turn is ``params.max_new_tokens`` long and the
+    work is the same."""
+
+    def __init__(self, backend, conversations: list, params, batch_size: int):
+        self.backend, self.conversations, self.params = backend, conversations, params
+        self.batch_size = batch_size
+        self.model, self.tokenizer = backend.model, backend.tokenizer
+        backend.stop_token_ids = []
+        self.model.generation_config.eos_token_id = None
+        self.texts = [backend.render(c)[0] for c in conversations]
+        self.prompt_lengths = [len(ids) for ids in
+                               backend.tokenize_many([(t, False) for t in self.texts])]
+
+    def ours(self, new_tokens: int | None = None) -> tuple[int, float]:
+        """Our hf backend (shared-prefix groups, cascade attention, prefill in runs)."""
+        params = self.params if new_tokens is None else dataclasses.replace(
+            self.params, max_new_tokens=new_tokens)
+        self.backend.prefixes.clear()  # each run computes its shared prefixes afresh
+        synchronize()
+        start = time.perf_counter()
+        results = self.backend.generate(self.conversations, params)
+        synchronize()
+        return sum(r.tokens for r in results), time.perf_counter() - start
+
+    def generate_kwargs(self, new_tokens: int | None = None) -> dict:
+        new_tokens = new_tokens or self.params.max_new_tokens
+        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=True, temperature=self.params.temperature, top_p=self.params.top_p,
+                    pad_token_id=self.tokenizer.pad_token_id)
+
+    def plain_batched(self, new_tokens: int | None = None) -> tuple[int, float]:
+        """What a script that batches does: left-padded batches straight into generate."""
+        import torch
+
+        torch.manual_seed(0)
+        self.tokenizer.padding_side = "left"
+        synchronize()
+        start, tokens = time.perf_counter(), 0
+        with torch.inference_mode(), self.backend.plain_attention():
+            for first in range(0, len(self.texts), self.batch_size):
+                batch = self.tokenizer(self.texts[first:first + self.batch_size], padding=True,
+                                       add_special_tokens=False, return_tensors="pt")
+                out = self.model.generate(**batch.to(self.model.device),
+                                          **self.generate_kwargs(new_tokens))
+                tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+        synchronize()
+        return tokens, time.perf_counter() - start
+
+    def one_at_a_time(self) -> tuple[int, float]:
+        import torch
+
+        torch.manual_seed(0)
+        synchronize()
+        start, tokens = time.perf_counter(), 0
+        with torch.inference_mode(), self.backend.plain_attention():
+            for text in self.texts:
+                ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+                out = self.model.generate(**ids.to(self.model.device), **self.generate_kwargs())
+                tokens += out.shape[1] - ids["input_ids"].shape[1]
+        synchronize()
+        return tokens, time.perf_counter() - start
+
+
 def model_floor(backend, conversations: list, new_tokens: int) -> float:
     """Seconds of the work no engine can skip: the forward pass over every row's own prompt
     tokens (those after the prefix the rows share), without padding or attention to the prefix,
@@ -203,15 +249,18 @@ def model_floor(backend, conversations: list, new_tokens: int) -> float:
     shared = {row: length for rows, length in groups for row in rows}
     own = sum(len(ids) - shared.get(row, 0) for row, ids in enumerate(encoded))
     rows, vocab = len(encoded), backend.model.config.vocab_size
-    prompts = torch.randint(0, vocab, (rows, max(own // rows, 1)))
-    step = torch.randint(0, vocab, (rows, 1))
+    device = backend.model.device
+    prompts = torch.randint(0, vocab, (rows, max(own // rows, 1)), device=device)
+    step = torch.randint(0, vocab, (rows, 1), device=device)
     timings = []
     with torch.inference_mode(), backend.plain_attention() as model:
         for _ in range(3):
+            synchronize()
             start = time.perf_counter()
             model(input_ids=prompts, use_cache=False, logits_to_keep=1)
             for _ in range(new_tokens - 1):
                 model(input_ids=step, use_cache=False, logits_to_keep=1)
+            synchronize()
             timings.append(time.perf_counter() - start)
     return min(timings)
 
