@@ -329,7 +329,7 @@ def config_show(config: Path = CONFIG, set_: Optional[List[str]] = SET):
 def config_keys(
     section: Optional[str] = typer.Argument(None, metavar="SECTION",
                                             help="Only keys under this dotted prefix, e.g. finetune."),
-    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the README's)."),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the one in docs/config.md)."),
 ):
     """Every config key with its default and meaning, from the schema's own field docs."""
     from cai_cli.config import print_keys

@@ -502,8 +502,8 @@ class RolloutVLLMConfig(Section):
 
     mode: Literal["colocate", "server"] = "colocate"
     """``colocate``: a vLLM engine inside each training process, sharing its GPU.
-    ``server``: a separate vLLM server on GPUs of its own (``trl vllm-serve``, see the
-    README), sent the new weights over NCCL."""
+    ``server``: a separate vLLM server on GPUs of its own (``trl vllm-serve``, see
+    docs/commands/optimize.md), sent the new weights over NCCL."""
     server_url: Optional[str] = None
     """server: the root address of the rollout server, e.g. ``http://127.0.0.1:8000`` (no
     ``/v1``); required with ``mode: server``."""
@@ -942,8 +942,8 @@ def _member_for(models: list[type[BaseModel]], node: Any) -> type[BaseModel]:
 
 
 def field_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, description)`` for every field, sections first-to-last; the README's
-    config reference is checked against this list. A section that is one of several classes
+    """``(dotted key, default, description)`` for every field, sections first-to-last; the
+    config reference in docs/config.md is checked against this list. A section that is one of several classes
     (a model: one class per engine) lists the keys of all of them, each once; a key that only
     some engines have says which in its description."""
     return _reference([model], prefix)
@@ -985,7 +985,7 @@ def _description(model: type[BaseModel], name: str) -> str | None:
 def json_default(value: Any) -> str:
     if value is None:
         return "null"
-    # one line, however long (a wrapped default would break the README's table row)
+    # one line, however long (a wrapped default would break the reference's table row)
     return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
 
 

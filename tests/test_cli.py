@@ -1,4 +1,5 @@
-"""The command line as a whole: every command's --help, shipped configs, the README's reference."""
+"""The command line as a whole: every command's --help, shipped configs; the documentation: the
+config reference in docs/config.md, the README's length, every relative link."""
 
 from __future__ import annotations
 
@@ -94,15 +95,61 @@ def test_config_validate_reports_every_missing_file_together(tmp_path):
     assert "nope" in result.stderr and "nada" in result.stderr
 
 
-def test_readme_documents_every_config_key():
-    """The README's reference is what `cai config keys --markdown` prints from the field docs."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+def test_config_reference_documents_every_config_key():
+    """docs/config.md's reference is what `cai config keys --markdown` prints from the field docs."""
+    reference = (ROOT / "docs" / "config.md").read_text()
+    block = reference.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
     printed = cai("config", "keys", "--markdown")
     assert printed.returncode == 0, printed.stderr
     assert block.strip() == printed.stdout.strip(), "regenerate: cai config keys --markdown"
     documented = set(re.findall(r"^\| `([\w.]+)` \|", block, flags=re.MULTILINE))
     assert {key for key, _, _ in documented_keys()} == documented
+
+
+def test_readme_stays_one_screenful_of_decisions():
+    """The README is the way in; the reference lives in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 300, f"README.md has {len(lines)} lines: move the detail into docs/"
+
+
+def _markdown_outside_code(text: str) -> str:
+    """The text of a Markdown page without its fenced code blocks (their `#` lines are no headings)."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", _markdown_outside_code(page.read_text()), re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_in_the_docs_points_at_a_file_that_exists():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) > 10
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _markdown_outside_code(page.read_text())):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 def test_config_keys_and_schema(tmp_path):

@@ -137,11 +137,11 @@ def test_plan_errors_are_short(tmp_path, tiny_model_dir, change, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_readme_lists_every_assumption():
+def test_plan_page_lists_every_assumption():
     from cai_cli.commands.costs import DEFAULTS
 
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"| `{key}` |" in readme for key in DEFAULTS)
+    page = (ROOT / "docs" / "commands" / "plan.md").read_text()
+    assert all(f"| `{key}` |" in page for key in DEFAULTS)
 
 
 def test_calibrate_times_the_tiny_model_and_says_how_to_reuse_it(tmp_path, tiny_model_dir):

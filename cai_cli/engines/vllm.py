@@ -41,7 +41,7 @@ class VLLMBackend(ChatPrompts):
             import vllm
         except ImportError:
             raise UserError(f"{what}.backend: vllm, but vLLM is not installed in this Python "
-                            "environment; `make vllm` builds .venv-vllm with it (see the README), "
+                            "environment; `make vllm` builds .venv-vllm with it (see docs/engines.md), "
                             "or use backend: hf") from None
         from cai_cli.engines.models import resolve_dtype
 

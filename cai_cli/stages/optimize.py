@@ -250,7 +250,7 @@ def check_vllm_rollouts(config: Config, args) -> None:
             args.vllm_server_base_url or {"vllm_server_host", "vllm_server_port"} & set(trl_args)):
         raise UserError("optimize.vllm.server_url: required with optimize.vllm.mode: server: the "
                         "address of the rollout server, e.g. http://127.0.0.1:8000 (start it "
-                        "with `trl vllm-serve --model MODEL`, see the README's `cai optimize`)")
+                        "with `trl vllm-serve --model MODEL`, see docs/commands/optimize.md)")
     if importlib.util.find_spec("vllm") is None:
         raise UserError(f"{why}, so optimize.method {method} samples its "
                         "completions with vLLM, but vLLM is not installed in this Python "
