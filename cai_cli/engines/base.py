@@ -168,6 +168,31 @@ class ChatPrompts:
         return starts
 
 
+def split_overflow(encoded: Sequence[Sequence[int]], max_new_tokens: int,
+                   max_context: int) -> tuple[list[int], list[Overflow | None]]:
+    """``(fitting, results)``: the indices of the prompts whose tokens leave room for
+    ``max_new_tokens`` in the context, and a result per prompt, ``Overflow`` for each that
+    does not fit, None for the others (the engine fills those in)."""
+    fitting, results = [], []
+    for index, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens > max_context:
+            results.append(Overflow(len(ids), max_new_tokens, max_context))
+        else:
+            fitting.append(index)
+            results.append(None)
+    return fitting, results
+
+
+def options_overflow(prompt_ids: Sequence[int], fulls: Sequence[Sequence[int]],
+                     max_context: int) -> Overflow | None:
+    """``Overflow`` when a prompt with its longest option (``fulls``: the prompt tokenised with
+    each option) does not fit the context, else None."""
+    longest = max(len(full) for full in fulls)
+    if longest <= max_context:
+        return None
+    return Overflow(len(prompt_ids), longest - len(prompt_ids), max_context)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     length = 0

@@ -11,7 +11,7 @@ import contextlib
 from typing import Sequence
 
 from cai_cli.engines.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
-                                   common_prefix)
+                                   common_prefix, options_overflow, split_overflow)
 from cai_cli.config import CONTEXT_FIELDS, ModelConfig
 from cai_cli.engines.models import (check_device, check_model_source, free_device_memory, load_causal_lm,
                             load_tokenizer, quiet_transformers)
@@ -100,13 +100,7 @@ class HFBackend(ChatPrompts):
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         encoded = self.encode_many(prompts)
-        results: list[Completion | Overflow | None] = [None] * len(prompts)
-        fitting = []
-        for index, ids in enumerate(encoded):
-            if len(ids) + params.max_new_tokens > self.max_context:
-                results[index] = Overflow(len(ids), params.max_new_tokens, self.max_context)
-            else:
-                fitting.append(index)
+        fitting, results = split_overflow(encoded, params.max_new_tokens, self.max_context)
         fitting = batch_order(fitting, encoded)
         if seeds is None:
             torch.manual_seed(params.seed)  # one stream for the call, drawn batch after batch
@@ -251,9 +245,9 @@ class HFBackend(ChatPrompts):
         for index in range(len(prompts)):
             prompt_ids, fulls = encoded[index * width], encoded[index * width + 1:(index + 1) * width]
             starts = self.option_starts(options, prompt_ids, fulls)
-            longest = max(len(full) for full in fulls)
-            if longest > self.max_context:
-                results[index] = Overflow(len(prompt_ids), longest - len(prompt_ids), self.max_context)
+            overflow = options_overflow(prompt_ids, fulls, self.max_context)
+            if overflow is not None:
+                results[index] = overflow
             elif all(start == len(prompt_ids) and len(full) == start + 1
                      for full, start in zip(fulls, starts)):
                 single.append((index, prompt_ids, [full[-1] for full in fulls]))

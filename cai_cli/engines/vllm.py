@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cai_cli.engines.base import ChatPrompts, Completion, Overflow, PromptInput, SamplingParams
+from cai_cli.engines.base import (ChatPrompts, Completion, Overflow, PromptInput, SamplingParams,
+                                   options_overflow, split_overflow)
 from cai_cli.engines.hf import END_OF_TURN_TOKENS, cut_at_stop
 from cai_cli.config import VLLMModelConfig
 from cai_cli.errors import UserError
@@ -132,13 +133,7 @@ class VLLMBackend(ChatPrompts):
         if seeds is None:  # one seed for the call: each prompt's drawn from it by position
             seeds = [record_seed(params.seed, index) for index in range(len(prompts))]
         encoded = self.encode_many(prompts)
-        results: list[Completion | Overflow | None] = [None] * len(prompts)
-        fitting = []
-        for index, ids in enumerate(encoded):
-            if len(ids) + params.max_new_tokens > self.max_context:
-                results[index] = Overflow(len(ids), params.max_new_tokens, self.max_context)
-            else:
-                fitting.append(index)
+        fitting, results = split_overflow(encoded, params.max_new_tokens, self.max_context)
         outputs = self._run([encoded[i] for i in fitting],
                             [self._sampling(params, seeds[i]) for i in fitting])
         for index, output in zip(fitting, outputs):
@@ -165,10 +160,9 @@ class VLLMBackend(ChatPrompts):
             prompt_ids = self.tokenize(text, special)
             fulls = [self.tokenize(text + option, special) for option in options]
             starts = self.option_starts(options, prompt_ids, fulls)
-            longest = max(len(full) for full in fulls)
-            if longest > self.max_context:
-                results[index] = Overflow(len(prompt_ids), longest - len(prompt_ids),
-                                          self.max_context)
+            overflow = options_overflow(prompt_ids, fulls, self.max_context)
+            if overflow is not None:
+                results[index] = overflow
                 continue
             for k, (full, start) in enumerate(zip(fulls, starts)):
                 pieces += [(index, k, tuple(full[:j]), full[j]) for j in range(start, len(full))]

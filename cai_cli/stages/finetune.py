@@ -24,7 +24,7 @@ from cai_cli.engines import models
 from cai_cli.engines.work import Train, Work
 from cai_cli.errors import UserError
 from cai_cli.run import records
-from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
+from cai_cli.run.artifacts import source_fingerprint
 from cai_cli.run.records import SFTExample, conversation
 from cai_cli.run.seeding import draw
 from cai_cli.run.spec import StageSpec
@@ -196,19 +196,15 @@ class Finetune(Stage):
     command = "finetune"
     trains = True
 
-    def spec(self, config: Config) -> StageSpec:
-        """What decides this stage's output: cheap to compute, no model loaded."""
-        model, _ = base_model(config)
-        settings = training.fingerprint_settings(config, model, "finetune")
-        inputs = {"sl": file_fingerprint(config.layout.sft_data),
-                  "model": model_fingerprint(model.name_or_path)}
-        if config.finetune.helpful_ratio > 0 and config.data.helpful is not None:
-            settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
-            inputs["helpful"] = source_fingerprint(config.data.helpful)
-        return StageSpec(self.command, config.layout.sft, settings, inputs)
-
     def needs(self, config: Config) -> list[Need]:
         return [SL_DATA]
+
+    def spec(self, config: Config) -> StageSpec:
+        helpful = config.data.helpful if config.finetune.helpful_ratio > 0 else None
+        return training.stage_spec(config, self.command, "finetune",
+                                   {"sl": config.layout.sft_data}, extra={"data.helpful": (
+                                       helpful.model_dump(mode="json"),
+                                       source_fingerprint(helpful))} if helpful else None)
 
     def preflight(self, config: Config) -> None:
         """What can be checked before any stage runs (``cai config validate``, ``cai run``): the

@@ -42,7 +42,7 @@ from cai_cli.engines.work import Forward, Train, Work
 from cai_cli.errors import UserError
 from cai_cli.reports.statistics import expected_calibration_error, reliability_table
 from cai_cli.run import records
-from cai_cli.run.artifacts import file_fingerprint, model_fingerprint, source_fingerprint
+from cai_cli.run.artifacts import source_fingerprint
 from cai_cli.run.records import Pair, conversation
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages import training
@@ -290,18 +290,13 @@ class TrainRM(Stage):
     command = "train-rm"
     trains = True
 
-    def spec(self, config: Config) -> StageSpec:
-        """What decides this stage's output: cheap to compute, no model loaded."""
-        model, _ = base_model(config)
-        settings = training.fingerprint_settings(config, model, "train_rm")
-        inputs = {"prefs": file_fingerprint(config.layout.pairs),
-                  "model": model_fingerprint(model.name_or_path)}
-        if config.train_rm.mix is not None:
-            inputs["mix"] = source_fingerprint(config.train_rm.mix)
-        return StageSpec(self.command, config.layout.rm, settings, inputs)
-
     def needs(self, config: Config) -> list[Need]:
         return [PAIRS]
+
+    def spec(self, config: Config) -> StageSpec:
+        mix = config.train_rm.mix  # a setting of train_rm already; its content an input
+        return training.stage_spec(config, self.command, "train_rm", {"prefs": config.layout.pairs},
+                                   extra={"mix": (None, source_fingerprint(mix))} if mix else None)
 
     def preflight(self, config: Config) -> None:
         """What can be checked before any stage runs: the trainer arguments, and for a local model

@@ -23,8 +23,10 @@ from rich.progress import TextColumn
 from cai_cli import ui
 from cai_cli.stages import trackers
 from cai_cli.engines import models
-from cai_cli.run.artifacts import MANIFEST, write_json_atomic
+from cai_cli.run.artifacts import (MANIFEST, file_fingerprint, model_fingerprint,
+                                   write_json_atomic)
 from cai_cli.run.layout import LOG_HISTORY, LOGS
+from cai_cli.run.spec import StageSpec
 from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
 from cai_cli.errors import UserError
 
@@ -79,6 +81,23 @@ def fingerprint_settings(config: Config, model: ModelConfig, section: str,
         section: getattr(config, section).model_dump(
             mode="json", exclude={**dict.fromkeys(exclude, True), "training": NOT_DECIDING}),
     }
+
+
+def stage_spec(config: Config, command: str, section: str, data: dict[str, Path],
+               *, extra: dict[str, tuple[Any, str]] | None = None) -> StageSpec:
+    """The spec of a training stage: ``fingerprint_settings`` of the model ``section`` trains,
+    and the fingerprints of its training ``data`` files and of that model; ``extra`` adds a
+    setting and an input fingerprint (``name -> (settings value, fingerprint)``), e.g. a
+    dataset mixed in."""
+    model = model_for(config, getattr(config, section).model, f"{section}.model")[0]
+    settings = fingerprint_settings(config, model, section)
+    inputs = {name: file_fingerprint(path) for name, path in data.items()}
+    inputs["model"] = model_fingerprint(model.name_or_path)
+    for name, (value, fingerprint) in (extra or {}).items():
+        if value is not None:
+            settings[name] = value
+        inputs[name.removeprefix("data.")] = fingerprint
+    return StageSpec(command, config.layout.stage_dir(command), settings, inputs)
 
 
 def quiet_libraries() -> None:
