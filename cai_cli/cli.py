@@ -6,15 +6,37 @@ Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from cai_cli.errors import USER_OS_ERRORS, UserError
 
+
+class _Commands(TyperGroup):
+    """The command group, except that a reader who stops reading (``cai plan | head -2``) ends
+    the command with exit 0, as it has what it wanted (click exits 1 there, saying nothing); a
+    broken pipe that is not standard output's (a server's socket) is an internal failure."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            from cai_cli import ui
+
+            if not ui.reader_gone():
+                raise RuntimeError(f"broken pipe: {exc}") from exc
+            # Python flushes standard output once more at exit: into nothing now, quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="cai",
     help="Constitutional AI end to end: SL-CAI critique/revision data, fine-tuning, AI-feedback "
     "preference labels, reward model and policy optimisation, from one YAML config.",

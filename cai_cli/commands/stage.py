@@ -32,6 +32,14 @@ def writing(command: str, config, force: bool, work: Callable[[], object], shard
                  else "rerun the same command to resume where it stopped")
         typer.echo(f"interrupted: {again}", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        from cai_cli import ui
+
+        if not ui.reader_gone():
+            raise
+        # Whoever read our output went away (`cai run ... 2>&1 | head`): stopped, not done,
+        # with no one left to tell; exit as a process that SIGPIPE ends does.
+        raise typer.Exit(141) from None
 
 
 def run_stage_command(stage, config: Path, overrides: Optional[list[str]], *, force: bool,
