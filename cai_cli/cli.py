@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from cai_cli.errors import USER_OS_ERRORS, UserError
+from cai_cli.run.preemption import EXIT_CODE as TERMINATED, Terminated, handling_sigterm
 
 
 class _Commands(TyperGroup):
@@ -374,13 +375,16 @@ def main() -> None:
     internal failures, a traceback), secrets scrubbed from it (``errors.scrub``)."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        with handling_sigterm():  # SIGTERM stops as Ctrl-C does (run.preemption)
+            app()
     except UserError as exc:
         if debug:
             _traceback(1)
         _error(f"error: {exc}", 2)
     except KeyboardInterrupt:
         _error("interrupted", 130)
+    except Terminated:  # a stage command says how to resume itself (commands.stage.writing)
+        _error("terminated (SIGTERM)", TERMINATED)
     except OSError as exc:
         # The disk, not the program: full, read-only or not ours. Finished artifacts are never
         # half-written (atomic renames), so fixing this and rerunning resumes.

@@ -504,12 +504,34 @@ def train(trainer, description: str, checkpoint: Path | None):
     """``trainer.train()`` under our progress bar, from ``checkpoint`` when there is one."""
     from transformers.trainer_callback import PrinterCallback
 
+    from cai_cli.run import preemption
+
     if checkpoint is not None:
         ui.info(f"{description}: continuing from {checkpoint.name}")
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
+    trainer.add_callback(sigterm_callback(description))
     with progress_bar() as bar:
         trainer.add_callback(progress_callback(bar, description))
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # A SIGTERM now stops after the step under way and its checkpoint, then raises.
+        with preemption.stop_between_steps():
+            return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+
+def sigterm_callback(description: str):
+    """A TrainerCallback that, once a SIGTERM came to this process or another of the job
+    (``run.preemption``), has the trainer save a checkpoint of the step just done and stop."""
+    from transformers import TrainerCallback
+
+    from cai_cli.run import preemption
+
+    class StopOnSigterm(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if preemption.stop_after_step(args.device) and not control.should_training_stop:
+                ui.info(f"{description}: SIGTERM: saving a checkpoint of step "
+                        f"{state.global_step}, then stopping")
+                control.should_save = control.should_training_stop = True
+
+    return StopOnSigterm()
 
 
 def logged(trainer, name: str) -> list[float]:
