@@ -277,6 +277,60 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path,
     assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
 
 
+class NotATensor:
+    """What a checkpoint written by other code may hold, which weights-only loading refuses."""
+
+
+def test_a_checkpoint_that_cannot_be_read_is_skipped_with_a_warning(
+        tmp_path, config_path, monkeypatch, capsys, tiny_model_dir, sl_dir):
+    import torch
+
+    settings = ("finetune.training.max_steps=6", "finetune.training.save_steps=2",
+                "finetune.training.trl_args.save_total_limit=2")  # keeps the one before too
+    interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(config_path, *settings)
+    monkeypatch.undo()
+    checkpoints = config_path.parent / "run" / "sft" / training.CHECKPOINTS
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                        "checkpoint-4"]
+    torch.save({"python": NotATensor()}, checkpoints / "checkpoint-4" / "rng_state.pth")
+
+    capsys.readouterr()
+    run_stage(config_path, *settings)
+    err = capsys.readouterr().err
+    assert (f"warning: {checkpoints / 'checkpoint-4'} cannot be read: rng_state.pth is refused "
+            "by weights-only loading: it holds objects that are not tensors; removed it, "
+            "resuming from checkpoint-2 instead") in " ".join(err.split())
+    assert "continuing from checkpoint-2" in err
+    sft = config_path.parent / "run" / "sft"
+    assert json.loads((sft / "manifest.json").read_text())["stats"]["resumed_from_step"] == 2
+
+    reference = tmp_path / "reference"  # the same weights as a run never interrupted
+    shutil.copytree(sl_dir, reference / "run" / "sl")
+    run_stage(write_config(reference, tiny_model_dir), *settings)
+    assert (sft / "model.safetensors").read_bytes() == \
+        (reference / "run" / "sft" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors", "trainer_state.json"])
+def test_a_truncated_file_makes_a_checkpoint_unreadable(tmp_path, name):
+    """``training.unreadable`` on a checkpoint whose file was cut short, as a full disk or a
+    kill during the copy leaves it; an intact checkpoint reads."""
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"weight": torch.ones(64, 64)}, str(checkpoint / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64, 64)}}}, checkpoint / "optimizer.pt")
+    assert training.unreadable(checkpoint) is None
+    data = (checkpoint / name).read_bytes()
+    (checkpoint / name).write_bytes(data[: len(data) // 2])
+    assert training.unreadable(checkpoint).startswith(f"{name} is truncated or damaged (")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit 2, a message that says what to do, nothing written to sft/
 
