@@ -62,6 +62,15 @@ class StageRun:
         self.manifest.save(self.directory, self._running_name())
         self._recorded = True
 
+    def discard(self) -> None:
+        """Forget this run (it made nothing: ``NothingMade``): the manifest it wrote goes, so
+        the stage reads as before it started, as after a failed start, and a rerun with other
+        settings needs no --force. Its record files stay: a rerun of the same settings reuses
+        them (and fails as fast), one of other settings replaces them."""
+        if self._recorded and dist.is_main():
+            (self.directory / self._running_name()).unlink(missing_ok=True)
+            self._recorded = False
+
     def complete(self) -> None:
         """Mark the stage done: its outputs are all in place."""
         if not dist.is_main():
@@ -78,6 +87,12 @@ class StageRun:
         from cai_cli.reports import plots
 
         plots.draw(self.config, self.spec.command)  # <stage dir>/plots/; warns, never fails
+
+
+class NothingMade(UserError):
+    """Every item a stage was given was skipped (too long for a model's context, say), so it
+    has no record to show: a user error (exit 2) whose message says what to change, instead of
+    a stage complete with nothing in it. The stage's run is forgotten (``StageRun.discard``)."""
 
 
 def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
