@@ -92,9 +92,11 @@ class Page:
         self.add(f"**{label}**", "", quoted(text), "")
 
     def plots_of(self, command: str, complete: bool) -> None:
-        """The stage's plots as images; drawn first when the stage is complete and has none."""
+        """The stage's plots as images; drawn first when the stage is complete and has none,
+        or not all (a run stopped while drawing them)."""
         files = plots.listed(self.layout, command)
-        if not files and complete and plots.DRAWERS.get(command):
+        if (not files or plots.pending(self.layout, command)) and complete \
+                and plots.DRAWERS.get(command):
             files = plots.draw(self.layout, command)
             self.drawn += len(files)
         for path in files:

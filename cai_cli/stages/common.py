@@ -75,7 +75,10 @@ class StageRun:
         """Mark the stage done: its outputs are all in place."""
         if not dist.is_main():
             return
+        from cai_cli.reports import plots
+
         self.producing()
+        plots.mark_pending(self.config, self.spec.command)  # drawn below, unless stopped first
         manifest = self.manifest
         manifest.status = "complete"
         manifest.finished_at = time.time()
@@ -84,8 +87,6 @@ class StageRun:
         (self.directory / NEXT_MANIFEST).unlink(missing_ok=True)
         for cleanup in self._after:
             cleanup()
-        from cai_cli.reports import plots
-
         plots.draw(self.config, self.spec.command)  # <stage dir>/plots/; warns, never fails
 
 
@@ -108,6 +109,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     if state == "done" and not force:
         ui.info(f"{spec.command}: {spec.directory} is complete for this config; nothing to do "
                 "(--force redoes it)")
+        draw_pending_plots(config, spec.command)
         return None
     resuming = state == "partial" and not force
     own = spec.manifest()
@@ -125,6 +127,15 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     # completes (no shard runs now: this run holds the run directory's lock exclusively).
     run.after_complete(lambda: _remove_shards(spec, config))
     return run
+
+
+def draw_pending_plots(config: Config, command: str) -> None:
+    """For a stage found complete: the plots that the run completing it was stopped before
+    drawing (``reports.plots.draw_pending``)."""
+    if dist.is_main():
+        from cai_cli.reports import plots
+
+        plots.draw_pending(config, command)
 
 
 def refuse_unmerged(spec: StageSpec, why: str = "") -> None:
