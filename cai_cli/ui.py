@@ -67,6 +67,14 @@ _PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
 stdout = _Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
 
 
+def shell(path) -> str:
+    """``path`` as a shell reads it back, for a command a message suggests (``cai inspect
+    'runs/my run'``): quoted when it holds spaces or other characters a shell would take."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def reader_gone() -> bool:
     """Whether standard output or error is a pipe whose reader has closed it (``| head``):
     what a ``BrokenPipeError`` then means. poll() reports POLLERR on such a pipe."""

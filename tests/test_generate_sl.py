@@ -176,6 +176,13 @@ def test_shards_that_skip_every_prompt_are_refused_when_merged(tmp_path, tiny_mo
     assert not (tmp_path / "run" / "sl" / "manifest.json").exists()
 
 
+def test_the_hint_to_look_at_the_chains_quotes_the_path(tmp_path, tiny_model_dir, capsys):
+    config_path = write_config(tmp_path, tiny_model_dir, run_dir=str(tmp_path / "my run"),
+                               data__red_team__limit=2, generate_sl__num_revisions=1)
+    run_stage(config_path)
+    assert f"look at them with: cai inspect '{tmp_path / 'my run'}'" in capsys.readouterr().err
+
+
 def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):
     settings = dict(data__red_team__limit=12, generate_sl__prompts_per_checkpoint=2)
     reference = write_config(tmp_path, tiny_model_dir, "ref.yaml", run_dir=str(tmp_path / "ref"), **settings)

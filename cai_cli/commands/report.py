@@ -190,7 +190,7 @@ class Page:
             return
         chains = read_jsonl(self.layout.chains)
         self.add(f"### Example chains ({min(EXAMPLES, len(chains))} of {len(chains)})", "",
-                 f"All of them: `cai inspect {self.config.run_dir}`.", "")
+                 f"All of them: `cai inspect {ui.shell(self.config.run_dir)}`.", "")
         for number, chain in enumerate(chains[:EXAMPLES], start=1):
             self.add(f"#### {number}. `{chain['id']}`", "")
             self.quote("Prompt", chain["prompt"])

@@ -468,7 +468,7 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
             f"{dropped}) -> {layout.generated_prompts}\n  look at them with: "
-            f"cai inspect {layout.generated_prompts}")
+            f"cai inspect {ui.shell(layout.generated_prompts)}")
     return layout.generated_prompts
 
 

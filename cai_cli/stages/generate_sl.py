@@ -164,7 +164,7 @@ class GenerateSL(RecordStage):
         }
         run.complete()
         ui.info(f"generate-sl: {len(chains)} chains ({extra['skipped']} skipped) -> "
-                f"{layout.chains}\n  look at them with: cai inspect {config.run_dir}")
+                f"{layout.chains}\n  look at them with: cai inspect {ui.shell(config.run_dir)}")
         return layout.chains
 
     def work(self, config: Config, ctx) -> Work:

@@ -252,7 +252,7 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
         ui.warn(f"judgments come from different sources ({stats['label_sources']}): some are "
                 "option probabilities, some sampled verdicts; each judgment's label_source says "
                 "which (rerun with --force against one server for labels of one kind)")
-    ui.info(f"  look at them with: cai inspect {layout.pairs}")
+    ui.info(f"  look at them with: cai inspect {ui.shell(layout.pairs)}")
     trackers.log_stage(settings.report_to, layout.prefs, "label-prefs",
                        {**manifest.counts, **stats, **manifest.timings}, config)
     return layout.pairs
