@@ -387,6 +387,20 @@ def test_bad_input_leaves_a_finished_checkpoint_alone(config_path, overrides, me
     assert snapshot(sft) == before
 
 
+def test_an_unknown_chat_role_in_helpful_data_is_refused_not_trained_on(tmp_path, config_path):
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in (
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "narrator", "content": "Once upon a time"},
+         {"role": "assistant", "content": "there was a model."}])))
+    with pytest.raises(UserError) as info:
+        run_stage(config_path, "finetune.helpful_ratio=1", f"data.helpful.path={helpful}")
+    assert str(info.value) == (f"{helpful}:2: field 'messages': message 1 has the role "
+                               "'narrator', which is not a chat role (system, user, assistant); "
+                               "rename it or leave the record out")
+    assert not (config_path.parent / "run" / "sft" / "model.safetensors").exists()
+
+
 def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_model_dir,
                                                 capture_trainer):
     unmarked = tmp_path / "unmarked"
