@@ -83,7 +83,9 @@ def stop_after_step(device) -> bool:
     """Whether training stops after this step: this process or another process of the training
     job got a SIGTERM. Every process calls it at the same point of each step (a collective
     under torch.distributed), so they all stop after the same step and save the same
-    checkpoint. ``device``: where the job's collectives run (the trainer's ``args.device``)."""
+    checkpoint. ``device``: where the job's collectives run (the trainer's ``args.device``).
+    Reading the result waits for the device once a step; the trainer already does at each
+    micro-step (its NaN check of the loss), so this costs next to nothing more."""
     global _stopping
     import torch.distributed as torch_dist
 
