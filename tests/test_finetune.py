@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
+from helpers import cai, cai_main, interrupt_at_step, snapshot, trainer_capture, weights
 
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
@@ -399,6 +399,9 @@ def test_an_unknown_chat_role_in_helpful_data_is_refused_not_trained_on(tmp_path
                                "'narrator', which is not a chat role (system, user, assistant); "
                                "rename it or leave the record out")
     assert not (config_path.parent / "run" / "sft" / "model.safetensors").exists()
+    checked = cai_main("config", "validate", "--config", config_path, "--set",
+                       "finetune.helpful_ratio=1", "--set", f"data.helpful.path={helpful}")
+    assert checked.returncode == 2 and f"{helpful}:2: field 'messages': message 1" in checked.stderr
 
 
 def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_model_dir,
