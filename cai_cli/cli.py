@@ -6,15 +6,38 @@ Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from cai_cli.errors import USER_OS_ERRORS, UserError
+from cai_cli.run.preemption import EXIT_CODE as TERMINATED, Terminated, handling_sigterm
+
+
+class _Commands(TyperGroup):
+    """The command group, except that a reader who stops reading (``cai plan | head -2``) ends
+    the command with exit 0, as it has what it wanted (click exits 1 there, saying nothing); a
+    broken pipe that is not standard output's (a server's socket) is an internal failure."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            from cai_cli import ui
+
+            if not ui.reader_gone():
+                raise RuntimeError(f"broken pipe: {exc}") from exc
+            # Python flushes standard output once more at exit: into nothing now, quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="cai",
     help="Constitutional AI end to end: SL-CAI critique/revision data, fine-tuning, AI-feedback "
     "preference labels, reward model and policy optimisation, from one YAML config.",
@@ -352,13 +375,16 @@ def main() -> None:
     internal failures, a traceback), secrets scrubbed from it (``errors.scrub``)."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        with handling_sigterm():  # SIGTERM stops as Ctrl-C does (run.preemption)
+            app()
     except UserError as exc:
         if debug:
             _traceback(1)
         _error(f"error: {exc}", 2)
     except KeyboardInterrupt:
         _error("interrupted", 130)
+    except Terminated:  # a stage command says how to resume itself (commands.stage.writing)
+        _error("terminated (SIGTERM)", TERMINATED)
     except OSError as exc:
         # The disk, not the program: full, read-only or not ours. Finished artifacts are never
         # half-written (atomic renames), so fixing this and rerunning resumes.

@@ -48,15 +48,47 @@ class _Trimmed:
         return getattr(sys.stdout, "encoding", "utf-8") or "utf-8"
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits 1 when its reader has gone; the command decides instead (``cai plan |
+        head`` has done its job: exit 0; a stage stopped: see ``commands.stage``)."""
+        self.quiet = True
+        raise BrokenPipeError("the reader of cai's output has closed it")
+
+
 # Under torchrun / accelerate launch every process runs the same stage: only the main one
 # (global rank 0) prints, or each line would appear once per process. Errors still come from
 # every process (the command line prints them).
-console = Console(stderr=True, highlight=False,
-                  quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
+console = _Console(stderr=True, highlight=False,
+                   quiet=os.environ.get("RANK", "0").strip() not in ("", "0"))
 # Reports the user may pipe: tables, inspect. Piped, rich would assume 80 columns; lines are
 # trimmed anyway, so a wider page keeps tables readable (COLUMNS still decides when set).
 _PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
-stdout = Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
+stdout = _Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
+
+
+def shell(path) -> str:
+    """``path`` as a shell reads it back, for a command a message suggests (``cai inspect
+    'runs/my run'``): quoted when it holds spaces or other characters a shell would take."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def reader_gone() -> bool:
+    """Whether standard output or error is a pipe whose reader has closed it (``| head``):
+    what a ``BrokenPipeError`` then means. poll() reports POLLERR on such a pipe."""
+    import select
+
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poller.poll(0)):
+                return True
+        except (AttributeError, OSError, ValueError):  # no poll, or no such stream
+            continue
+    return False
 
 
 def duration(seconds: float) -> str:

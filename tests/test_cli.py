@@ -160,3 +160,24 @@ def test_config_keys_and_schema(tmp_path):
     schema = cai("config", "schema")
     assert schema.returncode == 0
     assert "prompts_per_checkpoint" in json.loads(schema.stdout)["$defs"]["GenerateSLConfig"]["properties"]
+
+
+@pytest.mark.parametrize("command", [["config", "keys"], ["plan"]], ids=" ".join)
+def test_a_reader_that_stops_reading_is_no_error(tmp_path, tiny_model_dir, command):
+    """``cai plan | head -2``: once the reader has what it wants and closes the pipe, the
+    command ends quietly with exit 0 (here the pipe is closed before the first line)."""
+    from helpers import ENV
+
+    if command == ["plan"]:
+        command = [*command, "--config", str(ROOT / "configs" / "tiny.yaml"),
+                   "--set", f"run_dir={tmp_path / 'run'}",
+                   "--set", f"models.policy.name_or_path={tiny_model_dir}",
+                   "--set", f"models.feedback.name_or_path={tiny_model_dir}"]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "cai_cli", *command], stdout=write,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV, timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (0, "")

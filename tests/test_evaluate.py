@@ -99,6 +99,25 @@ def test_fewer_than_two_models_and_missing_checkpoints_exit_2(tmp_path, tiny_mod
     assert not (tmp_path / "run" / "eval").exists()
 
 
+def test_answers_or_judgments_that_never_fit_are_exit_2(tmp_path, tiny_model_dir, other_model):
+    from cai_cli.stages.common import NothingMade
+    from cai_cli.stages.evaluate import Evaluate
+
+    path = write_config(tmp_path, tiny_model_dir, ["base", str(other_model)],
+                        reward_model=False)
+    with pytest.raises(NothingMade, match=r"evaluate: none of the 5 prompts fits the context of "
+                       r"base \(.*\) with evaluate.sampling.max_new_tokens=2030 new tokens; lower"):
+        Evaluate().run(load_config(path, ["evaluate.sampling.max_new_tokens=2030"]))
+    with pytest.raises(NothingMade, match=r"evaluate: the judge \(models.feedback\) could read "
+                       r"none of the 15 comparisons and questions, each too long for its "
+                       r"context; lower evaluate.sampling.max_new_tokens, or raise "
+                       r"models.feedback.max_context"):
+        Evaluate().run(load_config(path, [f"models.feedback.name_or_path={tiny_model_dir}",
+                                          "models.feedback.device=cpu",
+                                          "models.feedback.max_context=90"]))
+    assert not (tmp_path / "run" / "eval" / "manifest.json").exists()  # reruns need no --force
+
+
 def test_a_judge_with_a_known_preference_shows_in_both_axes(tmp_path, tiny_model_dir, other_model):
     # The judge prefers the shorter answer, in both orders, and answers every yes/no question No.
     from cai_cli.stages import evaluate

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cai, interrupt_at_step, snapshot, trainer_capture, weights
+from helpers import cai, cai_main, interrupt_at_step, snapshot, trainer_capture, weights
 
 from cai_cli.config import load_config
 from cai_cli.errors import UserError
@@ -277,6 +277,60 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, config_path,
     assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
 
 
+class NotATensor:
+    """What a checkpoint written by other code may hold, which weights-only loading refuses."""
+
+
+def test_a_checkpoint_that_cannot_be_read_is_skipped_with_a_warning(
+        tmp_path, config_path, monkeypatch, capsys, tiny_model_dir, sl_dir):
+    import torch
+
+    settings = ("finetune.training.max_steps=6", "finetune.training.save_steps=2",
+                "finetune.training.trl_args.save_total_limit=2")  # keeps the one before too
+    interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(config_path, *settings)
+    monkeypatch.undo()
+    checkpoints = config_path.parent / "run" / "sft" / training.CHECKPOINTS
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                        "checkpoint-4"]
+    torch.save({"python": NotATensor()}, checkpoints / "checkpoint-4" / "rng_state.pth")
+
+    capsys.readouterr()
+    run_stage(config_path, *settings)
+    err = capsys.readouterr().err
+    assert (f"warning: {checkpoints / 'checkpoint-4'} cannot be read: rng_state.pth is refused "
+            "by weights-only loading: it holds objects that are not tensors; removed it, "
+            "resuming from checkpoint-2 instead") in " ".join(err.split())
+    assert "continuing from checkpoint-2" in err
+    sft = config_path.parent / "run" / "sft"
+    assert json.loads((sft / "manifest.json").read_text())["stats"]["resumed_from_step"] == 2
+
+    reference = tmp_path / "reference"  # the same weights as a run never interrupted
+    shutil.copytree(sl_dir, reference / "run" / "sl")
+    run_stage(write_config(reference, tiny_model_dir), *settings)
+    assert (sft / "model.safetensors").read_bytes() == \
+        (reference / "run" / "sft" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors", "trainer_state.json"])
+def test_a_truncated_file_makes_a_checkpoint_unreadable(tmp_path, name):
+    """``training.unreadable`` on a checkpoint whose file was cut short, as a full disk or a
+    kill during the copy leaves it; an intact checkpoint reads."""
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    save_file({"weight": torch.ones(64, 64)}, str(checkpoint / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64, 64)}}}, checkpoint / "optimizer.pt")
+    assert training.unreadable(checkpoint) is None
+    data = (checkpoint / name).read_bytes()
+    (checkpoint / name).write_bytes(data[: len(data) // 2])
+    assert training.unreadable(checkpoint).startswith(f"{name} is truncated or damaged (")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit 2, a message that says what to do, nothing written to sft/
 
@@ -331,6 +385,23 @@ def test_bad_input_leaves_a_finished_checkpoint_alone(config_path, overrides, me
         run_stage(config_path, *overrides)
     assert message in str(info.value)
     assert snapshot(sft) == before
+
+
+def test_an_unknown_chat_role_in_helpful_data_is_refused_not_trained_on(tmp_path, config_path):
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in (
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "narrator", "content": "Once upon a time"},
+         {"role": "assistant", "content": "there was a model."}])))
+    with pytest.raises(UserError) as info:
+        run_stage(config_path, "finetune.helpful_ratio=1", f"data.helpful.path={helpful}")
+    assert str(info.value) == (f"{helpful}:2: field 'messages': message 1 has the role "
+                               "'narrator', which is not a chat role (system, user, assistant); "
+                               "rename it or leave the record out")
+    assert not (config_path.parent / "run" / "sft" / "model.safetensors").exists()
+    checked = cai_main("config", "validate", "--config", config_path, "--set",
+                       "finetune.helpful_ratio=1", "--set", f"data.helpful.path={helpful}")
+    assert checked.returncode == 2 and f"{helpful}:2: field 'messages': message 1" in checked.stderr
 
 
 def test_chat_template_without_generation_marks(tmp_path, config_path, tiny_model_dir,

@@ -78,6 +78,31 @@ def test_records_counts_resume_and_generate_sl(tmp_path, tiny_model_dir):
         assert shown.returncode == 0 and "seed " + records[0]["seed_ids"][0] in shown.stdout
 
 
+
+def test_nothing_kept_is_exit_2_and_only_the_filters_run_again(tmp_path, tiny_model_dir,
+                                                                monkeypatch):
+    from cai_cli import engines
+    from cai_cli.stages.common import NothingMade
+    from cai_cli.stages.generate_prompts import GeneratePrompts
+
+    path = write_config(tmp_path, tiny_model_dir, num_prompts=4)
+    with pytest.raises(NothingMade, match=r"all 4 prompts asked for were skipped, no request "
+                       r"fitting the policy model's context; lower "
+                       r"generate_prompts.sampling.max_new_tokens"):
+        GeneratePrompts().run(load_config(path, ["generate_prompts.sampling.max_new_tokens=2032"]))
+    with pytest.raises(NothingMade, match=r"none of the 4 prompts asked for passed the filters "
+                       r"\(dropped: 4 too short\); loosen generate_prompts.min_chars, or"):
+        GeneratePrompts().run(load_config(path, ["generate_prompts.min_chars=400"]))
+    out = tmp_path / "run" / "prompts"
+    assert not (out / "manifest.json").exists() and not (out / "red_team.jsonl").exists()
+
+    def no_model(*args):
+        raise AssertionError("the model was asked again")
+
+    monkeypatch.setattr(engines, "load_backend", no_model)
+    GeneratePrompts().run(load_config(path))  # the filters loosened: no --force, same replies
+    assert json.loads((out / "manifest.json").read_text())["counts"]["kept"] > 0
+
 def test_seeds_cannot_be_the_output(tmp_path, tiny_model_dir):
     path = write_config(tmp_path, tiny_model_dir)
     result = cai("generate-prompts", "--config", path, "--set",

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cai, kill_after_batches
+from helpers import cai, cai_main, kill_after_batches
 
 from cai_cli.config import load_config
 from cai_cli.constitution import load_constitution
 from cai_cli.errors import UserError
+from cai_cli.stages.common import NothingMade
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "cai_cli" / "resources" / "red_team_prompts.jsonl"
@@ -124,19 +125,62 @@ def test_transcript_format_for_base_models(tmp_path, tiny_model_dir):
             assert "\n\nRevisionRequest:" not in round_["critique"]
 
 
-def test_conversation_too_long_is_skipped_with_a_warning(tmp_path, tiny_model_dir, capsys):
-    # The critique prompt (worked example + answer + request) is far longer than the first
-    # question, so with this limit every chain fits its answer but not its first critique.
-    # (the other stages' budgets fit this context too, or the config is refused as it loads)
-    config_path = write_config(tmp_path, tiny_model_dir, models__policy__max_context=120,
-                               generate_sl__few_shot=2, label_prefs__sampling__max_new_tokens=16,
-                               evaluate__sampling__max_new_tokens=16)
+def too_long(tmp_path: Path, model: Path, **sections) -> Path:
+    """A config whose chains all fit their answer but not their first critique: the critique
+    prompt (worked examples + answer + request) is far longer than the question. (The other
+    stages' budgets fit this context too, or the config is refused as it loads.)"""
+    return write_config(tmp_path, model, models__policy__max_context=120, generate_sl__few_shot=2,
+                        label_prefs__sampling__max_new_tokens=16,
+                        evaluate__sampling__max_new_tokens=16, **sections)
+
+
+def test_every_chain_too_long_is_exit_2_and_the_fixed_rerun_needs_no_force(
+        tmp_path, tiny_model_dir, monkeypatch):
+    config_path = too_long(tmp_path, tiny_model_dir)
+    result = cai_main("generate-sl", "--config", config_path)
+    assert result.returncode == 2
+    assert "skipped at critique round 1" in result.stderr
+    assert "exceed the context of 120" in result.stderr
+    *_, last = result.stderr.strip().splitlines()
+    assert last.startswith("error: generate-sl: all 6 prompts were skipped")
+    assert "lower generate_sl.sampling.max_new_tokens" in last
+    assert "raise models.policy.max_context" in last and "Traceback" not in result.stderr
+    sl = tmp_path / "run" / "sl"
+    assert not (sl / "manifest.json").exists() and not (sl / "chains.jsonl").exists()
+
+    # the same settings again: the same refusal at once, without loading the model
+    from cai_cli import engines
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded again")
+
+    monkeypatch.setattr(engines, "load_backend", no_model)
+    with pytest.raises(NothingMade, match="all 6 prompts were skipped"):
+        run_stage(config_path)
+    monkeypatch.undo()
+
+    # the context fixed (and fewer prompts, to be quick): a fresh run, no --force needed
+    run_stage(config_path, "models.policy.max_context=2048", "data.red_team.limit=2")
+    manifest = json.loads((sl / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["chains"] == 2
+
+
+def test_shards_that_skip_every_prompt_are_refused_when_merged(tmp_path, tiny_model_dir):
+    from cai_cli.run.shards import Shard
+    from cai_cli.stages import generate_sl
+
+    config = load_config(too_long(tmp_path, tiny_model_dir))
+    generate_sl.GenerateSL().run(config, shard=Shard.parse("0/2"))  # an empty part is fine alone
+    with pytest.raises(NothingMade, match="all 6 prompts were skipped"):
+        generate_sl.GenerateSL().run(config, shard=Shard.parse("1/2"))
+    assert not (tmp_path / "run" / "sl" / "manifest.json").exists()
+
+
+def test_the_hint_to_look_at_the_chains_quotes_the_path(tmp_path, tiny_model_dir, capsys):
+    config_path = write_config(tmp_path, tiny_model_dir, run_dir=str(tmp_path / "my run"),
+                               data__red_team__limit=2, generate_sl__num_revisions=1)
     run_stage(config_path)
-    manifest = json.loads((tmp_path / "run" / "sl" / "manifest.json").read_text())
-    assert manifest["status"] == "complete"
-    assert manifest["counts"]["skipped"] == 6 and manifest["counts"]["chains"] == 0
-    err = capsys.readouterr().err
-    assert "skipped at critique round 1" in err and "exceed the context of 120" in err
+    assert f"look at them with: cai inspect '{tmp_path / 'my run'}'" in capsys.readouterr().err
 
 
 def test_sigkill_then_resume_gives_identical_files(tmp_path, tiny_model_dir):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cai_cli.commands import import_gguf as gguf_import
 from cai_cli.errors import UserError
 from helpers import cai, snapshot
 
@@ -115,6 +116,47 @@ def test_a_directory_holding_other_files_is_refused_and_kept(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "is not empty and is not an earlier import" in result.stderr
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("given", [".", "a/b/.."])
+def test_an_out_dir_named_by_dot_or_dotdot_that_holds_files_is_refused_at_once(
+        tmp_path, monkeypatch, given):
+    from helpers import cai_main
+
+    model = write_gguf(tmp_path / "m.gguf", "llama")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" if given == "." else tmp_path)
+    loaded = []
+    monkeypatch.setattr(gguf_import, "_load_model", lambda *args: loaded.append(args))
+    result = cai_main("import-gguf", model, given)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: {tmp_path / 'a'} is not empty and is not an earlier "
+                             "import; give an empty or new directory\n")
+    assert not loaded  # refused before the work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.gguf"]
+
+
+def test_an_import_into_the_current_directory_fills_it(tmp_path, monkeypatch, tiny_model_dir):
+    """``cai import-gguf FILE .`` from an empty directory (the loading from GGUF replaced by
+    the tiny model: the point is where the files go)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = write_gguf(tmp_path / "m.gguf", "llama")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(gguf_import, "_load_config",
+                        lambda *args: AutoConfig.from_pretrained(tiny_model_dir))
+    monkeypatch.setattr(gguf_import, "_load_tokenizer",
+                        lambda *args: AutoTokenizer.from_pretrained(tiny_model_dir))
+    monkeypatch.setattr(gguf_import, "_load_model",
+                        lambda *args: AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert gguf_import.import_gguf(model, Path(".")) == here
+    assert (here / "model.safetensors").is_file() and (here / gguf_import.MARKER).is_file()
+    assert Path.cwd() == here and here.is_dir()  # the shell's directory is still there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "m.gguf"]  # nothing beside
+    assert AutoModelForCausalLM.from_pretrained(here).num_parameters() > 0
+    assert gguf_import.import_gguf(model, Path(".")) == here  # the same import: skipped
 
 
 def test_unknown_dtype_is_a_user_error(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_openai import MODEL, PREFERENCE, FakeServer
-from helpers import cai
+from helpers import cai, cai_main
 
 from cai_cli.config import PromptSource, load_config
 from cai_cli.errors import UserError
@@ -161,6 +161,21 @@ def test_a_random_judge_gets_a_full_report_and_a_rerun_does_nothing(tmp_path, ti
     calls.clear()
     judge_check.JudgeCheck(str(pairs)).run(config)  # done for this config: nothing is judged again
     assert calls == [] and (run_dir / "judgments.jsonl").stat().st_mtime_ns == before
+
+
+def test_pairs_too_long_for_the_judge_every_one_is_exit_2(tmp_path, tiny_model_dir):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        trl(f"Question {i}? " + "Tell me more. " * 30, f"A kind answer {i}.", f"Rude {i}.")
+        for i in range(3)])
+    path = write_config(tmp_path, {"name_or_path": str(tiny_model_dir), "device": "cpu",
+                                   "max_context": 160})
+    result = cai_main("judge-check", "--config", path, "--pairs", pairs)
+    assert result.returncode == 2, result.stderr
+    *_, last = result.stderr.strip().splitlines()
+    assert last.startswith("error: judge-check: all 3 pairs were skipped, no comparison fitting "
+                           "the feedback model's context")
+    assert "raise models.policy.max_context" in last  # the feedback model is the policy here
+    assert not (tmp_path / "run" / "judge" / "manifest.json").exists()  # reruns need no --force
 
 
 # ---------------------------------------------------------------------------------------------

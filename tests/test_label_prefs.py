@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cai, kill_after_batches
+from helpers import cai, cai_main, kill_after_batches
 
 from cai_cli.config import ModelConfig, load_config
 from cai_cli.engines.judge import combine, option_probability
@@ -220,6 +220,29 @@ def test_missing_sft_and_bad_settings_exit_2(tmp_path, tiny_model_dir):
     result = cai("label-prefs", "--config", config, "--set", "label_prefs.responses_per_prompt=1")
     assert result.returncode == 2 and "label_prefs.responses_per_prompt" in result.stderr
     assert not (tmp_path / "run" / "prefs").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["label_prefs.sampling.max_new_tokens=2030"],
+     "all 4 prompts were skipped, their answers outgrowing the policy model's context (the "
+     "warnings above); lower label_prefs.sampling.max_new_tokens"),
+    (["models.feedback.max_context=200"],
+     "all 4 pairs were skipped, no comparison fitting the feedback model's context (the "
+     "warnings above); raise models.feedback.max_context"),
+    (["label_prefs.sampling.temperature=0"],
+     "no pair to judge: every prompt's 2 answers were one and the same text; sample with "
+     "variety (label_prefs.sampling.temperature above 0)"),
+], ids=["answers-too-long", "comparisons-too-long", "identical-answers"])
+def test_no_pair_at_all_is_exit_2_saying_what_to_change(tmp_path, tiny_model_dir, overrides,
+                                                        message):
+    config = write_config(tmp_path, tiny_model_dir)
+    feedback = [f"models.feedback.name_or_path={tiny_model_dir}", "models.feedback.device=cpu"]
+    result = cai_main("label-prefs", "--config", config,
+                      *[part for item in feedback + overrides for part in ("--set", item)])
+    assert result.returncode == 2, result.stderr
+    *_, last = result.stderr.strip().splitlines()
+    assert last.startswith(f"error: label-prefs: {message}") and last.endswith(", then rerun")
+    assert not (tmp_path / "run" / "prefs" / "manifest.json").exists()  # no --force to rerun
 
 
 def test_tokenizer_that_cannot_spell_the_options_is_refused(tmp_path):

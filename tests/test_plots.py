@@ -105,6 +105,41 @@ def test_a_failing_plot_warns_and_the_stage_completes(tmp_path, monkeypatch, cap
     assert "warning: label-prefs: could not draw its plots (ValueError: no data to draw)" in err
 
 
+def test_a_plot_lost_to_a_kill_between_plots_is_drawn_by_the_rerun(tmp_path, monkeypatch,
+                                                                  capsys):
+    """Killed after it marked label-prefs complete and drew p_chosen.png, before it drew
+    position_bias.png: the next run finds the stage complete and draws what is missing."""
+    from matplotlib.figure import Figure
+
+    from cai_cli.run.spec import StageSpec
+    from cai_cli.stages.common import StageRun, begin
+
+    config = load_config(finished_run(tmp_path, stages=("label-prefs",))[0])
+    (config.layout.prefs / "manifest.json").unlink()  # label-prefs' records, not yet complete
+    spec = StageSpec("label-prefs", config.layout.prefs, {"x": 1})
+    save = Figure.savefig
+
+    def killed_at_the_second(figure, path, **kwargs):
+        if "position_bias" in str(path):
+            raise KeyboardInterrupt  # as a kill between two plots
+        save(figure, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        StageRun(spec, config, resuming=False).complete()
+    monkeypatch.setattr(Figure, "savefig", save)
+    assert load_manifest(config.layout.prefs)["status"] == "complete"
+    assert [p.name for p in plots.listed(config, "label-prefs")] == ["p_chosen.png"]
+
+    capsys.readouterr()
+    assert begin(spec, config, force=False) is None  # complete: nothing to run
+    assert "drawing the plots the run that completed it did not finish" in capsys.readouterr().err
+    assert [p.name for p in plots.listed(config, "label-prefs")] == EXPECTED["label-prefs"]
+    assert not plots.pending(config, "label-prefs")
+    assert begin(spec, config, force=False) is None
+    assert "drawing" not in capsys.readouterr().err  # drawn once
+
+
 def test_a_training_stage_keeps_its_log_and_draws_its_curves(tmp_path, tiny_model_dir):
     """The real finetune stage: its log history outlives the checkpoints, and its loss curve is
     drawn when it completes."""

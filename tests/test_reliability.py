@@ -313,6 +313,94 @@ def test_ctrl_c_after_force_says_how_to_resume(tmp_path, tiny_model_dir):
     assert "without --force" in err
 
 
+def under_timeout(args: list, ready, deadline: float = 300) -> subprocess.CompletedProcess:
+    """``timeout -s TERM 900 cai ARGS`` from a shell, stopped once ``ready()``: ``timeout``
+    passes the SIGTERM it gets on to cai, as it does its own at the time limit (the wait for
+    ``ready`` replaces a guess of how long the machine takes to get there)."""
+    process = subprocess.Popen(["timeout", "--preserve-status", "-s", "TERM", "900",
+                                sys.executable, "-m", "cai_cli", *map(str, args)], cwd=ROOT,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    until = time.time() + deadline
+    while process.poll() is None and time.time() < until and not ready():
+        time.sleep(0.02)
+    assert process.poll() is None, "the command ended before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def batches_done(progress: Path) -> int:
+    try:
+        return json.loads(progress.read_text() or "{}").get("batches", 0)
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return 0
+
+
+RESUME = "terminated (SIGTERM): rerun the same command to resume where it stopped"
+
+
+def test_sigterm_stops_generate_sl_and_the_rerun_resumes_to_the_same_bytes(tmp_path,
+                                                                          tiny_model_dir):
+    from cai_cli.stages import generate_sl
+
+    settings = dict(limit=10, path=tmp_path / "int.yaml")
+    config = write_config(tmp_path, tiny_model_dir, **settings)  # 5 checkpoints of 2 prompts
+    run = tmp_path / "run"
+    progress = run / "sl" / ".chains.jsonl.progress.json"
+    stopped = under_timeout(["generate-sl", "--config", config],
+                            lambda: batches_done(progress) >= 1)
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == RESUME
+    assert "Traceback" not in stopped.stderr
+    assert not (run / ".cai" / "lock.holder.json").exists()  # nobody holds the directory
+    assert 1 <= batches_done(progress) < 5 and not (run / "sl" / "chains.jsonl").exists()
+
+    resumed = cai("generate-sl", "--config", config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    reference = write_config(tmp_path, tiny_model_dir, run_dir=str(tmp_path / "ref"),
+                             **{**settings, "path": tmp_path / "ref.yaml"})
+    generate_sl.GenerateSL().run(load_config(reference))
+    for name in ("chains.jsonl", "sft.jsonl"):
+        assert (run / "sl" / name).read_bytes() == (tmp_path / "ref" / "sl" / name).read_bytes()
+
+
+def test_sigterm_makes_finetune_save_the_step_it_is_on_and_the_rerun_resumes_there(
+        tmp_path, tiny_model_dir):
+    from cai_cli.stages import finetune, generate_sl
+
+    training = {"training": {"max_steps": 20, "per_device_batch_size": 2, "max_length": 256,
+                             "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2}}
+    config = write_config(tmp_path, tiny_model_dir, limit=4, finetune=training)
+    generate_sl.GenerateSL().run(load_config(config))
+    reference = tmp_path / "ref"
+    shutil.copytree(tmp_path / "run" / "sl", reference / "sl")
+
+    sft = tmp_path / "run" / "sft"
+    first = sft / ".checkpoints" / "checkpoint-2" / "trainer_state.json"
+    stopped = under_timeout(["finetune", "--config", config], first.is_file)
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == RESUME
+    assert "Traceback" not in stopped.stderr
+    assert not (tmp_path / "run" / ".cai" / "lock.holder.json").exists()
+    (checkpoint,) = (sft / ".checkpoints").glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 20  # the step under way when the signal came
+    assert f"finetune: SIGTERM: saving a checkpoint of step {step}, then stopping" \
+        in stopped.stderr
+    assert json.loads((sft / "manifest.json").read_text())["status"] == "running"
+
+    resumed = cai("finetune", "--config", config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"finetune: continuing from checkpoint-{step}" in resumed.stderr
+
+    finetune.Finetune().run(load_config(config, [f"run_dir={reference}"]))
+    assert (sft / "model.safetensors").read_bytes() == \
+        (reference / "sft" / "model.safetensors").read_bytes()
+
+
 def test_a_full_disk_is_a_user_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import errno
 

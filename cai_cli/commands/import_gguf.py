@@ -44,10 +44,15 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     """Write the model in ``gguf_file`` to ``out_dir`` as a safetensors checkpoint with its
     tokenizer, chat template and generation config; return ``out_dir``.
 
-    The directory is built beside ``out_dir`` and renamed into place when complete. An
-    ``out_dir`` that already holds an import of the same file in the same dtype is left as it is.
+    The directory is built beside ``out_dir`` and renamed into place when complete (the
+    current directory, when empty, is filled instead: a shell must not be left in a removed
+    one). An ``out_dir`` that already holds an import of the same file in the same dtype is
+    left as it is. What can fail is checked before the minute of work.
     """
-    gguf_file, out_dir = Path(gguf_file).expanduser(), Path(out_dir).expanduser()
+    # `.` and `a/b/..` name their directory only once resolved (their last part has no name)
+    gguf_file, out_dir = Path(gguf_file).expanduser(), Path(out_dir).expanduser().resolve()
+    if out_dir.parent == out_dir:
+        raise UserError(f"{out_dir} is the root directory; give a new directory for the model")
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
     _check_is_gguf(gguf_file)
@@ -65,9 +70,9 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
     _check_tensor_types(gguf_file, metadata["tensor_types"])
 
     started = time.monotonic()
-    staging = out_dir.resolve().parent / f".{out_dir.name}.importing"
+    staging = out_dir.parent / f".{out_dir.name}.importing"
     shutil.rmtree(staging, ignore_errors=True)  # a killed earlier import's leftovers
-    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True)  # a place we may not write fails now, not after the work
     try:
         _load_config(gguf_file, metadata)
         tokenizer = _load_tokenizer(gguf_file, metadata)
@@ -79,9 +84,13 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
         marker = {**source, "architecture": metadata["architecture"],
                   "quantization": metadata["quantization"], "source_path": str(gguf_file.resolve())}
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty: `_previous_import` refused anything else
-        staging.rename(out_dir)
+        if out_dir == Path.cwd():  # empty (`_previous_import`): fill it, the marker last
+            for entry in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):
+                entry.rename(out_dir / entry.name)
+        else:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty: `_previous_import` refused anything else
+            staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

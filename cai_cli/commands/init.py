@@ -40,6 +40,7 @@ def write_starter(directory: Path, model: str = DEFAULT_MODEL, force: bool = Fal
     config = directory / "config.yaml"
     ui.stdout.print(f"wrote {', '.join(FILES)} to {directory}", markup=False, soft_wrap=True)
     ui.stdout.print("next:", markup=False)
-    for command in (f"cai config validate --config {config}", f"cai run --config {config}",
-                    f"cai inspect {directory.as_posix()}/runs/cai"):
+    for command in (f"cai config validate --config {ui.shell(config)}",
+                    f"cai run --config {ui.shell(config)}",
+                    f"cai inspect {ui.shell(directory.as_posix() + '/runs/cai')}"):
         ui.stdout.print(f"  {command}", markup=False, soft_wrap=True)

@@ -92,9 +92,11 @@ class Page:
         self.add(f"**{label}**", "", quoted(text), "")
 
     def plots_of(self, command: str, complete: bool) -> None:
-        """The stage's plots as images; drawn first when the stage is complete and has none."""
+        """The stage's plots as images; drawn first when the stage is complete and has none,
+        or not all (a run stopped while drawing them)."""
         files = plots.listed(self.layout, command)
-        if not files and complete and plots.DRAWERS.get(command):
+        if (not files or plots.pending(self.layout, command)) and complete \
+                and plots.DRAWERS.get(command):
             files = plots.draw(self.layout, command)
             self.drawn += len(files)
         for path in files:
@@ -188,7 +190,7 @@ class Page:
             return
         chains = read_jsonl(self.layout.chains)
         self.add(f"### Example chains ({min(EXAMPLES, len(chains))} of {len(chains)})", "",
-                 f"All of them: `cai inspect {self.config.run_dir}`.", "")
+                 f"All of them: `cai inspect {ui.shell(self.config.run_dir)}`.", "")
         for number, chain in enumerate(chains[:EXAMPLES], start=1):
             self.add(f"#### {number}. `{chain['id']}`", "")
             self.quote("Prompt", chain["prompt"])

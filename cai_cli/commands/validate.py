@@ -34,6 +34,11 @@ def check_config(config: Config) -> None:
     if config.data.helpful is not None:
         attempt(lambda: load_prompts(config.data.helpful, config.seed, "data.helpful"),
                 lambda prompts: f"data.helpful: {len(prompts)} records")
+        if config.finetune.helpful_ratio:  # what finetune trains on: whole conversations
+            from cai_cli.stages.finetune import helpful_conversations
+
+            attempt(lambda: helpful_conversations(config),
+                    lambda found: f"data.helpful: {len(found)} conversations to fine-tune on")
     if config.train_rm.mix is not None:
         attempt(lambda: sum(1 for _ in read_records(config.train_rm.mix, "train_rm.mix")),
                 lambda count: f"train_rm.mix: {count} records")

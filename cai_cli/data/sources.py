@@ -33,6 +33,9 @@ from cai_cli.run.artifacts import iter_jsonl
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 Conversation = list[dict[str, str]]
+# The roles every chat template renders; another ("narrator", "bot", a typo) would be rendered
+# as the template pleases (or as a turn of the user's) and trained on.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ def prompt_id(text: str) -> str:
 
 def chat_messages(value: Any, where: str, role: str | None = None, *, answered: bool = False,
                   fix: str = "") -> Conversation:
-    """Chat messages reduced to role and content. With ``role`` a string becomes one message of
-    that role; ``answered``: at least one must be the assistant's (something to learn from).
+    """Chat messages reduced to role and content, each of a role in ``CHAT_ROLES``. With
+    ``role`` a string becomes one message of that role; ``answered``: at least one must be the
+    assistant's (something to learn from).
     ``where`` names the file and line in errors, ``fix`` is added to them."""
     if isinstance(value, str) and role is not None:
         return [{"role": role, "content": value}]
@@ -58,6 +62,11 @@ def chat_messages(value: Any, where: str, role: str | None = None, *, answered: 
             and isinstance(m.get("content"), str) for m in value):
         raise UserError(f"{where}: expected a non-empty list of chat messages "
                         f"({{'role', 'content'}}){fix}")
+    for number, message in enumerate(value, start=1):
+        if message["role"] not in CHAT_ROLES:
+            raise UserError(f"{where}: message {number} has the role {message['role']!r}, which "
+                            f"is not a chat role ({', '.join(CHAT_ROLES)}); rename it or leave "
+                            f"the record out{fix}")
     if answered and not any(m["role"] == "assistant" for m in value):
         raise UserError(f"{where}: the conversation has no assistant message to learn from{fix}")
     return [{"role": m["role"], "content": m["content"]} for m in value]

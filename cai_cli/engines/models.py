@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import struct
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,7 @@ def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> No
     path = Path(model.name_or_path).expanduser()
     if not path.exists():
         raise UserError(f"{key}: model directory not found: {path}{relative_note(path)} (build a test model with "
-                        f"`cai tiny-model {model.name_or_path}`, or give a hub id)")
+                        f"`cai tiny-model {shlex.quote(model.name_or_path)}`, or give a hub id)")
     if not path.is_dir():
         raise UserError(f"{key}: {path} is a file; expected a directory written by save_pretrained")
     if not ((path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()):

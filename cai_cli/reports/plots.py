@@ -20,7 +20,10 @@ whose plots are missing. ``cai status`` lists them.
 
 A plot needs data the stage recorded: a run made before a figure was recorded (train-rm's
 reliability table, the trainers' log history) has no such plot. Drawing never fails a stage: a
-problem is a warning. ``plots/`` is left out of a directory's fingerprint, so drawing into a
+problem is a warning. A stage is marked complete with its plots still to draw
+(``plots/.pending``, written first, removed once they are): a run stopped between two plots
+leaves the mark, and the next command that finds the stage complete draws them
+(``draw_pending``), as does ``cai report``. ``plots/`` is left out of a directory's fingerprint, so drawing into a
 model's folder does not make the stages that read it stale.
 
 matplotlib is imported inside ``draw`` only (``cai status`` and ``cai report`` stay light), with
@@ -62,6 +65,34 @@ def listed(config_or_layout, command: str) -> list[Path]:
                                            else len(ORDER), path.name))
 
 
+PENDING = ".pending"  # in a stage's plots folder: its plots are still to be drawn
+
+
+def _pending_mark(layout: RunLayout, command: str) -> Path:
+    return layout.plots(command) / PENDING
+
+
+def mark_pending(config_or_layout, command: str) -> None:
+    """Say that the stage's plots are to be drawn: before the stage is marked complete, so a
+    run stopped before they are all drawn leaves the mark (``draw_pending``)."""
+    if DRAWERS.get(command) and enabled():
+        mark = _pending_mark(layout_of(config_or_layout), command)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+
+
+def pending(config_or_layout, command: str) -> bool:
+    return _pending_mark(layout_of(config_or_layout), command).is_file()
+
+
+def draw_pending(config_or_layout, command: str) -> list[Path]:
+    """Draw the plots of a complete stage that a stopped run left undrawn (``mark_pending``)."""
+    if not pending(config_or_layout, command) or not enabled():
+        return []
+    ui.info(f"{command}: drawing the plots the run that completed it did not finish")
+    return draw(config_or_layout, command)
+
+
 def draw(config_or_layout, command: str) -> list[Path]:
     """Draw the plots of ``command``'s completed output; returns the files written. Old plots
     of the stage that this run did not draw again are removed. Never raises: a problem is a
@@ -71,12 +102,14 @@ def draw(config_or_layout, command: str) -> list[Path]:
         return []
     layout = layout_of(config_or_layout)
     try:
-        return _draw(layout, command, drawers)
+        drawn = _draw(layout, command, drawers)
     except Exception as exc:  # a plot is never worth failing a stage for
         first = str(exc).splitlines()[0] if str(exc) else ""
         ui.warn(f"{command}: could not draw its plots ({type(exc).__name__}: {first}); the "
                 f"stage's output is complete: `cai report --config ...` draws them again")
-        return []
+        drawn = []
+    _pending_mark(layout, command).unlink(missing_ok=True)  # drawn, or told why not
+    return drawn
 
 
 def _draw(layout: RunLayout, command: str, drawers: list[Callable]) -> list[Path]:

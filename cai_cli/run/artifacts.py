@@ -178,6 +178,12 @@ class ResumableJsonl:
         path = self.final_path if self.finished else self.partial_path
         return read_jsonl(path) if path.is_file() and path.stat().st_size else []
 
+    @property
+    def empty(self) -> bool:
+        """No record written so far (after ``open``)."""
+        path = self.final_path if self.finished else self.partial_path
+        return not path.is_file() or path.stat().st_size == 0
+
     def append_batch(self, records: list[dict], **extra: Any) -> None:
         """Append one batch of records; ``extra`` values are merged into the saved state."""
         self._start()

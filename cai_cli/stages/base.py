@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from cai_cli.config import Config
 from cai_cli.run.spec import StageSpec
-from cai_cli.stages.common import Need, StageRun, begin, require_complete
+from cai_cli.stages.common import Need, NothingMade, StageRun, begin, require_complete
 
 if TYPE_CHECKING:
     from cai_cli.engines.work import Work
@@ -95,7 +95,9 @@ class RecordStage(Stage):
 
     def finish(self, config: Config, run: StageRun, extra: dict) -> Path:
         """Once the record files are complete (one run, or shards merged): what follows from
-        them, the manifest's counts, and the stage marked complete."""
+        them, the manifest's counts, and the stage marked complete; ``NothingMade`` when every
+        item was skipped (``produce`` says so earlier for a whole run, before its files move
+        into place)."""
         raise NotImplementedError
 
     def merge_parts(self, config: Config, parts: list[dict[str, Path]],
@@ -117,5 +119,9 @@ class RecordStage(Stage):
         run = begin(spec, config, force=force)
         if run is None:
             return self.output(config)
-        extra = self.produce(config, run, items, self.outputs(config), force=force, whole=True)
-        return self.finish(config, run, extra)
+        try:
+            extra = self.produce(config, run, items, self.outputs(config), force=force, whole=True)
+            return self.finish(config, run, extra)
+        except NothingMade:  # every item skipped: fixing the settings and rerunning starts anew
+            run.discard()
+            raise

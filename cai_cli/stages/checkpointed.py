@@ -6,9 +6,10 @@ opens ``path`` through ``ResumableJsonl`` (an interrupted run resumes after its 
 batch), and unless a previous run finished it: loads the engine, records that the stage is
 producing (not before: a model that fails to load leaves the directory as it was), calls
 ``make(backend, batch, step)`` for each batch left and appends the records it returns, with a
-progress bar, then closes the engine and moves the file into place. ``step`` lets ``make`` keep
-running totals in the saved state (``step.extra``), place the bar within the batch and set its
-rate column.
+progress bar, then closes the engine, lets the stage ``check`` what it made (raising
+``NothingMade`` when every item was skipped) and moves the file into place. ``step`` lets
+``make`` keep running totals in the saved state (``step.extra``), place the bar within the
+batch and set its rate column.
 
 The bar counts the batches' items (``size``). As the engine streams tokens it shows tokens a
 second, and with ``tokens_per_item`` (the most tokens one item can take) it moves by the share
@@ -79,7 +80,8 @@ def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Calla
                  engine: Engine | Callable[[list], Engine] | None,
                  fingerprint: str | None = None, fresh: bool = False, keep: bool = False,
                  size: Callable[[list], int] = len, tokens_per_item: int | None = None,
-                 timing: str | None = None, resuming: str | None = None) -> ResumableJsonl:
+                 timing: str | None = None, resuming: str | None = None,
+                 check: Callable[[ResumableJsonl], None] | None = None) -> ResumableJsonl:
     """Make the records of ``batches`` into ``path`` (see the module's docstring) and return
     the finished writer (its ``records()``, its saved ``extra``).
 
@@ -89,7 +91,10 @@ def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Calla
     what decides the file (default: the stage's). ``fresh``: start over. ``keep``: keep the
     file's progress state after the stage completes (its fingerprint, for a later run to reuse
     the file). ``timing``: a manifest timing to record the loop's seconds under. ``resuming``:
-    what to name in a line saying how far a resumed run had got (e.g. "the judging")."""
+    what to name in a line saying how far a resumed run had got (e.g. "the judging").
+    ``check``: called with the writer once every batch is made, before the file moves into
+    place: a stage raises ``NothingMade`` there when it made no record at all, so an earlier
+    complete output is not replaced by an empty one."""
     writer = ResumableJsonl(path, fingerprint or run.spec.fingerprint)
     done = writer.open(fresh=fresh)
     if done and resuming and not writer.finished and done < len(batches):
@@ -126,6 +131,8 @@ def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Calla
             backend.close()
         if timing:
             run.manifest.timings[timing] = round(time.perf_counter() - loop.started, 2)
+        if check is not None:
+            check(writer)
         writer.finish()
     if not keep:
         run.after_complete(writer.cleanup)

@@ -62,11 +62,23 @@ class StageRun:
         self.manifest.save(self.directory, self._running_name())
         self._recorded = True
 
+    def discard(self) -> None:
+        """Forget this run (it made nothing: ``NothingMade``): the manifest it wrote goes, so
+        the stage reads as before it started, as after a failed start, and a rerun with other
+        settings needs no --force. Its record files stay: a rerun of the same settings reuses
+        them (and fails as fast), one of other settings replaces them."""
+        if self._recorded and dist.is_main():
+            (self.directory / self._running_name()).unlink(missing_ok=True)
+            self._recorded = False
+
     def complete(self) -> None:
         """Mark the stage done: its outputs are all in place."""
         if not dist.is_main():
             return
+        from cai_cli.reports import plots
+
         self.producing()
+        plots.mark_pending(self.config, self.spec.command)  # drawn below, unless stopped first
         manifest = self.manifest
         manifest.status = "complete"
         manifest.finished_at = time.time()
@@ -75,9 +87,13 @@ class StageRun:
         (self.directory / NEXT_MANIFEST).unlink(missing_ok=True)
         for cleanup in self._after:
             cleanup()
-        from cai_cli.reports import plots
-
         plots.draw(self.config, self.spec.command)  # <stage dir>/plots/; warns, never fails
+
+
+class NothingMade(UserError):
+    """Every item a stage was given was skipped (too long for a model's context, say), so it
+    has no record to show: a user error (exit 2) whose message says what to change, instead of
+    a stage complete with nothing in it. The stage's run is forgotten (``StageRun.discard``)."""
 
 
 def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
@@ -93,6 +109,7 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     if state == "done" and not force:
         ui.info(f"{spec.command}: {spec.directory} is complete for this config; nothing to do "
                 "(--force redoes it)")
+        draw_pending_plots(config, spec.command)
         return None
     resuming = state == "partial" and not force
     own = spec.manifest()
@@ -110,6 +127,15 @@ def begin(spec: StageSpec, config: Config, *, force: bool) -> StageRun | None:
     # completes (no shard runs now: this run holds the run directory's lock exclusively).
     run.after_complete(lambda: _remove_shards(spec, config))
     return run
+
+
+def draw_pending_plots(config: Config, command: str) -> None:
+    """For a stage found complete: the plots that the run completing it was stopped before
+    drawing (``reports.plots.draw_pending``)."""
+    if dist.is_main():
+        from cai_cli.reports import plots
+
+        plots.draw_pending(config, command)
 
 
 def refuse_unmerged(spec: StageSpec, why: str = "") -> None:

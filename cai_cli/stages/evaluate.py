@@ -47,8 +47,8 @@ from cai_cli.run.spec import StageSpec
 from cai_cli.stages import trackers
 from cai_cli.stages.base import RecordStage
 from cai_cli.stages.checkpointed import checkpointed
-from cai_cli.stages.common import (Need, StageRun, checkpoint_batches, constitution_fingerprint,
-                                   red_team_inputs)
+from cai_cli.stages.common import (Need, NothingMade, StageRun, checkpoint_batches,
+                                   constitution_fingerprint, red_team_inputs)
 from cai_cli.stages.finetune import Finetune
 from cai_cli.stages.optimize import Optimize
 from cai_cli.stages.train_rm import TrainRM
@@ -245,16 +245,18 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     ui.info(f"evaluate: report in {config.layout.report}")
     return config.layout.report
 
-def answer_all(config: Config, backend, prompts: list[Prompt], name: str) -> list[EvalAnswer]:
+def answer_all(config: Config, backend, prompts: list[Prompt],
+               name: str) -> tuple[list[EvalAnswer], int]:
     """One model's answers to every prompt, in one engine call (a prompt too long for this
-    model gets an empty answer: it loses to any real one)."""
+    model gets an empty answer: it loses to any real one), and how many were too long."""
     fmt = resolve_format(config.generate_sl.prompt_format, backend, "generate_sl.prompt_format")
     results = backend.generate([answer_prompt(p.text, fmt, config.generate_sl.system_prompt)
                                 for p in prompts], answer_params(config, fmt),
                                seeds=[record_seed(config.seed, p.id, name, "evaluate")
                                       for p in prompts])
-    return [EvalAnswer(model=name, id=p.id, answer=r.text if isinstance(r, Completion) else "")
-            for p, r in zip(prompts, results)]
+    return ([EvalAnswer(model=name, id=p.id, answer=r.text if isinstance(r, Completion) else "")
+             for p, r in zip(prompts, results)],
+            sum(not isinstance(r, Completion) for r in results))
 
 
 def answer_params(config: Config, fmt: str) -> SamplingParams:
@@ -301,6 +303,19 @@ def judged_results(records: list[dict], names: list[str]) -> dict:
             row["principles"] = record["principles"]
         rows[record_task(record)].append(row)
     return results
+
+def refuse_unjudged(config: Config, totals: dict) -> None:
+    """``NothingMade`` when the judge could read none of what it was asked (every comparison
+    and every question too long for its context): a report of ties only."""
+    asked, unjudged = totals.get("asked", 0), totals.get("unjudged", 0)
+    if asked and unjudged >= asked:
+        key = judge_model(config)[1]
+        raise NothingMade(
+            f"evaluate: the judge ({key}) could read none of the {asked} comparisons and "
+            "questions, each too long for its context; lower "
+            f"evaluate.sampling.max_new_tokens, or raise {key}.max_context if the model reads "
+            "longer inputs, then rerun")
+
 
 def compare(judge, prompts: list[Prompt], a: str, b: str, answers: dict) -> list[dict]:
     """Per prompt: p(a's answer preferred over b's) and per principle."""
@@ -396,15 +411,20 @@ def judge_task(config: Config, constitution, answers: dict):
                 "helpful": helpfulness_judge(config, constitution, backend)}
         harm = judges[backend]["harm"]
         kind = KINDS[into]
+        # what the judge was asked and could not read (too long for its context)
+        step.extra["asked"] = step.extra.get("asked", 0) + len(prompts)
         if into in COMPARED:
             judge = harm if into == "comparisons" else judges[backend]["helpful"]
+            rows = compare(judge, prompts, *models, answers)
+            step.extra["unjudged"] = step.extra.get("unjudged", 0) + judge.skipped_last
             return [{"kind": kind, "models": list(models), "id": row["id"],
                      "p": round(row["p"], 6),
                      "principles": {k: round(v, 6) for k, v in row["principles"].items()}}
-                    for row in compare(judge, prompts, *models, answers)]
+                    for row in rows]
         name = models[0]
         p_yes = harm.classify([(f"{p.id}:{name}", p.text, answers[name, p.id]) for p in prompts],
                               questions[into])
+        step.extra["unjudged"] = step.extra.get("unjudged", 0) + p_yes.count(None)
         return [{"kind": kind, "model": name, "id": prompt.id,
                  "p": None if value is None else round(value, 6)}
                 for prompt, value in zip(prompts, p_yes)]
@@ -476,7 +496,14 @@ class Evaluate(RecordStage):
         def answer(backend, batch: list[str], step) -> list[EvalAnswer]:
             name = batch[0]
             ui.info(f"evaluate: answering {len(items)} prompts with {name} ({paths[name]})")
-            return answer_all(config, backend, items, name)
+            found, overflowed = answer_all(config, backend, items, name)
+            if whole and items and overflowed == len(items):  # nothing of this model to judge
+                raise NothingMade(
+                    f"evaluate: none of the {len(items)} prompts fits the context of {name} "
+                    f"({paths[name]}) with evaluate.sampling.max_new_tokens={new} new tokens; "
+                    "lower it, or raise models.policy.max_context if the model reads longer "
+                    "inputs, then rerun")
+            return found
 
         answers_file = checkpointed(
             run, out["answers.jsonl"], [[name] for name in paths], answer,
@@ -499,7 +526,8 @@ class Evaluate(RecordStage):
             label="judging", engine=judge_model(config),
             fingerprint=config_hash({"stage": run.spec.fingerprint,
                                      "answers": answers_file.fingerprint}),
-            fresh=force, size=lambda task: len(task[2]), resuming="the judging")
+            fresh=force, size=lambda task: len(task[2]), resuming="the judging",
+            check=lambda made: refuse_unjudged(config, made.extra) if whole else None)
         results = judged_results(judgments.records(), list(paths))
         results["rewards"] = (reward_scores(config, items, list(paths), answers)
                               if config.evaluate.reward_model else None)

@@ -56,7 +56,7 @@ def sl_conversations(config: Config) -> list[Conversation]:
                      for example in records.read(path, SFTExample)]
     if not conversations:
         raise UserError(f"{path}: no examples (every chain was skipped); see `cai inspect "
-                        f"{config.run_dir}` and rerun `cai generate-sl` with a larger context")
+                        f"{ui.shell(config.run_dir)}` and rerun `cai generate-sl` with a larger context")
     return conversations
 
 

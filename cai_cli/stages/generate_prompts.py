@@ -37,7 +37,7 @@ from cai_cli.run.seeding import draw, record_seed
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages.base import RecordStage
 from cai_cli.stages.checkpointed import checkpointed
-from cai_cli.stages.common import StageRun, checkpoint_batches
+from cai_cli.stages.common import NothingMade, StageRun, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
 PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.run.shards)
@@ -448,6 +448,7 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
         layout.prompt_feedback.unlink(missing_ok=True)
         forget(layout.prompt_feedback)
     generated = sum(record["asked"] for record in candidates)
+    refuse_empty(generated, kept, counts)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
     if settings.mix_seeds:
@@ -467,8 +468,36 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
             f"{dropped}) -> {layout.generated_prompts}\n  look at them with: "
-            f"cai inspect {layout.generated_prompts}")
+            f"cai inspect {ui.shell(layout.generated_prompts)}")
     return layout.generated_prompts
+
+
+# The settings that decide each filter's drops, for the message when nothing is kept.
+LOOSEN = {"too_short": ("min_chars",), "too_long": ("max_chars",),
+          "unreadable": ("min_readable", "min_words"), "near_duplicates": ("max_overlap",),
+          "feedback_rejected": ("feedback_threshold",)}
+
+
+def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int]) -> None:
+    """``NothingMade`` when none of the ``generated`` prompts asked for is kept: every request
+    outgrew the policy model's context, or the filters dropped every prompt."""
+    if kept or not generated:
+        return
+    if counts["overflow"] >= generated:
+        raise NothingMade(
+            f"generate-prompts: all {generated} prompts asked for were skipped, no request "
+            "fitting the policy model's context; lower generate_prompts.sampling.max_new_tokens "
+            "(or generate_prompts.few_shot), or raise models.policy.max_context if the model "
+            "reads longer inputs, then rerun")
+    dropped = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in counts.items()
+                        if count)
+    keys = [f"generate_prompts.{key}" for name, count in counts.items() if count
+            for key in LOOSEN.get(name, ())]
+    loosen = f"loosen {', '.join(keys)}, or " if keys else ""
+    raise NothingMade(
+        f"generate-prompts: none of the {generated} prompts asked for passed the filters "
+        f"(dropped: {dropped}); {loosen}generate with a stronger models.policy, then rerun "
+        "(with only the filters changed, it filters the same replies again)")
 
 
 class GeneratePrompts(RecordStage):

@@ -28,7 +28,8 @@ from cai_cli.run.seeding import draw, record_seed
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages.base import RecordStage
 from cai_cli.stages.checkpointed import checkpointed
-from cai_cli.stages.common import Need, StageRun, checkpoint_batches, red_team_inputs
+from cai_cli.stages.common import (Need, NothingMade, StageRun, checkpoint_batches,
+                                   red_team_inputs)
 from cai_cli.stages.generate_prompts import GeneratePrompts
 
 
@@ -133,7 +134,8 @@ class GenerateSL(RecordStage):
             run, out["chains.jsonl"], checkpoint_batches(items, settings.prompts_per_checkpoint),
             make, label="generate-sl", engine=(config.models.policy, "models.policy"),
             fresh=force, timing="generation_seconds",
-            tokens_per_item=len(turns(settings.num_revisions)) * settings.sampling.max_new_tokens)
+            tokens_per_item=len(turns(settings.num_revisions)) * settings.sampling.max_new_tokens,
+            check=lambda made: refuse_empty(len(items), made.empty) if whole else None)
         return {"prompts": len(items), "skipped": writer.extra.get("skipped", 0),
                 "generated_tokens": writer.extra.get("tokens", 0)}
 
@@ -142,6 +144,7 @@ class GenerateSL(RecordStage):
         the manifest's counts and statistics, and the stage marked complete."""
         layout = config.layout
         chains = read_jsonl(layout.chains)
+        refuse_empty(extra["prompts"], not chains)  # shards merged: each may have been empty
         sft = [SFTExample(id=chain["id"], prompt=[Message(role="user", content=chain["prompt"])],
                           completion=[Message(role="assistant", content=chain["final"])])
                for chain in chains]
@@ -161,7 +164,7 @@ class GenerateSL(RecordStage):
         }
         run.complete()
         ui.info(f"generate-sl: {len(chains)} chains ({extra['skipped']} skipped) -> "
-                f"{layout.chains}\n  look at them with: cai inspect {config.run_dir}")
+                f"{layout.chains}\n  look at them with: cai inspect {ui.shell(config.run_dir)}")
         return layout.chains
 
     def work(self, config: Config, ctx) -> Work:
@@ -189,6 +192,17 @@ class GenerateSL(RecordStage):
                                    "critiques": len(prompts) * rounds,
                                    "revisions": len(prompts) * rounds},
                     outputs={"prompts": prompts})
+
+
+def refuse_empty(prompts: int, empty: bool) -> None:
+    """``NothingMade`` when no chain was made of ``prompts`` prompts: each outgrew the policy
+    model's context at some turn (a warning for each said where)."""
+    if empty and prompts:
+        raise NothingMade(
+            f"generate-sl: all {prompts} prompts were skipped, each chain outgrowing the policy "
+            "model's context (the warnings above say at which turn); lower "
+            "generate_sl.sampling.max_new_tokens (or generate_sl.few_shot, num_revisions), or "
+            "raise models.policy.max_context if the model reads longer inputs, then rerun")
 
 
 class ChainGenerator:

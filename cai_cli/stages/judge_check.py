@@ -45,7 +45,8 @@ from cai_cli.run.artifacts import (model_fingerprint, read_jsonl, source_fingerp
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages.base import Stage
 from cai_cli.stages.checkpointed import checkpointed
-from cai_cli.stages.common import begin, checkpoint_batches, constitution_fingerprint
+from cai_cli.stages.common import (NothingMade, begin, checkpoint_batches,
+                                   constitution_fingerprint)
 from cai_cli.stages.label_prefs import LabelPrefs
 
 COMMAND = "judge-check"
@@ -189,6 +190,19 @@ def label_prefs_questions(config: Config) -> int | None:
         return None
 
 
+def refuse_empty(config: Config, pairs: int, made) -> None:
+    """``NothingMade`` when none of ``pairs`` pairs was judged: every comparison outgrew the
+    feedback model's context, or every pair's two answers were the same text."""
+    if not made.empty or not pairs:
+        return
+    skipped = made.extra.get("skipped", 0)
+    why = (f"all {skipped} pairs were skipped, no comparison fitting the feedback model's "
+           f"context (the warnings above); raise {config.feedback_key}.max_context if the "
+           "model reads longer inputs, or check it on shorter pairs (--pairs)") if skipped else \
+        f"none of the {pairs} pairs has two different answers: nothing to judge; check --pairs"
+    raise NothingMade(f"judge-check: {why}")
+
+
 class JudgeCheck(Stage):
     """``cai judge-check`` (not a stage of ``cai run``): ``pairs`` is ``--pairs``."""
 
@@ -242,10 +256,15 @@ class JudgeCheck(Stage):
             step.rate(f"{extra['questions'] / max(extra['seconds'], 1e-9):,.1f} questions/s")
             return judged
 
-        out = checkpointed(run, layout.judge_judgments,
-                           checkpoint_batches(labelled, config.judge_check.pairs_per_checkpoint),
-                           make, label="judging",
-                           engine=(config.feedback_model, config.feedback_key), fresh=force)
+        try:
+            out = checkpointed(
+                run, layout.judge_judgments,
+                checkpoint_batches(labelled, config.judge_check.pairs_per_checkpoint), make,
+                label="judging", engine=(config.feedback_model, config.feedback_key),
+                fresh=force, check=lambda made: refuse_empty(config, len(labelled), made))
+        except NothingMade:  # fixing the settings and rerunning starts anew
+            run.discard()
+            raise
         records = read_jsonl(layout.judge_judgments)
         timing = {"seconds": out.extra.get("seconds"), "questions": out.extra.get("questions")}
         report = build_report(config, shipped_or(where).path or where.dataset, records, timing,

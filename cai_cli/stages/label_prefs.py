@@ -41,7 +41,8 @@ from cai_cli.run.spec import StageSpec
 from cai_cli.stages import trackers
 from cai_cli.stages.base import RecordStage
 from cai_cli.stages.checkpointed import checkpointed
-from cai_cli.stages.common import Need, StageRun, checkpoint_batches, red_team_inputs
+from cai_cli.stages.common import (Need, NothingMade, StageRun, checkpoint_batches,
+                                   red_team_inputs)
 from cai_cli.stages.finetune import Finetune
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
@@ -145,7 +146,9 @@ class LabelPrefs(RecordStage):
             run, out["samples.jsonl"], batches,
             lambda policy, batch, step: sample_batch(config, policy, batch),
             label="sampling", engine=(policy_model(config), "label_prefs.policy"), fresh=force,
-            tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens)
+            tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens,
+            check=lambda made: refuse_empty(config, len(items), made.empty, False, 0)
+            if whole else None)
         judges: dict = {}
 
         def judge(feedback, group: list[dict], step) -> list:
@@ -164,7 +167,9 @@ class LabelPrefs(RecordStage):
             run, out["pairs.jsonl"], checkpoint_batches(samples.records(),
                                                         settings.prompts_per_checkpoint),
             judge, label="judging", engine=(config.feedback_model, config.feedback_key),
-            fresh=force)
+            fresh=force,
+            check=lambda made: refuse_empty(config, len(items), False, made.empty,
+                                            made.extra.get("skipped", 0)) if whole else None)
         run.manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
         return {"prompts": len(items), "skipped_pairs": pairs.extra.get("skipped", 0)}
 
@@ -217,6 +222,8 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     layout, settings = config.layout, config.label_prefs
     sampled = read_jsonl(layout.samples)
     records = read_jsonl(layout.pairs)
+    # shards merged: each may have been empty
+    refuse_empty(config, extra["prompts"], not sampled, not records, extra["skipped_pairs"])
     confidence = [abs(r["p_chosen"] - 0.5) for r in records]
     manifest = run.manifest
     manifest.counts.update({"prompts": extra["prompts"], "sampled_prompts": len(sampled),
@@ -245,10 +252,34 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
         ui.warn(f"judgments come from different sources ({stats['label_sources']}): some are "
                 "option probabilities, some sampled verdicts; each judgment's label_source says "
                 "which (rerun with --force against one server for labels of one kind)")
-    ui.info(f"  look at them with: cai inspect {layout.pairs}")
+    ui.info(f"  look at them with: cai inspect {ui.shell(layout.pairs)}")
     trackers.log_stage(settings.report_to, layout.prefs, "label-prefs",
                        {**manifest.counts, **stats, **manifest.timings}, config)
     return layout.pairs
+
+
+def refuse_empty(config: Config, prompts: int, no_samples: bool, no_pairs: bool,
+                 skipped_pairs: int) -> None:
+    """``NothingMade`` when ``prompts`` prompts gave no labelled pair: every prompt's answers
+    outgrew the policy model's context, every comparison the feedback model's, or every
+    prompt's answers were one and the same text (no pair to compare)."""
+    if not prompts or not (no_samples or no_pairs):
+        return
+    settings = "label_prefs.sampling"
+    if no_samples:
+        why = (f"all {prompts} prompts were skipped, their answers outgrowing the policy model's "
+               f"context (the warnings above); lower {settings}.max_new_tokens or raise "
+               "models.policy.max_context if the model reads longer inputs")
+    elif skipped_pairs:
+        why = (f"all {skipped_pairs} pairs were skipped, no comparison fitting the feedback "
+               f"model's context (the warnings above); raise {config.feedback_key}.max_context "
+               f"if the model reads longer inputs, or shorten what the judge reads "
+               f"({settings}.max_new_tokens, label_prefs.few_shot)")
+    else:
+        why = (f"no pair to judge: every prompt's {config.label_prefs.responses_per_prompt} "
+               f"answers were one and the same text; sample with variety ({settings}.temperature "
+               "above 0)")
+    raise NothingMade(f"label-prefs: {why}, then rerun")
 
 
 def training_pairs(config: Config, ctx, counter) -> tuple[list[dict], str]:

@@ -124,7 +124,7 @@ def preference_pairs(config: Config) -> tuple[list[dict], int]:
         pairs.append(row)
     if total == 0:
         raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
-                        f"{config.run_dir}` and rerun `cai label-prefs --force`")
+                        f"{ui.shell(config.run_dir)}` and rerun `cai label-prefs --force`")
     if not pairs:
         raise UserError(f"optimize.min_confidence: all {total} pairs in {path} have "
                         f"|p_chosen - 0.5| below {settings.min_confidence}; lower it (the mean "

@@ -18,6 +18,7 @@ from cai_cli.errors import UserError
 from cai_cli.run import dist
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages.base import Stage
+from cai_cli.stages.common import draw_pending_plots
 from cai_cli.stages.evaluate import Evaluate
 from cai_cli.stages.finetune import Finetune
 from cai_cli.stages.generate_prompts import GeneratePrompts
@@ -109,6 +110,7 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
         spec = stage.spec(config)  # recomputed: an earlier stage may just have rewritten inputs
         state = spec.state()
         if state == "done" and not force:
+            draw_pending_plots(config, name)
             continue
         ui.info(f"── {name} " + "─" * max(0, 60 - len(name)))
         # A stale stage is the point of `cai run`: replace it. A partial one resumes.

@@ -22,7 +22,7 @@ from cai_cli.run.layout import RunLayout
 from cai_cli.run.lock import merge_lock
 from cai_cli.run.shards import Shard, concatenate_atomic, sum_extras
 from cai_cli.run.spec import StageSpec
-from cai_cli.stages.common import StageRun
+from cai_cli.stages.common import StageRun, draw_pending_plots
 
 
 class ShardRun(StageRun):
@@ -75,6 +75,7 @@ def run_shard(stage, config: Config, spec: StageSpec, shard: Shard, items: list,
     if state == "done" and not force:
         ui.info(f"{command}: {spec.directory} is complete for this config; nothing to do "
                 "(--force redoes this shard and merges again)")
+        draw_pending_plots(config, command)
         return None
     if state == "stale" and not force:
         changed = spec.describe_changes()

@@ -78,7 +78,7 @@ def ai_pairs(config: Config) -> list[dict]:
              for pair in records.read(path, Pair)]
     if not pairs:
         raise UserError(f"{path}: no pairs (every prompt was skipped); see `cai inspect "
-                        f"{config.run_dir}` and rerun `cai label-prefs`")
+                        f"{ui.shell(config.run_dir)}` and rerun `cai label-prefs`")
     return pairs
 
 

@@ -401,19 +401,77 @@ def merged_from_gathered(model, state_dict: dict, scratch: Path):
 
 
 def last_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint under ``<directory>/.checkpoints``. The trainer writes
-    ``trainer_state.json`` last, so a checkpoint without it was cut off mid-write; those are
-    deleted so the trainer cannot pick one up either."""
+    """The newest checkpoint under ``<directory>/.checkpoints`` that the trainer can read. The
+    trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off
+    mid-write; one whose files cannot be read (``unreadable``: truncated, damaged, refused by
+    weights-only loading) would fail every rerun. Both are deleted, the unreadable ones with a
+    warning naming them, so the trainer cannot pick one up either: the stage resumes from the
+    one before, or starts over."""
+    from cai_cli.run import dist
+
     folder = directory / CHECKPOINTS
     found = sorted((int(m.group(1)), path) for path in folder.glob("checkpoint-*")
                    if (m := _CHECKPOINT.match(path.name)) and path.is_dir())
-    complete = None
-    for _, path in found:
-        if (path / "trainer_state.json").is_file():
-            complete = path
-        else:
-            shutil.rmtree(path)
-    return complete
+    bad = [path for _, path in found if not (path / "trainer_state.json").is_file()]
+    complete = [path for _, path in found if path not in bad]
+    usable = None
+    while complete and usable is None:
+        newest = complete.pop()
+        problem = unreadable(newest)
+        if problem is None:
+            usable = newest
+            continue
+        bad.append(newest)
+        ui.warn(f"{newest} cannot be read: {problem}; removed it, "
+                + (f"resuming from {complete[-1].name} instead" if complete
+                   else "training from the start"))
+    if dist.is_main():  # every process finds the same; one deletes
+        for path in bad:
+            shutil.rmtree(path, ignore_errors=True)
+    return usable
+
+
+# The files of a checkpoint that the trainer reads back with torch.load(weights_only=True).
+_TORCH_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "pytorch_model*.bin")
+
+
+def unreadable(checkpoint: Path) -> str | None:
+    """Why the trainer could not resume from ``checkpoint``, or None: its state file, weights
+    and optimizer, scheduler and random states are each opened as the trainer opens them, the
+    tensors memory-mapped rather than read (seconds even for a large model). Checkpoints of
+    FSDP or DeepSpeed keep more in folders of their own, which this does not open."""
+    import json
+    import pickle
+
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    def damaged(name: str, exc: Exception) -> str:
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0][:100] if text else type(exc).__name__
+        return f"{name} is truncated or damaged ({first})"
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return damaged("trainer_state.json", exc)
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # safetensors' own error type, or an OSError
+            return damaged(path.name, exc)
+    with safe_globals():  # numpy's random state, as the trainer allows it
+        for path in sorted(p for pattern in _TORCH_STATE for p in checkpoint.glob(pattern)):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                return (f"{path.name} is refused by weights-only loading: it holds objects "
+                        "that are not tensors")
+            except Exception as exc:  # torch's zip reader says RuntimeError, mmap OSError
+                return damaged(path.name, exc)
+    return None
 
 
 def resume_point(directory: Path, resumable: bool) -> Path | None:
@@ -523,12 +581,34 @@ def train(trainer, description: str, checkpoint: Path | None):
     """``trainer.train()`` under our progress bar, from ``checkpoint`` when there is one."""
     from transformers.trainer_callback import PrinterCallback
 
+    from cai_cli.run import preemption
+
     if checkpoint is not None:
         ui.info(f"{description}: continuing from {checkpoint.name}")
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our bar shows the loss
+    trainer.add_callback(sigterm_callback(description))
     with progress_bar() as bar:
         trainer.add_callback(progress_callback(bar, description))
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # A SIGTERM now stops after the step under way and its checkpoint, then raises.
+        with preemption.stop_between_steps():
+            return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+
+def sigterm_callback(description: str):
+    """A TrainerCallback that, once a SIGTERM came to this process or another of the job
+    (``run.preemption``), has the trainer save a checkpoint of the step just done and stop."""
+    from transformers import TrainerCallback
+
+    from cai_cli.run import preemption
+
+    class StopOnSigterm(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if preemption.stop_after_step(args.device) and not control.should_training_stop:
+                ui.info(f"{description}: SIGTERM: saving a checkpoint of step "
+                        f"{state.global_step}, then stopping")
+                control.should_save = control.should_training_stop = True
+
+    return StopOnSigterm()
 
 
 def logged(trainer, name: str) -> list[float]:
