@@ -429,3 +429,40 @@ def test_one_judge_named_either_way_is_the_same_evaluation(tmp_path, tiny_model_
     assert fingerprint() == fingerprint(judges=["feedback"])
     assert fingerprint(judge=other) == fingerprint(judges=[other]) != fingerprint()
     assert fingerprint(judges=["feedback", other]) != fingerprint(judges=[other, "feedback"])
+
+
+@pytest.mark.parametrize("judges", [1, 2, 3, 6])
+def test_the_tables_fit_80_columns_and_cut_no_figure(monkeypatch, judges):
+    """Long model and judge names are abbreviated with a legend; where a row of figures is too
+    wide the intervals go under them, then each judge gets rows of its own."""
+    import io
+
+    from fake_run import eval_report, jury_report
+    from rich.console import Console
+
+    from cai_cli import ui
+    from cai_cli.reports.evaluation import print_report
+
+    long_name = "/data/checkpoints/a-rather-long-model-name/step-12000"
+    report = json.loads(json.dumps(jury_report() if judges > 1 else eval_report(True))
+                        .replace('"policy"', json.dumps(long_name)))
+    if judges > 1:
+        first = report["by_judge"].pop("big/judge")
+        report["judges"] = report["judges"][:1]
+        for number in range(1, judges):
+            name = f"org/a-judge-model-of-some-size-{number}"
+            report["judges"].append({"name": name, "model": name, "backend": "openai",
+                                     "base_url": "http://judges.example/v1",
+                                     "feedback_model": False, "judge_check": None})
+            report["by_judge"][name] = first
+    shown = io.StringIO()
+    monkeypatch.setattr(ui, "stdout", Console(file=shown, width=80, highlight=False))
+    print_report(report)
+    text = shown.getvalue()
+    assert all(len(line.rstrip()) <= 80 for line in text.splitlines()), text
+    assert "…" not in text
+    assert "0.60" in text and "[0.50, 0.70]" in text  # sft over base, whole
+    assert f"M3 = {long_name}" in text
+    if judges > 1:
+        assert "feedback*" in text and "*: judge-check measured" in text
+        assert "J2 = org/a-judge-model-of-some-size-1" in " ".join(text.split())

@@ -395,7 +395,8 @@ def fitted(build) -> object:
         if candidate is None:
             continue
         table = candidate
-        if ui.stdout.measure(table).maximum <= ui.stdout.width:
+        unbounded = ui.stdout.options.update_width(10_000)  # its own width, not the terminal's
+        if ui.stdout.measure(table, options=unbounded).maximum <= ui.stdout.width:
             break
     return table
 
@@ -553,7 +554,8 @@ def print_report(report: dict) -> None:
         ui.stdout.print(line, markup=False)
     result = report.get("verdict")
     if result:
-        good = (result["harmlessness"] == "better" and result["helpfulness"] in ("same", "better")
+        good = (result.get("harmlessness") == "better"
+                and result.get("helpfulness") in ("same", "better")
                 and result.get("independent", True) and not result.get("disagreement"))
         (ui.info if good else ui.warn)(f"verdict: {result['text']}")
         for caveat in result.get("caveats", []):
