@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from cai_cli.config import AnyModelConfig, Config, model_identity
 from cai_cli.errors import UserError
 from cai_cli.run.artifacts import load_manifest
+from cai_cli.run.spec import in_run_dir
 
 FEEDBACK = "feedback"  # the name of the feedback model among the judges
 # Evaluated models of this run trained on the feedback model's labels (DPO on its pairs, or
@@ -64,7 +65,8 @@ def jury(config: Config) -> list[Juror]:
                             "name_or_path, revision and base_url); list each judge once")
         seen[identity] = key
         is_feedback = identity == feedback
-        name = FEEDBACK if is_feedback else model.name_or_path
+        # a checkpoint of this run as <run_dir>/...: a moved run names it the same
+        name = FEEDBACK if is_feedback else in_run_dir(model.name_or_path, config.layout.root)
         if any(j.name == name for j in jurors) or (name == FEEDBACK and not is_feedback):
             name = f"{name} #{index + 1}"  # the same name served elsewhere: told apart by place
         jurors.append(Juror(name, key, model, is_feedback))
