@@ -202,12 +202,13 @@ def jury_verdict(config: Config, report: dict, jurors: list[Juror],
     others = "judge" if len(independent) == 1 else "judges"
     if labelled and not independent:
         text = f"by the feedback model alone, which labelled the pairs {model} was trained on: {text}"
-    elif len(counted) > 1:
+    elif len(counted) > 1 and not labelled:
         text += f" (the mean of {len(counted)} {others}: {', '.join(counted)})"
     disagreement = None
     if labelled and independent:
         by_feedback, feedback_text = of(labelled)
-        counting = f"by the other {others} ({', '.join(independent)}): "
+        pooled = "; their mean" if len(independent) > 1 else ""
+        counting = f"by the other {others} ({', '.join(independent)}{pooled}): "
         if by_feedback["harmlessness"] == "better" and main["harmlessness"] != "better":
             disagreement = "feedback model only"
             text = (f"{model} learned the feedback model's preference, which the other {others} "
