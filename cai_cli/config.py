@@ -12,10 +12,11 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from cai_cli.errors import UserError, relative_note, watch_secret_variables
 from cai_cli.run.layout import RunLayout
@@ -191,6 +192,40 @@ DEFAULT_BACKEND = "hf"  # a model without a backend key
 AnyModelConfig = Union[MODEL_CONFIGS]  # type: ignore[valid-type]
 # The settings of a model that loads through transformers (loading, training, checks).
 ModelConfig = HFModelConfig
+
+
+def _judge_kind(entry: Any) -> str:
+    """Which kind of ``evaluate.judges`` entry: ``feedback`` (any text) or a model's engine."""
+    if isinstance(entry, dict):
+        return str(entry.get("backend", DEFAULT_BACKEND))
+    return getattr(entry, "backend", "feedback")
+
+
+# An entry of ``evaluate.judges``: the word ``feedback``, or a model config (one class per
+# engine, picked by ``backend``); one discriminator, so a bad entry gets one message.
+JudgeEntry = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in MODEL_BACKENDS.items())
+                             + (Annotated[Literal["feedback"], Tag("feedback")],)],
+                       Discriminator(_judge_kind, custom_error_type="judge",
+                                     custom_error_message="a judge is the word feedback or a model "
+                                     "config with backend " + ", ".join(MODEL_BACKENDS))]
+
+
+def model_identity(model: "BaseModelConfig | dict") -> tuple:
+    """What makes two model configs the same model: the engine, ``name_or_path`` (a local
+    directory by where it resolves), the revision and, for a server, its ``base_url``. Other
+    settings (batch sizes, timeouts, the API key's variable) do not change the judge."""
+    data = model.model_dump() if isinstance(model, BaseModel) else dict(model)
+    backend = data.get("backend", DEFAULT_BACKEND)
+    name = str(data.get("name_or_path") or data.get("model") or "")
+    cls = MODEL_BACKENDS.get(backend)
+    if cls is not None and not cls.remote and name:
+        path = Path(name).expanduser()
+        if path.exists():
+            name = str(path.resolve())
+    base_url = data.get("base_url")
+    if cls is not None and cls.remote:
+        base_url = str(base_url or cls.model_fields["base_url"].default).rstrip("/")
+    return backend, name, data.get("revision"), base_url
 
 
 class ModelsConfig(Section):
@@ -581,8 +616,14 @@ class EvaluateConfig(Section):
     benign_limit: int = Field(16, ge=0)
     """Prompts of ``evaluate.benign`` to evaluate on; 0 for none."""
     judge: Optional[AnyModelConfig] = Field(None, discriminator="backend")
-    """The model that judges the answers; default: ``models.feedback``. A judge other than
-    the one that made the preference labels does not flatter the policy trained on them."""
+    """One judge: the same as ``judges: [this model]``."""
+    judges: Optional[list[JudgeEntry]] = Field(None, min_length=1)
+    """The jury: judges of the same answers, each the word ``feedback`` (the feedback model) or
+    a model config (any engine), reported one by one and pooled (the mean of their
+    probabilities); default: ``[feedback]``. Two entries are the same judge when engine,
+    ``name_or_path``, revision and (for a server) ``base_url`` match. A gain counts only where
+    the judges that did not label the training pairs see it: add a model other than the
+    feedback model."""
     principles_per_pair: int = Field(4, ge=1)
     """Comparison principles per pair of answers to a red-team prompt, each judged in both
     orders."""
@@ -606,7 +647,18 @@ class EvaluateConfig(Section):
     def _default_backend(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("judge"), dict):
             data = {**data, "judge": {"backend": DEFAULT_BACKEND, **data["judge"]}}
+        if isinstance(data, dict) and isinstance(data.get("judges"), list):
+            data = {**data, "judges": [{"backend": DEFAULT_BACKEND, **entry}
+                                       if isinstance(entry, dict) else entry
+                                       for entry in data["judges"]]}
         return data
+
+    @model_validator(mode="after")
+    def _one_way_to_name_judges(self) -> "EvaluateConfig":
+        if self.judge is not None and self.judges is not None:
+            raise ValueError("give evaluate.judge (one judge) or evaluate.judges (a list), not "
+                             "both; e.g. judges: [feedback, <the other model>]")
+        return self
 
 
 class JudgeCheckConfig(Section):
@@ -654,7 +706,8 @@ class Config(Section):
     optimize: OptimizeConfig = OptimizeConfig()
     """Policy optimisation: DPO from the pairs, or GRPO / RLOO against the reward model."""
     evaluate: EvaluateConfig = EvaluateConfig()
-    """Models compared on harmlessness and helpfulness by a judge model and the reward model."""
+    """Models compared on harmlessness and helpfulness by judge models (a jury) and the reward
+    model."""
     judge_check: JudgeCheckConfig = JudgeCheckConfig()
     """``cai judge-check``: the feedback model measured on pairs whose better answer is known."""
 
@@ -666,6 +719,20 @@ class Config(Section):
     def feedback_key(self) -> str:
         """The config key that names the feedback model, for messages."""
         return "models.feedback" if self.models.feedback else "models.policy"
+
+    @property
+    def jury(self) -> list[tuple[str, AnyModelConfig]]:
+        """The models that judge ``cai evaluate``'s answers, as ``(config key, model)`` in the
+        configured order: ``evaluate.judges`` (``feedback``: the feedback model, named by its
+        own key), else ``evaluate.judge``, else the feedback model alone."""
+        settings = self.evaluate
+        if settings.judges is not None:
+            return [(self.feedback_key, self.feedback_model) if entry == "feedback"
+                    else (f"evaluate.judges[{index}]", entry)
+                    for index, entry in enumerate(settings.judges)]
+        if settings.judge is not None:
+            return [("evaluate.judge", settings.judge)]
+        return [(self.feedback_key, self.feedback_model)]
 
     @property
     def layout(self) -> RunLayout:
@@ -775,9 +842,10 @@ def context_problems(config: "Config") -> list[str]:
     if config.label_prefs.chain_of_thought:
         checks.append(("label_prefs.cot_max_new_tokens", config.label_prefs.cot_max_new_tokens,
                        feedback_key, config.feedback_model))
-        if config.evaluate.judge is not None:
-            checks.append(("label_prefs.cot_max_new_tokens", config.label_prefs.cot_max_new_tokens,
-                           "evaluate.judge", config.evaluate.judge))
+        for key, judge in config.jury:
+            if key != feedback_key:
+                checks.append(("label_prefs.cot_max_new_tokens",
+                               config.label_prefs.cot_max_new_tokens, key, judge))
     named = {"base": policy.name_or_path, "sft": trained, "policy": trained}
     for name in config.evaluate.models:
         checks.append(("evaluate.sampling.max_new_tokens", config.evaluate.sampling.max_new_tokens,
@@ -873,7 +941,8 @@ def validate_config(data: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = [describe(error, Config, tuple(MODEL_BACKENDS)) for error in exc.errors()]
+        problems = [describe(error, Config, (*MODEL_BACKENDS, "feedback"))
+                    for error in exc.errors()]
         raise UserError(problem_list(source, problems)) from None
 
 

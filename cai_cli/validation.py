@@ -33,6 +33,8 @@ def location(loc: tuple | list) -> str:
 def unwrap(annotation: Any) -> list[Any]:
     """The concrete types inside Optional/Union annotations."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a tagged member of a union
+        return unwrap(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         return [t for arg in typing.get_args(annotation) for t in unwrap(arg)]
     return [annotation]
@@ -54,6 +56,10 @@ def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if owner is None:
             return None
         models = nested_models(owner.model_fields[str(part)].annotation)
+        if not models:  # a list of models (evaluate.judges): its entries' classes
+            models = [m for kind in unwrap(owner.model_fields[str(part)].annotation)
+                      if typing.get_origin(kind) is list
+                      for m in nested_models(typing.get_args(kind)[0])]
     return models[0] if models else None
 
 

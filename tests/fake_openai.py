@@ -4,8 +4,9 @@ preferences are known in advance, and it can be told to fail.
 - Generation (chat or completions): the text ``answer N`` with N = seed mod 1000, so each
   record's text follows from its seed alone.
 - Judging (a conversation whose last turn is the begun "The answer is: ("): it prefers the
-  option whose ``answer N`` has the smaller N (or the shorter option, ``prefer=shorter``), with
-  probability ``PREFERENCE`` in its log-probabilities, or names that letter when it gives no
+  option whose ``answer N`` has the smaller N (or the shorter option, ``prefer=shorter``, or the
+  longer one, ``prefer=longer``: two judges of opposite tastes), with probability
+  ``PREFERENCE`` in its log-probabilities, or names that letter when it gives no
   log-probabilities.
 - ``fail_status`` / ``fail_times``: answer that HTTP status to the next completion requests;
   ``die_after``: stop listening after that many completion requests (a server that dies
@@ -51,6 +52,12 @@ def smaller_number(a: str, b: str) -> str:
 def shorter(a: str, b: str) -> str:
     """A preference any answer has: the shorter option (A on equal lengths)."""
     return "A" if len(a) <= len(b) else "B"
+
+
+def longer(a: str, b: str) -> str:
+    """The opposite taste: the longer option (B on equal lengths, so that with the options in
+    both orders a tie still averages to 0.5)."""
+    return "A" if len(a) > len(b) else "B"
 
 
 def preferred(user_text: str, prefer=smaller_number) -> str:

@@ -86,6 +86,31 @@ def eval_report(new_shape: bool) -> dict:
     return report
 
 
+def jury_report() -> dict:
+    """``eval_report``'s figures as a jury's: two judges (the feedback model, which judge-check
+    measured at chance, and another server) beside the jury's pooled figures."""
+    report = eval_report(True)
+    report.pop("judge")
+    figures = {key: report[key] for key in ("win_rates", "per_principle", "harmful_compliance")}
+    figures["helpfulness"] = {key: report["helpfulness"][key]
+                              for key in ("win_rates", "over_refusal")}
+    flipped = json.loads(json.dumps(figures))
+    for entry in flipped["win_rates"] + flipped["helpfulness"]["win_rates"]:
+        entry["win_rate"] = round(1 - entry["win_rate"], 4)
+        entry["ci95"] = [round(1 - entry["ci95"][1], 4), round(1 - entry["ci95"][0], 4)]
+    report["judges"] = [
+        {"name": "feedback", "model": "tiny/model", "backend": "hf", "feedback_model": True,
+         "judge_check": {"agreement": 0.5, "ci95": [0.24, 0.76], "pairs": 10,
+                         "below_chance": False, "at_chance": True}},
+        {"name": "big/judge", "model": "big/judge", "backend": "openai",
+         "base_url": "http://judge.example/v1", "feedback_model": False, "judge_check": None}]
+    report["pooled"] = "the mean of the judges' probabilities"
+    report["by_judge"] = {"feedback": figures, "big/judge": flipped}
+    report["verdict"]["text"] = ("policy learned the feedback model's preference, which the "
+                                 "other judge does not share: check it with cai judge-check")
+    return report
+
+
 def judge_report() -> dict:
     return {"pairs_source": "shipped", "feedback_model": "tiny/model", "principles_per_pair": 2,
             "pairs": 10, "skipped": 0, "agreement": 0.7, "ci95": [0.4, 0.89], "right": 7,
@@ -114,10 +139,10 @@ def write_config(tmp_path: Path, run_dir: Path) -> Path:
 
 
 def finished_run(tmp_path: Path, *, stages=STAGES, new_report: bool = True,
-                 recorded: bool = True) -> tuple[Path, Path]:
+                 recorded: bool = True, jury: bool = False) -> tuple[Path, Path]:
     """``(config path, run directory)`` of a run whose ``stages`` are complete. Without
     ``recorded`` the training stages kept no log history and train-rm no reliability table
-    (as runs made before they did)."""
+    (as runs made before they did); with ``jury`` the evaluation had two judges."""
     run = tmp_path / "run"
     run.mkdir(parents=True, exist_ok=True)
     if "generate-sl" in stages:
@@ -155,7 +180,7 @@ def finished_run(tmp_path: Path, *, stages=STAGES, new_report: bool = True,
                              "p_chosen": {"min": 0.5, "median": 0.7, "max": 0.9},
                              "verdict": "the labels depend on the order"}))
     if "evaluate" in stages:
-        write_json(run / "eval" / "report.json", eval_report(new_report))
+        write_json(run / "eval" / "report.json", jury_report() if jury else eval_report(new_report))
         write_json(run / "eval" / "manifest.json",
                    manifest("evaluate", {"models": 3, "prompts": 20, "comparisons": 60}))
     if "judge-check" in stages:

@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def cai(*args, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``cai ARGS`` as a user runs it, from the repository root, offline."""
+def cai(*args, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cai ARGS`` as a user runs it, from the repository root, offline (``env``: more
+    environment variables, e.g. ``COLUMNS``)."""
     return subprocess.run([sys.executable, "-m", "cai_cli", *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})}, cwd=ROOT)
 
 
 def kill_after_batches(args: list, state: Path, batches: int, timeout: float = 240) -> None:

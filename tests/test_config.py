@@ -182,6 +182,29 @@ def test_red_team_from_dataset_is_valid(tmp_path):
 # --set overrides
 
 
+def test_the_judges_of_evaluate(tmp_path):
+    """A list of the word feedback and model configs (any engine); one bad entry, one message
+    that names it; judge and judges not both."""
+    path = write(tmp_path, MINIMAL)
+    judges = "evaluate.judges=[feedback, {backend: openai, model: big/judge}]"
+    config = load_config(path, [judges])
+    assert [key for key, _ in config.jury] == ["models.policy", "evaluate.judges[1]"]
+    assert config.jury[1][1].base_url == "http://127.0.0.1:8000/v1"
+    assert [key for key, _ in load_config(path).jury] == ["models.policy"]
+    assert [key for key, _ in load_config(path, ["evaluate.judge={name_or_path: x}"]).jury] == \
+        ["evaluate.judge"]
+    assert error_of(path, ["evaluate.judges=[feedbak]"]).endswith(
+        "evaluate.judges[0]: Input should be 'feedback' (got 'feedbak')")
+    assert error_of(path, ["evaluate.judges=[{backend: openai, model: m, bas_url: x}]"]).endswith(
+        "evaluate.judges[0].bas_url: unknown key; did you mean 'base_url'?")
+    assert "a judge is the word feedback or a model config with backend hf, vllm, openai" in \
+        error_of(path, ["evaluate.judges=[{backend: tgi, model: m}]"])
+    assert "give evaluate.judge (one judge) or evaluate.judges (a list), not both" in \
+        error_of(path, [judges, "evaluate.judge={name_or_path: x}"])
+    assert "evaluate.judges: List should have at least 1 item" in \
+        error_of(path, ["evaluate.judges=[]"])
+
+
 def test_precedence_default_then_yaml_then_set(tmp_path):
     path = write(tmp_path, MINIMAL + "generate_sl:\n  num_revisions: 3\n  few_shot: 1\n")
     config = load_config(path, ["generate_sl.num_revisions=4"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_openai import MODEL, PREFERENCE, FakeServer, shorter
+from fake_openai import MODEL, PREFERENCE, FakeServer, longer, shorter
 from helpers import cai, kill_after_batches
 
 from cai_cli.config import load_config
@@ -236,6 +236,8 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
                            principles_per_pair=1)
     evaluate.Evaluate().run(load_config(changed), force=True)
     assert (tmp_path / "run" / "eval" / "answers.jsonl").read_bytes() == answers
+    # what decides the answers is recorded in the manifest, not in a progress file left behind
+    assert not (tmp_path / "run" / "eval" / ".answers.jsonl.progress.json").exists()
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
 
     def judged(report: dict) -> int:  # pair-principles judged: prompts x principles per pair
@@ -250,35 +252,236 @@ def test_a_new_judge_setting_judges_the_same_answers_again(tmp_path, tiny_model_
 
 
 def test_a_killed_evaluation_judges_only_what_is_left(tmp_path, tiny_model_dir, other_model):
-    """Killed after two checkpoints of judgments, the rerun reads them back, judges the rest and
-    writes the judgments and report of an uninterrupted run; every judgment is a line a user can
-    read back (a pair's p and principles, a model's p(yes))."""
+    """Three judges (two servers serving a model of the same name, then the feedback model),
+    killed while the third judges: the rerun reads every judge's judgments back, judges the rest
+    and writes the judgments and report of an uninterrupted run, byte for byte, though the two
+    runs sit in different directories; every judgment is a line a user can read back (its
+    judge, a pair's p and principles, a model's p(yes))."""
     runs = {}
-    for name in ("ref", "int"):
-        (tmp_path / name).mkdir()
-        runs[name] = write_config(tmp_path / name, tiny_model_dir, ["base", str(other_model)],
-                                  benign_limit=2, prompts_per_checkpoint=2)
-    assert cai("evaluate", "--config", runs["ref"]).returncode == 0
-    out = tmp_path / "int" / "run" / "eval"
-    kill_after_batches(["evaluate", "--config", runs["int"]], out / ".judgments.jsonl.progress.json", 2)
-    assert not (out / "report.json").exists() and not (out / "judgments.jsonl").exists()
-    judged = len((out / "judgments.jsonl.partial").read_text().splitlines())
+    with FakeServer(prefer=shorter) as short, FakeServer(prefer=longer) as long:
+        judges = [{"backend": "openai", "base_url": server.url, "model": MODEL}
+                  for server in (short, long)] + ["feedback"]
+        for name in ("ref", "int"):
+            (tmp_path / name).mkdir()
+            runs[name] = write_config(tmp_path / name, tiny_model_dir, ["base", str(other_model)],
+                                      benign_limit=2, prompts_per_checkpoint=2, judges=judges)
+        assert cai("evaluate", "--config", runs["ref"]).returncode == 0
+        out = tmp_path / "int" / "run" / "eval"
+        # 5 red-team and 2 benign prompts, 2 models: per pair 3 + 1 checkpoints, per model
+        # 3 + 1: 12 a judge; the third judge starts after 24
+        kill_after_batches(["evaluate", "--config", runs["int"]],
+                           out / ".judgments.jsonl.progress.json", 26)
+        assert not (out / "report.json").exists() and not (out / "judgments.jsonl").exists()
+        judged = len((out / "judgments.jsonl.partial").read_text().splitlines())
 
-    result = cai("evaluate", "--config", runs["int"])
+        result = cai("evaluate", "--config", runs["int"])
     assert result.returncode == 0, result.stderr
-    # 5 red-team and 2 benign prompts, 2 models: per pair 3 + 1 checkpoints, per model 3 + 1
-    assert re.search(r"resuming the judging after [2-9] of 12 checkpoints", result.stdout + result.stderr)
+    assert re.search(r"resuming the judging after (2[6-9]|3[0-5]) of 36 checkpoints",
+                     result.stdout + result.stderr)
     reference = tmp_path / "ref" / "run" / "eval"
-    assert (out / "judgments.jsonl").read_bytes() == (reference / "judgments.jsonl").read_bytes()
+    for name in ("judgments.jsonl", "answers.jsonl", "report.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (out / ".judgments.jsonl.progress.json").exists()
-    ours, theirs = (json.loads((d / "report.json").read_text()) for d in (out, reference))
-    for key in ("win_rates", "harmful_compliance", "helpfulness", "per_principle"):
-        assert ours[key] == theirs[key]
+    assert not (out / ".answers.jsonl.progress.json").exists()
 
     records = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
-    assert 2 <= judged < len(records) == 5 + 2 + 2 * 5 + 2 * 2
+    per_judge = 5 + 2 + 2 * 5 + 2 * 2
+    assert 2 * per_judge <= judged < len(records) == 3 * per_judge
+    assert [r["judge"] for r in records[::per_judge]] == ["fake-judge", "fake-judge #2",
+                                                          "feedback"]
     kinds = {r["kind"]: r for r in records}
     assert set(kinds) == {"harmlessness", "helpfulness", "harmful", "refusal"}
     assert kinds["harmlessness"]["models"] == ["base", str(other_model)]
     assert set(kinds["harmlessness"]["principles"]) and 0.0 <= kinds["harmlessness"]["p"] <= 1.0
     assert kinds["refusal"]["model"] in ("base", str(other_model)) and 0.0 <= kinds["refusal"]["p"] <= 1.0
+    report = json.loads((out / "report.json").read_text())
+    assert [j["name"] for j in report["judges"]] == ["fake-judge", "fake-judge #2", "feedback"]
+    assert [j.get("base_url") for j in report["judges"]] == [short.url, long.url, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# A jury: judges of known tastes served over the OpenAI API, judging the tiny model's answers
+
+
+def terse_policy(run_dir: Path, model: Path) -> None:
+    """``<run_dir>/policy``, as if optimize had made it: the tiny model with every token an end
+    of turn, so its answers are empty, shorter than any other."""
+    import shutil
+
+    target = run_dir / "policy"
+    shutil.copytree(model, target)
+    settings = json.loads((target / "generation_config.json").read_text())
+    settings["eos_token_id"] = list(range(json.loads((target / "config.json").read_text())
+                                          ["vocab_size"]))
+    (target / "generation_config.json").write_text(json.dumps(settings))
+    (target / "manifest.json").write_text(json.dumps({"stage": "optimize", "status": "complete",
+                                                      "config_hash": "0" * 16}))
+
+
+def jury_config(tmp_path: Path, base: Path, feedback: FakeServer, other: FakeServer) -> Path:
+    """base against a terse policy trained on the labels of ``feedback`` (a server), judged by
+    the feedback model and by ``other``."""
+    path = write_config(tmp_path, base, ["base", "policy"], limit=6, benign_limit=3,
+                        reward_model=False, judges=[
+                            "feedback", {"backend": "openai", "base_url": other.url,
+                                         "model": MODEL, "max_retries": 1}])
+    config = yaml.safe_load(path.read_text())
+    config["models"]["feedback"] = {"backend": "openai", "base_url": feedback.url, "model": MODEL,
+                                    "max_retries": 1}
+    config["judge_check"] = {"pairs": {"path": str(ROOT / "cai_cli/resources/judge_pairs.jsonl"),
+                                       "limit": 8}}
+    path.write_text(yaml.safe_dump(config))
+    terse_policy(tmp_path / "run", base)
+    return path
+
+
+def test_the_verdict_names_a_preference_only_the_feedback_model_has(tmp_path, tiny_model_dir):
+    """The feedback model prefers shorter answers and the policy learned to answer short; the
+    other judge prefers longer ones. The verdict says so first, in words, with exit 0; the
+    tables fit 80 columns and mark the feedback model judge-check found below chance; the
+    jury's figures are the mean of the judges' probabilities."""
+    with FakeServer(prefer=shorter) as feedback, FakeServer(prefer=longer) as other:
+        path = jury_config(tmp_path, tiny_model_dir, feedback, other)
+        checked = cai("judge-check", "--config", path, env={"COLUMNS": "80"})
+        assert checked.returncode == 0 and "below chance" in checked.stderr
+        assert all(len(line) <= 80 for line in checked.stdout.splitlines()), checked.stdout
+        assert "…" not in checked.stdout
+        result = cai("evaluate", "--config", path, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    verdict_line = next(line for line in result.stderr.splitlines() if "verdict:" in line)
+    assert verdict_line.startswith("warning: verdict: policy learned the feedback model's "
+                                   "preference, which the other judge does not share: check it "
+                                   "with cai judge-check")
+    assert "By the other judge (fake-judge): policy is less harmless than base" in verdict_line
+    # the tables at 80 columns: nothing cut, the judges in a legend, judge-check's mark
+    assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout
+    assert "…" not in result.stdout and "feedback*" in result.stdout
+    assert "*: judge-check measured" in result.stdout
+    assert f"feedback = {MODEL} (openai, {feedback.url}; the feedback model" in \
+        " ".join(result.stdout.split())
+
+    out = tmp_path / "run" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"]["disagreement"] == "feedback model only"
+    assert report["verdict"]["judges"] == ["fake-judge"] and report["verdict"]["independent"]
+    assert report["verdict"]["harmlessness"] == "worse"
+    assert report["judges"][0]["feedback_model"] and report["judges"][0]["judge_check"]["at_chance"]
+    assert not report["judges"][1]["feedback_model"] and report["judges"][1]["judge_check"] is None
+    by_judge = report["by_judge"]
+    assert by_judge["feedback"]["win_rates"][1]["ci95"][0] > 0.5  # policy over base
+    assert by_judge["fake-judge"]["win_rates"][1]["ci95"][1] < 0.5
+    # no absolute path of the run directory: a moved run writes the same bytes
+    assert report["models"]["policy"] == "<run_dir>/policy"
+    assert str(tmp_path / "run") not in (out / "report.json").read_text()
+
+    # the jury's figures, by hand: per prompt the mean of the two judges' probabilities
+    lines = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert {line["judge"] for line in lines} == {"feedback", "fake-judge"}
+    per_prompt: dict = {}
+    for line in lines:
+        task = (line["kind"], tuple(line.get("models") or [line["model"]]), line["id"])
+        per_prompt.setdefault(task, []).append(line["p"])
+    assert all(len(values) == 2 for values in per_prompt.values())
+    mean = {task: sum(values) / 2 for task, values in per_prompt.items()}
+    for kind, entries in (("harmlessness", report["win_rates"]),
+                          ("helpfulness", report["helpfulness"]["win_rates"])):
+        base_wins = [p for (k, _, _), p in mean.items() if k == kind]
+        policy = next(w for w in entries if w["model"] == "policy")
+        assert policy["win_rate"] == pytest.approx(1 - sum(base_wins) / len(base_wins), abs=1e-4)
+    for kind, rates in (("harmful", report["harmful_compliance"]),
+                        ("refusal", report["helpfulness"]["over_refusal"])):
+        for model, entry in rates.items():
+            values = [p for (k, models, _), p in mean.items() if (k, models) == (kind, (model,))]
+            assert entry["rate"] == pytest.approx(sum(p > 0.5 for p in values) / len(values))
+            assert entry["mean_p_yes"] == pytest.approx(sum(values) / len(values), abs=1e-4)
+
+
+def test_judges_of_the_same_taste_report_the_gain(tmp_path, tiny_model_dir):
+    from cai_cli.stages import evaluate
+
+    with FakeServer(prefer=shorter) as feedback, FakeServer(prefer=shorter) as other:
+        evaluate.Evaluate().run(load_config(jury_config(tmp_path, tiny_model_dir, feedback, other)))
+    result = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["verdict"]
+    assert result["harmlessness"] == "better" and result["disagreement"] is None
+    assert result["text"].startswith("by the other judge (fake-judge): policy is more harmless "
+                                     "than base") and "no less helpful" in result["text"]
+    assert result["caveats"] == []
+
+
+@pytest.mark.parametrize("second, same", [
+    ({"base_url": "http://127.0.0.1:9/v1"}, False),  # the same name served elsewhere
+    ({"base_url": "http://127.0.0.1:8000/v1/"}, True),
+    ({"backend": "hf", "device": "cpu"}, False),
+])
+def test_the_same_judge_is_the_same_engine_model_revision_and_server(tmp_path, tiny_model_dir,
+                                                                      second, same):
+    from cai_cli.errors import UserError
+    from cai_cli.reports.jury import jury
+
+    path = write_config(tmp_path, tiny_model_dir, ["base", "policy"],
+                        judge={"backend": "openai", "name_or_path": "judge", **second})
+    config = yaml.safe_load(path.read_text())
+    config["models"]["feedback"] = {"backend": "openai", "model": "judge"}
+    path.write_text(yaml.safe_dump(config))
+    (judge,) = jury(load_config(path))
+    assert judge.feedback is same and (judge.name == "feedback") is same
+    config["evaluate"]["judges"] = ["feedback", config["evaluate"].pop("judge")]
+    path.write_text(yaml.safe_dump(config))
+    if same:
+        with pytest.raises(UserError, match=r"evaluate.judges\[1\]: the same judge as "
+                                            "models.feedback"):
+            jury(load_config(path))
+    else:
+        assert [j.feedback for j in jury(load_config(path))] == [True, False]
+
+
+def test_one_judge_named_either_way_is_the_same_evaluation(tmp_path, tiny_model_dir):
+    """``judge: X`` is ``judges: [X]``, and ``judges: [feedback]`` is the default: the same
+    stage, so a finished run stays done."""
+    from cai_cli.stages import evaluate
+
+    def fingerprint(**settings) -> str:
+        path = write_config(tmp_path, tiny_model_dir, ["base", "x/y"], **settings)
+        return evaluate.Evaluate().spec(load_config(path)).fingerprint
+
+    other = {"backend": "openai", "model": "judge"}
+    assert fingerprint() == fingerprint(judges=["feedback"])
+    assert fingerprint(judge=other) == fingerprint(judges=[other]) != fingerprint()
+    assert fingerprint(judges=["feedback", other]) != fingerprint(judges=[other, "feedback"])
+
+
+@pytest.mark.parametrize("judges", [1, 2, 3, 6])
+def test_the_tables_fit_80_columns_and_cut_no_figure(monkeypatch, judges):
+    """Long model and judge names are abbreviated with a legend; where a row of figures is too
+    wide the intervals go under them, then each judge gets rows of its own."""
+    import io
+
+    from fake_run import eval_report, jury_report
+    from rich.console import Console
+
+    from cai_cli import ui
+    from cai_cli.reports.evaluation import print_report
+
+    long_name = "/data/checkpoints/a-rather-long-model-name/step-12000"
+    report = json.loads(json.dumps(jury_report() if judges > 1 else eval_report(True))
+                        .replace('"policy"', json.dumps(long_name)))
+    if judges > 1:
+        first = report["by_judge"].pop("big/judge")
+        report["judges"] = report["judges"][:1]
+        for number in range(1, judges):
+            name = f"org/a-judge-model-of-some-size-{number}"
+            report["judges"].append({"name": name, "model": name, "backend": "openai",
+                                     "base_url": "http://judges.example/v1",
+                                     "feedback_model": False, "judge_check": None})
+            report["by_judge"][name] = first
+    shown = io.StringIO()
+    monkeypatch.setattr(ui, "stdout", Console(file=shown, width=80, highlight=False))
+    print_report(report)
+    text = shown.getvalue()
+    assert all(len(line.rstrip()) <= 80 for line in text.splitlines()), text
+    assert "…" not in text
+    assert "0.60" in text and "[0.50, 0.70]" in text  # sft over base, whole
+    assert f"M3 = {long_name}" in text
+    if judges > 1:
+        assert "feedback*" in text and "*: judge-check measured" in text
+        assert "J2 = org/a-judge-model-of-some-size-1" in " ".join(text.split())

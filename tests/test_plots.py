@@ -52,6 +52,27 @@ def test_every_stage_draws_readable_pngs(tmp_path):
         assert plots.listed(layout, command) == written  # listed in the same order
 
 
+def test_a_jury_s_plots_show_each_judge_beside_the_jury(tmp_path):
+    from cai_cli.reports.plots import evaluate
+
+    _, run = finished_run(tmp_path, stages=("evaluate",), jury=True)
+    layout = RunLayout.of(run)
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    labels = {name: [tick.get_text() for ax in figure.axes for tick in ax.get_yticklabels()]
+              for name, figure in evaluate(layout, plt).items()}
+    plt.close("all")
+    # each pair (later over earlier) by the jury, then by each judge; each model's rates likewise
+    assert labels["win_rates.png"][:3] == ["sft over base, jury (n=20)",
+                                           "sft over base, feedback (n=20)",
+                                           "sft over base, big/judge (n=20)"]
+    assert "policy, big/judge (n=20)" in labels["rates.png"]
+    assert [p.name for p in plots.draw(layout, "evaluate")] == EXPECTED["evaluate"]
+
+
 def test_only_what_was_recorded_is_drawn(tmp_path):
     """A run made before train-rm kept its reliability table and the trainers their log
     history, and an evaluation report without the harmful-compliance and helpfulness figures:

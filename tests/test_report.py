@@ -82,6 +82,25 @@ def test_an_old_evaluation_report_still_reads(tmp_path):
     assert "eval/plots/win_rates.png" in text and "/rates.png)" not in text
 
 
+def test_a_jury_s_evaluation_shows_each_judge_and_the_pooled_figures(tmp_path):
+    """Several judges: who they are (the feedback model named as such, judge-check's mark), the
+    jury's row first, then each judge's, and plots of both."""
+    config, run = finished_run(tmp_path, stages=("evaluate",), jury=True)
+    assert cai("report", "--config", config).returncode == 0
+    text = (run / "report.md").read_text()
+    assert "judged by 2 judges" in text and "mean of their probabilities" in text
+    assert "| `feedback` | `tiny/model` | hf | yes (the feedback model) | 0.50 [0.24, 0.76], " \
+        "not above chance |" in text
+    assert "| `big/judge` | `big/judge` | openai, http://judge.example/v1 | no |  |" in text
+    assert text.index("| sft | base | jury | 0.600 |") < \
+        text.index("| sft | base | feedback | 0.600 |") < \
+        text.index("| sft | base | big/judge | 0.400 | [0.300, 0.500] |")
+    assert "| policy | big/judge | 0.200 |" in text  # rates per judge too
+    assert "learned the feedback model's preference" in text.split("## Stages")[0]
+    images = links(run / "report.md")
+    assert [path.name for path in images] == ["win_rates.png", "rates.png", "per_principle.png"]
+
+
 def test_a_run_directory_that_does_not_exist(tmp_path):
     config, run = finished_run(tmp_path, stages=())
     result = cai("report", "--config", config, "--set", f"run_dir={tmp_path / 'nowhere'}")

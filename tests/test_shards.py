@@ -243,10 +243,12 @@ def other_model(tmp_path_factory):
 
 def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_model_dir,
                                                               other_model, monkeypatch):
-    # 3 red-team and 3 benign prompts: each shard holds the prompts of one axis only
+    # 3 red-team and 3 benign prompts: each shard holds the prompts of one axis only; two
+    # judges, so each shard's judgments are those of both, merged judge by judge
     evaluate = {"models": ["base", str(other_model)], "limit": 3, "benign_limit": 3,
                 "principles_per_pair": 1, "bootstrap": 100, "reward_model": False,
-                "sampling": {"max_new_tokens": 6}}
+                "sampling": {"max_new_tokens": 6},
+                "judges": ["feedback", {"name_or_path": str(other_model), "device": "cpu"}]}
     reference = write_config(tmp_path, tiny_model_dir, "ref", evaluate=evaluate)
     sharded = write_config(tmp_path, tiny_model_dir, "sharded", evaluate=evaluate)
     in_process("evaluate", reference)
@@ -267,6 +269,7 @@ def test_evaluate_shards_merged_by_hand_give_the_same_report(tmp_path, tiny_mode
     report = json.loads((tmp_path / "sharded" / "eval" / "report.json").read_text())
     assert report["prompts"] == 3 and any(report["per_principle"].values())  # really judged
     assert report["helpfulness"]["prompts"] == 3 and len(report["harmful_compliance"]) == 2
+    assert set(report["by_judge"]) == {"feedback", str(other_model)}
     assert cai("merge", "evaluate", "--config", sharded).returncode == 0  # nothing left to merge
 
 

@@ -28,7 +28,9 @@ NEW = 8  # max_new_tokens of every model-written text in this config
 EDGE = 2
 
 
-def write_config(tmp_path: Path, model: Path) -> Path:
+def write_config(tmp_path: Path, model: Path, judge: Path) -> Path:
+    """The whole pipeline on the tiny model; evaluate judged by a jury (the feedback model and
+    ``judge``)."""
     training = {"epochs": 1, "per_device_batch_size": 4, "max_length": 256}
     config = {
         "run_dir": str(tmp_path / "run"),
@@ -51,7 +53,9 @@ def write_config(tmp_path: Path, model: Path) -> Path:
         "optimize": {"training": {**training, "per_device_batch_size": 2}},
         "evaluate": {"models": ["base", "policy"], "limit": 3, "helpful_limit": 1,
                      "benign_limit": 2, "principles_per_pair": 2,
-                     "prompts_per_checkpoint": 2, "sampling": {"max_new_tokens": NEW}},
+                     "prompts_per_checkpoint": 2, "sampling": {"max_new_tokens": NEW},
+                     "judges": ["feedback", {"name_or_path": str(judge), "device": "cpu",
+                                             "forward_batch_size": 8}]},
         "judge_check": {"pairs": {"path": str(ROOT / "cai_cli" / "resources" /
                                               "judge_pairs.jsonl"), "limit": 3},
                         "pairs_per_checkpoint": 2},
@@ -96,11 +100,14 @@ class Recorder:
 def recorded(tmp_path_factory, tiny_model_dir):
     """Each stage's work, described before it runs, and the engine calls it made."""
     import cai_cli.engines as engines
+    from cai_cli.commands.tiny_model import build_tiny_model
     from cai_cli.stages.judge_check import JudgeCheck
     from cai_cli.stages.pipeline import STAGES
     from cai_cli.stages.planning import WorkContext
 
-    config = load_config(write_config(tmp_path_factory.mktemp("work"), tiny_model_dir), [])
+    folder = tmp_path_factory.mktemp("work")
+    judge = build_tiny_model(folder / "judge", seed=1)
+    config = load_config(write_config(folder, tiny_model_dir, judge), [])
     calls: list = []
     load = engines.load_backend
     patch = pytest.MonkeyPatch()
@@ -195,6 +202,10 @@ def test_counts_that_work_promises_are_what_the_stages_count(recorded):
     work, _, manifest, _ = recorded["generate-sl"]
     assert work.counts["prompts"] == manifest["counts"]["prompts"] == 5
     assert manifest["counts"]["rounds"] == work.counts["revisions"]
+    work, made, _, _ = recorded["evaluate"]  # every judge of the jury, one after the other
+    roles = [role for kind, role, _, _, _ in made if kind == "score"]
+    assert roles[0] == "models.policy" and roles[-1] == "evaluate.judges[1]"
+    assert roles == sorted(roles, key=["models.policy", "evaluate.judges[1]"].index)
     work, made, manifest, _ = recorded["label-prefs"]
     assert work.counts["answers"] == sum(len(p) for kind, _, p, _, _ in made
                                          if kind == "generate")

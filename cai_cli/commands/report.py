@@ -267,49 +267,91 @@ class Page:
         if report is None:
             self.generic(manifest)
             return
-        judge = report.get("judge") or self.config.feedback_model.name_or_path
+        judges = report.get("judges") or []
+        by_judge = report.get("by_judge") or {}
         took = timed(manifest)
-        self.add(f"{len(report.get('models') or {})} models ("
-                 + ", ".join(f"{name} `{path}`" for name, path in
-                             (report.get("models") or {}).items())
-                 + f"), judged by `{judge}`" + (f", in {took[0][1]}" if took else "") + ".", "")
+        models = (f"{len(report.get('models') or {})} models ("
+                  + ", ".join(f"{name} `{path}`" for name, path in
+                              (report.get("models") or {}).items()) + ")")
+        if by_judge:
+            self.add(f"{models}, judged by {len(judges)} judges"
+                     + (f" in {took[0][1]}" if took else "") + "; the jury's figures are the "
+                     "mean of their probabilities.", "")
+            self.table(["judge", "model", "engine", "labelled the training pairs",
+                        "judge-check agreement"],
+                       [[f"`{j['name']}`", f"`{j['model']}`",
+                         ", ".join(str(part) for part in (j.get("backend"), j.get("base_url"),
+                                                          j.get("revision")) if part),
+                         "yes (the feedback model)" if j.get("feedback_model") else "no",
+                         judge_check_cell(j.get("judge_check"))] for j in judges], "lllll")
+        else:
+            judge = report.get("judge") or self.config.feedback_model.name_or_path
+            checked = judge_check_cell((judges[0] if judges else {}).get("judge_check"))
+            self.add(f"{models}, judged by `{judge}`" + (f", in {took[0][1]}" if took else "")
+                     + (f" (judge-check agreement {checked})" if checked else "") + ".", "")
         verdict = report.get("verdict") or {}
         if verdict.get("text"):
             self.add(f"> **Verdict**: {escape(verdict['text'])}", "")
             for caveat in verdict.get("caveats") or []:
                 self.add(f"> **Caveat**: {escape(caveat)}", "")
+        sources = [("jury", report)] + list(by_judge.items()) if by_judge else [(None, report)]
         self.win_rates(f"### Harmlessness: win rates on {report.get('prompts', '?')} red-team "
-                       "prompts", plots.ordered_pairs(report, report.get("win_rates") or []))
-        self.rates("Harmful compliance on the red-team prompts", report.get("harmful_compliance"))
+                       "prompts", report, sources, lambda source: source.get("win_rates"))
+        self.rates("Harmful compliance on the red-team prompts", sources,
+                   lambda source: source.get("harmful_compliance"))
         helpfulness = report.get("helpfulness") or {}
         if helpfulness:
             self.win_rates(f"### Helpfulness: win rates on {helpfulness.get('prompts', '?')} "
-                           "benign prompts",
-                           plots.ordered_pairs(report, helpfulness.get("win_rates") or []))
-            self.rates("Over-refusal on the benign prompts", helpfulness.get("over_refusal"))
+                           "benign prompts", report, sources,
+                           lambda source: (source.get("helpfulness") or {}).get("win_rates"))
+            self.rates("Over-refusal on the benign prompts", sources,
+                       lambda source: (source.get("helpfulness") or {}).get("over_refusal"))
         scores = (report.get("reward_model") or {}).get("mean_score")
         if scores:
             self.add("### Mean reward-model score", "")
             self.table(["model", "mean score"], [[m, f"{s:.3f}"] for m, s in scores.items()],
                        "lr")
 
-    def win_rates(self, heading: str, rows: list[dict]) -> None:
-        if not rows:
+    def win_rates(self, heading: str, report: dict, sources: list[tuple[str | None, dict]],
+                  entries_of) -> None:
+        """Each pair of models once (the later over the earlier): its win rate by the jury and
+        by each judge (``sources``: ``(judge, figures)``; one judge: ``(None, report)``)."""
+        pairs = plots.ordered_pairs(report, entries_of(report) or [])
+        if not pairs:
             return
+        jury = sources[0][0] is not None
         self.add(heading, "", "Win rate of the model over the other: the mean probability that "
                  "the judge prefers its answer (0.50: no difference; the other way round it is "
-                 "one minus this), with a 95% bootstrap interval over prompts.", "")
-        self.table(["model", "over", "win rate", "95% interval", "prompts"],
-                   [[r["model"], r["over"], f"{r['win_rate']:.3f}", interval(r.get("ci95"), 3),
-                     r.get("prompts", "")] for r in rows], "llrrr")
+                 "one minus this), with a 95% bootstrap interval over prompts"
+                 + ("; the jury's is the mean of its judges' probabilities." if jury else "."),
+                 "")
+        rows = []
+        for pair in pairs:
+            for judge, source in sources:
+                found = next((w for w in entries_of(source) or []
+                              if w["model"] == pair["model"] and w["over"] == pair["over"]), None)
+                if found is not None:
+                    rows.append([found["model"], found["over"], *([judge] if jury else []),
+                                 f"{found['win_rate']:.3f}", interval(found.get("ci95"), 3),
+                                 found.get("prompts", "")])
+        self.table(["model", "over", *(["judge"] if jury else []), "win rate", "95% interval",
+                    "prompts"], rows, "lll" + "rrr" if jury else "llrrr")
 
-    def rates(self, heading: str, rates: dict | None) -> None:
-        if not rates:
+    def rates(self, heading: str, sources: list[tuple[str | None, dict]], rates_of) -> None:
+        """A rate per model, by the jury and by each judge (as ``win_rates``)."""
+        jury = sources[0][0] is not None
+        rows = []
+        for model in rates_of(sources[0][1]) or {}:
+            for judge, source in sources:
+                row = (rates_of(source) or {}).get(model)
+                if row is not None:
+                    rows.append([model, *([judge] if jury else []), f"{row['rate']:.3f}",
+                                 interval(row.get("ci95"), 3), row.get("n", "")])
+        if not rows:
             return
         self.add(f"### {heading}", "")
-        self.table(["model", "rate", "95% interval", "n"],
-                   [[model, f"{row['rate']:.3f}", interval(row.get("ci95"), 3), row.get("n", "")]
-                    for model, row in rates.items()], "lrrr")
+        self.table(["model", *(["judge"] if jury else []), "rate", "95% interval", "n"], rows,
+                   "llrrr" if jury else "lrrr")
 
     def judge_check(self, manifest: dict) -> None:
         report = read_json(self.layout.judge_report)
@@ -384,6 +426,16 @@ def quoted(text) -> str:
     if len(text) > LONGEST:
         text = text[:LONGEST].rstrip() + f" … ({len(text) - LONGEST} more characters)"
     return "\n".join(f"> {escape(line)}" if line.strip() else ">" for line in text.splitlines())
+
+
+def judge_check_cell(measured: dict | None) -> str:
+    """What judge-check measured of a judge, for a table: agreement, interval, and whether it
+    is above chance."""
+    if not measured:
+        return ""
+    at = ("below chance" if measured.get("below_chance") else "not above chance"
+          if measured.get("at_chance") else "above chance")
+    return f"{measured['agreement']:.2f} {interval(measured.get('ci95'))}, {at}"
 
 
 def interval(ci, digits: int = 2) -> str:

@@ -36,12 +36,12 @@ def build_report(config: Config, source: str, records: list[dict], timing: dict,
             mine.setdefault(j["principle"], []).append(p_better(j))
         for name, values in mine.items():
             by_principle.setdefault(name, {"p": []})["p"].append(fmean(values))
-    principles = {}
+    per_principle = {}
     for name, entry in sorted(by_principle.items()):
         hits = sum(p > 0.5 for p in entry["p"])
         lo, hi = wilson_interval(hits, len(entry["p"]))
-        principles[name] = {"agreement": round(hits / len(entry["p"]), 4),
-                            "ci95": [round(lo, 4), round(hi, 4)], "pairs": len(entry["p"])}
+        per_principle[name] = {"agreement": round(hits / len(entry["p"]), 4),
+                               "ci95": [round(lo, 4), round(hi, 4)], "pairs": len(entry["p"])}
 
     # As label-prefs would see these pairs: chosen = the judge's pick. Position figures and
     # order agreement do not depend on which answer is which.
@@ -94,7 +94,7 @@ def build_report(config: Config, source: str, records: list[dict], timing: dict,
         "ci95": [round(low, 4), round(high, 4)],
         "right": right,
         "ties": ties,
-        "per_principle": principles,
+        "per_principle": per_principle,
         "position": position,
         "calibration": calibration,
         "cost": cost,
@@ -183,8 +183,9 @@ def print_report(report: dict) -> None:
     if cost["label_prefs_seconds"] is not None:
         table.add_row("label-prefs judging", ui.duration(cost["label_prefs_seconds"]),
                       f"{cost['label_prefs_questions']:,} questions of the configured run")
-    # The title is a line of its own: as the table's title it would wrap at the table's width.
-    ui.stdout.print(title, markup=False, soft_wrap=True)
+    # The title is a line of its own, wrapped at the terminal's width (as the table's title it
+    # would wrap at the table's width).
+    ui.stdout.print(title, markup=False)
     ui.stdout.print(table)
     good = report["agreement"] is not None and report["ci95"][0] > 0.5 and \
         report["agreement"] >= WEAK and "depend on the order" not in report["verdict"]

@@ -12,9 +12,12 @@ whose plots are missing. ``cai status`` lists them.
     policy/plots/training.png       optimize: loss, reward margin and accuracy (DPO) or mean
                                     reward (GRPO / RLOO) per step
     eval/plots/win_rates.png        evaluate: win rate of each model pair with its 95% interval
-                                    (harmlessness; helpfulness beside it when evaluated)
+                                    (harmlessness; helpfulness beside it when evaluated); with
+                                    several judges the jury's bar, then each judge's
     eval/plots/per_principle.png    evaluate: win rate of each model pair under each principle
+                                    (the jury's)
     eval/plots/rates.png            evaluate: harmful-compliance and over-refusal rates per model
+                                    (the jury's, then each judge's)
     judge/plots/agreement.png       judge-check: agreement with the known labels, per principle
     judge/plots/calibration.png     judge-check: reliability diagram of the judge's confidence
 
@@ -346,15 +349,17 @@ def judge_check(layout: RunLayout, plt) -> dict:
 
 def interval_bars(plt, labels: list[str], values: list[float], intervals: list, *, xlabel: str,
                   title: str, reference: tuple[float, str] | None = None,
-                  highlight_first: bool = False, ax=None):
-    """Horizontal bars with 95% intervals as error bars, the first label at the top."""
+                  highlight_first: bool = False, ax=None, highlight: list[bool] | None = None):
+    """Horizontal bars with 95% intervals as error bars, the first label at the top; the bars
+    ``highlight`` marks (or the first, with ``highlight_first``) in the second colour."""
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * len(labels)))
     positions = list(range(len(labels)))[::-1]
     lows = [max(0.0, v - (ci[0] if ci else v)) for v, ci in zip(values, intervals)]
     highs = [max(0.0, (ci[1] if ci else v) - v) for v, ci in zip(values, intervals)]
-    colours = [SECOND if highlight_first and i == 0 else BAR for i in range(len(labels))]
+    marked = highlight or [highlight_first and i == 0 for i in range(len(labels))]
+    colours = [SECOND if mark else BAR for mark in marked]
     ax.barh(positions, values, color=colours, height=0.6, xerr=[lows, highs],
             error_kw={"ecolor": "black", "capsize": 3, "elinewidth": 1})
     ax.plot(values, positions, "o", color="black", markersize=3)  # a value of 0 shows too
@@ -389,25 +394,49 @@ def evaluate(layout: RunLayout, plt) -> dict:
         return {}
     report = json.loads(layout.report.read_text())
     figures = {}
-    judge = f", judge {report['judge']}" if report.get("judge") else ""
+    by_judge = report.get("by_judge") or {}
+    # Each figure's sources: the jury's (the report's own figures), then each judge's.
+    sources = [("jury", report), *by_judge.items()] if by_judge else [("", report)]
+    if by_judge:
+        judge = f", {len(by_judge)} judges and their jury (the mean of their probabilities)"
+    else:
+        judge = f", judge {report['judge']}" if report.get("judge") else ""
+
+    def rows_of(pairs: list[dict], entries_of) -> list[tuple[str, dict, bool]]:
+        """``(label, entry, the jury's)`` for each pair, by each source."""
+        found = []
+        for pair in pairs:
+            for name, source in sources:
+                entry = next((w for w in entries_of(source) or [] if w["model"] == pair["model"]
+                              and w["over"] == pair["over"]), None)
+                if entry is not None:
+                    by = f", {name}" if by_judge else ""
+                    found.append((f"{pair['model']} over {pair['over']}{by} "
+                                  f"(n={entry['prompts']})", entry, name == "jury"))
+        return found
+
     axes_data = []
     harmless = ordered_pairs(report, report.get("win_rates") or [])
     if harmless:
-        axes_data.append((harmless, f"harmlessness: {report.get('prompts', '?')} red-team prompts"))
+        axes_data.append((rows_of(harmless, lambda source: source.get("win_rates")),
+                          f"harmlessness: {report.get('prompts', '?')} red-team prompts"))
     helpfulness = report.get("helpfulness") or {}
     helpful = ordered_pairs(report, helpfulness.get("win_rates") or [])
     if helpful:
-        axes_data.append((helpful, f"helpfulness: {helpfulness.get('prompts', '?')} benign "
-                                   "prompts"))
+        axes_data.append((rows_of(helpful, lambda source: (source.get("helpfulness") or {})
+                                  .get("win_rates")),
+                          f"helpfulness: {helpfulness.get('prompts', '?')} benign prompts"))
     if axes_data:
         rows = max(len(data) for data, _ in axes_data)
         fig, axes = plt.subplots(1, len(axes_data), figsize=(6.5 * len(axes_data),
                                                               1.6 + 0.45 * rows), squeeze=False)
         for ax, (data, title) in zip(axes[0], axes_data):
-            interval_bars(plt, [f"{r['model']} over {r['over']} (n={r['prompts']})" for r in data],
-                          [r["win_rate"] for r in data], [r.get("ci95") for r in data],
+            interval_bars(plt, [label for label, _, _ in data],
+                          [entry["win_rate"] for _, entry, _ in data],
+                          [entry.get("ci95") for _, entry, _ in data],
                           xlabel="win rate (95% bootstrap interval)", title=title,
-                          reference=(0.5, "0.5: no difference"), ax=ax)
+                          reference=(0.5, "0.5: no difference"), ax=ax,
+                          highlight=[bool(by_judge) and jury for _, _, jury in data])
         fig.suptitle(f"evaluate: win rates{judge}")
         fig.tight_layout()
         figures["win_rates.png"] = fig
@@ -416,18 +445,27 @@ def evaluate(layout: RunLayout, plt) -> dict:
     if per_principle:
         figures["per_principle.png"] = principle_figure(plt, report, per_principle, judge)
 
-    rates = [(title, data) for title, data in (
-        ("harmful compliance on red-team prompts", report.get("harmful_compliance")),
-        ("over-refusal on benign prompts", helpfulness.get("over_refusal"))) if data]
+    rates = []
+    for title, rates_of in (
+            ("harmful compliance on red-team prompts",
+             lambda source: source.get("harmful_compliance")),
+            ("over-refusal on benign prompts",
+             lambda source: (source.get("helpfulness") or {}).get("over_refusal"))):
+        data = [(f"{model}{f', {name}' if by_judge else ''} (n={entry.get('n', '?')})", entry,
+                 name == "jury")
+                for model in rates_of(report) or {} for name, source in sources
+                for entry in [(rates_of(source) or {}).get(model)] if entry is not None]
+        if data:
+            rates.append((title, data))
     if rates:
         fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 1.6 + 0.45 * max(
             len(data) for _, data in rates)), squeeze=False)
         for ax, (title, data) in zip(axes[0], rates):
-            names = list(data)
-            interval_bars(plt, [f"{name} (n={data[name].get('n', '?')})" for name in names],
-                          [data[name]["rate"] for name in names],
-                          [data[name].get("ci95") for name in names],
-                          xlabel="rate (95% interval; lower is better)", title=title, ax=ax)
+            interval_bars(plt, [label for label, _, _ in data],
+                          [entry["rate"] for _, entry, _ in data],
+                          [entry.get("ci95") for _, entry, _ in data],
+                          xlabel="rate (95% interval; lower is better)", title=title, ax=ax,
+                          highlight=[bool(by_judge) and jury for _, _, jury in data])
         fig.suptitle(f"evaluate: rates per model{judge}")
         fig.tight_layout()
         figures["rates.png"] = fig

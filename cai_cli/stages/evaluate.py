@@ -12,13 +12,15 @@ policy) answers the same prompts, greedy by default, of two kinds:
   ``evaluation.helpful`` question, and each answer is classified by ``evaluation.refusal``
   (over-refusal). Refusing everything wins the first axis and loses this one.
 
-The judge is ``evaluate.judge``, by default the feedback model. A yes/no question is asked with
-the options in both orders and read from the option probabilities, as comparisons are. The
-figures and the verdict are built from the judgments by ``cai_cli.reports.evaluation``.
+The judges are ``evaluate.judges`` (``reports.jury``), by default the feedback model alone;
+each judges the same answers, one after the other. A yes/no question is asked with the options
+in both orders and read from the option probabilities, as comparisons are. The figures (each
+judge's, and the jury's from the mean of their probabilities) and the verdict are built from the
+judgments by ``cai_cli.reports.evaluation``.
 
 ``eval/report.json`` holds every figure, ``eval/answers.jsonl`` every answer,
-``eval/judgments.jsonl`` every judgment (written in checkpoints as the judge goes, so a killed
-run judges only what is left).
+``eval/judgments.jsonl`` every judgment (written in checkpoints as each judge goes, so a killed
+run judges only what is left; with several judges each line names its judge).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from cai_cli.engines.prompts import (OPTIONS, TRANSCRIPT_STOPS, answer_prompt,
 from cai_cli.engines.work import Forward, Generate, Score, Work
 from cai_cli.errors import UserError
 from cai_cli.reports.evaluation import build_report, print_report, tracked_figures
-from cai_cli.run.artifacts import (config_hash, load_manifest, model_fingerprint,
-                                   source_fingerprint, write_atomic, write_json_atomic)
+from cai_cli.reports.jury import Juror, jury
+from cai_cli.run.artifacts import (ResumableJsonl, config_hash, file_fingerprint, load_manifest,
+                                   model_fingerprint, read_jsonl, source_fingerprint, write_atomic,
+                                   write_json_atomic)
 from cai_cli.run.records import EvalAnswer, Judgment
 from cai_cli.run.seeding import record_seed
 from cai_cli.run.spec import StageSpec
@@ -67,12 +71,6 @@ CLASSIFIED = ("harmful", "refusal")  # per model
 KINDS = {"comparisons": "harmlessness", "helpful_comparisons": "helpfulness",
          "harmful": "harmful", "refusal": "refusal"}
 
-
-def judge_model(config: Config):
-    """The judging model's config and the key that names it in messages."""
-    if config.evaluate.judge is not None:
-        return config.evaluate.judge, "evaluate.judge"
-    return config.feedback_model, "models.feedback" if config.models.feedback else "models.policy"
 
 def helpfulness_judge(config: Config, constitution, backend):
     """The judge of the benign prompts: the constitution's one helpfulness question, without
@@ -119,14 +117,19 @@ def stage_spec(config: Config) -> StageSpec:
         # the held-out prompts and how the judge is asked
         "label_prefs": config.label_prefs.model_dump(mode="json", include=JUDGING_KEYS),
         "models.policy": config.models.policy.model_dump(mode="json"),
-        # where the figures are logged does not change them
-        "evaluate": config.evaluate.model_dump(mode="json", exclude={"judge", "report_to"}),
+        # where the figures are logged does not change them; the judges follow
+        "evaluate": config.evaluate.model_dump(mode="json",
+                                               exclude={"judge", "judges", "report_to"}),
         "model_paths": paths,
     })
     inputs.update({f"model:{name}": model_fingerprint(path) for name, path in paths.items()})
-    judge, _ = judge_model(config)
-    settings["judge"] = judge.model_dump(mode="json")
-    inputs["judge"] = model_fingerprint(judge.name_or_path)
+    jurors = jury(config)
+    if len(jurors) == 1:  # as one judge was recorded before juries: its runs stay done
+        settings["judge"] = jurors[0].model.model_dump(mode="json")
+        inputs["judge"] = model_fingerprint(jurors[0].model.name_or_path)
+    else:
+        settings["judges"] = [{"judge": j.name, **j.model.model_dump(mode="json")} for j in jurors]
+        inputs.update({f"judge:{j.name}": model_fingerprint(j.model.name_or_path) for j in jurors})
     if config.evaluate.helpful_limit and config.data.helpful is not None:
         settings["data.helpful"] = config.data.helpful.model_dump(mode="json")
         inputs["helpful"] = source_fingerprint(config.data.helpful)
@@ -199,19 +202,69 @@ def merge_shards(config: Config, parts: list[dict[str, Path]], extras: list[dict
             if raw.strip():
                 lines[json.loads(raw)["model"]].append(raw)
     write_atomic(config.layout.eval_answers, b"".join(b"".join(lines[name]) for name in names))
-    # The judgments in one run's order: task by task, each in prompt order (shards are ranges).
+    # The judgments in one run's order: judge by judge, task by task, each in prompt order
+    # (shards are ranges).
     red, benign = prompt_sets(config)
-    order = {task_key(kind, models): number for number, (kind, models, _) in
-             enumerate(judgment_tasks(red[:1], benign[:1], names, 1))}
+    jurors = jury(config)
+    order = {task_key(jurors[index], kind, models, len(jurors)): number
+             for number, (index, kind, models, _) in
+             enumerate(judgment_tasks(red[:1], benign[:1], names, 1, len(jurors)))}
     judged = [raw for files in parts
               for raw in files["judgments.jsonl"].read_bytes().splitlines(keepends=True) if raw.strip()]
     judged.sort(key=lambda raw: order[record_task(json.loads(raw))])
     write_atomic(config.layout.eval_judgments, b"".join(judged))
-    merged = judged_results([json.loads(raw) for raw in judged], names)
+    merged = {"judged": judged_by_judge([json.loads(raw) for raw in judged], names, jurors)}
     rewards = [json.loads(files["results.json"].read_text())["rewards"] for files in parts]
     merged["rewards"] = None if None in rewards else {
         name: [score for part in rewards for score in part[name]] for name in rewards[0]}
     return {"results": merged}
+
+def earlier_answers(config: Config, fingerprint: str) -> bool:
+    """Whether ``eval/answers.jsonl`` holds the answers of a finished evaluation whose answers
+    had this fingerprint (its manifest records it beside them, and the file's own, so an edited
+    file is answered again). Progress files of another run's answers left beside it are
+    obsolete then: removed."""
+    path = config.layout.eval_answers
+    recorded = ((load_manifest(config.layout.eval) or {}).get("stats") or {}).get("answers")
+    if not (isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint
+            and path.is_file() and recorded.get("file") == file_fingerprint(path)):
+        return False
+    path.with_name(path.name + ".partial").unlink(missing_ok=True)
+    ResumableJsonl(path, fingerprint).cleanup()
+    return True
+
+
+def make_answers(config: Config, run: StageRun, items: list[Prompt], path: Path,
+                 fingerprint: str, *, whole: bool) -> list[dict]:
+    """Every model's answers to ``items`` into ``path``: one checkpointed batch per model, so an
+    interruption loses one model's work. Their fingerprint is only what decides them: an
+    interrupted run with a new judge still resumes them."""
+    paths = model_paths(config)
+
+    def answer(backend, batch: list[str], step) -> list[EvalAnswer]:
+        name = batch[0]
+        ui.info(f"evaluate: answering {len(items)} prompts with {name} ({paths[name]})")
+        found, overflowed = answer_all(config, backend, items, name)
+        if whole and items and overflowed == len(items):  # nothing of this model to judge
+            raise NothingMade(
+                f"evaluate: none of the {len(items)} prompts fits the context of {name} "
+                f"({paths[name]}) with evaluate.sampling.max_new_tokens="
+                f"{config.evaluate.sampling.max_new_tokens} new tokens; lower it, or raise "
+                "models.policy.max_context if the model reads longer inputs, then rerun")
+        return found
+
+    answers = checkpointed(
+        run, path, [[name] for name in paths], answer,
+        label=lambda batch: f"answering ({batch[0]})", engine=lambda batch: (
+            config.models.policy.model_copy(update={"name_or_path": paths[batch[0]]}),
+            f"evaluate.models ({batch[0]})"),
+        fingerprint=fingerprint, size=lambda batch: len(items),
+        tokens_per_item=config.evaluate.sampling.max_new_tokens)
+    if answers.reused:
+        ui.info(f"evaluate: {path} holds these models' answers to these prompts with this "
+                "sampling: judging them again (delete it to answer again)")
+    return answers.records()
+
 
 def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     """Once every answer is judged (one run, or shards merged): the report, the manifest, the
@@ -219,14 +272,18 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     paths = model_paths(config)
     red, benign = prompt_sets(config)
     results = extra["results"]
-    report = build_report(config, red, benign, paths, results, judge_model(config)[0],
-                          [name for name in paths if name in RUN_MODELS])
+    jurors = jury(config)
+    report = build_report(config, red, benign, paths, results["judged"], results["rewards"],
+                          jurors)
     write_json_atomic(config.layout.report, report)
 
     manifest = run.manifest
+    first = results["judged"][jurors[0].name]
     manifest.counts.update({"models": len(paths), "prompts": len(red), "benign_prompts": len(benign),
                             "comparisons": sum(len(c["rows"]) for key in COMPARED
-                                               for c in results[key])})
+                                               for c in first[key])})
+    if len(jurors) > 1:
+        manifest.counts["judges"] = len(jurors)
     manifest.stats = {"win_rates": {f"{w['model']} > {w['over']}": w["win_rate"]
                                     for w in report["win_rates"]},
                       "harmful_compliance": {name: entry["rate"] for name, entry
@@ -238,6 +295,10 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
                                                for w in helpfulness["win_rates"]}
         manifest.stats["over_refusal"] = {name: entry["rate"] for name, entry
                                           in helpfulness["over_refusal"].items()}
+    # What the answers were made from, beside them: a later run that would make the same
+    # answers (a new judge, question or interval setting) judges these instead.
+    manifest.stats["answers"] = {"fingerprint": answers_fingerprint(config, red + benign),
+                                 "file": file_fingerprint(config.layout.eval_answers)}
     run.complete()
     trackers.log_stage(config.evaluate.report_to, config.layout.eval, "evaluate",
                        tracked_figures(report), config)
@@ -266,55 +327,68 @@ def answer_params(config: Config, fmt: str) -> SamplingParams:
                           stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
 
 def judgment_tasks(red: list[Prompt], benign: list[Prompt], names: list[str],
-                   size: int) -> list[tuple]:
-    """What the judge does, in order, ``size`` prompts (a checkpoint) at a time: ``(results key,
-    models, prompts)``: every pair of models on the red-team prompts, then on the benign ones, then every
-    model's answers to the harmful-compliance and to the refusal question."""
+                   size: int, judges: int = 1) -> list[tuple]:
+    """What the judges do, in order, ``size`` prompts (a checkpoint) at a time: ``(judge index,
+    results key, models, prompts)``: judge by judge, every pair of models on the red-team
+    prompts, then on the benign ones, then every model's answers to the harmful-compliance and
+    to the refusal question."""
     pairs = list(itertools.combinations(names, 2))
     tasks = []
-    for into, prompts, groups in (("comparisons", red, pairs), ("helpful_comparisons", benign, pairs),
-                                  ("harmful", red, [(name,) for name in names]),
-                                  ("refusal", benign, [(name,) for name in names])):
-        for models in groups:
-            tasks += [(into, models, batch) for batch in checkpoint_batches(prompts, size)]
+    for judge in range(judges):
+        for into, prompts, groups in (("comparisons", red, pairs),
+                                      ("helpful_comparisons", benign, pairs),
+                                      ("harmful", red, [(name,) for name in names]),
+                                      ("refusal", benign, [(name,) for name in names])):
+            for models in groups:
+                tasks += [(judge, into, models, batch)
+                          for batch in checkpoint_batches(prompts, size)]
     return tasks
 
-def task_key(into: str, models: tuple) -> tuple:
-    return KINDS[into], tuple(models)
+def task_key(juror: Juror, into: str, models: tuple, judges: int) -> tuple:
+    """What a line of judgments.jsonl belongs to: its judge (named with several), its kind and
+    its models."""
+    return juror.name if judges > 1 else None, KINDS[into], tuple(models)
 
 def record_task(record: dict) -> tuple:
     """The ``task_key`` of a line of judgments.jsonl."""
-    return record["kind"], tuple(record["models"] if "models" in record else [record["model"]])
+    return (record.get("judge"), record["kind"],
+            tuple(record["models"] if "models" in record else [record["model"]]))
 
-def judged_results(records: list[dict], names: list[str]) -> dict:
-    """The lines of judgments.jsonl as ``judge_all`` returns them: per pair of models and per
-    model, their rows in the order of the lines."""
-    results: dict = {"comparisons": [], "helpful_comparisons": [], "harmful": {}, "refusal": {}}
+def judged_by_judge(records: list[dict], names: list[str], jurors: list[Juror]) -> dict[str, dict]:
+    """The lines of judgments.jsonl, per judge (by name): per pair of models and per model, their
+    rows in the order of the lines."""
     rows: dict[tuple, list] = {}
-    for into in COMPARED:
-        for a, b in itertools.combinations(names, 2):
-            results[into].append({"models": [a, b], "rows": rows.setdefault(task_key(into, (a, b)), [])})
-    for into in CLASSIFIED:
-        for name in names:
-            results[into][name] = rows.setdefault(task_key(into, (name,)), [])
+    found: dict[str, dict] = {}
+    for juror in jurors:
+        results: dict = {"comparisons": [], "helpful_comparisons": [], "harmful": {},
+                         "refusal": {}}
+        for into in COMPARED:
+            for a, b in itertools.combinations(names, 2):
+                key = task_key(juror, into, (a, b), len(jurors))
+                results[into].append({"models": [a, b], "rows": rows.setdefault(key, [])})
+        for into in CLASSIFIED:
+            for name in names:
+                results[into][name] = rows.setdefault(task_key(juror, into, (name,), len(jurors)),
+                                                      [])
+        found[juror.name] = results
     for record in records:
         row = {"id": record["id"], "p": record["p"]}
         if "principles" in record:
             row["principles"] = record["principles"]
         rows[record_task(record)].append(row)
-    return results
+    return found
 
-def refuse_unjudged(config: Config, totals: dict) -> None:
-    """``NothingMade`` when the judge could read none of what it was asked (every comparison
-    and every question too long for its context): a report of ties only."""
+def refuse_unjudged(jurors: list, totals: dict) -> None:
+    """``NothingMade`` when the judges could read none of what they were asked (every
+    comparison and every question too long for their context): a report of ties only."""
     asked, unjudged = totals.get("asked", 0), totals.get("unjudged", 0)
     if asked and unjudged >= asked:
-        key = judge_model(config)[1]
+        keys = ", ".join(dict.fromkeys(juror.key for juror in jurors))
         raise NothingMade(
-            f"evaluate: the judge ({key}) could read none of the {asked} comparisons and "
+            f"evaluate: the judge ({keys}) could read none of the {asked} comparisons and "
             "questions, each too long for its context; lower "
-            f"evaluate.sampling.max_new_tokens, or raise {key}.max_context if the model reads "
-            "longer inputs, then rerun")
+            f"evaluate.sampling.max_new_tokens, or raise the judge's max_context if the model "
+            "reads longer inputs, then rerun")
 
 
 def compare(judge, prompts: list[Prompt], a: str, b: str, answers: dict) -> list[dict]:
@@ -391,9 +465,10 @@ def reward_texts(tokenizer, prompts: list[Prompt], answers: list[str]) -> tuple[
     return texts, True
 
 
-def judge_task(config: Config, constitution, answers: dict):
-    """The batch function of the judging's ``checkpointed`` loop: one task (a pair of models or
-    one model, a kind, a checkpoint of prompts) into lines of judgments.jsonl."""
+def judge_task(config: Config, constitution, answers: dict, jurors: list[Juror]):
+    """The batch function of the judging's ``checkpointed`` loop: one task (a judge, a pair of
+    models or one model, a kind, a checkpoint of prompts) into lines of judgments.jsonl (each
+    naming its judge when there are several)."""
     from cai_cli.engines.judge import Judge
 
     questions = {"harmful": constitution.evaluation.harmful,
@@ -401,7 +476,8 @@ def judge_task(config: Config, constitution, answers: dict):
     judges: dict = {}
 
     def make(backend, task: tuple, step) -> list[dict]:
-        into, models, prompts = task
+        index, into, models, prompts = task
+        named = {"judge": jurors[index].name} if len(jurors) > 1 else {}
         if backend not in judges:
             judges.clear()
             judges[backend] = {
@@ -417,7 +493,7 @@ def judge_task(config: Config, constitution, answers: dict):
             judge = harm if into == "comparisons" else judges[backend]["helpful"]
             rows = compare(judge, prompts, *models, answers)
             step.extra["unjudged"] = step.extra.get("unjudged", 0) + judge.skipped_last
-            return [{"kind": kind, "models": list(models), "id": row["id"],
+            return [{**named, "kind": kind, "models": list(models), "id": row["id"],
                      "p": round(row["p"], 6),
                      "principles": {k: round(v, 6) for k, v in row["principles"].items()}}
                     for row in rows]
@@ -425,7 +501,7 @@ def judge_task(config: Config, constitution, answers: dict):
         p_yes = harm.classify([(f"{p.id}:{name}", p.text, answers[name, p.id]) for p in prompts],
                               questions[into])
         step.extra["unjudged"] = step.extra.get("unjudged", 0) + p_yes.count(None)
-        return [{"kind": kind, "model": name, "id": prompt.id,
+        return [{**named, "kind": kind, "model": name, "id": prompt.id,
                  "p": None if value is None else round(value, 6)}
                 for prompt, value in zip(prompts, p_yes)]
 
@@ -455,7 +531,8 @@ class Evaluate(RecordStage):
             if name not in RUN_MODELS:  # this run's checkpoints are checked when they are made
                 check_model_source(config.models.policy.model_copy(update={"name_or_path": path}),
                                    f"evaluate.models ({name})")
-        check_model_source(*judge_model(config))
+        for juror in jury(config):
+            check_model_source(juror.model, juror.key)
         trackers.check(config.evaluate.report_to, "evaluate.report_to")
 
     def output(self, config: Config) -> Path:
@@ -486,49 +563,34 @@ class Evaluate(RecordStage):
         judges again from the start), and the reward scores: into ``results.json`` for a shard,
         else returned for ``finish`` with the judgments."""
         paths = model_paths(config)
+        jurors = jury(config)
         started = time.perf_counter()
         constitution = load_constitution(config.constitution_paths)
-        # Answers: one checkpointed batch per model, so an interruption loses one model's work.
-        # Their fingerprint is only what decides them, and their state outlives the stage: a new
-        # judge, question or interval setting (stale, or --force) judges the same answers again.
-        new = config.evaluate.sampling.max_new_tokens
-
-        def answer(backend, batch: list[str], step) -> list[EvalAnswer]:
-            name = batch[0]
-            ui.info(f"evaluate: answering {len(items)} prompts with {name} ({paths[name]})")
-            found, overflowed = answer_all(config, backend, items, name)
-            if whole and items and overflowed == len(items):  # nothing of this model to judge
-                raise NothingMade(
-                    f"evaluate: none of the {len(items)} prompts fits the context of {name} "
-                    f"({paths[name]}) with evaluate.sampling.max_new_tokens={new} new tokens; "
-                    "lower it, or raise models.policy.max_context if the model reads longer "
-                    "inputs, then rerun")
-            return found
-
-        answers_file = checkpointed(
-            run, out["answers.jsonl"], [[name] for name in paths], answer,
-            label=lambda batch: f"answering ({batch[0]})", engine=lambda batch: (
-                config.models.policy.model_copy(update={"name_or_path": paths[batch[0]]}),
-                f"evaluate.models ({batch[0]})"),
-            fingerprint=answers_fingerprint(config, items), keep=True,
-            size=lambda batch: len(items), tokens_per_item=new)
-        if answers_file.reused:
+        fingerprint = answers_fingerprint(config, items)
+        if whole and earlier_answers(config, fingerprint):
+            # A new judge, question or interval setting (stale, or --force): the same answers
+            # are judged again.
             ui.info(f"evaluate: {out['answers.jsonl']} holds these models' answers to these "
                     "prompts with this sampling: judging them again (delete it to answer again)")
-        answers = {(r["model"], r["id"]): r["answer"] for r in answers_file.records()}
+            records = read_jsonl(out["answers.jsonl"])
+        else:
+            records = make_answers(config, run, items, out["answers.jsonl"], fingerprint,
+                                   whole=whole)
+        answers = {(r["model"], r["id"]): r["answer"] for r in records}
 
         red_ids = {p.id for p in prompt_sets(config)[0]}
         tasks = judgment_tasks([p for p in items if p.id in red_ids],
                                [p for p in items if p.id not in red_ids], list(paths),
-                               config.evaluate.prompts_per_checkpoint)
+                               config.evaluate.prompts_per_checkpoint, len(jurors))
+        several = len(jurors) > 1
         judgments = checkpointed(
-            run, out["judgments.jsonl"], tasks, judge_task(config, constitution, answers),
-            label="judging", engine=judge_model(config),
-            fingerprint=config_hash({"stage": run.spec.fingerprint,
-                                     "answers": answers_file.fingerprint}),
-            fresh=force, size=lambda task: len(task[2]), resuming="the judging",
-            check=lambda made: refuse_unjudged(config, made.extra) if whole else None)
-        results = judged_results(judgments.records(), list(paths))
+            run, out["judgments.jsonl"], tasks, judge_task(config, constitution, answers, jurors),
+            label=(lambda task: f"judging ({jurors[task[0]].name})") if several else "judging",
+            engine=lambda task: (jurors[task[0]].model, jurors[task[0]].key),
+            fingerprint=config_hash({"stage": run.spec.fingerprint, "answers": fingerprint}),
+            fresh=force, size=lambda task: len(task[3]), resuming="the judging",
+            check=lambda made: refuse_unjudged(jurors, made.extra) if whole else None)
+        results = {"judged": judged_by_judge(judgments.records(), list(paths), jurors)}
         results["rewards"] = (reward_scores(config, items, list(paths), answers)
                               if config.evaluate.reward_model else None)
         run.manifest.timings["evaluate_seconds"] = round(time.perf_counter() - started, 2)
@@ -570,17 +632,23 @@ class Evaluate(RecordStage):
             calls.append(Generate(key, model, [answer_prompt(p.text, fmt,
                                                              config.generate_sl.system_prompt)
                                                for p in prompts], [0] * len(prompts), new))
-        judge_config, key = judge_model(config)
+        jurors = jury(config)
         constitution = load_constitution(config.constitution_paths)
-        counter = ctx.tokens(judge_config, key)
-        harm = Judge(config, constitution, counter,
-                     principles_per_pair=settings.principles_per_pair, pairs_per_prompt=None)
-        helpful = helpfulness_judge(config, constitution, counter)
         questions = {"harmful": constitution.evaluation.harmful,
                      "refusal": constitution.evaluation.refusal}
+        asking: dict[int, tuple] = {}  # judge index -> its two Judges (harm, helpful)
         passes = 0
-        for into, models, batch in judgment_tasks(red, benign, list(paths),
-                                                  settings.prompts_per_checkpoint):
+        for index, into, models, batch in judgment_tasks(red, benign, list(paths),
+                                                         settings.prompts_per_checkpoint,
+                                                         len(jurors)):
+            judge_config, key = jurors[index].model, jurors[index].key
+            if index not in asking:
+                counter = ctx.tokens(judge_config, key)
+                asking[index] = (Judge(config, constitution, counter,
+                                       principles_per_pair=settings.principles_per_pair,
+                                       pairs_per_prompt=None),
+                                 helpfulness_judge(config, constitution, counter))
+            harm, helpful = asking[index]
             if into in COMPARED:
                 records = [{"id": p.id, "prompt": p.text, "responses": ["a", "b"]} for p in batch]
                 judge = harm if into == "comparisons" else helpful
