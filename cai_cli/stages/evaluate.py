@@ -484,7 +484,7 @@ class Evaluate(RecordStage):
                 config.models.policy.model_copy(update={"name_or_path": paths[batch[0]]}),
                 f"evaluate.models ({batch[0]})"),
             fingerprint=answers_fingerprint(config, items), keep=True,
-            size=lambda batch: len(items), tokens_per_item=new)
+            size=lambda batch: len(items), tokens_per_item=new, completions_per_item=1)
         if answers_file.reused:
             ui.info(f"evaluate: {out['answers.jsonl']} holds these models' answers to these "
                     "prompts with this sampling: judging them again (delete it to answer again)")

@@ -133,7 +133,8 @@ class GenerateSL(RecordStage):
             run, out["chains.jsonl"], checkpoint_batches(items, settings.prompts_per_checkpoint),
             make, label="generate-sl", engine=(config.models.policy, "models.policy"),
             fresh=force, timing="generation_seconds",
-            tokens_per_item=len(turns(settings.num_revisions)) * settings.sampling.max_new_tokens)
+            tokens_per_item=len(turns(settings.num_revisions)) * settings.sampling.max_new_tokens,
+            completions_per_item=len(turns(settings.num_revisions)))
         return {"prompts": len(items), "skipped": writer.extra.get("skipped", 0),
                 "generated_tokens": writer.extra.get("tokens", 0)}
 

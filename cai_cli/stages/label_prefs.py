@@ -145,7 +145,8 @@ class LabelPrefs(RecordStage):
             run, out["samples.jsonl"], batches,
             lambda policy, batch, step: sample_batch(config, policy, batch),
             label="sampling", engine=(policy_model(config), "label_prefs.policy"), fresh=force,
-            tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens)
+            tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens,
+            completions_per_item=settings.responses_per_prompt)
         judges: dict = {}
 
         def judge(feedback, group: list[dict], step) -> list:
