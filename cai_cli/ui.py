@@ -6,6 +6,7 @@ Stages print progress and messages to stderr, so stdout stays clean for data (``
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -57,6 +58,17 @@ console = Console(stderr=True, highlight=False,
 # trimmed anyway, so a wider page keeps tables readable (COLUMNS still decides when set).
 _PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
 stdout = Console(file=_Trimmed(), highlight=False, width=_PIPED_WIDTH)
+
+
+# Characters a terminal or a pipe must not get from model text: C0 and C1 controls (NUL, ESC,
+# which starts colour and cursor sequences) but tab and newline. A model writes any byte.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks as ``\\n`` and every other control character shown as U+FFFD
+    (the replacement character), as ``cai inspect`` and ``cai report`` show model text."""
+    return CONTROL.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def duration(seconds: float) -> str:
