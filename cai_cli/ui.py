@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -84,6 +88,28 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     console.print("warning:", scrub(str(message)), style="yellow", soft_wrap=True, markup=False)
+
+
+@contextmanager
+def warnings_to(log: Path) -> Iterator[None]:
+    """Python warnings raised while the body runs go to the file ``log`` (appended, created
+    when the first one comes), not the terminal: the libraries' notices (torch's ``pin_memory``
+    one in every training stage on a CPU) are for their developers, and the terminal keeps
+    what the user acts on (``warn``). Each line says when, what and where."""
+    import warnings
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as out:
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {scrub(text)}")
+        except OSError:
+            pass  # a warning is never worth failing a stage
+
+    with warnings.catch_warnings():
+        warnings.showwarning = record
+        yield
 
 
 def progress(*extra_columns: TextColumn) -> Progress:

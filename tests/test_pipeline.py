@@ -139,3 +139,34 @@ def test_stale_reasons_say_which_settings_only_now_apply(tmp_path):
     spec = StageSpec("label-prefs", stage, new, {"prompts": "b"})
     assert spec.changes() == ["label_prefs.chain_of_thought", "label_prefs.cot_clamp (now used)",
                               "label_prefs.gone (no longer used)", "inputs.prompts"]
+
+
+def test_library_warnings_go_to_the_stage_log_not_the_terminal(tmp_path, capfd):
+    """A library's notice (torch's pin_memory one, in every training stage on a machine without
+    a GPU) is written to the stage's logs/warnings.log; the terminal shows only the stage."""
+    import warnings
+
+    from fake_run import write_config
+
+    from cai_cli.config import load_config
+    from cai_cli.stages.base import Stage
+    from cai_cli.stages.pipeline import run_stage
+
+    class Noisy(Stage):
+        command = "judge-check"
+
+        def run(self, config, *, force=False, shard=None):
+            warnings.warn("'pin_memory' argument is set as true but no accelerator is found",
+                          UserWarning)
+            print("stage output")
+
+    config = load_config(write_config(tmp_path, tmp_path / "run"))
+    run_stage(Noisy(), config)
+    log = tmp_path / "run" / "judge" / "logs" / "warnings.log"
+    assert "UserWarning: 'pin_memory' argument" in log.read_text()
+    out, err = capfd.readouterr()
+    assert out == "stage output\n" and "pin_memory" not in err
+    with warnings.catch_warnings(record=True) as after:  # only while the stage runs
+        warnings.simplefilter("always")
+        warnings.warn("later", UserWarning)
+    assert len(after) == 1
