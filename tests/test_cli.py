@@ -157,6 +157,16 @@ def test_config_keys_and_schema(tmp_path):
     assert shown.returncode == 0 and "per_device_batch_size" in shown.stdout
     assert "generate_sl" not in shown.stdout
     assert cai("config", "keys", "nope").returncode == 2
+    # brackets are text, not markup: defaults and meanings keep them, in a table and at 80
+    # columns, where each key's meaning goes below it instead of in a column cut mid-word
+    for env in ({}, {"COLUMNS": "80"}):
+        shown = subprocess.run([sys.executable, "-m", "cai_cli", "config", "keys", "evaluate"],
+                               capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, **env})
+        assert shown.returncode == 0 and "[base, sft, policy]" in shown.stdout
+        assert "e.g. `[tensorboard]`" in " ".join(shown.stdout.split())
+        assert max(map(len, shown.stdout.splitlines())) <= int(env.get("COLUMNS", 120))
+    assert "`data.red_team.limit` in the seeded order" in " ".join(shown.stdout.split())
     schema = cai("config", "schema")
     assert schema.returncode == 0
     assert "prompts_per_checkpoint" in json.loads(schema.stdout)["$defs"]["GenerateSLConfig"]["properties"]
