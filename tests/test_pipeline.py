@@ -93,6 +93,12 @@ def test_changed_optimize_setting_reruns_optimize_and_evaluate_only(pipeline):
     after = mtimes(run_dir)
     changed = {stage for stage in STAGE_DIRS if after[stage] != before[stage]}
     assert changed == {"optimize", "evaluate"}
+    # the run directory alone is that run, as it was run: no --set repeated
+    status = cai("status", run_dir)
+    assert status.returncode == 0, status.stderr
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()
+              if line.strip() and line.split()[0] in STAGE_DIRS}
+    assert states == dict.fromkeys(STAGE_DIRS, "done"), status.stdout
     # back to the original setting: optimize is stale again, the plan says why
     result = cai("run", "--config", path, "--to", "train-rm")
     assert result.returncode == 0 and result.stderr.count("up to date, skipped") == 4
