@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from cai_cli.cli import app
@@ -23,11 +24,39 @@ COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["opti
             ["config", "validate"], ["config", "show"], ["report"]]
 
 
+STAGE_COMMANDS = ["generate-prompts", "generate-sl", "finetune", "label-prefs", "train-rm",
+                  "optimize", "evaluate", "judge-check", "run"]
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_of_every_command(command):
-    result = CliRunner().invoke(app, [*command, "--help"])
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=80)
     assert result.exit_code == 0
     assert "Usage:" in result.output and result.output.count("--") >= 2
+    # the usage line names arguments as click does: DIR, [SECTION], never {DIR}
+    usage = result.output.splitlines()[0]
+    assert "{" not in usage and "}" not in usage, usage
+    assert max(map(len, result.output.splitlines())) <= 80
+    if command[0] in STAGE_COMMANDS:
+        # it ends with examples of the command itself
+        examples = result.output.rstrip().split("Examples:")[-1].splitlines()
+        assert result.output.count("Examples:") == 1
+        assert [line for line in examples if line.strip()][0].strip().startswith(f"cai {command[0]} ")
+
+
+def test_usage_lines_and_the_command_list_as_click_prints_them():
+    init = CliRunner().invoke(app, ["init", "--help"])
+    assert init.output.splitlines()[0].endswith(" init [OPTIONS] DIR")
+    status = CliRunner().invoke(app, ["status", "--help"])
+    assert status.output.splitlines()[0].endswith(" status [OPTIONS] [RUN_DIR]")
+    # every command's whole first sentence, however narrow the terminal, never cut with "..."
+    listed = CliRunner().invoke(app, ["--help"], terminal_width=80).output.split("Commands:")[1]
+    assert "..." not in listed
+    flat = " ".join(listed.split())
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        first = " ".join(command.help.split("\n\n")[0].split()).split(". ")[0]
+        assert f"{name} {first.removesuffix('.')}." in flat, name
 
 
 def test_top_level_help_lists_the_commands_and_imports_no_torch():
