@@ -1,5 +1,6 @@
 """The ``cai`` command: the table of commands, each parsing its options and calling the stage
-(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work. Nothing else.
+(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work, and how the table
+reads in ``--help``. Nothing else.
 
 Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 """
@@ -15,6 +16,10 @@ import typer
 from typer.core import TyperCommand
 
 from cai_cli.errors import USER_OS_ERRORS, UserError
+
+
+# How the table is shown: usage lines and the list of commands as click prints them, and the
+# examples that end each command's --help.
 
 class Command(TyperCommand):
     """A command as click shows it: usage lines name the arguments (``DIR``, ``[RUN_DIR]``),
