@@ -91,11 +91,12 @@ def warn(message: str) -> None:
 
 
 @contextmanager
-def warnings_to(log: Path) -> Iterator[None]:
+def warnings_to(log: Path, source: str) -> Iterator[None]:
     """Python warnings raised while the body runs go to the file ``log`` (appended, created
     when the first one comes), not the terminal: the libraries' notices (torch's ``pin_memory``
     one in every training stage on a CPU) are for their developers, and the terminal keeps
-    what the user acts on (``warn``). Each line says when, what and where."""
+    what the user acts on (``warn``). Each line says when, from which ``source`` (the stage),
+    what and where."""
     import warnings
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
@@ -103,7 +104,7 @@ def warnings_to(log: Path) -> Iterator[None]:
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("a", encoding="utf-8") as out:
-                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {scrub(text)}")
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {source}: {scrub(text)}")
         except OSError:
             pass  # a warning is never worth failing a stage
 

@@ -147,9 +147,11 @@ def test_stale_reasons_say_which_settings_only_now_apply(tmp_path):
                               "label_prefs.gone (no longer used)", "inputs.prompts"]
 
 
-def test_library_warnings_go_to_the_stage_log_not_the_terminal(tmp_path, capfd):
+def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, capfd):
     """A library's notice (torch's pin_memory one, in every training stage on a machine without
-    a GPU) is written to the stage's logs/warnings.log; the terminal shows only the stage."""
+    a GPU) is written to the run directory's .cai/warnings.log, naming the stage; the terminal
+    shows only the stage. The stage's folder is left alone: one that failed before producing
+    anything must stay absent (later stages read an existing folder as its output)."""
     import warnings
 
     from fake_run import write_config
@@ -168,8 +170,10 @@ def test_library_warnings_go_to_the_stage_log_not_the_terminal(tmp_path, capfd):
 
     config = load_config(write_config(tmp_path, tmp_path / "run"))
     run_stage(Noisy(), config)
-    log = tmp_path / "run" / "judge" / "logs" / "warnings.log"
+    log = tmp_path / "run" / ".cai" / "warnings.log"
+    assert "judge-check: " in log.read_text()
     assert "UserWarning: 'pin_memory' argument" in log.read_text()
+    assert not (tmp_path / "run" / "judge").exists()
     out, err = capfd.readouterr()
     assert out == "stage output\n" and "pin_memory" not in err
     with warnings.catch_warnings(record=True) as after:  # only while the stage runs

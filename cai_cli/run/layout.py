@@ -14,8 +14,8 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/judge/report.json      judge-check (not a pipeline stage): the feedback model on
                                      pairs with known labels; judge/judgments.jsonl: its answers
     <run_dir>/<stage>/manifest.json  what produced each stage
-    <run_dir>/<stage>/logs/          trackers' files, a trainer's log history, warnings.log: the
-                                     libraries' warnings while the stage ran
+    <run_dir>/.cai/warnings.log      the libraries' warnings while stages ran
+    <run_dir>/<stage>/logs/          trackers' files, a trainer's log history
     <run_dir>/<stage>/plots/*.png    the stage's plots (``cai_cli.reports.plots``); left out of the
                                      stage directory's fingerprint
     <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
@@ -48,7 +48,6 @@ SHARDS_DIR = "shards"  # inside a stage directory: the parts of a sharded run
 PLOTS_DIR = "plots"  # inside a stage directory: its PNG plots
 LOGS = "logs"  # inside a stage directory: trackers' local files (tensorboard), beside the model
 LOG_HISTORY = "log_history.json"  # in LOGS: a trainer's log history, every logged step
-WARNINGS_LOG = "warnings.log"  # in LOGS: the libraries' warnings, kept off the terminal
 REPORT = "report.md"  # `cai report`'s page, at the top of the run directory
 # What may sit at the top of a run directory that has no .cai/ yet: the stage folders and the
 # report. Anything else means the directory is something else (a home, a project, a disk).
@@ -122,10 +121,6 @@ class RunLayout:
     def shard_manifest(self, command: str, index: int, count: int) -> Path:
         return self.shard_file(command, "manifest.json", index, count)
 
-    def warnings_log(self, command: str) -> Path:
-        """The libraries' warnings while the stage ran (``ui.warnings_to``)."""
-        return self.stage_dir(command) / LOGS / WARNINGS_LOG
-
     def plots(self, command: str) -> Path:
         """The folder of the stage's PNG plots."""
         return self.stage_dir(command) / PLOTS_DIR
@@ -138,6 +133,13 @@ class RunLayout:
     @property
     def resolved_config(self) -> Path:
         return self.tool_dir / "config.yaml"
+
+    @property
+    def warnings_log(self) -> Path:
+        """The libraries' warnings while stages ran (``ui.warnings_to``), each line naming its
+        stage. Not in the stage's folder: a stage that fails before it produces leaves its
+        folder as it was (absent), and later stages read an existing folder as its output."""
+        return self.tool_dir / "warnings.log"
 
     @property
     def lock(self) -> Path:

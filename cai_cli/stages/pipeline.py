@@ -112,7 +112,7 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
             continue
         ui.info(f"── {name} " + "─" * max(0, 60 - len(name)))
         # A stale stage is the point of `cai run`: replace it. A partial one resumes.
-        with ui.warnings_to(config.layout.warnings_log(name)):
+        with ui.warnings_to(config.layout.warnings_log, name):
             stage.run(config, force=force or state == "stale")
 
 
@@ -124,7 +124,7 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, shard=None) 
         dist.refuse_multiprocess(stage.command)
     if stage.command in STAGES:
         check_before_running(config, [stage.command])
-    with ui.warnings_to(config.layout.warnings_log(stage.command)):
+    with ui.warnings_to(config.layout.warnings_log, stage.command):
         stage.run(config, force=force, shard=shard)
 
 
