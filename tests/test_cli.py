@@ -140,7 +140,7 @@ def test_init_imports_smollm2_from_its_package_when_it_is_installed(tmp_path, mo
     config = load_config("demo/config.yaml")
     assert config.models.policy.name_or_path == "demo/models/smollm2"
     assert config.feedback_model.name_or_path == "demo/models/smollm2"
-    assert "SmolLM2" in Path("demo/config.yaml").read_text().splitlines()[1]
+    assert "#   model: demo/models/smollm2" in Path("demo/config.yaml").read_text()
 
 
 def test_validate_says_when_a_hub_model_is_neither_cached_nor_reachable(tmp_path):

@@ -36,7 +36,7 @@ FILES = {
 TEMPLATES = {TINY: "starter-tiny.yaml"}
 MODEL_DIRS = {SMOLLM2: "models/smollm2", TINY: "models/tiny-model"}
 # What `cai run` on each starter took, for the config's header (measured on a 2-core CPU).
-TIMES = {SMOLLM2: "about 4 minutes on an idle 2-core CPU with SmolLM2-135M-Instruct",
+TIMES = {SMOLLM2: "about 4 minutes on an idle 2-core CPU",
          TINY: "about a minute on a 2-core CPU"}
 
 
