@@ -103,7 +103,10 @@ def test_report_and_plan_take_the_run_directory(tmp_path):
 
 def test_a_directory_without_a_recorded_config_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "c.yaml").write_text("run_dir: x\n")
     for args, message in ((["status", "empty"], "has no .cai/config.yaml"),
+                          (["status", "c.yaml"], "is a file, not a run directory; a config is "
+                           "given with --config (--config c.yaml)"),
                           (["report", "nowhere"], "no such directory"),
                           (["plan"], "give a run directory")):
         result = cai(*args, cwd=tmp_path)

@@ -37,6 +37,9 @@ def reading(run_dir: Optional[Path], config: Optional[Path], overrides: Optional
         raise UserError("give a run directory (e.g. `myproject/runs/cai`) or a config "
                         "(--config FILE)")
     recorded = RunLayout.of(run_dir).resolved_config
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file, not a run directory; a config is given with "
+                        f"--config (--config {run_dir}), or give the run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory{relative_note(run_dir)}; give a run "
                         "directory (run_dir in the config) or the config (--config FILE)")
