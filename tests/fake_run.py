@@ -41,7 +41,7 @@ def log_history(steps: int, **series) -> list[dict]:
 
 def chain(number: int) -> dict:
     return {"id": f"chain{number}", "prompt": f"How do I pick lock number {number}?",
-            "initial": "Insert a tension wrench | then *rake* the pins. <script>",
+            "initial": "Insert a tension wrench | then *rake* the pins -> open & in. <script>",
             "rounds": [{"principle": "illegal-acts", "critique_request": "Is it illegal?",
                         "critique": f"Critique {number}: the answer helps break in.",
                         "revision_request": "Rewrite it.",

@@ -64,18 +64,19 @@ def test_without_seeds_the_call_seed_reproduces_a_call(backend):
 
 
 def test_progress_hears_of_every_decoding_step(backend):
-    """What the progress bars of generate-sl and evaluate count: tokens as they are made, not
-    only when a call returns."""
-    steps: list[int] = []
-    backend.on_tokens = steps.append
+    """What the progress bars of generate-sl, label-prefs and evaluate count: tokens as they
+    are made, not only when a call returns, and each completion once, when it finishes."""
+    steps: list[tuple[int, int]] = []
+    backend.on_tokens = lambda tokens, finished: steps.append((tokens, finished))
     try:
         params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
         completions = backend.generate(prompts(), params)
     finally:
         backend.on_tokens = None
     assert len(steps) > 2  # many times in each of the two batches of three, not once per batch
-    assert all(0 < n <= 3 for n in steps)
-    assert sum(steps) == sum(c.tokens for c in completions)
+    assert all(0 <= n <= 3 and 0 <= done <= 3 and n + done for n, done in steps)
+    assert sum(n for n, _ in steps) == sum(c.tokens for c in completions)
+    assert sum(done for _, done in steps) == len(completions)
 
 
 def test_seeds_must_match_the_prompts(backend):

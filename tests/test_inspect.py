@@ -320,3 +320,25 @@ def test_inspect_does_not_import_heavy_libraries():
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_control_bytes_are_shown_as_replacement_characters_in_a_pipe_and_a_terminal(tmp_path):
+    """A random model writes any byte: NUL, ESC (a colour or cursor sequence), a bell. Neither a
+    pipe nor a terminal gets them, as in `cai report`; line breaks stay line breaks."""
+    hostile = {**CHAINS[1], "id": "c\x002", "prompt": "Say \x1b[31mred\x1b[0m\x07 now\r\nplease",
+               "initial": "nul\x00here", "rounds": [round_("harass\x1bment", "bad\x00", "ok")]}
+    path = write_jsonl(tmp_path / "chains.jsonl", [hostile])
+    terminal = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+                "FORCE_COLOR": "1", "TERM": "xterm-256color"}
+    for env in (None, terminal):
+        for args in ([path], [path, "--index", "0"]):
+            result = subprocess.run([sys.executable, "-m", "cai_cli", "inspect", *map(str, args)],
+                                    check=False, capture_output=True, timeout=60, env=env)
+            assert result.returncode == 0, result.stderr
+            out = result.stdout.decode()
+            assert "\x00" not in out and "\x07" not in out and "\x1b[31m" not in out
+            assert "\ufffd[31mred\ufffd[0m\ufffd now" in out
+            if env is None:
+                assert "\x1b" not in out
+    shown = inspect(path, "--id", "c\x002")  # the id as the summary shows it finds it too
+    assert "chain c\ufffd2" in shown and "Say \ufffd[31mred" in shown and "now\n  please" in shown

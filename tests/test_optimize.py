@@ -456,3 +456,20 @@ def test_spec_imports_no_heavy_library(config_path):
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
                             text=True, cwd=ROOT)
     assert result.stdout.strip() == "['missing', 'missing'] []", result.stderr
+
+
+def test_an_unfinished_sft_does_not_stop_cai_run_before_it_resumes_finetune(tmp_path,
+                                                                            tiny_model_dir):
+    """A finetune killed mid-way leaves sft/ with its checkpoints and no model: `cai run`'s
+    checks before anything runs must not read it as optimize's policy, or the rerun that would
+    resume finetune stops with "cannot load a tokenizer from sft/"."""
+    from cai_cli.stages.pipeline import check_before_running
+
+    path = write_config(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(path.read_text())
+    del data["optimize"]["model"]  # optimise this run's own sft/
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    (config.layout.sft / training.CHECKPOINTS / "checkpoint-2").mkdir(parents=True)
+    Manifest(stage="finetune", config_hash="0", config={}).save(config.layout.sft)  # running
+    check_before_running(config, ["finetune", "label-prefs", "train-rm", "optimize"])

@@ -93,6 +93,12 @@ def test_changed_optimize_setting_reruns_optimize_and_evaluate_only(pipeline):
     after = mtimes(run_dir)
     changed = {stage for stage in STAGE_DIRS if after[stage] != before[stage]}
     assert changed == {"optimize", "evaluate"}
+    # the run directory alone is that run, as it was run: no --set repeated
+    status = cai("status", run_dir)
+    assert status.returncode == 0, status.stderr
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()
+              if line.strip() and line.split()[0] in STAGE_DIRS}
+    assert states == dict.fromkeys(STAGE_DIRS, "done"), status.stdout
     # back to the original setting: optimize is stale again, the plan says why
     result = cai("run", "--config", path, "--to", "train-rm")
     assert result.returncode == 0 and result.stderr.count("up to date, skipped") == 4
@@ -139,3 +145,38 @@ def test_stale_reasons_say_which_settings_only_now_apply(tmp_path):
     spec = StageSpec("label-prefs", stage, new, {"prompts": "b"})
     assert spec.changes() == ["label_prefs.chain_of_thought", "label_prefs.cot_clamp (now used)",
                               "label_prefs.gone (no longer used)", "inputs.prompts"]
+
+
+def test_library_warnings_go_to_the_run_log_not_the_terminal(tmp_path, capfd):
+    """A library's notice (torch's pin_memory one, in every training stage on a machine without
+    a GPU) is written to the run directory's .cai/warnings.log, naming the stage; the terminal
+    shows only the stage. The stage's folder is left alone: one that failed before producing
+    anything must stay absent (later stages read an existing folder as its output)."""
+    import warnings
+
+    from fake_run import write_config
+
+    from cai_cli.config import load_config
+    from cai_cli.stages.base import Stage
+    from cai_cli.stages.pipeline import run_stage
+
+    class Noisy(Stage):
+        command = "judge-check"
+
+        def run(self, config, *, force=False, shard=None):
+            warnings.warn("'pin_memory' argument is set as true but no accelerator is found",
+                          UserWarning)
+            print("stage output")
+
+    config = load_config(write_config(tmp_path, tmp_path / "run"))
+    run_stage(Noisy(), config)
+    log = tmp_path / "run" / ".cai" / "warnings.log"
+    assert "judge-check: " in log.read_text()
+    assert "UserWarning: 'pin_memory' argument" in log.read_text()
+    assert not (tmp_path / "run" / "judge").exists()
+    out, err = capfd.readouterr()
+    assert out == "stage output\n" and "pin_memory" not in err
+    with warnings.catch_warnings(record=True) as after:  # only while the stage runs
+        warnings.simplefilter("always")
+        warnings.warn("later", UserWarning)
+    assert len(after) == 1

@@ -43,8 +43,10 @@ def test_report_of_a_finished_run(tmp_path):
     # example chains with their critiques and revisions; model text cannot break the page
     assert "Critique 0: the answer helps break in." in text
     assert "Revision 0: call a locksmith instead." in text
-    assert "<script>" not in text and "&lt;script&gt;" in text
+    assert "<script>" not in text.replace("\\<script>", "") and "\\<script>" in text
     assert "\\|" in text and "\\*rake\\*" in text
+    # and it reads as written in a plain-text viewer: no HTML entities where none are needed
+    assert "the pins -> open & in." in text and "&gt;" not in text and "&amp;" not in text
     # the most confident pairs with p_chosen and their judgments
     assert "`pair4`: p_chosen 0.900" in text and "| privacy | AB | 0.500 |" in text
     # judge-check and the evaluation: tables with intervals, and the verdict

@@ -17,6 +17,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cai_cli.errors import UserError, not_found
@@ -264,6 +265,24 @@ def _load_config(path: Path, metadata: dict):
     return config
 
 
+@contextmanager
+def _no_tensor_bar():
+    """transformers reads a GGUF file's tensors under a tqdm bar of its own, which its switch
+    for progress bars does not reach; our one summary line says what was imported."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    reader.tqdm = lambda items, *args, **kwargs: items
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+
+
 def _load_model(path: Path, metadata: dict, dtype: str):
     """The dequantised model, rebuilt as a plain model: the one transformers returns for a GGUF
     file carries its quantisation config and refuses ``save_pretrained``."""
@@ -273,10 +292,11 @@ def _load_model(path: Path, metadata: dict, dtype: str):
     architecture = metadata["architecture"]
     torch_dtype = getattr(torch, dtype)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch_dtype,
-            # Dense weights even where a GGUF matmul kernel is installed: they are what we save.
-            quantization_config=GgufConfig(dequantize=True))
+        with _no_tensor_bar():
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch_dtype,
+                # Dense weights even where a GGUF matmul kernel is installed: they are what we save.
+                quantization_config=GgufConfig(dequantize=True))
     except NotImplementedError as exc:  # gguf: "Dequantization for X is not yet implemented"
         raise UserError(f"{path}: {exc}; convert the model with another quantisation (e.g. Q8_0)") from None
     except ValueError as exc:

@@ -64,6 +64,7 @@ def run_inspect(path: Path, *, record_id: str | None = None, index: int | None =
         raise UserError(f"--limit must be 0 or more, got {limit}")
     console = ui.stdout
     path = Path(path)
+    record_id = None if record_id is None else ui.printable(record_id)  # ids as shown
     prompts = generated_prompts_file(path)
     if prompts is not None:
         show_generated_prompts(console, prompts, record_id, index, grep,
@@ -111,7 +112,21 @@ def load_artifacts(path: Path) -> list[Artifact]:
 def read_artifact(path: Path, unfinished: bool = False) -> Artifact:
     # A .partial file may end in a line cut short by the kill; that line is not an error.
     records = read_jsonl(path, allow_torn_tail=unfinished)
-    return Artifact(path, record_kind(path, records), records, unfinished)
+    kind = record_kind(path, records)
+    return Artifact(path, kind, [shown(record) for record in records], unfinished)
+
+
+def shown(value):
+    """A record as it is shown: every string printable (``ui.printable``: control characters
+    such as NUL and ESC as U+FFFD), in a terminal and in a pipe alike, so model text cannot
+    move the cursor, recolour the terminal or put a NUL into what a pipe reads."""
+    if isinstance(value, str):
+        return ui.printable(value)
+    if isinstance(value, list):
+        return [shown(item) for item in value]
+    if isinstance(value, dict):
+        return {shown(key): shown(item) for key, item in value.items()}
+    return value
 
 
 def record_kind(path: Path, records: list[dict]) -> str:
@@ -564,9 +579,10 @@ def show_generated_prompts(console: Console, path: Path, record_id: str | None,
     # (hostile: typed, so a record without an id or prompt is a message naming its line)
     from cai_cli.run.records import GeneratedPrompt, SeedPrompt, read
 
-    records = [r.model_dump() for r in read(path, GeneratedPrompt)]
+    records = [shown(r.model_dump()) for r in read(path, GeneratedPrompt)]
     seeds_file = path.with_name("seeds.jsonl")
-    seeds = {r.id: r.prompt for r in read(seeds_file, SeedPrompt)} if seeds_file.is_file() else {}
+    seeds = ({shown(r.id): shown(r.prompt) for r in read(seeds_file, SeedPrompt)}
+             if seeds_file.is_file() else {})
     new = sum(bool(r.get("seed_ids")) for r in records)
     console.print(Text.assemble((str(path), "bold"), f" — {new} generated prompts"
                                 + (f", {len(records) - new} seed prompts mixed in"

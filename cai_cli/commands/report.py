@@ -25,7 +25,6 @@ from cai_cli.reports import plots
 from cai_cli.run.artifacts import load_manifest, read_jsonl, write_atomic
 
 REPORT = "report.md"
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 EXAMPLES = 3  # chains and pairs shown
 LONGEST = 1200  # characters of one quoted text before it is cut
 TITLES = {
@@ -402,14 +401,20 @@ SECTIONS = {
 # Formatting
 
 
+# What would make Markdown show model text otherwise than as written, each escaped with a
+# backslash only where it would: a backslash before punctuation, the start of an HTML tag,
+# comment or autolink, an entity reference, table cell breaks, emphasis and code. Escaping
+# every "<" or "&" as an HTML entity would keep the page safe too, but the page is also read as
+# plain text (`less report.md`), where "-&gt;" is noise.
+MARKUP = re.compile(r"\\(?=[!-/:-@\[-`{-~])|<(?=[A-Za-z/!?])|&(?=#?\w+;)|[|*`]")
+
+
 def escape(text: str) -> str:
-    """Text that Markdown shows as written: no HTML, emphasis, code or table breaks, no
-    control characters (a random model writes any byte)."""
-    text = CONTROL.sub("\ufffd", str(text))
-    text = (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
-            .replace("`", "\\`"))
-    return "\\" + text if text.startswith("#") else text
+    """Text that Markdown shows as written, and that reads as written in a plain-text viewer:
+    no HTML, emphasis, code or table breaks, no control characters (a random model writes any
+    byte)."""
+    text = MARKUP.sub(lambda found: "\\" + found.group(), ui.printable(str(text)))
+    return "\\" + text if text.startswith(("#", ">")) else text
 
 
 def cell(value) -> str:

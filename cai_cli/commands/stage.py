@@ -4,18 +4,67 @@ SIGTERM say how to resume."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, relative_note
 
 
 def load(config: Path, overrides: Optional[list[str]]):
     from cai_cli.config import load_config
 
     return load_config(config, overrides or [])
+
+
+@contextmanager
+def reading(run_dir: Optional[Path], config: Optional[Path], overrides: Optional[list[str]]) -> Iterator:
+    """The config of a command that reads a run (status, report, plan), for the body of the
+    ``with``: ``--config FILE`` as given (with ``RUN_DIR`` too: that file's settings for the run
+    in ``RUN_DIR``), or ``RUN_DIR`` alone: the config its last stage recorded there, overrides
+    included, with its relative paths read from where the run was run (``run.resolved``)."""
+    from cai_cli.config import load_config
+    from cai_cli.run.layout import TOOL_DIR, RunLayout
+    from cai_cli.run.resolved import base, recorded_cwd, working_directory
+
+    overrides = list(overrides or [])
+    if config is not None:
+        yield load(config, overrides + ([f"run_dir={run_dir}"] if run_dir is not None else []))
+        return
+    if run_dir is None:
+        raise UserError("give a run directory (e.g. `myproject/runs/cai`) or a config "
+                        "(--config FILE)")
+    recorded = RunLayout.of(run_dir).resolved_config
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file, not a run directory; a config is given with "
+                        f"--config (--config {run_dir}), or give the run directory")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such directory{relative_note(run_dir)}; give a run "
+                        "directory (run_dir in the config) or the config (--config FILE)")
+    if not recorded.is_file():
+        raise UserError(f"{run_dir} has no {TOOL_DIR}/config.yaml: no stage has run there yet, "
+                        "or it is not a run directory; give the config instead (--config FILE)")
+    import yaml
+
+    from cai_cli import reading as text_reading
+
+    text = text_reading.read_text(recorded)
+    try:
+        data = text_reading.load_yaml(text, str(recorded))
+    except (yaml.YAMLError, UserError):
+        data = None  # load_config below says what is wrong with it
+    named = str(data.get("run_dir") or "") if isinstance(data, dict) else ""
+    where = base(run_dir, named or str(run_dir), recorded_cwd(text))
+    here = where.resolve() == Path.cwd().resolve()
+    if here and named and Path(named).resolve() == run_dir.resolve():
+        moved = []  # read from where it was run: the run directory as the config names it
+    else:  # as given, or from elsewhere in full, so that messages name it as it is from here
+        moved = [f"run_dir={run_dir if here else run_dir.resolve()}"]
+    source = recorded if here else recorded.resolve()  # before moving to where
+    with working_directory(where):
+        yield load_config(source, overrides + moved)
 
 
 def writing(command: str, config, force: bool, work: Callable[[], object], shard=None) -> None:

@@ -14,6 +14,7 @@ from cai_cli.stages.pipeline import statuses
 def print_status(config: Config) -> None:
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     colours = {"done": "green", "partial": "yellow", "stale": "magenta", "missing": "red",
                "off": "dim"}
@@ -29,7 +30,10 @@ def print_status(config: Config) -> None:
     if shards:
         title += f"  ({len(shards)} shard{'s' if len(shards) > 1 else ''} running: " \
             + ", ".join(f"{r['command']} {r.get('shard')} (pid {r['pid']})" for r in shards) + ")"
-    table = Table(box=box.SIMPLE, title=title, title_justify="left")
+    # The title on a line of its own, left for the terminal to wrap: as a table title rich
+    # would break a long run directory at the table's width.
+    ui.stdout.print(Text(title), soft_wrap=True)
+    table = Table(box=box.SIMPLE)
     # Stage names and states never shrink; long paths and details wrap instead.
     table.add_column("stage", no_wrap=True, min_width=11)
     table.add_column("state", no_wrap=True, min_width=7)
@@ -71,6 +75,7 @@ def print_plots(config: Config, commands: list[str]) -> None:
             folder = files[0].parent.relative_to(config.layout.root).as_posix() + "/"
             lines.append(Text(f"  {folder:<15} " + ", ".join(f.name for f in files)))
     if lines:
-        ui.stdout.print("plots (PNG; `cai report --config ...` puts them on one page):")
+        ui.stdout.print(Text(f"plots (PNG; `cai report {config.run_dir}` puts them on one "
+                             "page):"), soft_wrap=True)
         for line in lines:
             ui.stdout.print(line)

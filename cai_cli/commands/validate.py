@@ -1,7 +1,8 @@
 """``cai config validate``: check everything a run would read, without running anything.
 
 Schema errors are caught when the config loads; this goes on to the files the config names (the
-constitution, the prompt source, local model directories) and reports every problem together.
+constitution, the prompt source, local model directories), asks whether each hub model is in the
+local cache or else on the hub (offline: it must be cached), and reports every problem together.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def check_config(config: Config) -> None:
     for what, path in models.items():
         settings = config.models.feedback if what == "models.feedback" else config.models.policy
         model = settings.model_copy(update={"name_or_path": path})
-        attempt(lambda: check_model_source(model, what, hub=False), lambda _: f"{what}: {path}")
+        attempt(lambda: check_model_source(model, what), lambda _: f"{what}: {path}")
 
     from cai_cli.stages.pipeline import STAGES, training_problems
 

@@ -54,8 +54,10 @@ class Backend(Protocol):
     max_context: int
     has_chat_template: bool  # whether chat prompts (lists of messages) can be rendered
     # Set by a stage to see generation move within a call (progress bars): called with the number
-    # of tokens just generated, at every decoding step (hf) or as requests finish (servers).
-    on_tokens: Optional[Callable[[int], None]]
+    # of tokens just generated and the number of completions that just finished, at every
+    # decoding step (hf: the finished are the rows that end there) or as requests finish
+    # (servers: each one's tokens, one completion).
+    on_tokens: Optional[Callable[[int, int], None]]
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Completion | Overflow]:

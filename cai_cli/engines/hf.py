@@ -141,7 +141,8 @@ class HFBackend(ChatPrompts):
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if self.on_tokens is not None:
-            kwargs["streamer"] = _StepCounter(self.on_tokens, self.pad_token_id)
+            kwargs["streamer"] = _StepCounter(self.on_tokens, self.pad_token_id,
+                                              self.stop_token_ids)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
@@ -297,23 +298,41 @@ class HFBackend(ChatPrompts):
 
 
 class _StepCounter:
-    """A ``generate`` streamer that reports how many tokens each decoding step made: rows that
-    have finished get padding, which is not counted."""
+    """A ``generate`` streamer that reports, at each decoding step, how many tokens it made and
+    how many rows it finished. A row ends with a stop token (counted, as ``Completion.tokens``
+    counts it) or, cut by a stop string, with padding (not counted); rows still going at the end
+    finish there, at ``max_new_tokens``."""
 
-    def __init__(self, report, pad_token_id: int | None):
+    def __init__(self, report, pad_token_id: int | None, stop_token_ids=()):
         self.report, self.pad_token_id = report, pad_token_id
+        self.stops = set(stop_token_ids)
         self.prompt_seen = False
+        self.done: list[bool] | None = None
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # generate hands over the prompt first
             self.prompt_seen = True
             return
-        new = value.numel() if self.pad_token_id is None else int((value != self.pad_token_id).sum())
-        if new:
-            self.report(new)
+        tokens = value.reshape(-1).tolist()
+        if self.done is None:
+            self.done = [False] * len(tokens)
+        new = finished = 0
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            if token == self.pad_token_id and token not in self.stops:
+                self.done[row], finished = True, finished + 1  # cut by a stop string
+                continue
+            new += 1
+            if token in self.stops:
+                self.done[row], finished = True, finished + 1
+        if new or finished:
+            self.report(new, finished)
 
     def end(self) -> None:
-        pass
+        left = 0 if self.done is None else self.done.count(False)
+        if left:
+            self.report(0, left)
 
 
 def gumbel_sampler(params: SamplingParams, generators: list | None = None):

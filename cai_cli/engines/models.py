@@ -232,19 +232,18 @@ def free_device_memory() -> None:
 # Checks before anything is written
 
 
-def check_model_source(model: ModelConfig, what: str, *, hub: bool = True) -> None:
+def check_model_source(model: ModelConfig, what: str) -> None:
     """Fail early, before anything is written, for a model that cannot load: a bad or missing
     device, a local path that is not a model or whose weights are cut short, a hub id that is
-    neither cached nor reachable (``hub=False`` leaves hub ids alone, for ``cai config
-    validate``, which checks local files only). A model served elsewhere (``backend: openai``)
-    has nothing here to check: its engine asks the server when it starts."""
+    neither cached nor reachable (the stages and ``cai config validate`` alike). A model served
+    elsewhere (``backend: openai``) has nothing here to check: its engine asks the server when
+    it starts."""
     if model.remote:
         return
     check_device(model, what)
     key = model_key(what)
     if not is_local_model(model.name_or_path):
-        if hub:
-            check_hub_model(model, key)
+        check_hub_model(model, key)
         return
     path = Path(model.name_or_path).expanduser()
     if not path.exists():

@@ -262,7 +262,7 @@ class OpenAIBackend:
         async def reported(client, prompt, seed):
             reply = await self._request(client, prompt, params, seed)
             if self.on_tokens is not None and not isinstance(reply, Overflow):
-                self.on_tokens(reply[1])
+                self.on_tokens(reply[1], 1)
             return reply
 
         calls = [lambda client, p=p, s=s: reported(client, p, s) for p, s in zip(prompts, seeds)]

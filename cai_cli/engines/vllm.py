@@ -141,7 +141,8 @@ class VLLMBackend(ChatPrompts):
             results[index] = Completion(cut_at_stop(sample.text, params.stop).strip(),
                                         len(sample.token_ids))
         if self.on_tokens is not None:
-            self.on_tokens(sum(len(output.outputs[0].token_ids) for output in outputs))
+            self.on_tokens(sum(len(output.outputs[0].token_ids) for output in outputs),
+                           len(outputs))
         return results  # type: ignore[return-value]
 
     def score_options(self, prompts: Sequence[PromptInput],

@@ -14,6 +14,8 @@ names onto ``run_dir`` themselves, so the layout (a fixed contract, see DESIGN.m
     <run_dir>/judge/report.json      judge-check (not a pipeline stage): the feedback model on
                                      pairs with known labels; judge/judgments.jsonl: its answers
     <run_dir>/<stage>/manifest.json  what produced each stage
+    <run_dir>/.cai/warnings.log      the libraries' warnings while stages ran
+    <run_dir>/<stage>/logs/          trackers' files, a trainer's log history
     <run_dir>/<stage>/plots/*.png    the stage's plots (``cai_cli.reports.plots``); left out of the
                                      stage directory's fingerprint
     <run_dir>/<stage>/shards/        the parts of a sharded run (``--shard I/N``) until merged:
@@ -131,6 +133,13 @@ class RunLayout:
     @property
     def resolved_config(self) -> Path:
         return self.tool_dir / "config.yaml"
+
+    @property
+    def warnings_log(self) -> Path:
+        """The libraries' warnings while stages ran (``ui.warnings_to``), each line naming its
+        stage. Not in the stage's folder: a stage that fails before it produces leaves its
+        folder as it was (absent), and later stages read an existing folder as its output."""
+        return self.tool_dir / "warnings.log"
 
     @property
     def lock(self) -> Path:

@@ -11,9 +11,14 @@ progress bar, then closes the engine, lets the stage ``check`` what it made (rai
 ``make`` keep running totals in the saved state (``step.extra``), place the bar within the
 batch and set its rate column.
 
-The bar counts the batches' items (``size``). As the engine streams tokens it shows tokens a
-second, and with ``tokens_per_item`` (the most tokens one item can take) it moves by the share
-of an item each token is at most; it is set exactly after each batch.
+The bar counts the batches' items (``size``) and moves within a batch as the engine works:
+with ``completions_per_item`` (the completions one item takes: answers to sample, turns of a
+chain) and ``tokens_per_item`` (the most tokens they can take), it stands at whichever is
+further, the finished completions' share or the generated tokens' share. So it moves per token
+on an engine that decodes a batch in steps (hf) and per finished completion on a server
+(openai), where each request's tokens come only when it finishes, and one well below
+``max_new_tokens`` would move a token-counting bar by a sliver. The rate column shows tokens a
+second; the bar is set exactly after each batch.
 
 No heavy imports here.
 """
@@ -42,6 +47,7 @@ class Step:
         self._bar, self._task, self._before, self._size = bar, task, before, size
         self._loop = loop
         self._moved = 0.0
+        self._tokens = self._finished = 0  # this batch's, as the engine reports them
         self.extra: dict[str, Any] = dict(writer.extra)  # running totals, saved with each batch
 
     def rate(self, text: str) -> None:
@@ -53,13 +59,17 @@ class Step:
         self._moved = min(max(fraction, 0.0), 1.0) * self._size
         self._bar.update(self._task, completed=self._before + self._moved)
 
-    def stream(self, tokens: int) -> None:
-        """Tokens the engine just generated: the bar moves by the share of an item they are at
-        most (never past the batch's end), and the rate column shows tokens a second."""
+    def stream(self, tokens: int, finished: int = 0) -> None:
+        """Tokens the engine just generated and completions it just finished: the bar moves to
+        the further of their shares of the batch (never back, never past its end), and the rate
+        column shows tokens a second."""
         loop = self._loop
         loop.tokens += tokens
-        if loop.tokens_per_item:
-            self._moved = min(self._moved + tokens / loop.tokens_per_item, self._size)
+        self._tokens += tokens
+        self._finished += finished
+        shares = [self._tokens / loop.tokens_per_item if loop.tokens_per_item else 0.0,
+                  self._finished / loop.completions_per_item if loop.completions_per_item else 0.0]
+        self._moved = min(max(self._moved, *shares), self._size)
         rate = loop.tokens / max(time.perf_counter() - loop.started, 1e-9)
         self._bar.update(self._task, completed=self._before + self._moved,
                          rate=f"{rate:,.0f} tok/s")
@@ -71,8 +81,9 @@ class Step:
 
 
 class _Loop:
-    def __init__(self, tokens_per_item: int | None):
-        self.started, self.tokens, self.tokens_per_item = time.perf_counter(), 0, tokens_per_item
+    def __init__(self, tokens_per_item: int | None, completions_per_item: int | None):
+        self.started, self.tokens = time.perf_counter(), 0
+        self.tokens_per_item, self.completions_per_item = tokens_per_item, completions_per_item
 
 
 def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Callable, *,
@@ -80,7 +91,8 @@ def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Calla
                  engine: Engine | Callable[[list], Engine] | None,
                  fingerprint: str | None = None, fresh: bool = False, keep: bool = False,
                  size: Callable[[list], int] = len, tokens_per_item: int | None = None,
-                 timing: str | None = None, resuming: str | None = None,
+                 completions_per_item: int | None = None, timing: str | None = None,
+                 resuming: str | None = None,
                  check: Callable[[ResumableJsonl], None] | None = None) -> ResumableJsonl:
     """Make the records of ``batches`` into ``path`` (see the module's docstring) and return
     the finished writer (its ``records()``, its saved ``extra``).
@@ -103,7 +115,7 @@ def checkpointed(run: StageRun, path: Path, batches: Sequence[list], make: Calla
     if not writer.finished:
         from cai_cli.engines import load_backend
 
-        loop = _Loop(tokens_per_item)
+        loop = _Loop(tokens_per_item, completions_per_item)
         backend, loaded = None, None
         total = sum(size(b) for b in batches)
         completed = sum(size(b) for b in batches[:done])

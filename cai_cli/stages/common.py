@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from cai_cli import ui
-from cai_cli.config import Config, dump_config
+from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.run import dist
 from cai_cli.run.artifacts import (MANIFEST, Manifest, file_fingerprint, library_versions,
                                    load_manifest, source_fingerprint, write_atomic)
+from cai_cli.run.resolved import resolved_text
 from cai_cli.run.spec import NEXT_MANIFEST, StageSpec
 
 
@@ -58,7 +59,7 @@ class StageRun:
         if self._recorded or not dist.is_main():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config.layout.resolved_config, dump_config(self.config))
+        write_atomic(self.config.layout.resolved_config, resolved_text(self.config))
         self.manifest.save(self.directory, self._running_name())
         self._recorded = True
 

@@ -259,7 +259,7 @@ def make_answers(config: Config, run: StageRun, items: list[Prompt], path: Path,
             config.models.policy.model_copy(update={"name_or_path": paths[batch[0]]}),
             f"evaluate.models ({batch[0]})"),
         fingerprint=fingerprint, size=lambda batch: len(items),
-        tokens_per_item=config.evaluate.sampling.max_new_tokens)
+        tokens_per_item=config.evaluate.sampling.max_new_tokens, completions_per_item=1)
     if answers.reused:
         ui.info(f"evaluate: {path} holds these models' answers to these prompts with this "
                 "sampling: judging them again (delete it to answer again)")

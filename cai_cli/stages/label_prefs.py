@@ -147,6 +147,7 @@ class LabelPrefs(RecordStage):
             lambda policy, batch, step: sample_batch(config, policy, batch),
             label="sampling", engine=(policy_model(config), "label_prefs.policy"), fresh=force,
             tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens,
+            completions_per_item=settings.responses_per_prompt,
             check=lambda made: refuse_empty(config, len(items), made.empty, False, 0)
             if whole else None)
         judges: dict = {}

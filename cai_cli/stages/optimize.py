@@ -522,7 +522,10 @@ class Optimize(Stage):
         template and the LoRA targets."""
         trainer_args(config)
         model = policy_model(config)
-        if Path(model.name_or_path).expanduser().is_dir():  # made already, or the user's own
+        path = Path(model.name_or_path).expanduser()
+        # Made already, or the user's own. An sft/ that holds no model yet (a finetune killed
+        # mid-way keeps its checkpoints there) is checked when optimize runs, after finetune.
+        if any((path / name).is_file() for name in ("config.json", models.ADAPTER_CONFIG)):
             tokenizer = models.load_tokenizer(model, "optimize.model")
             check_chat_template(tokenizer, model.name_or_path, "optimize.model")
             training.check_lora(config.optimize.lora, model, "optimize.lora")

@@ -114,7 +114,8 @@ def run_pipeline(config: Config, *, first: str | None = None, last: str | None =
             continue
         ui.info(f"── {name} " + "─" * max(0, 60 - len(name)))
         # A stale stage is the point of `cai run`: replace it. A partial one resumes.
-        stage.run(config, force=force or state == "stale")
+        with ui.warnings_to(config.layout.warnings_log, name):
+            stage.run(config, force=force or state == "stale")
 
 
 def run_stage(stage: Stage, config: Config, *, force: bool = False, shard=None) -> None:
@@ -125,7 +126,8 @@ def run_stage(stage: Stage, config: Config, *, force: bool = False, shard=None) 
         dist.refuse_multiprocess(stage.command)
     if stage.command in STAGES:
         check_before_running(config, [stage.command])
-    stage.run(config, force=force, shard=shard)
+    with ui.warnings_to(config.layout.warnings_log, stage.command):
+        stage.run(config, force=force, shard=shard)
 
 
 def check_ranks(names: list[str]) -> None:

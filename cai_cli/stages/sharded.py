@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from cai_cli import ui
-from cai_cli.config import Config, dump_config
+from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.run.artifacts import ResumableJsonl, load_manifest, write_atomic, write_json_atomic
 from cai_cli.run.layout import RunLayout
 from cai_cli.run.lock import merge_lock
+from cai_cli.run.resolved import resolved_text
 from cai_cli.run.shards import Shard, concatenate_atomic, sum_extras
 from cai_cli.run.spec import StageSpec
 from cai_cli.stages.common import StageRun, draw_pending_plots
@@ -47,7 +48,7 @@ class ShardRun(StageRun):
         if self._recorded:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config.layout.resolved_config, dump_config(self.config))
+        write_atomic(self.config.layout.resolved_config, resolved_text(self.config))
         self._save()
         self._recorded = True
 
