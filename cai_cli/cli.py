@@ -86,105 +86,70 @@ def _root(
     """Options before the command; ``main`` reads ``--debug`` itself."""
 
 
-# The stages, in pipeline order. Each command imports its stage only when it runs, so `cai
-# --help` stays fast; ``cai_cli.commands.stage.run_stage_command`` holds the lock and runs it.
+# The stages, in pipeline order: the command, whether it trains (then it takes --push-to-hub,
+# else --shard), its help and its examples. Each runs the stage of its name in
+# ``cai_cli.stages.pipeline.STAGES``, imported only then, so `cai --help` stays fast.
+STAGE_COMMANDS = [
+    ("generate-prompts", False,
+     """New red-team prompts from few-shot seed prompts, filtered. Off in `cai run` unless
+     generate_prompts.enabled is true.""",
+     ["cai generate-prompts --config myproject/config.yaml --set generate_prompts.enabled=true",
+      "cai generate-prompts --config myproject/config.yaml --shard 0/4"]),
+    ("generate-sl", False,
+     """SL-CAI: answer red-team prompts, critique and revise each answer against principles.
+     Writes sl/chains.jsonl and the SFT examples, sl/sft.jsonl.""",
+     ["cai generate-sl --config myproject/config.yaml",
+      "cai generate-sl --config myproject/config.yaml --set generate_sl.num_revisions=3 --force"]),
+    ("finetune", True,
+     """Supervised fine-tuning on the SL-CAI revisions. TRL's SFTTrainer, full or LoRA; writes
+     the model to sft/.""",
+     ["cai finetune --config myproject/config.yaml",
+      "cai finetune --config myproject/config.yaml --set finetune.training.epochs=3 --force"]),
+    ("label-prefs", False,
+     """RLAIF labels: sample answer pairs, score them with the feedback model. The soft label
+     is its option probabilities, in both orders; writes prefs/pairs.jsonl.""",
+     ["cai label-prefs --config myproject/config.yaml",
+      "cai label-prefs --config myproject/config.yaml --set label_prefs.principles_per_pair=4 "
+      "--force"]),
+    ("train-rm", True,
+     """Train the reward model on the AI-labelled pairs. TRL's RewardTrainer on the soft
+     labels; writes the model to rm/.""",
+     ["cai train-rm --config myproject/config.yaml",
+      "cai train-rm --config myproject/config.yaml --set train_rm.soft_labels=false --force"]),
+    ("optimize", True,
+     """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model.
+     Writes the model to policy/.""",
+     ["cai optimize --config myproject/config.yaml",
+      "cai optimize --config myproject/config.yaml --set optimize.method=grpo --force"]),
+    ("evaluate", False,
+     """Compare models on harmlessness and helpfulness, with a verdict. Judged by
+     evaluate.judges (default: the feedback model) and the reward model; writes
+     eval/report.json.""",
+     ["cai evaluate --config myproject/config.yaml",
+      "cai evaluate --config myproject/config.yaml --set evaluate.limit=64 --force"]),
+]
 
-@app.command("generate-prompts", epilog=examples(
-    "cai generate-prompts --config myproject/config.yaml --set generate_prompts.enabled=true",
-    "cai generate-prompts --config myproject/config.yaml --shard 0/4"))
-def generate_prompts(config: Path = CONFIG,
-                     set_: Optional[List[str]] = _set_option("generate_prompts.num_prompts=200"),
-                     force: bool = FORCE, shard: Optional[str] = SHARD):
-    """New red-team prompts from few-shot seed prompts, filtered. Off in `cai run` unless
-    generate_prompts.enabled is true."""
+
+def _record_stage(ctx: typer.Context, config: Path = CONFIG, set_: Optional[List[str]] = SET,
+                  force: bool = FORCE, shard: Optional[str] = SHARD):
+    _run_stage(ctx.info_name, config, set_, force=force, shard=shard)
+
+
+def _training_stage(ctx: typer.Context, config: Path = CONFIG, set_: Optional[List[str]] = SET,
+                    force: bool = FORCE, push: Optional[str] = PUSH):
+    _run_stage(ctx.info_name, config, set_, force=force, push=push)
+
+
+def _run_stage(command: str, config: Path, set_: Optional[List[str]], **options) -> None:
     from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.generate_prompts import GeneratePrompts
+    from cai_cli.stages.pipeline import STAGES
 
-    run_stage_command(GeneratePrompts(), config, set_, force=force, shard=shard)
-
-
-@app.command("generate-sl", epilog=examples(
-    "cai generate-sl --config myproject/config.yaml",
-    "cai generate-sl --config myproject/config.yaml --set generate_sl.num_revisions=3 --force"))
-def generate_sl(config: Path = CONFIG,
-                set_: Optional[List[str]] = _set_option("generate_sl.num_revisions=3"),
-                force: bool = FORCE, shard: Optional[str] = SHARD):
-    """SL-CAI: answer red-team prompts, critique and revise each answer against principles.
-    Writes sl/chains.jsonl and the SFT examples, sl/sft.jsonl."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.generate_sl import GenerateSL
-
-    run_stage_command(GenerateSL(), config, set_, force=force, shard=shard)
+    run_stage_command(STAGES[command], config, set_, **options)
 
 
-@app.command("finetune", epilog=examples(
-    "cai finetune --config myproject/config.yaml",
-    "cai finetune --config myproject/config.yaml --set finetune.training.epochs=3 --force"))
-def finetune(config: Path = CONFIG,
-             set_: Optional[List[str]] = _set_option("finetune.training.learning_rate=1e-5"),
-             force: bool = FORCE, push: Optional[str] = PUSH):
-    """Supervised fine-tuning on the SL-CAI revisions. TRL's SFTTrainer, full or LoRA; writes
-    the model to sft/."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.finetune import Finetune
-
-    run_stage_command(Finetune(), config, set_, force=force, push=push)
-
-
-@app.command("label-prefs", epilog=examples(
-    "cai label-prefs --config myproject/config.yaml",
-    "cai label-prefs --config myproject/config.yaml --set label_prefs.principles_per_pair=4 "
-    "--force"))
-def label_prefs(config: Path = CONFIG,
-                set_: Optional[List[str]] = _set_option("label_prefs.principles_per_pair=2"),
-                force: bool = FORCE, shard: Optional[str] = SHARD):
-    """RLAIF labels: sample answer pairs, score them with the feedback model. The soft label
-    is its option probabilities, in both orders; writes prefs/pairs.jsonl."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.label_prefs import LabelPrefs
-
-    run_stage_command(LabelPrefs(), config, set_, force=force, shard=shard)
-
-
-@app.command("train-rm", epilog=examples(
-    "cai train-rm --config myproject/config.yaml",
-    "cai train-rm --config myproject/config.yaml --set train_rm.soft_labels=false --force"))
-def train_rm(config: Path = CONFIG,
-             set_: Optional[List[str]] = _set_option("train_rm.training.epochs=2"),
-             force: bool = FORCE, push: Optional[str] = PUSH):
-    """Train the reward model on the AI-labelled pairs. TRL's RewardTrainer on the soft
-    labels; writes the model to rm/."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.train_rm import TrainRM
-
-    run_stage_command(TrainRM(), config, set_, force=force, push=push)
-
-
-@app.command("optimize", epilog=examples(
-    "cai optimize --config myproject/config.yaml",
-    "cai optimize --config myproject/config.yaml --set optimize.method=grpo --force"))
-def optimize(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("optimize.beta=0.2"),
-             force: bool = FORCE, push: Optional[str] = PUSH):
-    """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model.
-    Writes the model to policy/."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.optimize import Optimize
-
-    run_stage_command(Optimize(), config, set_, force=force, push=push)
-
-
-@app.command("evaluate", epilog=examples(
-    "cai evaluate --config myproject/config.yaml",
-    "cai evaluate --config myproject/config.yaml --set evaluate.limit=64 --force"))
-def evaluate(config: Path = CONFIG, set_: Optional[List[str]] = _set_option("evaluate.limit=64"),
-             force: bool = FORCE, shard: Optional[str] = SHARD):
-    """Compare models on harmlessness and helpfulness, with a verdict. Judged by
-    evaluate.judge (default: the feedback model) and the reward model; writes
-    eval/report.json."""
-    from cai_cli.commands.stage import run_stage_command
-    from cai_cli.stages.evaluate import Evaluate
-
-    run_stage_command(Evaluate(), config, set_, force=force, shard=shard)
+for _command, _trains, _help, _examples in STAGE_COMMANDS:
+    app.command(_command, help=" ".join(_help.split()), epilog=examples(*_examples))(
+        _training_stage if _trains else _record_stage)
 
 
 @app.command("merge", epilog=examples(
@@ -251,8 +216,7 @@ def run(
     "cai plan --config myproject/config.yaml",
     "cai plan myproject/runs/cai --assume device=h100"))
 def plan(
-    run_dir: Optional[Path] = RUN_DIR,
-    config: Optional[Path] = RUN_CONFIG,
+    run_dir: Optional[Path] = RUN_DIR, config: Optional[Path] = RUN_CONFIG,
     set_: Optional[List[str]] = SET,
     first: Optional[str] = typer.Option(None, "--from", metavar="STAGE",
                                         help="First stage to plan."),
