@@ -596,8 +596,8 @@ def show_generated_prompts(console: Console, path: Path, record_id: str | None,
         chosen = [(i, r) for i, r in chosen if i == index]
     if (record_id is not None or index is not None) and not chosen:
         raise UserError(f"no generated prompt {'with id ' + repr(record_id) if record_id else f'at --index {index}'} in {path}")
-    shown = chosen if record_id is not None or index is not None else chosen[:limit]
-    for position, record in shown:
+    listed = chosen if record_id is not None or index is not None else chosen[:limit]
+    for position, record in listed:
         console.print()
         console.print(Text.assemble((f"#{position} {record['id']}", "bold"), "  ",
                                     str(record["prompt"])), soft_wrap=True)
@@ -606,6 +606,6 @@ def show_generated_prompts(console: Console, path: Path, record_id: str | None,
         for seed_id in record.get("seed_ids") or []:
             console.print(Text(f"  seed {seed_id}: {seeds.get(seed_id, '(not in seeds.jsonl)')}",
                                style="dim"), soft_wrap=True)
-    if len(chosen) > len(shown):
-        console.print(f"\nshowing {len(shown)} of {len(chosen)}; --limit N shows more, "
+    if len(chosen) > len(listed):
+        console.print(f"\nshowing {len(listed)} of {len(chosen)}; --limit N shows more, "
                       "--index N one")

@@ -75,7 +75,8 @@ def print_plots(config: Config, commands: list[str]) -> None:
             folder = files[0].parent.relative_to(config.layout.root).as_posix() + "/"
             lines.append(Text(f"  {folder:<15} " + ", ".join(f.name for f in files)))
     if lines:
-        ui.stdout.print(Text(f"plots (PNG; `cai report {config.run_dir}` puts them on one "
-                             "page):"), soft_wrap=True)
+        ui.stdout.print("plots (PNG):")
         for line in lines:
             ui.stdout.print(line)
+        ui.stdout.print(Text(f"  all on one page: cai report {ui.shell(config.run_dir)}"),
+                        soft_wrap=True)

@@ -387,8 +387,9 @@ def refuse_unjudged(jurors: list, totals: dict) -> None:
         raise NothingMade(
             f"evaluate: the judge ({keys}) could read none of the {asked} comparisons and "
             "questions, each too long for its context; lower "
-            f"evaluate.sampling.max_new_tokens, or raise the judge's max_context if the model "
-            "reads longer inputs, then rerun")
+            f"evaluate.sampling.max_new_tokens, or raise "
+            f"{' / '.join(key + '.max_context' for key in dict.fromkeys(juror.key for juror in jurors))}"
+            " if the model reads longer inputs, then rerun")
 
 
 def compare(judge, prompts: list[Prompt], a: str, b: str, answers: dict) -> list[dict]:
