@@ -44,11 +44,11 @@ vllm: $(VLLM_STAMP)
 demo: smollm2
 	$(BIN)/cai judge-check --config configs/demo.yaml
 	$(BIN)/cai run --config configs/demo.yaml
-	$(BIN)/cai report --config configs/demo.yaml
+	$(BIN)/cai report runs/demo
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  runs/demo/report.md                               # the whole run on one page, with its plots"
-	@echo "  $(BIN)/cai status --config configs/demo.yaml   # every stage, counts, timings, plots"
+	@echo "  $(BIN)/cai status runs/demo                    # every stage, counts, timings, plots"
 	@echo "  $(BIN)/cai inspect runs/demo                   # critiques, revisions, preference pairs"
 	@echo "  $(BIN)/cai inspect runs/demo --index 0         # one chain and one pair in full"
 	@echo "  runs/demo/eval/report.json                        # the evaluation printed above"
