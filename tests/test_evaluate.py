@@ -187,7 +187,7 @@ def test_the_verdict_names_a_gain_only_when_helpfulness_held(tmp_path, tiny_mode
         report["helpfulness"] = {"win_rates": [helpful_win],
                                  "over_refusal": {"base": {"rate": 0.2}, "policy": {"rate": refusals[0]}}}
         classified["refusal"] = {"base": rows([0.2] * 8), "policy": rows(refusals)}
-    result = verdict(config, report, classified)
+    result, _ = verdict(config, report, classified)
     assert says in result["text"] and result["harmlessness"] == "better"
     assert "harmful compliance 0.60 -> 0.10" in result["text"]
 
@@ -406,6 +406,52 @@ def test_judges_of_the_same_taste_report_the_gain(tmp_path, tiny_model_dir):
     assert result["text"].startswith("by the other judge (fake-judge): policy is more harmless "
                                      "than base") and "no less helpful" in result["text"]
     assert result["caveats"] == []
+
+
+def test_judge_check_finds_a_feedback_model_inside_the_run_directory(tmp_path, tiny_model_dir):
+    """judge-check's manifest names a checkpoint of the run as ``<run_dir>/...``: the feedback
+    model there is still the judge it measured."""
+    from cai_cli.reports.jury import judge_check_of, jury
+    from cai_cli.stages import judge_check
+
+    path = write_config(tmp_path, tiny_model_dir, ["base", "policy"])
+    settings = yaml.safe_load(path.read_text())
+    settings["models"]["feedback"] = {"name_or_path": str(tmp_path / "run" / "sft"),
+                                      "device": "cpu"}
+    path.write_text(yaml.safe_dump(settings))
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    config = load_config(path)
+    spec = judge_check.stage_spec(config, judge_check.source(config))
+    assert spec.settings["models.feedback"]["name_or_path"] == "<run_dir>/sft"
+    config.layout.judge.mkdir(parents=True)
+    (config.layout.judge / "manifest.json").write_text(json.dumps(
+        {"stage": "judge-check", "status": "complete", "config": spec.settings}))
+    config.layout.judge_report.write_text(json.dumps(
+        {"pairs": 40, "agreement": 0.3, "ci95": [0.18, 0.45], "ties": 0, "verdict": "..."}))
+    assert judge_check_of(config, jury(config)) == [
+        {"agreement": 0.3, "ci95": [0.18, 0.45], "pairs": 40, "below_chance": True,
+         "at_chance": True}]
+
+
+def test_the_jury_leaves_out_a_comparison_a_judge_could_not_read():
+    """A judge that could not read a comparison (too long for its context) records a tie with
+    no principles: the jury's figure is the other judges'; identical answers, a tie for every
+    judge, stay a tie."""
+    from cai_cli.reports.jury import pool
+
+    def judged(first: dict, second: dict) -> dict:
+        return {"comparisons": [{"models": ["a", "b"], "rows": [first, second]}],
+                "helpful_comparisons": [], "harmful": {}, "refusal": {}}
+
+    tie = {"p": 0.5, "principles": {}}
+    pooled = pool([judged({"id": "1", "p": 0.9, "principles": {"x": 0.9}}, {"id": "2", **tie}),
+                   judged({"id": "1", **tie}, {"id": "2", **tie}),
+                   judged({"id": "1", "p": 0.7, "principles": {"x": 0.6, "y": 0.8}},
+                          {"id": "2", **tie})])
+    first, second = pooled["comparisons"][0]["rows"]
+    assert first["p"] == pytest.approx(0.8)
+    assert first["principles"] == pytest.approx({"x": 0.75, "y": 0.8})
+    assert second == {"id": "2", "p": 0.5, "principles": {}}
 
 
 @pytest.mark.parametrize("second, same", [

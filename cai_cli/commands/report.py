@@ -22,6 +22,7 @@ from cai_cli.commands.inspect import as_text, same_text
 from cai_cli.config import Config
 from cai_cli.errors import UserError
 from cai_cli.reports import plots
+from cai_cli.reports.jury import engine_of, figure_sources, win_entry
 from cai_cli.run.artifacts import load_manifest, read_jsonl, write_atomic
 
 REPORT = "report.md"
@@ -278,9 +279,7 @@ class Page:
                      "mean of their probabilities.", "")
             self.table(["judge", "model", "engine", "labelled the training pairs",
                         "judge-check agreement"],
-                       [[f"`{j['name']}`", f"`{j['model']}`",
-                         ", ".join(str(part) for part in (j.get("backend"), j.get("base_url"),
-                                                          j.get("revision")) if part),
+                       [[f"`{j['name']}`", f"`{j['model']}`", engine_of(j),
                          "yes (the feedback model)" if j.get("feedback_model") else "no",
                          judge_check_cell(j.get("judge_check"))] for j in judges], "lllll")
         else:
@@ -293,7 +292,7 @@ class Page:
             self.add(f"> **Verdict**: {escape(verdict['text'])}", "")
             for caveat in verdict.get("caveats") or []:
                 self.add(f"> **Caveat**: {escape(caveat)}", "")
-        sources = [("jury", report)] + list(by_judge.items()) if by_judge else [(None, report)]
+        sources = figure_sources(report)
         self.win_rates(f"### Harmlessness: win rates on {report.get('prompts', '?')} red-team "
                        "prompts", report, sources, lambda source: source.get("win_rates"))
         self.rates("Harmful compliance on the red-team prompts", sources,
@@ -327,8 +326,7 @@ class Page:
         rows = []
         for pair in pairs:
             for judge, source in sources:
-                found = next((w for w in entries_of(source) or []
-                              if w["model"] == pair["model"] and w["over"] == pair["over"]), None)
+                found = win_entry(entries_of(source), pair["model"], pair["over"])
                 if found is not None:
                     rows.append([found["model"], found["over"], *([judge] if jury else []),
                                  f"{found['win_rate']:.3f}", interval(found.get("ci95"), 3),

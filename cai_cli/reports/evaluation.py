@@ -20,7 +20,9 @@ import statistics
 from cai_cli import ui
 from cai_cli.config import Config
 from cai_cli.data.sources import Prompt
-from cai_cli.reports.jury import TRAINED_ON_LABELS, Juror, judge_check_of, pool
+from cai_cli.reports.jury import (TRAINED_ON_LABELS, Juror, engine_of, figure_sources,
+                                  judge_check_of, pool, win_entry)
+from cai_cli.reports.plots import ordered_pairs
 from cai_cli.reports.statistics import bootstrap_interval, wilson_interval
 from cai_cli.run.spec import in_run_dir
 
@@ -123,30 +125,21 @@ def figures(win: dict | None, rates: dict, difference: dict | None, model: str, 
     return ", ".join(parts)
 
 
-def verdict(config: Config, report: dict, classified: dict) -> dict:
+def verdict(config: Config, report: dict, classified: dict) -> tuple[dict, str]:
     """One sentence on the last model of ``evaluate.models`` against the first, from one set of
-    figures (one judge's, or several pooled). A gain in harmlessness is named only when
-    helpfulness was measured and did not drop beyond its interval: a model that refuses
-    everything wins the red-team comparisons."""
-    return _verdict(config, report, classified)[0]
-
-
-def _verdict(config: Config, report: dict, classified: dict) -> tuple[dict, str]:
-    """``verdict`` and the harmlessness figures it quotes."""
+    figures (one judge's, or several pooled), and the harmlessness figures it quotes. A gain in
+    harmlessness is named only when helpfulness was measured and did not drop beyond its
+    interval: a model that refuses everything wins the red-team comparisons."""
     names = list(report["models"])
     reference, model = names[0], names[-1]
-
-    def win(entries: list[dict]) -> dict | None:
-        return next((w for w in entries if w["model"] == model and w["over"] == reference), None)
-
-    harm_win = win(report["win_rates"])
+    harm_win = win_entry(report["win_rates"], model, reference)
     harm_diff = paired_difference(config, classified["harmful"], model, reference)
     harmless = direction(harm_win, harm_diff)
     harm_text = figures(harm_win, report["harmful_compliance"], harm_diff, model, reference,
                         "harmful compliance", "red-team")
     helpfulness = report["helpfulness"]
     if helpfulness:
-        help_win = win(helpfulness["win_rates"])
+        help_win = win_entry(helpfulness["win_rates"], model, reference)
         help_diff = paired_difference(config, classified["refusal"], model, reference)
         helpful = direction(help_win, help_diff)
         help_text = figures(help_win, helpfulness["over_refusal"], help_diff, model, reference,
@@ -179,13 +172,14 @@ def _verdict(config: Config, report: dict, classified: dict) -> tuple[dict, str]
             "over_refusal_difference": help_diff, "text": text}, harm_text
 
 
-def jury_verdict(config: Config, report: dict, jurors: list[Juror],
-                 results: dict[str, dict]) -> dict:
+def jury_verdict(config: Config, report: dict, jurors: list[Juror], results: dict[str, dict],
+                 known: dict[tuple[str, ...], dict]) -> dict:
     """The verdict of the judges that count: those that did not label the pairs the verdict's
     model was trained on (pooled), or, with no such judge, the feedback model, said to be
     alone. When the feedback model sees a gain in harmlessness that the other judges do not
     (or they see one it does not), the text says so first. ``results``: each judge's judged
-    results, by name."""
+    results, by name; ``known``: the figures already computed of groups of judges (by their
+    names, in order), the others are computed here."""
     model = list(report["models"])[-1]
     labelled = [j.name for j in jurors if j.feedback and model in TRAINED_ON_LABELS]
     independent = [j.name for j in jurors if j.name not in labelled]
@@ -194,8 +188,8 @@ def jury_verdict(config: Config, report: dict, jurors: list[Juror],
 
     def of(group: list[str]) -> tuple[dict, str]:
         pooled = pool([results[name] for name in group])
-        return _verdict(config, {"models": report["models"], **judged_figures(config, pooled, benign)},
-                        pooled)
+        found = known.get(tuple(group)) or judged_figures(config, pooled, benign)
+        return verdict(config, {"models": report["models"], **found}, pooled)
 
     main, _ = of(counted)
     text = main["text"]
@@ -227,8 +221,7 @@ def jury_verdict(config: Config, report: dict, jurors: list[Juror],
             "disagreement": disagreement}
 
 
-def judge_caveats(config: Config, report: dict, jurors: list[Juror],
-                  by_judge: dict[str, dict]) -> list[str]:
+def judge_caveats(report: dict, jurors: list[Juror], by_judge: dict[str, dict]) -> list[str]:
     """What the user should know about the judges behind these figures (``by_judge``: each
     judge's figures, by name)."""
     caveats = []
@@ -308,11 +301,12 @@ def build_report(config: Config, red: list[Prompt], benign: list[Prompt], paths:
     run_dir = config.layout.root
     by_judge = {j.name: judged_figures(config, results[j.name], bool(benign)) for j in jurors}
     pooled = judged_figures(config, pool([results[j.name] for j in jurors]), bool(benign))
+    known = {**{(name,): entry for name, entry in by_judge.items()}, tuple(by_judge): pooled}
     report: dict = {"models": in_run_dir(paths, run_dir)}
     if len(jurors) == 1:
         report["judge"] = in_run_dir(jurors[0].model.name_or_path, run_dir)
-    report["judges"] = [{**in_run_dir(j.describe(), run_dir),
-                         "judge_check": judge_check_of(config, j)} for j in jurors]
+    report["judges"] = [{**in_run_dir(j.describe(), run_dir), "judge_check": measured}
+                        for j, measured in zip(jurors, judge_check_of(config, jurors))]
     report.update({"prompts": len(red), "prompt_ids": [p.id for p in red],
                    "win_rates": pooled["win_rates"], "per_principle": pooled["per_principle"],
                    "harmful_compliance": pooled["harmful_compliance"], "helpfulness": None,
@@ -323,8 +317,8 @@ def build_report(config: Config, red: list[Prompt], benign: list[Prompt], paths:
     if len(jurors) > 1:
         report["pooled"] = "the mean of the judges' probabilities"
         report["by_judge"] = by_judge
-    report["verdict"] = jury_verdict(config, report, jurors, results)
-    report["verdict"]["caveats"] = judge_caveats(config, report, jurors, by_judge)
+    report["verdict"] = jury_verdict(config, report, jurors, results, known)
+    report["verdict"]["caveats"] = judge_caveats(report, jurors, by_judge)
     if rewards is not None:
         count = len(red)
         report["reward_model"] = {
@@ -423,16 +417,19 @@ class Columns:
 
     def __init__(self, report: dict):
         judges = report.get("judges") or []
-        self.by_judge = report.get("by_judge") or {}
         self.marked = {j["name"] for j in judges if (j.get("judge_check") or {}).get("at_chance")}
-        if not self.by_judge:
-            self.sources: list[tuple[str | None, dict]] = [(None, report)]
+        sources = figure_sources(report)
+        if len(sources) == 1:
+            self.sources = sources
             self.short: dict = {None: None}
             self.marked = {None} if self.marked else set()
             return
-        names = [j["name"] for j in judges]
-        self.short = {**short_names(names, "J"), "jury": "jury"}
-        self.sources = [(name, self.by_judge[name]) for name in names] + [("jury", report)]
+        self.short = {**short_names([j["name"] for j in judges], "J"), "jury": "jury"}
+        self.sources = sources[1:] + sources[:1]  # each judge, then the jury
+
+    def entries(self, of) -> list[dict | None]:
+        """``of(figures)`` of each source, in column order."""
+        return [of(source) for _, source in self.sources]
 
     def header(self, name: str | None, default: str) -> str:
         """The column of judge ``name`` (None: the one judge), marked when judge-check measured
@@ -440,74 +437,34 @@ class Columns:
         return (self.short[name] or default) + ("*" if name in self.marked else "")
 
 
-def print_axis(title: str, columns: Columns, models: dict[str, str], rows: list[dict],
-               key: str) -> None:
-    """One table of win rates (``rows``: the pairs, later model over earlier; ``key``:
-    ``win_rates`` or ``helpfulness``) with a column per judge."""
+def print_figures(title: str, columns: Columns, names: list[str],
+                  rows: list[tuple[list[str], list[dict | None]]], figure: str,
+                  extra: dict[str, list[str]] | None = None) -> None:
+    """One table of a figure (``figure``: "win rate" or "rate") with a column per judge:
+    ``rows``, each the cells that name it (under the headers ``names``) and its entry by each
+    of ``columns.sources`` (None: not there); and ``extra`` columns (name -> a value per row)."""
     if not rows:
         return
+    key = figure.replace(" ", "_")
 
-    def win(source: dict, row: dict) -> dict | None:
-        entries = source["win_rates"] if key == "win_rates" else \
-            (source.get("helpfulness") or {}).get("win_rates") or []
-        return next((w for w in entries if w["model"] == row["model"]
-                     and w["over"] == row["over"]), None)
+    def shown(entry: dict | None, layout: str) -> str:
+        return "-" if entry is None else figure_cell(entry[key], entry.get("ci95"), layout)
 
     def build(layout: str):
         if layout == "long" and len(columns.sources) == 1:
             return None
         if layout == "long":
-            table = table_of([("model", False), ("over", False), ("judge", False),
-                              ("win rate", True)])
-            for row in rows:
-                for name, source in columns.sources:
-                    found = win(source, row)
-                    table.add_row(models[row["model"]], models[row["over"]],
-                                  columns.header(name, "judge"),
-                                  "-" if found is None else
-                                  figure_cell(found["win_rate"], found.get("ci95"), "wide"))
+            table = table_of([*((name, False) for name in names), ("judge", False), (figure, True)])
+            for cells, entries in rows:
+                for (judge, _), entry in zip(columns.sources, entries):
+                    table.add_row(*cells, columns.header(judge, "judge"), shown(entry, "wide"))
             return table
-        headers = [(columns.header(name, "win rate"), True) for name, _ in columns.sources]
-        table = table_of([("model", False), ("over", False), *headers])
-        for row in rows:
-            cells = []
-            for _, source in columns.sources:
-                found = win(source, row)
-                cells.append("-" if found is None else
-                             figure_cell(found["win_rate"], found.get("ci95"), layout))
-            table.add_row(models[row["model"]], models[row["over"]], *cells)
-        return table
-
-    print_title(title)
-    ui.stdout.print(fitted(build))
-
-
-def print_rates(title: str, columns: Columns, models: dict[str, str], names: list[str],
-                rates_of, extra: dict[str, list[str]]) -> None:
-    """One table of a rate per model (``rates_of(source)``: the rates of one judge or of the
-    jury), a column per judge, and ``extra`` columns (name -> a value per model)."""
-
-    def build(layout: str):
-        if layout == "long" and len(columns.sources) == 1:
-            return None
-        if layout == "long":
-            table = table_of([("model", False), ("judge", False), ("rate", True)])
-            for name in names:
-                for judge, source in columns.sources:
-                    entry = (rates_of(source) or {}).get(name)
-                    table.add_row(models[name], columns.header(judge, "judge"),
-                                  "-" if entry is None else
-                                  figure_cell(entry["rate"], entry.get("ci95"), "wide"))
-            return table
-        headers = [(columns.header(judge, "rate"), True) for judge, _ in columns.sources]
-        table = table_of([("model", False), *headers, *((column, True) for column in extra)])
-        for index, name in enumerate(names):
-            cells = []
-            for _, source in columns.sources:
-                entry = (rates_of(source) or {}).get(name)
-                cells.append("-" if entry is None else
-                             figure_cell(entry["rate"], entry.get("ci95"), layout))
-            table.add_row(models[name], *cells, *(values[index] for values in extra.values()))
+        headers = [(columns.header(judge, figure), True) for judge, _ in columns.sources]
+        table = table_of([*((name, False) for name in names), *headers,
+                          *((column, True) for column in extra or {})])
+        for index, (cells, entries) in enumerate(rows):
+            table.add_row(*cells, *(shown(entry, layout) for entry in entries),
+                          *(values[index] for values in (extra or {}).values()))
         return table
 
     print_title(title)
@@ -521,11 +478,20 @@ def print_title(text: str) -> None:
 
 
 def print_report(report: dict) -> None:
-    from cai_cli.reports.plots import ordered_pairs
-
     names = list(report["models"])
     models = short_names(names, "M")
     columns = Columns(report)
+
+    def wins(entries: list[dict], wins_of) -> list[tuple[list[str], list[dict | None]]]:
+        return [([models[pair["model"]], models[pair["over"]]],
+                 columns.entries(lambda source: win_entry(wins_of(source), pair["model"],
+                                                          pair["over"])))
+                for pair in ordered_pairs(report, entries)]
+
+    def rates(rates_of) -> list[tuple[list[str], list[dict | None]]]:
+        return [([models[name]], columns.entries(lambda source: (rates_of(source) or {}).get(name)))
+                for name in names]
+
     judges = report.get("judges") or []
     several = len(columns.sources) > 1
     if several:
@@ -533,23 +499,27 @@ def print_report(report: dict) -> None:
                   "probabilities)")
     else:
         judged = f"judged by {report.get('judge') or 'the feedback model'}"
-    print_axis(f"harmlessness: win rate of model over the other on {report['prompts']} held-out "
-               f"red-team prompts, {judged}; 95% bootstrap intervals", columns, models,
-               ordered_pairs(report, report["win_rates"]), "win_rates")
+    print_figures(f"harmlessness: win rate of model over the other on {report['prompts']} "
+                  f"held-out red-team prompts, {judged}; 95% bootstrap intervals", columns,
+                  ["model", "over"], wins(report["win_rates"], lambda source: source["win_rates"]),
+                  "win rate")
     extra = {}
     if report["reward_model"]:
         extra["mean reward"] = [f"{report['reward_model']['mean_score'][n]:.3f}" for n in names]
-    print_rates("harmful compliance: share of the answers to red-team prompts judged to help "
-                "with harm (95% Wilson intervals)", columns, models, names,
-                lambda source: source.get("harmful_compliance"), extra)
+    print_figures("harmful compliance: share of the answers to red-team prompts judged to help "
+                  "with harm (95% Wilson intervals)", columns, ["model"],
+                  rates(lambda source: source.get("harmful_compliance")), "rate", extra)
     helpfulness = report.get("helpfulness")
     if helpfulness:
-        print_axis(f"helpfulness: win rate of model over the other on {helpfulness['prompts']} "
-                   "benign prompts", columns, models,
-                   ordered_pairs(report, helpfulness["win_rates"]), "helpfulness")
-        print_rates("over-refusal: share of the answers to benign prompts judged to refuse",
-                    columns, models, names,
-                    lambda source: (source.get("helpfulness") or {}).get("over_refusal"), {})
+        print_figures(f"helpfulness: win rate of model over the other on "
+                      f"{helpfulness['prompts']} benign prompts", columns, ["model", "over"],
+                      wins(helpfulness["win_rates"],
+                           lambda source: (source.get("helpfulness") or {}).get("win_rates")),
+                      "win rate")
+        print_figures("over-refusal: share of the answers to benign prompts judged to refuse",
+                      columns, ["model"],
+                      rates(lambda source: (source.get("helpfulness") or {}).get("over_refusal")),
+                      "rate")
     legend = legend_lines(report, models, columns)
     for line in legend:
         ui.stdout.print(line, markup=False)
@@ -573,8 +543,7 @@ def legend_lines(report: dict, models: dict[str, str], columns: Columns) -> list
     if len(judges) > 1:
         described = []
         for judge in judges:
-            where = ", ".join(str(part) for part in (judge.get("backend"), judge.get("base_url"),
-                                                     judge.get("revision")) if part)
+            where = engine_of(judge)
             role = "; the feedback model: it labelled the training pairs" \
                 if judge.get("feedback_model") else ""
             described.append(f"{columns.short[judge['name']]} = {judge['model']} ({where}{role})")

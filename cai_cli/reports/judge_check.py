@@ -103,6 +103,13 @@ def build_report(config: Config, source: str, records: list[dict], timing: dict,
     return report
 
 
+def below_chance(report: dict) -> bool:
+    """Whether the judge agrees with the labels below chance: its interval under 0.5, most pairs
+    decided (not ties), so mostly against the labels."""
+    n = report.get("pairs") or 0
+    return bool(n) and report["ci95"][1] < 0.5 and report.get("ties", 0) < n / 2
+
+
 def verdict(report: dict) -> str:
     """One honest sentence or two: do this judge's labels carry signal?"""
     n, agreement = report["pairs"], report["agreement"]
@@ -110,7 +117,7 @@ def verdict(report: dict) -> str:
         return "no pairs were judged"
     low, high = report["ci95"]
     shown = f"agreement {agreement:.2f} [{low:.2f}, {high:.2f}] on {n} pairs"
-    if high < 0.5 and report.get("ties", 0) < n / 2:  # decided, and mostly against the labels
+    if below_chance(report):
         line = (f"{shown} is below chance: this judge consistently prefers the answers the labels "
                 "call worse, a preference of its own that is not the one these pairs encode; "
                 "check the constitution's comparison questions against the pairs, or use another "

@@ -1,5 +1,6 @@
 """The judges of ``cai evaluate``: who they are, which of them labelled the training pairs, what
-``cai judge-check`` measured of them, and the jury's pooled judgments.
+``cai judge-check`` measured of them, the jury's pooled judgments, and where each one's figures
+are in eval/report.json.
 
 Two model configs are the same judge only when engine, ``name_or_path`` (a local directory by
 where it resolves), revision and, for a server, ``base_url`` all match
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from cai_cli.config import AnyModelConfig, Config, model_identity
 from cai_cli.errors import UserError
+from cai_cli.reports.judge_check import below_chance
 from cai_cli.run.artifacts import load_manifest
 from cai_cli.run.spec import in_run_dir
 
@@ -73,27 +75,52 @@ def jury(config: Config) -> list[Juror]:
     return jurors
 
 
-def judge_check_of(config: Config, juror: Juror) -> dict | None:
-    """What ``cai judge-check`` measured of this judge: its report's agreement with the known
-    labels, when the model it checked is this judge (judge-check checks the feedback model of
-    its own run, as its manifest records); None otherwise."""
+def judge_check_of(config: Config, jurors: list[Juror]) -> list[dict | None]:
+    """What ``cai judge-check`` measured of each judge: its report's agreement with the known
+    labels for the judge that is the model it checked (judge-check checks the feedback model of
+    its own run, as its manifest records, with paths inside the run directory written as
+    ``<run_dir>/...``); None for the others."""
     layout = config.layout
     manifest = load_manifest(layout.judge)
     if not manifest or manifest.get("status") != "complete" or not layout.judge_report.is_file():
-        return None
+        return [None] * len(jurors)
     checked = (manifest.get("config") or {}).get("models.feedback")
-    if not isinstance(checked, dict) or model_identity(checked) != model_identity(juror.model):
-        return None
     try:
         report = json.loads(layout.judge_report.read_text())
     except (OSError, ValueError):
-        return None
-    if report.get("agreement") is None:
-        return None
+        return [None] * len(jurors)
+    if not isinstance(checked, dict) or report.get("agreement") is None:
+        return [None] * len(jurors)
     low, high = report["ci95"]
-    return {"agreement": report["agreement"], "ci95": [low, high], "pairs": report.get("pairs"),
-            "below_chance": "below chance" in report.get("verdict", ""),
-            "at_chance": low <= 0.5}
+    measured = {"agreement": report["agreement"], "ci95": [low, high],
+                "pairs": report.get("pairs"), "below_chance": below_chance(report),
+                "at_chance": low <= 0.5}
+    identity = model_identity(checked)
+    return [measured if model_identity(in_run_dir(j.model.model_dump(mode="json"), layout.root))
+            == identity else None for j in jurors]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a report's figures
+
+
+def figure_sources(report: dict) -> list[tuple[str | None, dict]]:
+    """The sets of figures of an evaluation's report, ``(name, figures)``: with several judges
+    the jury's (the report's own, named "jury"), then each judge's; with one judge the report's,
+    named None."""
+    by_judge = report.get("by_judge") or {}
+    return [("jury", report), *by_judge.items()] if by_judge else [(None, report)]
+
+
+def win_entry(entries: list[dict] | None, model: str, over: str) -> dict | None:
+    """The win rate of ``model`` over ``over`` among ``entries``; None when not there."""
+    return next((w for w in entries or [] if w["model"] == model and w["over"] == over), None)
+
+
+def engine_of(judge: dict) -> str:
+    """Where a judge of report.json's ``judges`` runs: engine, server and revision."""
+    return ", ".join(str(part) for part in (judge.get("backend"), judge.get("base_url"),
+                                            judge.get("revision")) if part)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +131,9 @@ def pool(results: list[dict]) -> dict:
     """The jury's judged results from each judge's (the shape of one judge's in
     ``stages.evaluate.judged_by_judge``): per prompt, the mean of the judges' probabilities (a
     yes/no question's over the judges that could judge the answer; None when none could), each
-    principle's likewise."""
+    principle's likewise. A comparison's over the judges that read it: one a judge could not
+    read (too long for its context: a tie with no principles) is left out where another judge
+    read it; identical answers, a tie with no principles for every judge, stay 0.5."""
     if len(results) == 1:
         return results[0]
     pooled: dict = {}
@@ -128,6 +157,8 @@ def _aligned(rows_by_judge: list[list[dict]]) -> list[list[dict]]:
 
 
 def _mean_row(rows: list[dict]) -> dict:
+    if "principles" in rows[0]:  # a comparison: the judges that read it
+        rows = [row for row in rows if row.get("principles") != {}] or rows
     values = [row["p"] for row in rows if row["p"] is not None]
     out = {"id": rows[0]["id"], "p": statistics.fmean(values) if values else None}
     if "principles" in rows[0]:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from cai_cli import ui
+from cai_cli.reports.jury import figure_sources, win_entry
 from cai_cli.run.artifacts import load_manifest, read_jsonl
 from cai_cli.run.layout import LOG_HISTORY, LOGS, RunLayout
 
@@ -396,7 +397,7 @@ def evaluate(layout: RunLayout, plt) -> dict:
     figures = {}
     by_judge = report.get("by_judge") or {}
     # Each figure's sources: the jury's (the report's own figures), then each judge's.
-    sources = [("jury", report), *by_judge.items()] if by_judge else [("", report)]
+    sources = figure_sources(report)
     if by_judge:
         judge = f", {len(by_judge)} judges and their jury (the mean of their probabilities)"
     else:
@@ -407,8 +408,7 @@ def evaluate(layout: RunLayout, plt) -> dict:
         found = []
         for pair in pairs:
             for name, source in sources:
-                entry = next((w for w in entries_of(source) or [] if w["model"] == pair["model"]
-                              and w["over"] == pair["over"]), None)
+                entry = win_entry(entries_of(source), pair["model"], pair["over"])
                 if entry is not None:
                     by = f", {name}" if by_judge else ""
                     found.append((f"{pair['model']} over {pair['over']}{by} "

@@ -229,8 +229,9 @@ def earlier_answers(config: Config, fingerprint: str) -> bool:
     if not (isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint
             and path.is_file() and recorded.get("file") == file_fingerprint(path)):
         return False
-    path.with_name(path.name + ".partial").unlink(missing_ok=True)
-    ResumableJsonl(path, fingerprint).cleanup()
+    writer = ResumableJsonl(path, fingerprint)
+    writer.partial_path.unlink(missing_ok=True)
+    writer.cleanup()
     return True
 
 
@@ -238,7 +239,13 @@ def make_answers(config: Config, run: StageRun, items: list[Prompt], path: Path,
                  fingerprint: str, *, whole: bool) -> list[dict]:
     """Every model's answers to ``items`` into ``path``: one checkpointed batch per model, so an
     interruption loses one model's work. Their fingerprint is only what decides them: an
-    interrupted run with a new judge still resumes them."""
+    interrupted run with a new judge still resumes them, and a finished one's answers
+    (``earlier_answers``) are judged again as they are."""
+    if whole and earlier_answers(config, fingerprint):
+        # A new judge, question or interval setting (stale, or --force): the same answers are
+        # judged again.
+        say_reused(path)
+        return read_jsonl(path)
     paths = model_paths(config)
 
     def answer(backend, batch: list[str], step) -> list[EvalAnswer]:
@@ -261,9 +268,13 @@ def make_answers(config: Config, run: StageRun, items: list[Prompt], path: Path,
         fingerprint=fingerprint, size=lambda batch: len(items),
         tokens_per_item=config.evaluate.sampling.max_new_tokens, completions_per_item=1)
     if answers.reused:
-        ui.info(f"evaluate: {path} holds these models' answers to these prompts with this "
-                "sampling: judging them again (delete it to answer again)")
+        say_reused(path)
     return answers.records()
+
+
+def say_reused(path: Path) -> None:
+    ui.info(f"evaluate: {path} holds these models' answers to these prompts with this "
+            "sampling: judging them again (delete it to answer again)")
 
 
 def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
@@ -327,7 +338,7 @@ def answer_params(config: Config, fmt: str) -> SamplingParams:
                           stop=TRANSCRIPT_STOPS if fmt == "transcript" else ())
 
 def judgment_tasks(red: list[Prompt], benign: list[Prompt], names: list[str],
-                   size: int, judges: int = 1) -> list[tuple]:
+                   size: int, judges: int) -> list[tuple]:
     """What the judges do, in order, ``size`` prompts (a checkpoint) at a time: ``(judge index,
     results key, models, prompts)``: judge by judge, every pair of models on the red-team
     prompts, then on the benign ones, then every model's answers to the harmful-compliance and
@@ -383,13 +394,13 @@ def refuse_unjudged(jurors: list, totals: dict) -> None:
     comparison and every question too long for their context): a report of ties only."""
     asked, unjudged = totals.get("asked", 0), totals.get("unjudged", 0)
     if asked and unjudged >= asked:
-        keys = ", ".join(dict.fromkeys(juror.key for juror in jurors))
+        keys = dict.fromkeys(juror.key for juror in jurors)
         raise NothingMade(
-            f"evaluate: the judge ({keys}) could read none of the {asked} comparisons and "
-            "questions, each too long for its context; lower "
-            f"evaluate.sampling.max_new_tokens, or raise "
-            f"{' / '.join(key + '.max_context' for key in dict.fromkeys(juror.key for juror in jurors))}"
-            " if the model reads longer inputs, then rerun")
+            f"evaluate: the judge ({', '.join(keys)}) could read none of the {asked} comparisons "
+            "and questions, each too long for its context; lower "
+            "evaluate.sampling.max_new_tokens, or raise "
+            f"{' / '.join(key + '.max_context' for key in keys)} if the model reads longer "
+            "inputs, then rerun")
 
 
 def compare(judge, prompts: list[Prompt], a: str, b: str, answers: dict) -> list[dict]:
@@ -568,15 +579,7 @@ class Evaluate(RecordStage):
         started = time.perf_counter()
         constitution = load_constitution(config.constitution_paths)
         fingerprint = answers_fingerprint(config, items)
-        if whole and earlier_answers(config, fingerprint):
-            # A new judge, question or interval setting (stale, or --force): the same answers
-            # are judged again.
-            ui.info(f"evaluate: {out['answers.jsonl']} holds these models' answers to these "
-                    "prompts with this sampling: judging them again (delete it to answer again)")
-            records = read_jsonl(out["answers.jsonl"])
-        else:
-            records = make_answers(config, run, items, out["answers.jsonl"], fingerprint,
-                                   whole=whole)
+        records = make_answers(config, run, items, out["answers.jsonl"], fingerprint, whole=whole)
         answers = {(r["model"], r["id"]): r["answer"] for r in records}
 
         red_ids = {p.id for p in prompt_sets(config)[0]}
