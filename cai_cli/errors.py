@@ -28,6 +28,12 @@ def not_found(path: Path | str) -> str:
     return "not found" + relative_note(path)
 
 
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message: the first line of ``exc``, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # ---------------------------------------------------------------------------------------------
 # Secrets never printed
 

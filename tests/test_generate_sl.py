@@ -165,6 +165,31 @@ def test_every_chain_too_long_is_exit_2_and_the_fixed_rerun_needs_no_force(
     assert manifest["status"] == "complete" and manifest["counts"]["chains"] == 2
 
 
+def test_a_resumed_run_that_makes_nothing_is_forgotten_too(tmp_path, tiny_model_dir,
+                                                            monkeypatch):
+    """A run killed after its last batch, before the check: the rerun has no batch left and
+    makes nothing; its manifest goes all the same, so the fixed settings need no --force."""
+    from cai_cli.stages import generate_sl
+
+    config_path = too_long(tmp_path, tiny_model_dir)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_sl, "refuse_empty", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(config_path)
+    monkeypatch.undo()
+    sl = tmp_path / "run" / "sl"
+    assert json.loads((sl / "manifest.json").read_text())["status"] != "complete"
+
+    with pytest.raises(NothingMade, match="all 6 prompts were skipped"):
+        run_stage(config_path)
+    assert not (sl / "manifest.json").exists()
+    run_stage(config_path, "models.policy.max_context=2048", "data.red_team.limit=2")
+    assert json.loads((sl / "manifest.json").read_text())["status"] == "complete"
+
+
 def test_shards_that_skip_every_prompt_are_refused_when_merged(tmp_path, tiny_model_dir):
     from cai_cli.run.shards import Shard
     from cai_cli.stages import generate_sl

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import struct
 from pathlib import Path
 from typing import Any
 
+from cai_cli import ui
 from cai_cli.config import LoraConfig, ModelConfig
-from cai_cli.errors import UserError, relative_note
+from cai_cli.errors import UserError, reason, relative_note
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^[\w.-]+$")
 # Files that hold a save_pretrained directory's weights (full models, then peft adapters).
@@ -91,6 +91,11 @@ def local_or_hub(name_or_path: str) -> str:
 def adapter_only(directory: Path) -> bool:
     """Whether ``directory`` holds a LoRA adapter without merged weights."""
     return (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file()
+
+
+def saved_model(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``save_pretrained`` model: full weights or an adapter."""
+    return (directory / "config.json").is_file() or (directory / ADAPTER_CONFIG).is_file()
 
 
 def recorded_base(directory: Path) -> str | None:
@@ -248,10 +253,10 @@ def check_model_source(model: ModelConfig, what: str) -> None:
     path = Path(model.name_or_path).expanduser()
     if not path.exists():
         raise UserError(f"{key}: model directory not found: {path}{relative_note(path)} (build a test model with "
-                        f"`cai tiny-model {shlex.quote(model.name_or_path)}`, or give a hub id)")
+                        f"`cai tiny-model {ui.shell(model.name_or_path)}`, or give a hub id)")
     if not path.is_dir():
         raise UserError(f"{key}: {path} is a file; expected a directory written by save_pretrained")
-    if not ((path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()):
+    if not saved_model(path):
         raise UserError(f"{key}: {path} has no config.json; expected a directory "
                         "written by save_pretrained")
     check_weights(path, key)
@@ -392,10 +397,9 @@ def check_hub_model(model: ModelConfig, key: str) -> None:
         except Exception as exc:
             if not _network_error(exc):
                 raise
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"{key}: cannot reach the Hugging Face hub for '{name}' ({reason}); "
-                            "with no network, set HF_HUB_OFFLINE=1 to use the models in the local "
-                            "cache, or give a local directory") from None
+            raise UserError(f"{key}: cannot reach the Hugging Face hub for '{name}' "
+                            f"({reason(exc)}); with no network, set HF_HUB_OFFLINE=1 to use the "
+                            "models in the local cache, or give a local directory") from None
     raise UserError(f"{key}: '{name}'{at} on the Hugging Face hub has no config.json, so it is not "
                     "a transformers model")
 
@@ -443,8 +447,7 @@ def _from_pretrained(auto_class, model: ModelConfig, what: str, kind: str, fix: 
     except (OSError, ValueError, SafetensorError) as exc:
         if is_local_model(model.name_or_path) and Path(model.name_or_path).expanduser().is_dir():
             check_weights(Path(model.name_or_path).expanduser(), key)  # raises when they are broken
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{key}: cannot load {kind} from '{model.name_or_path}': {reason}"
+        raise UserError(f"{key}: cannot load {kind} from '{model.name_or_path}': {reason(exc)}"
                         + (f"; {fix}" if fix else "")) from None
 
 
@@ -461,8 +464,8 @@ def load_tokenizer(model: ModelConfig, what: str, *, padding_side: str | None = 
         tokenizer = AutoTokenizer.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{key}: cannot load a tokenizer from '{model.name_or_path}': {reason}"
+        raise UserError(f"{key}: cannot load a tokenizer from '{model.name_or_path}': "
+                        f"{reason(exc)}"
                         + (f"; {fix}" if fix else "")) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,7 +23,7 @@ from cai_cli.engines.base import (ChatPrompts, Completion, Overflow, PromptInput
                                    options_overflow, split_overflow)
 from cai_cli.engines.hf import END_OF_TURN_TOKENS, cut_at_stop
 from cai_cli.config import VLLMModelConfig
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, reason
 from cai_cli.run.seeding import record_seed
 
 # Alternatives asked for when this vLLM cannot be asked for the options' tokens themselves.
@@ -66,9 +66,8 @@ class VLLMBackend(ChatPrompts):
                 max_model_len=model.max_context, enable_prefix_caching=True,
                 enforce_eager=model.enforce_eager, seed=0, max_logprobs=TOP_LOGPROBS, **extra)
         except (ValueError, RuntimeError, OSError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{model_key(what)}: vLLM cannot start '{model.name_or_path}': "
-                            f"{reason}; check {what}.gpu_memory_utilization, "
+                            f"{reason(exc)}; check {what}.gpu_memory_utilization, "
                             f"{what}.max_context and {what}.tensor_parallel_size") from None
         self.tokenizer = self.llm.get_tokenizer()
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))

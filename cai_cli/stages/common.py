@@ -67,8 +67,9 @@ class StageRun:
         """Forget this run (it made nothing: ``NothingMade``): the manifest it wrote goes, so
         the stage reads as before it started, as after a failed start, and a rerun with other
         settings needs no --force. Its record files stay: a rerun of the same settings reuses
-        them (and fails as fast), one of other settings replaces them."""
-        if self._recorded and dist.is_main():
+        them (and fails as fast), one of other settings replaces them. A resumed run forgets
+        the manifest of the run it resumes, even with no batch left to make."""
+        if (self._recorded or self.resuming) and dist.is_main():
             (self.directory / self._running_name()).unlink(missing_ok=True)
             self._recorded = False
 

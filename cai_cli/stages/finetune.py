@@ -201,10 +201,10 @@ class Finetune(Stage):
 
     def spec(self, config: Config) -> StageSpec:
         helpful = config.data.helpful if config.finetune.helpful_ratio > 0 else None
-        return training.stage_spec(config, self.command, "finetune",
-                                   {"sl": config.layout.sft_data}, extra={"data.helpful": (
-                                       helpful.model_dump(mode="json"),
-                                       source_fingerprint(helpful))} if helpful else None)
+        return training.stage_spec(
+            config, self.command, "finetune", {"sl": config.layout.sft_data},
+            settings={"data.helpful": helpful.model_dump(mode="json")} if helpful else None,
+            inputs={"helpful": source_fingerprint(helpful)} if helpful else None)
 
     def preflight(self, config: Config) -> None:
         """What can be checked before any stage runs (``cai config validate``, ``cai run``): the

@@ -40,7 +40,6 @@ from cai_cli.stages.checkpointed import checkpointed
 from cai_cli.stages.common import NothingMade, StageRun, checkpoint_batches
 
 # What each filter drops, in the order they are applied (the manifest's counts use these names).
-PARTS = ("candidates.jsonl",)  # the record file a shard writes its part of (cai_cli.run.shards)
 FILTERS = ("parse_failures", "overflow", "too_short", "too_long", "unreadable", "seed_copies",
            "duplicates", "near_duplicates", "feedback_rejected")
 # Settings that only decide which candidates are kept: a change reuses prompts/candidates.jsonl.
@@ -448,7 +447,8 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
         layout.prompt_feedback.unlink(missing_ok=True)
         forget(layout.prompt_feedback)
     generated = sum(record["asked"] for record in candidates)
-    refuse_empty(generated, kept, counts)
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
+    refuse_empty(generated, kept, counts, dropped)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
     if settings.mix_seeds:
@@ -465,9 +465,8 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
                                 "seeds_mixed_in": len(mixed),
                                 "generated_tokens": extra["generated_tokens"]})
     run.complete()
-    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) or "none"
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
-            f"{dropped}) -> {layout.generated_prompts}\n  look at them with: "
+            f"{dropped or 'none'}) -> {layout.generated_prompts}\n  look at them with: "
             f"cai inspect {ui.shell(layout.generated_prompts)}")
     return layout.generated_prompts
 
@@ -478,9 +477,10 @@ LOOSEN = {"too_short": ("min_chars",), "too_long": ("max_chars",),
           "feedback_rejected": ("feedback_threshold",)}
 
 
-def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int]) -> None:
+def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int], dropped: str) -> None:
     """``NothingMade`` when none of the ``generated`` prompts asked for is kept: every request
-    outgrew the policy model's context, or the filters dropped every prompt."""
+    outgrew the policy model's context, or the filters dropped every prompt (``counts``, and
+    ``dropped`` saying them)."""
     if kept or not generated:
         return
     if counts["overflow"] >= generated:
@@ -489,8 +489,6 @@ def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int]) -> No
             "fitting the policy model's context; lower generate_prompts.sampling.max_new_tokens "
             "(or generate_prompts.few_shot), or raise models.policy.max_context if the model "
             "reads longer inputs, then rerun")
-    dropped = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in counts.items()
-                        if count)
     keys = [f"generate_prompts.{key}" for name, count in counts.items() if count
             for key in LOOSEN.get(name, ())]
     loosen = f"loosen {', '.join(keys)}, or " if keys else ""

@@ -136,7 +136,7 @@ class GenerateSL(RecordStage):
             fresh=force, timing="generation_seconds",
             tokens_per_item=len(turns(settings.num_revisions)) * settings.sampling.max_new_tokens,
             completions_per_item=len(turns(settings.num_revisions)),
-            check=lambda made: refuse_empty(len(items), made.empty) if whole else None)
+            check=(lambda made: refuse_empty(len(items), made.empty)) if whole else None)
         return {"prompts": len(items), "skipped": writer.extra.get("skipped", 0),
                 "generated_tokens": writer.extra.get("tokens", 0)}
 

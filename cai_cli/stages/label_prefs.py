@@ -47,7 +47,6 @@ from cai_cli.stages.finetune import Finetune
 
 COT_KEYS = {"cot_clamp", "cot_max_new_tokens"}  # used only with chain_of_thought
 NOT_DECIDING = {"report_to"}  # where the figures are logged does not change the labels
-PARTS = ("samples.jsonl", "pairs.jsonl")  # the record files a shard writes its part of
 
 
 def unused_keys(config: Config) -> set[str]:
@@ -148,8 +147,7 @@ class LabelPrefs(RecordStage):
             label="sampling", engine=(policy_model(config), "label_prefs.policy"), fresh=force,
             tokens_per_item=settings.responses_per_prompt * settings.sampling.max_new_tokens,
             completions_per_item=settings.responses_per_prompt,
-            check=lambda made: refuse_empty(config, len(items), made.empty, False, 0)
-            if whole else None)
+            check=(lambda made: refuse_no_samples(len(items), made.empty)) if whole else None)
         judges: dict = {}
 
         def judge(feedback, group: list[dict], step) -> list:
@@ -169,8 +167,8 @@ class LabelPrefs(RecordStage):
                                                         settings.prompts_per_checkpoint),
             judge, label="judging", engine=(config.feedback_model, config.feedback_key),
             fresh=force,
-            check=lambda made: refuse_empty(config, len(items), False, made.empty,
-                                            made.extra.get("skipped", 0)) if whole else None)
+            check=(lambda made: refuse_no_pairs(config, len(items), made.empty,
+                                                made.extra.get("skipped", 0))) if whole else None)
         run.manifest.timings["label_seconds"] = round(time.perf_counter() - started, 2)
         return {"prompts": len(items), "skipped_pairs": pairs.extra.get("skipped", 0)}
 
@@ -224,7 +222,8 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     sampled = read_jsonl(layout.samples)
     records = read_jsonl(layout.pairs)
     # shards merged: each may have been empty
-    refuse_empty(config, extra["prompts"], not sampled, not records, extra["skipped_pairs"])
+    refuse_no_samples(extra["prompts"], not sampled)
+    refuse_no_pairs(config, extra["prompts"], not records, extra["skipped_pairs"])
     confidence = [abs(r["p_chosen"] - 0.5) for r in records]
     manifest = run.manifest
     manifest.counts.update({"prompts": extra["prompts"], "sampled_prompts": len(sampled),
@@ -259,27 +258,31 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
     return layout.pairs
 
 
-def refuse_empty(config: Config, prompts: int, no_samples: bool, no_pairs: bool,
-                 skipped_pairs: int) -> None:
-    """``NothingMade`` when ``prompts`` prompts gave no labelled pair: every prompt's answers
-    outgrew the policy model's context, every comparison the feedback model's, or every
-    prompt's answers were one and the same text (no pair to compare)."""
-    if not prompts or not (no_samples or no_pairs):
+def refuse_no_samples(prompts: int, empty: bool) -> None:
+    """``NothingMade`` when ``prompts`` prompts gave no answers (``empty``): every prompt's
+    answers outgrew the policy model's context."""
+    if prompts and empty:
+        raise NothingMade(
+            f"label-prefs: all {prompts} prompts were skipped, their answers outgrowing the policy "
+            "model's context (the warnings above); lower label_prefs.sampling.max_new_tokens or "
+            "raise models.policy.max_context if the model reads longer inputs, then rerun")
+
+
+def refuse_no_pairs(config: Config, prompts: int, empty: bool, skipped_pairs: int) -> None:
+    """``NothingMade`` when the answers to ``prompts`` prompts gave no labelled pair
+    (``empty``): every comparison outgrew the feedback model's context (``skipped_pairs`` of
+    them), or every prompt's answers were one and the same text (no pair to compare)."""
+    if not (prompts and empty):
         return
-    settings = "label_prefs.sampling"
-    if no_samples:
-        why = (f"all {prompts} prompts were skipped, their answers outgrowing the policy model's "
-               f"context (the warnings above); lower {settings}.max_new_tokens or raise "
-               "models.policy.max_context if the model reads longer inputs")
-    elif skipped_pairs:
+    if skipped_pairs:
         why = (f"all {skipped_pairs} pairs were skipped, no comparison fitting the feedback "
                f"model's context (the warnings above); raise {config.feedback_key}.max_context "
-               f"if the model reads longer inputs, or shorten what the judge reads "
-               f"({settings}.max_new_tokens, label_prefs.few_shot)")
+               "if the model reads longer inputs, or shorten what the judge reads "
+               "(label_prefs.sampling.max_new_tokens, label_prefs.few_shot)")
     else:
         why = (f"no pair to judge: every prompt's {config.label_prefs.responses_per_prompt} "
-               f"answers were one and the same text; sample with variety ({settings}.temperature "
-               "above 0)")
+               "answers were one and the same text; sample with variety "
+               "(label_prefs.sampling.temperature above 0)")
     raise NothingMade(f"label-prefs: {why}, then rerun")
 
 

@@ -95,7 +95,7 @@ def check_policy(config: Config) -> None:
         require_complete(config, starting_policy(config))
     model = policy_model(config)
     path = Path(model.name_or_path).expanduser()
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if models.adapter_only(path):
         # TRL would build the full-weights reference from the adapter's base model, not from
         # the adapted model: the KL term would pull towards the wrong policy.
         raise UserError(f"optimize.model: {path} holds a LoRA adapter without merged weights; "
@@ -512,8 +512,6 @@ class Optimize(Stage):
             if settings.include_helpful and config.data.helpful is not None:
                 decides["data.helpful"] = config.data.helpful.model_dump(mode="json")
                 inputs["helpful"] = source_fingerprint(config.data.helpful)
-        after = ("train-rm",) if online else ("label-prefs",)
-        after += ("finetune",) if settings.model is None else ()
         return StageSpec(self.command, layout.policy, decides, inputs)
 
     def preflight(self, config: Config) -> None:
@@ -525,7 +523,7 @@ class Optimize(Stage):
         path = Path(model.name_or_path).expanduser()
         # Made already, or the user's own. An sft/ that holds no model yet (a finetune killed
         # mid-way keeps its checkpoints there) is checked when optimize runs, after finetune.
-        if any((path / name).is_file() for name in ("config.json", models.ADAPTER_CONFIG)):
+        if models.saved_model(path):
             tokenizer = models.load_tokenizer(model, "optimize.model")
             check_chat_template(tokenizer, model.name_or_path, "optimize.model")
             training.check_lora(config.optimize.lora, model, "optimize.lora")

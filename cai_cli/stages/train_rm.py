@@ -296,7 +296,7 @@ class TrainRM(Stage):
     def spec(self, config: Config) -> StageSpec:
         mix = config.train_rm.mix  # a setting of train_rm already; its content an input
         return training.stage_spec(config, self.command, "train_rm", {"prefs": config.layout.pairs},
-                                   extra={"mix": (None, source_fingerprint(mix))} if mix else None)
+                                   inputs={"mix": source_fingerprint(mix)} if mix else None)
 
     def preflight(self, config: Config) -> None:
         """What can be checked before any stage runs: the trainer arguments, and for a local model

@@ -28,7 +28,7 @@ from cai_cli.run.artifacts import (MANIFEST, file_fingerprint, model_fingerprint
 from cai_cli.run.layout import LOG_HISTORY, LOGS
 from cai_cli.run.spec import StageSpec
 from cai_cli.config import Config, LoraConfig, ModelConfig, TrainingConfig
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, reason
 
 CHECKPOINTS = ".checkpoints"  # hidden: file fingerprints of the stage directory skip it
 STAGING = ".final"  # the finished checkpoint is written here, then moved into place
@@ -83,21 +83,18 @@ def fingerprint_settings(config: Config, model: ModelConfig, section: str,
     }
 
 
-def stage_spec(config: Config, command: str, section: str, data: dict[str, Path],
-               *, extra: dict[str, tuple[Any, str]] | None = None) -> StageSpec:
+def stage_spec(config: Config, command: str, section: str, data: dict[str, Path], *,
+               settings: dict[str, Any] | None = None,
+               inputs: dict[str, str] | None = None) -> StageSpec:
     """The spec of a training stage: ``fingerprint_settings`` of the model ``section`` trains,
-    and the fingerprints of its training ``data`` files and of that model; ``extra`` adds a
-    setting and an input fingerprint (``name -> (settings value, fingerprint)``), e.g. a
-    dataset mixed in."""
+    and the fingerprints of its training ``data`` files and of that model; ``settings`` and
+    ``inputs`` add more of each (e.g. a dataset mixed in: its config and its fingerprint)."""
     model = model_for(config, getattr(config, section).model, f"{section}.model")[0]
-    settings = fingerprint_settings(config, model, section)
-    inputs = {name: file_fingerprint(path) for name, path in data.items()}
-    inputs["model"] = model_fingerprint(model.name_or_path)
-    for name, (value, fingerprint) in (extra or {}).items():
-        if value is not None:
-            settings[name] = value
-        inputs[name.removeprefix("data.")] = fingerprint
-    return StageSpec(command, config.layout.stage_dir(command), settings, inputs)
+    decides = {**fingerprint_settings(config, model, section), **(settings or {})}
+    fingerprints = {name: file_fingerprint(path) for name, path in data.items()}
+    fingerprints["model"] = model_fingerprint(model.name_or_path)
+    return StageSpec(command, config.layout.stage_dir(command), decides,
+                     {**fingerprints, **(inputs or {})})
 
 
 def quiet_libraries() -> None:
@@ -448,9 +445,7 @@ def unreadable(checkpoint: Path) -> str | None:
     from transformers.trainer_pt_utils import safe_globals
 
     def damaged(name: str, exc: Exception) -> str:
-        text = str(exc).strip()
-        first = text.splitlines()[0].split(". ")[0][:100] if text else type(exc).__name__
-        return f"{name} is truncated or damaged ({first})"
+        return f"{name} is truncated or damaged ({reason(exc).split('. ')[0][:100]})"
 
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
