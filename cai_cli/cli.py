@@ -1,6 +1,6 @@
 """The ``cai`` command: the table of commands, each parsing its options and calling the stage
-(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work, and how the table
-reads in ``--help``. Nothing else.
+(``cai_cli.stages``) or command (``cai_cli.commands``) that does the work. Nothing else: how
+the table reads in ``--help`` is ``cai_cli.commands.typer_app``.
 
 Each command imports what it runs inside its body, so ``cai --help`` stays fast.
 """
@@ -87,41 +87,48 @@ def _root(
 
 
 # The stages, in pipeline order: the command, whether it trains (then it takes --push-to-hub,
-# else --shard), its help and its examples. Each runs the stage of its name in
+# else --shard), the example of its --set, its help and its examples. Each runs the stage of its name in
 # ``cai_cli.stages.pipeline.STAGES``, imported only then, so `cai --help` stays fast.
 STAGE_COMMANDS = [
     ("generate-prompts", False,
+     "generate_prompts.num_prompts=200",
      """New red-team prompts from few-shot seed prompts, filtered. Off in `cai run` unless
      generate_prompts.enabled is true.""",
      ["cai generate-prompts --config myproject/config.yaml --set generate_prompts.enabled=true",
       "cai generate-prompts --config myproject/config.yaml --shard 0/4"]),
     ("generate-sl", False,
+     "generate_sl.num_revisions=3",
      """SL-CAI: answer red-team prompts, critique and revise each answer against principles.
      Writes sl/chains.jsonl and the SFT examples, sl/sft.jsonl.""",
      ["cai generate-sl --config myproject/config.yaml",
       "cai generate-sl --config myproject/config.yaml --set generate_sl.num_revisions=3 --force"]),
     ("finetune", True,
+     "finetune.training.learning_rate=1e-5",
      """Supervised fine-tuning on the SL-CAI revisions. TRL's SFTTrainer, full or LoRA; writes
      the model to sft/.""",
      ["cai finetune --config myproject/config.yaml",
       "cai finetune --config myproject/config.yaml --set finetune.training.epochs=3 --force"]),
     ("label-prefs", False,
+     "label_prefs.principles_per_pair=2",
      """RLAIF labels: sample answer pairs, score them with the feedback model. The soft label
      is its option probabilities, in both orders; writes prefs/pairs.jsonl.""",
      ["cai label-prefs --config myproject/config.yaml",
       "cai label-prefs --config myproject/config.yaml --set label_prefs.principles_per_pair=4 "
       "--force"]),
     ("train-rm", True,
+     "train_rm.training.epochs=2",
      """Train the reward model on the AI-labelled pairs. TRL's RewardTrainer on the soft
      labels; writes the model to rm/.""",
      ["cai train-rm --config myproject/config.yaml",
       "cai train-rm --config myproject/config.yaml --set train_rm.soft_labels=false --force"]),
     ("optimize", True,
+     "optimize.beta=0.2",
      """Optimise the policy: DPO on the pairs, or GRPO / RLOO against the reward model.
      Writes the model to policy/.""",
      ["cai optimize --config myproject/config.yaml",
       "cai optimize --config myproject/config.yaml --set optimize.method=grpo --force"]),
     ("evaluate", False,
+     "evaluate.limit=64",
      """Compare models on harmlessness and helpfulness, with a verdict. Judged by
      evaluate.judges (default: the feedback model) and the reward model; writes
      eval/report.json.""",
@@ -130,14 +137,20 @@ STAGE_COMMANDS = [
 ]
 
 
-def _record_stage(ctx: typer.Context, config: Path = CONFIG, set_: Optional[List[str]] = SET,
-                  force: bool = FORCE, shard: Optional[str] = SHARD):
-    _run_stage(ctx.info_name, config, set_, force=force, shard=shard)
-
-
-def _training_stage(ctx: typer.Context, config: Path = CONFIG, set_: Optional[List[str]] = SET,
-                    force: bool = FORCE, push: Optional[str] = PUSH):
-    _run_stage(ctx.info_name, config, set_, force=force, push=push)
+def _stage_command(trains: bool, set_example: str):
+    """The command function of a stage: --push-to-hub if it trains, else --shard."""
+    set_option = _set_option(set_example)
+    if trains:
+        def command(ctx: typer.Context, config: Path = CONFIG,
+                    set_: Optional[List[str]] = set_option, force: bool = FORCE,
+                    push: Optional[str] = PUSH):
+            _run_stage(ctx.info_name, config, set_, force=force, push=push)
+    else:
+        def command(ctx: typer.Context, config: Path = CONFIG,
+                    set_: Optional[List[str]] = set_option, force: bool = FORCE,
+                    shard: Optional[str] = SHARD):
+            _run_stage(ctx.info_name, config, set_, force=force, shard=shard)
+    return command
 
 
 def _run_stage(command: str, config: Path, set_: Optional[List[str]], **options) -> None:
@@ -147,9 +160,9 @@ def _run_stage(command: str, config: Path, set_: Optional[List[str]], **options)
     run_stage_command(STAGES[command], config, set_, **options)
 
 
-for _command, _trains, _help, _examples in STAGE_COMMANDS:
+for _command, _trains, _set_example, _help, _examples in STAGE_COMMANDS:
     app.command(_command, help=" ".join(_help.split()), epilog=examples(*_examples))(
-        _training_stage if _trains else _record_stage)
+        _stage_command(_trains, _set_example))
 
 
 @app.command("merge", epilog=examples(

