@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cai_cli.errors import UserError, not_found
+from cai_cli.errors import UserError, not_found, reason
 
 MARKER = "gguf_import.json"  # written last into the import: which file, which dtype
 DTYPES = ("float32", "bfloat16", "float16")
@@ -244,7 +244,7 @@ def _load_tokenizer(path: Path, metadata: dict):
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError) as exc:
         raise UserError(f"{path}: transformers cannot build its tokenizer: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{reason(exc)}") from None
 
 
 def _load_config(path: Path, metadata: dict):
@@ -260,7 +260,7 @@ def _load_config(path: Path, metadata: dict):
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError) as exc:
-        raise _unsupported(path, architecture, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise _unsupported(path, architecture, reason(exc)) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise _unsupported(path, architecture, f"'{config.model_type}' is not a causal language model")
     return config

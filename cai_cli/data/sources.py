@@ -26,7 +26,7 @@ from cai_cli.data.transcripts import first_human_turn
 from cai_cli.data.transcripts import (
     transcript_messages as transcript_messages,  # stages import it here
 )
-from cai_cli.errors import UserError
+from cai_cli.errors import UserError, reason
 from cai_cli.reading import file_problem, read_text
 from cai_cli.run.artifacts import iter_jsonl
 
@@ -162,7 +162,7 @@ def _read_dataset(source: PromptSource, what: str) -> Iterable[tuple[str, dict]]
         dataset = datasets.load_dataset(source.dataset, split=source.split, data_dir=source.data_dir)
     except Exception as exc:  # hub, network and layout errors all mean: cannot read this source
         raise UserError(f"{what}.dataset: cannot load '{source.dataset}' (split '{source.split}'): "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                        f"{reason(exc)}") from None
     for number, record in enumerate(dataset):
         yield f"{source.dataset}[{source.split}] row {number}", record
 

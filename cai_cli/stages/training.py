@@ -259,7 +259,7 @@ def trl_config(config_cls: type, training: TrainingConfig, key: str, *, seed: in
         return config_cls(**arguments)
     except (ValueError, TypeError) as exc:  # TRL's own checks on values and combinations
         raise UserError(f"{key}: TRL's {config_cls.__name__} rejects these settings: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{reason(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def save_model(trainer, tokenizer, lora: LoraConfig, out: Path) -> None:
             state_dict = trainer.accelerator.get_state_dict(engine)  # every process takes part
         except ValueError as exc:  # ZeRO-3 told not to gather the weights when saving
             raise UserError(f"the trained weights cannot be gathered to save them: "
-                            f"{str(exc).splitlines()[0]} Then rerun the same command: it "
+                            f"{reason(exc)} Then rerun the same command: it "
                             "resumes from the last checkpoint") from None
     if not dist.is_main():
         return
