@@ -447,8 +447,7 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
         layout.prompt_feedback.unlink(missing_ok=True)
         forget(layout.prompt_feedback)
     generated = sum(record["asked"] for record in candidates)
-    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v)
-    refuse_empty(generated, kept, counts, dropped)
+    refuse_empty(generated, kept, counts)
     used = {i for record in kept for i in record["seed_ids"]}
     mixed = []
     if settings.mix_seeds:
@@ -466,7 +465,7 @@ def finish_stage(config: Config, run: StageRun, extra: dict) -> Path:
                                 "generated_tokens": extra["generated_tokens"]})
     run.complete()
     ui.info(f"generate-prompts: {len(kept)} new prompts of {generated} generated (dropped: "
-            f"{dropped or 'none'}) -> {layout.generated_prompts}\n  look at them with: "
+            f"{said(counts) or 'none'}) -> {layout.generated_prompts}\n  look at them with: "
             f"cai inspect {ui.shell(layout.generated_prompts)}")
     return layout.generated_prompts
 
@@ -477,10 +476,14 @@ LOOSEN = {"too_short": ("min_chars",), "too_long": ("max_chars",),
           "feedback_rejected": ("feedback_threshold",)}
 
 
-def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int], dropped: str) -> None:
+def said(counts: dict[str, int]) -> str:
+    """What the filters dropped, in words: "3 too short, 1 duplicates" ("" for nothing)."""
+    return ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in counts.items() if count)
+
+
+def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int]) -> None:
     """``NothingMade`` when none of the ``generated`` prompts asked for is kept: every request
-    outgrew the policy model's context, or the filters dropped every prompt (``counts``, and
-    ``dropped`` saying them)."""
+    outgrew the policy model's context, or the filters dropped every prompt."""
     if kept or not generated:
         return
     if counts["overflow"] >= generated:
@@ -494,7 +497,7 @@ def refuse_empty(generated: int, kept: list[dict], counts: dict[str, int], dropp
     loosen = f"loosen {', '.join(keys)}, or " if keys else ""
     raise NothingMade(
         f"generate-prompts: none of the {generated} prompts asked for passed the filters "
-        f"(dropped: {dropped}); {loosen}generate with a stronger models.policy, then rerun "
+        f"(dropped: {said(counts)}); {loosen}generate with a stronger models.policy, then rerun "
         "(with only the filters changed, it filters the same replies again)")
 
 
